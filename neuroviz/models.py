@@ -146,10 +146,18 @@ class ProbedModel:
         return self._layers[name]
 
     def suggested_layers(self, count: int = 5) -> list[str]:
-        """A handful of layers spread over the depth of the network, for defaults."""
-        candidates = [l.name for l in self.layers() if l.layout.kind in ("conv", "tokens") and "." not in l.name.split(".", 2)[-1]]
-        top = [l.name for l in self.layers() if l.name.count(".") <= 1 and l.layout.kind in ("conv", "tokens")]
-        pool = top or candidates
+        """A handful of block outputs spread over the depth of the network, ending at the deepest.
+
+        Takes top-level blocks (or the children of a top-level container such as
+        MobileNet's ``features``), skipping norms, activations, pooling and dropout.
+        """
+        skip = ("Norm", "ReLU", "GELU", "SiLU", "Pool", "Dropout", "Identity", "Hardswish", "Sigmoid", "Flatten")
+        usable = [l for l in self.layers() if l.layout.kind in ("conv", "tokens") and not any(s in l.module_type for s in skip)]
+        pool: list[str] = []
+        for depth in (0, 1, 2):
+            pool = [l.name for l in usable if l.name.count(".") == depth]
+            if len(pool) >= count:
+                break
         if len(pool) <= count:
             return pool
         step = (len(pool) - 1) / (count - 1)

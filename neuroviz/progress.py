@@ -1,0 +1,37 @@
+"""Progress callbacks ``(done, total, message)`` shared by the library, the CLI and jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+Progress = Callable[[int, int, str], None]
+
+
+class TqdmProgress:
+    """A progress callback drawn as a tqdm bar on stderr."""
+
+    def __init__(self, desc: str, unit: str = "it"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=desc, unit=unit, dynamic_ncols=True)
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        if total and self.bar.total != total:
+            self.bar.total = total
+        self.bar.n = done
+        self.bar.set_postfix_str(message[:40], refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def chain(*callbacks: Progress | None) -> Progress:
+    """One callback that forwards to several (e.g. a tqdm bar and a job record)."""
+    live = [c for c in callbacks if c is not None]
+
+    def call(done: int, total: int, message: str = "") -> None:
+        for c in live:
+            c(done, total, message)
+
+    return call
