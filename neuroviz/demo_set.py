@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
@@ -246,7 +246,7 @@ def tuxpaint_label(description: str, stem: str) -> str:
     the dashboard needs a word or two. The first clause is kept, articles are dropped, and
     when that is still a long sentence the file name is used instead.
     """
-    text = re.sub("[\"“”„«»‘’`]", "", description).replace("'s ", "'s ").strip()
+    text = re.sub("[\"“”„«»‘`]", "", description.replace("’", "'")).strip()
     text = re.split(r"[.!?;:()\[\]—–|]|,\s|\s-\s", text, maxsplit=1)[0]
     text = re.split(rf"\s+(?:{_CLAUSE_WORDS})\s+", text, maxsplit=1, flags=re.I)[0]
     text = _LEADING_FILLERS.sub("", text.strip()).strip().lower()
@@ -731,9 +731,9 @@ def build_demo_set(
             items += got
             skipped += skip
 
-        built_debs = [s for s in sources if s in DEB_PACKAGES and s not in packages]
-        if built_debs and "skimage" in sources and len(packages) == 0:
-            warnings.append("Debian packages unavailable: demo set uses scikit-image samples only")
+        failed = [s for s in sources if s in DEB_PACKAGES and s not in packages]
+        if failed and not packages and "skimage" in sources:
+            warnings.append("no Debian package could be fetched: the demo set uses scikit-image samples only")
 
         rows, skip = write_items(items, dest, max_side, progress)
         skipped += skip

@@ -151,8 +151,9 @@ class ProbedModel:
         Takes top-level blocks (or the children of a top-level container such as
         MobileNet's ``features``), skipping norms, activations, pooling and dropout.
         """
-        skip = ("Norm", "ReLU", "GELU", "SiLU", "Pool", "Dropout", "Identity", "Hardswish", "Sigmoid", "Flatten")
-        usable = [l for l in self.layers() if l.layout.kind in ("conv", "tokens") and not any(s in l.module_type for s in skip)]
+        skip = ("BatchNorm", "LayerNorm", "GroupNorm", "ReLU", "GELU", "SiLU", "MaxPool", "AvgPool", "AdaptiveAvgPool",
+                "Dropout", "Identity", "Hardswish", "Sigmoid", "Flatten")
+        usable = [l for l in self.layers() if l.layout.kind in ("conv", "tokens") and not l.module_type.startswith(skip)]
         pool: list[str] = []
         for depth in (0, 1, 2):
             pool = [l.name for l in usable if l.name.count(".") == depth]
