@@ -109,9 +109,20 @@ _DEB_WANT: dict[str, Callable[[str], bool]] = {
 }
 
 # A stamp's first-clause description is cut at these words: what follows is commentary
-# ("A candy cane is a traditional...", "A tough APC like this...").
-_CLAUSE_WORDS = r"is|are|was|were|to|that|which|who|like|used"
-_LEADING_FILLERS = re.compile(r"^(?:(?:it's|it is|this is|these are|here is|a|an|the|some)\s+)+", re.I)
+# ("A candy cane is a traditional...", "A stethoscope lets your doctor listen...").
+_CLAUSE_WORDS = (
+    r"is|are|was|were|to|that|which|who|like|used|resembles|lets|stands|means|carries|carry|"
+    r"makes|gets|has|have|can|will|saw"
+)
+_LEADING_FILLERS = re.compile(
+    r"^(?:(?:it's|it is|this is|these are|here is|a|an|the|some|(?:pair|head|plant|piece|bunch|couple) of)\s+)+",
+    re.I,
+)
+# A clause starting with one of these is a sentence about the stamp, not its name
+# ("Remember to flush the toilet", "With a fast APC like this Stryker...", "Our moon as...").
+_NOT_A_NAME = frozenset(
+    "remember with this that important our because until it there these those here when if down".split()
+)
 _LANG_LINE = re.compile(r"^[A-Za-z]{2,3}(?:_[A-Z]{2})?(?:@\w+)?\.utf8=")
 _MAX_LABEL_WORDS = 6
 
@@ -233,9 +244,13 @@ def read_tuxpaint_description(txt_path: Path) -> str:
 
 def _label_from_stem(stem: str) -> str:
     words = [w for w in re.split(r"[_\-\s]+", stem.lower()) if w and w != "mirror"]
-    while len(words) > 1 and words[-1].isdigit():  # "flower3", "candy_cane_2" -> keep the noun
+    while len(words) > 1 and words[-1].isdigit():  # "candy_cane_2" -> "candy cane"
         words.pop()
-    words = [re.sub(r"(?<=[a-z])\d+$", "", w) or w for w in words]
+    while len(words) > 1 and words[0].isdigit():  # "5_jupiter" -> "jupiter"
+        words.pop(0)
+    if words:  # "flower3" -> "flower", "001penny" -> "penny"
+        words[-1] = re.sub(r"(?<=[a-z])\d+$", "", words[-1])
+        words[0] = re.sub(r"^\d+(?=[a-z])", "", words[0])
     return " ".join(words) or stem
 
 
@@ -251,7 +266,7 @@ def tuxpaint_label(description: str, stem: str) -> str:
     text = re.split(rf"\s+(?:{_CLAUSE_WORDS})\s+", text, maxsplit=1, flags=re.I)[0]
     text = _LEADING_FILLERS.sub("", text.strip()).strip().lower()
     text = re.sub(r"\s+", " ", text)
-    if not text or len(text.split()) > _MAX_LABEL_WORDS:
+    if not text or len(text.split()) > _MAX_LABEL_WORDS or text.split()[0] in _NOT_A_NAME:
         return _label_from_stem(stem)
     return text
 

@@ -283,31 +283,34 @@ class Store:
     def has_labels(self, label_key: str) -> bool:
         return bool(self.query("SELECT 1 FROM label_runs WHERE label_key = ?", [label_key]))
 
+    def labelled_neurons(self, label_key: str) -> list[int]:
+        """Neurons that already have labels under ``label_key``."""
+        return [r[0] for r in self.query("SELECT DISTINCT neuron FROM labels WHERE label_key = ?", [label_key])]
+
     def save_labels(self, label_key: str, run_key: str, method: str, backends: dict, hyperparams: dict,
                     concept_set_id: str | None, rows: Iterable[LabelRow], backend_name: str, replace_neurons: bool = False) -> None:
-        """Store a method's labels for a run (or, with replace_neurons, for some neurons of it)."""
+        """Store a method's labels for a run; with replace_neurons, only the given neurons'
+        labels are replaced and the others under the same key are kept (on-demand methods)."""
         rows = list(rows)
         neurons = sorted({r.neuron for r in rows})
         with self.connect() as con:
             con.execute("BEGIN")
-            if replace_neurons:
-                con.execute(
-                    f"DELETE FROM labels WHERE label_key = ? AND neuron IN ({', '.join('?' * len(neurons))})" if neurons else "SELECT 1",
-                    [label_key, *neurons] if neurons else [],
-                )
-            else:
+            if not replace_neurons:
                 con.execute("DELETE FROM labels WHERE label_key = ?", [label_key])
-            con.execute("DELETE FROM label_runs WHERE label_key = ?", [label_key])
-            con.execute(
-                "INSERT INTO label_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [label_key, run_key, method, json.dumps(backends, sort_keys=True), json.dumps(hyperparams, sort_keys=True, default=str),
-                 concept_set_id, len(neurons), time.time()],
-            )
+            elif neurons:
+                con.execute(f"DELETE FROM labels WHERE label_key = ? AND neuron IN ({', '.join('?' * len(neurons))})", [label_key, *neurons])
             con.executemany(
                 "INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(label_key, run_key, r.neuron, method, r.rank, r.label, float(r.score),
                   None if r.calibrated is None else float(r.calibrated), backend_name,
                   json.dumps(r.extra, default=str) if r.extra else None) for r in rows],
+            )
+            count = con.execute("SELECT count(DISTINCT neuron) FROM labels WHERE label_key = ?", [label_key]).fetchone()[0]
+            con.execute("DELETE FROM label_runs WHERE label_key = ?", [label_key])
+            con.execute(
+                "INSERT INTO label_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [label_key, run_key, method, json.dumps(backends, sort_keys=True), json.dumps(hyperparams, sort_keys=True, default=str),
+                 concept_set_id, count, time.time()],
             )
             con.execute("COMMIT")
 

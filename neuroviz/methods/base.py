@@ -1,0 +1,131 @@
+"""The common interface of description methods, the registry, and cached running.
+
+A method turns one activation run (a layer of a model over a probe set) plus backends into
+labels: ``LabelRow(neuron, rank, label, score, calibrated, extra)``. Its hyperparameters
+live in one dataclass with the paper's defaults. The label key hashes the run, the method,
+its hyperparameters, the backends' ids and the concept set, so no label is computed twice
+and a changed input never serves a stale label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..provenance import provenance_key
+from ..store import LabelRow, RunInfo, Store
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class MethodContext:
+    """Everything a method may use. Backends are optional; a method says which it needs."""
+
+    store: Store
+    run: RunInfo
+    multimodal: Any = None  # backends.base.MultimodalBackend
+    captioner: Any = None  # backends.base.Captioner
+    language_model: Any = None  # backends.base.LanguageModel
+    concepts: Any = None  # concepts.ConceptSet
+    model: Any = None  # models.ProbedModel, created lazily by methods that re-run the network
+    progress: Progress | None = None
+    extra: dict = field(default_factory=dict)
+
+    def probed_model(self):
+        """The probed network of this run (created on first use, weights checked)."""
+        if self.model is None:
+            from ..models import create
+
+            self.model = create(self.run.model_spec)
+        if self.model.weights_id != self.run.weights_id:
+            raise ValueError(f"The model {self.run.model_spec} now has different weights than when run {self.run.run_key} was extracted.")
+        return self.model
+
+    def backend_ids(self, needs: Sequence[str]) -> dict[str, str]:
+        out = {}
+        for kind in needs:
+            backend = getattr(self, kind)
+            if backend is None:
+                raise ValueError(f"This method needs a {kind.replace('_', ' ')} backend.")
+            out[kind] = backend.id
+        return out
+
+    def backend_descriptions(self, needs: Sequence[str]) -> str:
+        return "; ".join(f"{k}: {getattr(self, k).description}" for k in needs if getattr(self, k) is not None)
+
+
+class DescriptionMethod(ABC):
+    """One description method. Subclasses set the class attributes and implement describe()."""
+
+    name: str = ""  # registry key, e.g. "clip_dissect"
+    title: str = ""  # shown in the UI, e.g. "CLIP-Dissect"
+    reference: str = ""  # the paper
+    needs: tuple[str, ...] = ()  # backend kinds: "multimodal", "captioner", "language_model", "concepts"
+    config_class: type = object  # a dataclass with the paper's defaults
+    per_neuron: bool = False  # slow methods (DnD) run on demand for chosen neurons
+    code_version: str = "1"
+
+    def default_config(self):
+        return self.config_class()
+
+    def label_key(self, ctx: MethodContext, config) -> str:
+        concept_id = ctx.concepts.id if ("concepts" in self.needs and ctx.concepts is not None) else None
+        return provenance_key({
+            "run": ctx.run.run_key, "method": self.name, "code": self.code_version,
+            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+            "backends": ctx.backend_ids([n for n in self.needs if n != "concepts"]), "concepts": concept_id,
+        })
+
+    @abstractmethod
+    def describe(self, ctx: MethodContext, config, neurons: Sequence[int]) -> list[LabelRow]:
+        """Labels for ``neurons`` (rank 0 = the method's answer, then candidates)."""
+
+
+_REGISTRY: dict[str, DescriptionMethod] = {}
+
+
+def register_method(cls: type[DescriptionMethod]) -> type[DescriptionMethod]:
+    """Class decorator: make a method available by its ``name``."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> DescriptionMethod:
+    if name not in _REGISTRY:
+        raise KeyError(f"Unknown method '{name}'. Methods: {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[name]
+
+
+def list_methods() -> list[DescriptionMethod]:
+    return list(_REGISTRY.values())
+
+
+def run_method(name: str, ctx: MethodContext, config=None, neurons: Sequence[int] | None = None) -> str:
+    """Label ``neurons`` (default: all) with a method, computing only what is not cached.
+
+    Returns the label key; read the labels with ``ctx.store.labels(run_key, method=name)``.
+    """
+    method = get_method(name)
+    config = config if config is not None else method.default_config()
+    key = method.label_key(ctx, config)
+    wanted = list(range(ctx.run.n_neurons)) if neurons is None else sorted(set(int(n) for n in neurons))
+    for n in wanted:
+        if not 0 <= n < ctx.run.n_neurons:
+            raise ValueError(f"Neuron {n} does not exist: layer {ctx.run.layer} has neurons 0..{ctx.run.n_neurons - 1}.")
+    have = set(ctx.store.labelled_neurons(key))
+    todo = [n for n in wanted if n not in have]
+    if todo:
+        rows = method.describe(ctx, config, todo)
+        hyper = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        backends = ctx.backend_ids([n for n in method.needs if n != "concepts"])
+        ctx.store.save_labels(
+            key, ctx.run.run_key, method.name, backends, hyper,
+            ctx.concepts.id if ctx.concepts is not None and "concepts" in method.needs else None,
+            rows, ctx.backend_descriptions([n for n in method.needs if n != "concepts"]) or "none",
+            replace_neurons=True,
+        )
+    return key
