@@ -106,7 +106,7 @@ def check_image(path: Path) -> tuple[str | None, str | None]:
                     return None, "huge image"
                 img.load()
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
-        return None, "not an image" if not _looks_like_image(path) else "corrupt image"
+        return None, "corrupt or truncated image" if _looks_like_image(path) else "not an image"
     except (OSError, SyntaxError, ValueError, EOFError):
         return None, "corrupt or truncated image"
     return hash_bytes(data), None

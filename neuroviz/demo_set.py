@@ -36,8 +36,8 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -635,7 +635,10 @@ def _write_csv(path: Path, rows: Iterable[dict[str, str]]) -> None:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    _write_atomic(path, write)
 
 
 def _build_key(sources: Sequence[str], max_side: int) -> dict[str, object]:
@@ -691,9 +694,37 @@ def build_demo_set(
         cached = _cached_report(dest, key)
         if cached is not None:
             return cached
-
-    t0 = time.monotonic()
     dest.mkdir(parents=True, exist_ok=True)
+    with _build_lock(dest):
+        # Another process (a second Streamlit session, the CLI) may have finished the same
+        # build while we waited for the lock.
+        if not force:
+            cached = _cached_report(dest, key)
+            if cached is not None:
+                return cached
+        return _build(dest, sources, key, max_side, progress)
+
+
+@contextmanager
+def _build_lock(dest: Path) -> Iterator[None]:
+    """Serialise builds of one ``dest``: two concurrent builds would delete each other's images."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, builds are rare enough
+        yield
+        return
+    with open(dest / ".build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(
+    dest: Path, sources: list[str], key: dict[str, object], max_side: int, progress: Progress | None
+) -> DemoSetReport:
+    t0 = time.monotonic()
     # Un-finish the old build first: if we are killed from here on, metadata.csv is absent
     # and the next call rebuilds instead of trusting a half-written images/ folder.
     for stale in (dest / "metadata.csv", dest / "BUILD_INFO.json"):
@@ -703,6 +734,9 @@ def build_demo_set(
             shutil.rmtree(stale_dir)
 
     downloads = dest.parent / "downloads"
+    # Left behind only by a killed build; never trusted, just removed.
+    for leftover in sorted(downloads.glob(".partial-*")) + sorted(downloads.glob(".unpacked-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
     warnings: list[str] = []
     skipped: Counter[str] = Counter()
     items: list[DemoItem] = []
@@ -723,13 +757,13 @@ def build_demo_set(
             try:
                 deb = _fetch_deb(package, downloads, progress)
                 if scratch is None:
-                    scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="neuroviz-demo-")))
+                    # Next to the .deb cache rather than in /tmp, which may be a small tmpfs.
+                    scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=downloads, prefix=".unpacked-")))
                 if progress:
                     progress(0, 0, f"unpacking {deb.name}")
                 out = scratch / source
                 doc = f"usr/share/doc/{package}/copyright"
-                want = _DEB_WANT[source]
-                _extract_deb(deb, out, lambda n, want=want, doc=doc: n == doc or want(n))
+                _extract_deb(deb, out, _want_with(_DEB_WANT[source], doc))
             except RuntimeError as exc:
                 warnings.append(f"{source}: {exc}; the demo set is built without it")
                 continue
@@ -770,6 +804,10 @@ def build_demo_set(
     # Last: its presence (with a matching BUILD_INFO.json) is what marks the build finished.
     _write_csv(dest / "metadata.csv", rows)
     return report
+
+
+def _want_with(want: Callable[[str], bool], extra: str) -> Callable[[str], bool]:
+    return lambda name: name == extra or want(name)
 
 
 def _copy_license(src: Path, dest: Path, name: str) -> None:

