@@ -92,7 +92,13 @@ def image_loader(probe_set: ProbeSet, transform, start: int = 0, batch_size: int
 
 
 class StreamingTopK:
-    """Top-k images per neuron, merged batch by batch, with their spatial maps."""
+    """Top-k images per neuron, merged batch by batch, with their spatial maps.
+
+    Entries live in k unsorted "slots" per neuron. A batch only writes the maps of the
+    images that actually enter some neuron's top-k into the slots they evict, so after the
+    first batches almost no map is copied: the cost follows the number of replacements, not
+    neurons x k x map size. ``sorted()`` orders the slots by activation once, at the end.
+    """
 
     def __init__(self, n_neurons: int, k: int, map_shape: tuple[int, int] | None):
         self.k = k
@@ -100,19 +106,41 @@ class StreamingTopK:
         self.indices = torch.full((n_neurons, k), -1, dtype=torch.long)
         self.maps = torch.zeros((n_neurons, k, *map_shape)) if map_shape else None
 
-    def update(self, pooled: torch.Tensor, maps: torch.Tensor | None, first_index: int) -> None:
-        """Merge a batch: pooled is (B, neurons), maps (B, neurons, h, w)."""
+    def update(self, pooled: torch.Tensor, maps: torch.Tensor | None, first_index: int,
+               map_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Merge a batch: pooled is (B, neurons); maps (B, neurons, h, w), or map_fn(batch_idx,
+        neuron_idx) -> (M, h, w) that computes only the maps of the entering images."""
+        n, k = self.values.shape
         b = pooled.shape[0]
-        cand_values = torch.cat([self.values, pooled.T.float()], dim=1)
-        batch_idx = torch.arange(first_index, first_index + b).expand(self.values.shape[0], b)
-        cand_indices = torch.cat([self.indices, batch_idx], dim=1)
-        top_values, sel = torch.topk(cand_values, self.k, dim=1, sorted=True)
-        self.values = top_values
-        self.indices = torch.gather(cand_indices, 1, sel)
-        if self.maps is not None and maps is not None:
-            cand_maps = torch.cat([self.maps, maps.transpose(0, 1).float()], dim=1)
-            gather_idx = sel[:, :, None, None].expand(-1, -1, *self.maps.shape[2:])
-            self.maps = torch.gather(cand_maps, 1, gather_idx)
+        cand = torch.cat([self.values, pooled.T.float()], dim=1)
+        _, sel = torch.topk(cand, k, dim=1, sorted=False)
+        from_batch = sel >= k
+        if not bool(from_batch.any()):
+            return
+        keep = torch.zeros((n, k + b), dtype=torch.bool)
+        keep.scatter_(1, sel, True)
+        evicted = ~keep[:, :k]  # slots whose entry dropped out; as many per neuron as entrants
+        entering = keep[:, k:]
+        ev_neuron, ev_slot = evicted.nonzero(as_tuple=True)  # row-major: ordered by neuron
+        in_neuron, in_batch = entering.nonzero(as_tuple=True)
+        self.values[ev_neuron, ev_slot] = pooled[in_batch, in_neuron].float()
+        self.indices[ev_neuron, ev_slot] = in_batch + first_index
+        if self.maps is not None:
+            if map_fn is not None:
+                self.maps[ev_neuron, ev_slot] = map_fn(in_batch, in_neuron)
+            elif maps is not None:
+                self.maps[ev_neuron, ev_slot] = maps[in_batch, in_neuron].float()
+
+    def sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(values, indices, maps) with each neuron's entries in descending activation."""
+        # two stable sorts: by image index, then by activation, so ties keep image order
+        by_image = torch.argsort(self.indices, dim=1, stable=True)
+        order = torch.gather(by_image, 1, torch.argsort(-torch.gather(self.values, 1, by_image), dim=1, stable=True))
+        values, indices = torch.gather(self.values, 1, order), torch.gather(self.indices, 1, order)
+        maps = None
+        if self.maps is not None:
+            maps = self.maps[torch.arange(order.shape[0])[:, None], order].numpy()
+        return values.numpy(), indices.numpy(), maps
 
     def state(self) -> dict[str, np.ndarray]:
         out = {"values": self.values.numpy(), "indices": self.indices.numpy()}
@@ -224,9 +252,14 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
                 out = to_batch_first(rec.outputs[plan.info.name], layouts[plan.info.name])
                 pooled = pool(out, plan.info.layout, plan.pooling).float().cpu()
                 smap = spatial_map(out, plan.info.layout)
-                smap = _shrink(smap.float()).cpu() if smap is not None else None
-                trackers[plan.run_key].update(pooled, smap, position)
+
+                def entering_maps(batch_idx, neuron_idx, smap=smap):
+                    # only the maps of images that enter a top-k are shrunk and copied
+                    return _shrink(smap[batch_idx.to(smap.device), neuron_idx.to(smap.device)][:, None].float())[:, 0].cpu()
+
+                trackers[plan.run_key].update(pooled, None, position, entering_maps if smap is not None else None)
                 chunk_pooled[plan.run_key].append(pooled.numpy())
+            rec.outputs.clear()  # release this batch's layer outputs before the next forward pass
             position += batch.shape[0]
             if progress:
                 progress(position, n_images, f"{position}/{n_images} images")
@@ -241,12 +274,11 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
     n_chunks = (n_images + chunk_size - 1) // chunk_size
     for plan in plans:
         acts = np.concatenate([np.load(plan.partial / f"chunk-{c:05d}.npy") for c in range(n_chunks)], axis=0)
-        tracker = trackers[plan.run_key]
-        maps = tracker.maps.numpy() if tracker.maps is not None else None
+        values, indices, maps = trackers[plan.run_key].sorted()
         info = RunInfo(plan.run_key, model.spec, model.weights_id, plan.info.name, plan.pooling, probe_set.id,
                        model.preprocessing.id, k, CODE_VERSION, n_images, plan.info.n_neurons,
                        tuple(maps.shape[2:]) if maps is not None else None, plan.info.layout.kind)
-        store.finish_run(info, acts, tracker.values.numpy(), tracker.indices.numpy(), image_ids, maps)
+        store.finish_run(info, acts, values, indices, image_ids, maps)
         shutil.rmtree(plan.partial, ignore_errors=True)
         done[plan.info.name] = store.get_run(plan.run_key)
     if progress:

@@ -110,6 +110,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def histograms(acts: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-neuron histograms over each neuron's own [min, max], all neurons in one pass."""
+    n_images, n_neurons = acts.shape
+    width = np.where(hi > lo, hi - lo, 1e-6).astype(np.float64)
+    edges = lo[:, None] + width[:, None] * np.linspace(0.0, 1.0, bins + 1)[None, :]
+    bin_idx = np.clip(((acts - lo) / width * bins).astype(np.int64), 0, bins - 1)  # the max falls in the last bin
+    flat = bin_idx + np.arange(n_neurons)[None, :] * bins
+    counts = np.bincount(flat.ravel(), minlength=n_neurons * bins).reshape(n_neurons, bins).astype(np.int32)
+    return counts, edges.astype(np.float32)
+
+
 class Store:
     """The cache of one workspace. Cheap to construct; holds no open connection."""
 
@@ -204,11 +215,7 @@ class Store:
             atomic_save_npy(run_dir / "maps.npy", maps.astype(np.float16))
         qs = np.quantile(acts, [0.99, 0.995], axis=0) if len(acts) else np.zeros((2, acts.shape[1]))
         lo, hi = acts.min(axis=0), acts.max(axis=0)
-        counts = np.zeros((acts.shape[1], hist_bins), dtype=np.int32)
-        edges = np.zeros((acts.shape[1], hist_bins + 1), dtype=np.float32)
-        for n in range(acts.shape[1]):
-            c, e = np.histogram(acts[:, n], bins=hist_bins, range=(float(lo[n]), float(hi[n]) if hi[n] > lo[n] else float(lo[n]) + 1e-6))
-            counts[n], edges[n] = c, e
+        counts, edges = histograms(acts, lo, hi, hist_bins)
         tmp = run_dir / "hist.tmp.npz"
         np.savez(tmp, counts=counts, edges=edges)
         os.replace(tmp, run_dir / "hist.npz")

@@ -1,0 +1,84 @@
+"""neuroviz dashboard: `streamlit run app.py`.
+
+Who gets which navigation is decided here, before any page runs (see ui/auth.py):
+a rater link (?study=<token>) gets only the rating page; the owner (password, or a local
+browser when none is configured) gets every page and the shared sidebar.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:  # `streamlit run` from another folder still finds ui/ and neuroviz/
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ui import auth, context, guard  # noqa: E402
+
+st.set_page_config(page_title="neuroviz", page_icon=":material/neurology:", layout="wide")
+
+# (file, title, icon, section): pages written by other helpers appear once their file exists.
+OWNER_PAGES = [
+    ("browser.py", "Layer browser", ":material/grid_view:", "Explore"),
+    ("neuron.py", "Neuron", ":material/neurology:", "Explore"),
+    ("compare.py", "Compare", ":material/compare:", "Explore"),
+    ("synthesize.py", "Synthesise", ":material/auto_awesome:", "Explore"),
+    ("analysis.py", "Analysis", ":material/insights:", "Explore"),
+    ("audit.py", "Audit", ":material/fact_check:", "Explore"),
+    ("editing.py", "Editing", ":material/edit:", "Explore"),
+    ("workspace.py", "Workspace & jobs", ":material/work:", "Workspace"),
+    ("study_setup.py", "Study setup", ":material/how_to_vote:", "Studies"),
+    ("study_results.py", "Study results", ":material/leaderboard:", "Studies"),
+]
+DEFAULT_PAGE = "browser.py"
+
+
+def rater_navigation(token: str):
+    """Only the rating page of this study, or a message for an unknown token."""
+    from neuroviz.study import study_by_token
+
+    public = None
+    with guard.friendly_errors("the study"):
+        public = study_by_token(context.get_store(), token)
+    if public is None:
+        return st.navigation([st.Page(auth.invalid_link_page, title="Study link", default=True)], position="hidden")
+    return st.navigation([st.Page(ROOT / "pages" / "rate.py", title=public.title, icon=":material/how_to_vote:", default=True)],
+                         position="hidden")
+
+
+def owner_navigation():
+    """Every page (grouped by section) with the shared sidebar drawn for all of them."""
+    sections: dict[str, list] = {}
+    pages = {}
+    for file, title, icon, section in OWNER_PAGES:
+        path = ROOT / "pages" / file
+        if path.exists():
+            page = st.Page(path, title=title, icon=icon, default=file == DEFAULT_PAGE)
+            pages[file] = page
+            sections.setdefault(section, []).append(page)
+    nav = st.navigation(sections)
+    fresh_session = "nv_last_url" not in st.session_state
+    ws = None
+    with guard.friendly_errors("the sidebar"):
+        ws = context.draw_sidebar(with_neuron=nav.url_path == "neuron")
+    if auth.owner_access() == "granted":
+        st.sidebar.button("Log out", on_click=auth.log_out, icon=":material/logout:")
+    # A shared link that names a neuron but no page opens that neuron, not the grid.
+    if fresh_session and ws is not None and nav.url_path == "" and "neuron" in st.query_params and "neuron.py" in pages:
+        st.switch_page(pages["neuron.py"], query_params=ws.query_params())
+    return nav
+
+
+token = auth.study_token()
+if token:
+    navigation = rater_navigation(token)
+elif auth.owner_access() in ("login", "locked"):
+    navigation = st.navigation([st.Page(auth.login_page, title="Log in", default=True)], position="hidden")
+else:
+    navigation = owner_navigation()
+navigation.run()

@@ -1,0 +1,485 @@
+"""Analysis: what the neurons of a model are selective for, layer by layer, and how much
+each group matters.
+
+MILAN (Hernandez et al., ICLR 2022, section "Analysis") sorts neuron descriptions into
+kinds (attributes such as colour and texture, object categories, scenes, relations) and
+shows how their share changes with depth, then ablates each group to see how much the
+model depends on it. This module does both from the labels in the store:
+
+1. :func:`categorize_labels` gives each neuron's label a category with the word lists of
+   :mod:`neuroviz.lexicon` (optionally falling back to the nearest category description
+   under a text encoder when no word matches). A neuron is ``uninterpretable`` when it has
+   no label (see ``AnalysisConfig.unlabelled``), a label that declares itself so, a
+   calibrated score below ``min_calibrated``, or a label that matched nothing.
+2. :func:`category_shares` counts, per layer and method, the share of neurons in each
+   category. ``counting="head"`` puts each neuron in one category (the label's head, see
+   the lexicon); ``counting="fractional"`` splits a neuron evenly over every category its
+   label names. Either way the shares of a layer add up to 1.
+3. :func:`group_importance` ablates each (layer, category) group with
+   :mod:`neuroviz.editing` and measures the drop in accuracy (when probe labels map to the
+   model's class names) or the share of top-1 predictions that change and the drop in the
+   probability of the unedited answer, next to an equally large random group of the same
+   layer (so a big group does not look important just for being big).
+
+Also the CLI: ``python -m neuroviz analyze``, ``audit`` and ``edit`` (registered here).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .lexicon import CATEGORY_ORDER, CONTENT_CATEGORIES, UNINTERPRETABLE_LABELS, Lexicon, default_lexicon
+from .provenance import provenance_key
+from .store import RunInfo, Store
+
+Progress = Callable[[int, int, str], None]
+COUNTING_MODES = ("head", "fractional")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """How labels become categories.
+
+    ``min_calibrated`` applies only to labels that carry a calibrated score (assumed in
+    [0, 1]); ``unlabelled`` says whether neurons a method did not label count as
+    uninterpretable ("uninterpretable", the MILAN reading) or are left out ("exclude",
+    fair to on-demand methods such as DnD that label only chosen neurons).
+    ``fallback_min_similarity`` is a MiniLM cosine to a category description.
+    """
+
+    counting: str = "head"
+    min_calibrated: float | None = 0.2
+    unlabelled: str = "uninterpretable"
+    embedding_fallback: bool = False
+    fallback_min_similarity: float = 0.3
+    include_imagenet: bool = True
+    text_backend: str = "conse"
+
+
+class AnalysisError(ValueError):
+    """An analysis that cannot run (no runs, no labels); the message says what to do first."""
+
+
+def _check(config: AnalysisConfig) -> None:
+    if config.counting not in COUNTING_MODES:
+        raise AnalysisError(f"Unknown counting '{config.counting}'; use one of {', '.join(COUNTING_MODES)}.")
+    if config.unlabelled not in ("uninterpretable", "exclude"):
+        raise AnalysisError("AnalysisConfig.unlabelled must be 'uninterpretable' or 'exclude'.")
+
+
+def _lexicon_for(config: AnalysisConfig, lexicon: Lexicon | None) -> Lexicon:
+    return lexicon or default_lexicon(config.include_imagenet)
+
+
+def runs_for_analysis(store: Store, model_spec: str, probe_set_id: str, layers: Sequence[str] | None = None,
+                      layer_order: Sequence[str] | None = None) -> list[RunInfo]:
+    """One run per layer (a mean/CLS-pooled one when there is a choice, else the newest), in
+    network order when ``layer_order`` (e.g. the model's module names) is given."""
+    runs = store.find_runs(model_spec, probe_set_id)
+    if layers:
+        runs = [r for r in runs if r.layer in set(layers)]
+    chosen: dict[str, RunInfo] = {}
+    for run in sorted(runs, key=lambda r: (r.pooling in ("mean", "cls"), r.created_at)):
+        chosen[run.layer] = run  # later (preferred) runs overwrite earlier ones
+    ordered = list(chosen.values())
+    if layer_order:
+        pos = {name: i for i, name in enumerate(layer_order)}
+        ordered.sort(key=lambda r: (pos.get(r.layer, len(pos)), r.created_at))
+    else:
+        ordered.sort(key=lambda r: r.created_at)
+    return ordered
+
+
+def latest_labels(store: Store, run: RunInfo, methods: Sequence[str] | None = None):
+    """The rank-0 label of every neuron from each method's newest label run on ``run``."""
+    labels = store.labels(run.run_key, top_only=True)
+    if methods:
+        labels = labels[labels["method"].isin(list(methods))]
+    if not len(labels):
+        return labels
+    label_runs = store.label_runs(run.run_key)
+    newest = label_runs.sort_values("created_at").groupby("method")["label_key"].last()
+    return labels[labels["label_key"].isin(set(newest.values))].reset_index(drop=True)
+
+
+def _fallback_categories(labels: Sequence[str], config: AnalysisConfig, lexicon: Lexicon, encoder, store: Store | None) -> dict[str, str | None]:
+    """Nearest category description by text embedding, for labels no word list matched."""
+    if not labels:
+        return {}
+    from .audit import cached_text_embeddings, text_backend
+
+    encoder = encoder or text_backend(config.text_backend)
+    cats = list(CONTENT_CATEGORIES)
+    desc = cached_text_embeddings(encoder, store, [lexicon.descriptions[c] for c in cats])
+    emb = cached_text_embeddings(encoder, store, list(labels))
+    sims = emb @ desc.T
+    out: dict[str, str | None] = {}
+    for label, row in zip(labels, sims):
+        j = int(np.argmax(row))
+        out[label] = cats[j] if row[j] >= config.fallback_min_similarity else None
+    return out
+
+
+def categorize_labels(labels, config: AnalysisConfig = AnalysisConfig(), lexicon: Lexicon | None = None,
+                      encoder=None, store: Store | None = None):
+    """One row per (neuron, method, category) with a weight (1 for head counting; 1/m when
+    a label names m categories under fractional counting), the match kind and the terms.
+
+    ``labels`` is a DataFrame from ``store.labels(..., top_only=True)``.
+    """
+    import pandas as pd
+
+    _check(config)
+    lexicon = _lexicon_for(config, lexicon)
+    matches = {}
+    for text in {str(x) for x in labels["label"].dropna()} if len(labels) else set():
+        matches[text] = lexicon.match(text)
+    unmatched = sorted(t for t, m in matches.items() if not m.matched and t.strip().lower() not in UNINTERPRETABLE_LABELS)
+    fallback = _fallback_categories(unmatched, config, lexicon, encoder, store) if config.embedding_fallback else {}
+    rows = []
+    for rec in labels.itertuples(index=False) if len(labels) else []:
+        text = "" if rec.label is None else str(rec.label)
+        m = matches.get(text)
+        calibrated = None if rec.calibrated is None or (isinstance(rec.calibrated, float) and np.isnan(rec.calibrated)) else float(rec.calibrated)
+        base = {"neuron": int(rec.neuron), "method": rec.method, "label": text, "calibrated": calibrated}
+        if text.strip().lower() in UNINTERPRETABLE_LABELS:
+            rows.append({**base, "category": "uninterpretable", "weight": 1.0, "match_kind": "declared", "terms": ""})
+        elif config.min_calibrated is not None and calibrated is not None and calibrated < config.min_calibrated:
+            rows.append({**base, "category": "uninterpretable", "weight": 1.0, "match_kind": "low calibrated score", "terms": ""})
+        elif m is not None and m.matched:
+            terms = ", ".join(t.term for t in m.terms)
+            cats = [m.head] if config.counting == "head" else list(m.categories)
+            for c in cats:
+                rows.append({**base, "category": c, "weight": 1.0 / len(cats), "match_kind": "lexicon", "terms": terms})
+        elif fallback.get(text):
+            rows.append({**base, "category": fallback[text], "weight": 1.0, "match_kind": "embedding", "terms": ""})
+        else:
+            rows.append({**base, "category": "uninterpretable", "weight": 1.0, "match_kind": "no match", "terms": ""})
+    return pd.DataFrame(rows, columns=["neuron", "method", "label", "calibrated", "category", "weight", "match_kind", "terms"])
+
+
+def category_shares(store: Store, model_spec: str, probe_set_id: str, config: AnalysisConfig = AnalysisConfig(),
+                    layers: Sequence[str] | None = None, layer_order: Sequence[str] | None = None,
+                    methods: Sequence[str] | None = None, lexicon: Lexicon | None = None, encoder=None):
+    """Share of neurons per category, per layer and method, as a long DataFrame:
+    layer, layer_index, method, category, count, n_neurons, n_labelled, share.
+
+    Every category appears for every (layer, method) pair (share 0 when empty), so charts
+    have stable colours; within a (layer, method) the shares add up to 1. A method that
+    labelled nothing in a layer gives no rows for that layer.
+    """
+    import pandas as pd
+
+    _check(config)
+    runs = runs_for_analysis(store, model_spec, probe_set_id, layers, layer_order)
+    if not runs:
+        raise AnalysisError(f"No layers of {model_spec} are extracted over probe set {probe_set_id}; extract some layers first.")
+    rows = []
+    for li, run in enumerate(runs):
+        labels = latest_labels(store, run, methods)
+        if not len(labels):
+            continue
+        cats = categorize_labels(labels, config, lexicon, encoder, store)
+        for method, group in cats.groupby("method"):
+            labelled = group["neuron"].nunique()
+            counts = group.groupby("category")["weight"].sum().to_dict()
+            total = run.n_neurons if config.unlabelled == "uninterpretable" else labelled
+            if config.unlabelled == "uninterpretable":
+                counts["uninterpretable"] = counts.get("uninterpretable", 0.0) + (run.n_neurons - labelled)
+            for category in CATEGORY_ORDER:
+                count = float(counts.get(category, 0.0))
+                rows.append({"layer": run.layer, "layer_index": li, "method": method, "category": category, "count": count,
+                             "n_neurons": run.n_neurons, "n_labelled": int(labelled), "share": count / total if total else 0.0,
+                             "run_key": run.run_key})
+    if not rows:
+        raise AnalysisError("No labels in these layers yet. Run a description method first (e.g. CLIP-Dissect on the Browse page "
+                            "or `python -m neuroviz label ...`).")
+    return pd.DataFrame(rows)
+
+
+def neuron_categories(store: Store, run: RunInfo, method: str, config: AnalysisConfig = AnalysisConfig(),
+                      lexicon: Lexicon | None = None, encoder=None) -> dict[str, list[int]]:
+    """``{category: [neurons]}`` of one layer under one method, each neuron in its head
+    category (unlabelled neurons in "uninterpretable" unless config says exclude)."""
+    head_config = AnalysisConfig(**{**asdict(config), "counting": "head"})
+    labels = latest_labels(store, run, [method])
+    cats = categorize_labels(labels, head_config, lexicon, encoder, store)
+    groups: dict[str, list[int]] = {}
+    for category, group in cats.groupby("category"):
+        groups[category] = sorted(group["neuron"].astype(int).unique().tolist())
+    if config.unlabelled == "uninterpretable":
+        labelled = set(cats["neuron"].astype(int))
+        groups.setdefault("uninterpretable", [])
+        groups["uninterpretable"] = sorted(set(groups["uninterpretable"]) | (set(range(run.n_neurons)) - labelled))
+    return {c: groups[c] for c in CATEGORY_ORDER if groups.get(c)}
+
+
+# ----------------------------------------------------------------------------------------
+# importance by ablation
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    """How groups are ablated and measured. ``max_images`` caps the probe images used per
+    pass (an evenly spaced subset) so a full table stays within minutes on a CPU."""
+
+    mode: str = "zero"
+    max_images: int | None = 256
+    random_baseline: bool = True
+    seed: int = 0
+    batch_size: int = 32
+
+
+IMPORTANCE_NAMESPACE = "importance"
+IMPORTANCE_VERSION = "importance-1"
+
+
+def importance_key(store: Store, model_spec: str, probe_set_id: str, method: str, config: AnalysisConfig,
+                   importance: ImportanceConfig, layers: Sequence[str] | None = None,
+                   categories: Sequence[str] | None = None) -> str:
+    """Provenance of an importance table: the runs (which hash the weights), the label runs
+    it read, and every setting. Computable from the store alone, so a page can find a table
+    a background job wrote without loading the model."""
+    runs = runs_for_analysis(store, model_spec, probe_set_id, layers)
+    label_keys = []
+    for run in runs:
+        labels = latest_labels(store, run, [method])
+        label_keys += sorted(set(labels["label_key"])) if len(labels) else []
+    return provenance_key({"code": IMPORTANCE_VERSION, "runs": sorted(r.run_key for r in runs), "labels": label_keys,
+                           "method": method, "config": asdict(config), "importance": asdict(importance),
+                           "categories": sorted(categories) if categories else None})
+
+
+def load_importance(store: Store, key: str):
+    """A stored importance table (DataFrame) or None."""
+    import pandas as pd
+
+    record = store.get_record(IMPORTANCE_NAMESPACE, key)
+    return None if record is None else pd.DataFrame(record["rows"])
+
+
+def group_importance(model, store: Store, probe_set, method: str, config: AnalysisConfig = AnalysisConfig(),
+                     importance: ImportanceConfig = ImportanceConfig(), layers: Sequence[str] | None = None,
+                     categories: Sequence[str] | None = None, progress: Progress | None = None,
+                     lexicon: Lexicon | None = None, encoder=None, save: bool = True):
+    """Ablate each (layer, category) group of ``method``'s labels and measure the damage.
+
+    Returns a DataFrame: layer, category, n_neurons, metric ("accuracy_drop" when probe
+    labels map to class names, else "flip_rate"), importance (that metric), flip_rate,
+    confidence_drop, accuracy_drop, random_importance (an equal-size random group of the
+    same layer) and importance_per_neuron. Every prediction pass is cached, and with
+    ``save`` the table is stored under :func:`importance_key` for the Analysis page.
+    """
+    import pandas as pd
+
+    from . import editing
+
+    order = [name for name, _ in model.module.named_modules()]
+    runs = runs_for_analysis(store, model.spec, probe_set.id, layers, order)
+    plan: list[tuple[RunInfo, str, list[int]]] = []
+    for run in runs:
+        for category, neurons in neuron_categories(store, run, method, config, lexicon, encoder).items():
+            if categories and category not in categories:
+                continue
+            plan.append((run, category, neurons))
+    if not plan:
+        raise AnalysisError(f"No neurons labelled by '{method}' in the stored layers of {model.spec}; run the method first.")
+    n = len(editing.subset_indices(len(probe_set), importance.max_images))
+    passes = 1 + len(plan) * (2 if importance.random_baseline else 1)
+    state = {"pass": 0}
+
+    def step(message: str) -> Progress | None:
+        if progress is None:
+            return None
+        base = state["pass"] * n
+        return lambda done, _t, _m: progress(base + done, passes * n, message)
+
+    before = editing.predict(model, probe_set, store, None, importance.max_images, importance.batch_size, step("original model"))
+    state["pass"] += 1
+    rng = np.random.default_rng(importance.seed)
+    rows = []
+    for run, category, neurons in plan:
+        def measure(ids: list[int], tag: str) -> editing.Comparison:
+            edit = editing.make_edit(f"{tag} {run.layer} {category}"[:80].replace("/", " "), model.spec, {run.layer: ids},
+                                     importance.mode, store, probe_set.id)
+            after = editing.predict(model, probe_set, store, edit, importance.max_images, importance.batch_size,
+                                    step(f"ablating {category} in {run.layer} ({len(ids)} neurons)"))
+            state["pass"] += 1
+            return editing.compare(before, after, probe_set, model.class_names)
+
+        cmp = measure(neurons, "importance")
+        metric = "accuracy_drop" if cmp.accuracy_drop is not None else "flip_rate"
+        flip = 1.0 - cmp.agreement
+        value = cmp.accuracy_drop if metric == "accuracy_drop" else flip
+        row = {"layer": run.layer, "category": category, "n_neurons": len(neurons), "layer_neurons": run.n_neurons,
+               "metric": metric, "importance": value, "flip_rate": flip, "confidence_drop": cmp.confidence_drop,
+               "accuracy_drop": cmp.accuracy_drop, "n_images": cmp.n_images, "n_labelled": cmp.n_labelled,
+               "importance_per_neuron": value / len(neurons) if neurons else 0.0}
+        if importance.random_baseline:
+            random_ids = sorted(rng.choice(run.n_neurons, size=len(neurons), replace=False).tolist())
+            rnd = measure(random_ids, "random")
+            row["random_importance"] = rnd.accuracy_drop if metric == "accuracy_drop" else 1.0 - rnd.agreement
+            row["random_confidence_drop"] = rnd.confidence_drop
+        rows.append(row)
+    if progress:
+        progress(passes * n, passes * n, "done")
+    table = pd.DataFrame(rows)
+    if save:
+        key = importance_key(store, model.spec, probe_set.id, method, config, importance, layers, categories)
+        store.put_record(IMPORTANCE_NAMESPACE, key, {
+            "model_spec": model.spec, "probe_set_id": probe_set.id, "method": method, "config": asdict(config),
+            "importance": asdict(importance), "layers": list(layers) if layers else None, "created": time.time(),
+            "rows": json.loads(table.to_json(orient="records")),
+        })
+    return table
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+
+
+def register_cli(sub) -> None:
+    """``analyze`` (category shares, optional importance), ``audit`` and ``edit``."""
+    from .audit import AuditOptions
+
+    p = sub.add_parser("analyze", help="share of neuron label categories per layer (and their importance by ablation)")
+    p.add_argument("model")
+    p.add_argument("--probe", default="demo")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--methods", help="comma-separated method names (default: all)")
+    p.add_argument("--counting", choices=COUNTING_MODES, default="head")
+    p.add_argument("--unlabelled", choices=["uninterpretable", "exclude"], default="uninterpretable")
+    p.add_argument("--min-calibrated", type=float, default=AnalysisConfig.min_calibrated)
+    p.add_argument("--fallback", action="store_true", help="classify unmatched labels by text embedding")
+    p.add_argument("--importance", metavar="METHOD", help="also ablate each category group of this method's labels")
+    p.add_argument("--layers", help="comma-separated layers for --importance (default: all labelled)")
+    p.add_argument("--mode", choices=["zero", "mean"], default="zero", help="ablation for --importance")
+    p.add_argument("--max-images", type=int, default=ImportanceConfig.max_images, help="0 = every probe image")
+    p.add_argument("--no-random", action="store_true", help="skip the equal-size random-group baseline")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("audit", help="search every layer's labels for a concept (text and meaning)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("query", nargs="?")
+    p.add_argument("--probe", default="demo")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--text-only", action="store_true")
+    p.add_argument("--meaning-only", action="store_true")
+    p.add_argument("--min-similarity", type=float, default=AuditOptions.min_similarity)
+    p.add_argument("--save", action="store_true", help="store the audit in the cache")
+    p.add_argument("--export", metavar="FOLDER", help="write <id>.csv and <id>.json there")
+    p.add_argument("--list", action="store_true", help="list saved audits")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("edit", help="ablate neurons and compare predictions before/after")
+    p.add_argument("model")
+    p.add_argument("--probe", default="demo")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--name", help="name of a saved edit to evaluate, or of the new edit to save")
+    p.add_argument("--neurons", help="LAYER:N,N,...;LAYER:N (new edit)")
+    p.add_argument("--from-audit", help="use the neurons of a saved audit")
+    p.add_argument("--mode", choices=["zero", "mean"], default="zero")
+    p.add_argument("--save", action="store_true")
+    p.add_argument("--max-images", type=int)
+    p.set_defaults(func=_cmd_edit)
+
+
+def _open(args):
+    from . import datasets, models
+    from .cli import _store
+
+    st = _store(args)
+    model = models.create(args.model, image_size=args.image_size)
+    ps = datasets.open_probe_set(args.probe, st.root)
+    st.register_probe_set(ps)
+    return st, model, ps
+
+
+def cli_analysis_config(args) -> AnalysisConfig:
+    return AnalysisConfig(counting=args.counting, unlabelled=args.unlabelled, min_calibrated=args.min_calibrated,
+                          embedding_fallback=args.fallback)
+
+
+def cli_importance_config(args) -> ImportanceConfig:
+    return ImportanceConfig(mode=args.mode, max_images=args.max_images or None, random_baseline=not args.no_random)
+
+
+def _cmd_analyze(args) -> int:
+    from .cli import progress_for
+
+    st, model, ps = _open(args)
+    config = cli_analysis_config(args)
+    order = [name for name, _ in model.module.named_modules()]
+    methods = [m for m in (args.methods or "").split(",") if m] or None
+    shares = category_shares(st, model.spec, ps.id, config, layer_order=order, methods=methods)
+    table = shares.pivot_table(index=["method", "layer_index", "layer"], columns="category", values="share").reset_index()
+    result = {"shares": shares.to_dict("records")}
+    if args.importance:
+        layers = [l for l in (args.layers or "").split(",") if l] or None
+        imp = group_importance(model, st, ps, args.importance, config, cli_importance_config(args), layers=layers,
+                               progress=progress_for(args, "ablating", "img"))
+        result["importance"] = imp.to_dict("records")
+    if args.json:
+        print(json.dumps(result, default=str, indent=2))
+    else:
+        print(table.round(3).to_string(index=False))
+        if args.importance:
+            print(imp.round(4).to_string(index=False))
+    args._result = {"n_rows": len(shares)}
+    return 0
+
+
+def _cmd_audit(args) -> int:
+    from . import audit as audit_mod
+    from .cli import _store
+
+    if args.list:
+        for a in audit_mod.list_audits(_store(args)):
+            print(f"{a['id']}  {a['query']!r}  {a['model_spec']}  {a['n_hits']} hits")
+        return 0
+    if not args.model or not args.query:
+        raise ValueError("Give a model and a query, e.g. `python -m neuroviz audit offline:mobilenet_v2 face`, or --list.")
+    st, model, ps = _open(args)
+    options = audit_mod.AuditOptions(match_text=not args.meaning_only, match_meaning=not args.text_only,
+                                     min_similarity=args.min_similarity)
+    audit = audit_mod.search(st, model.spec, ps.id, args.query, options)
+    for h in audit.hits:
+        print(f"{h.match_score:.3f}  {h.match_kind:14s} {h.layer:20s} #{h.neuron:<5d} {h.method:14s} {h.label}")
+    if args.save:
+        print("saved as", audit_mod.save_audit(st, audit))
+    if args.export:
+        for path in audit_mod.export_audit(audit, args.export):
+            print("wrote", path)
+    args._result = {"audit": audit.id, "n_hits": len(audit.hits)}
+    return 0
+
+
+def _cmd_edit(args) -> int:
+    from . import audit as audit_mod
+    from . import editing
+    from .cli import progress_for
+
+    st, model, ps = _open(args)
+    if args.neurons or args.from_audit:
+        neurons = editing.parse_neuron_list(args.neurons) if args.neurons else audit_mod.load_audit(st, args.from_audit).neurons_by_layer()
+        edit = editing.make_edit(args.name or "cli-edit", model.spec, neurons, args.mode, st, ps.id,
+                                 source={"audit": args.from_audit} if args.from_audit else None)
+        if args.save:
+            editing.save_edit(st, edit)
+    elif args.name:
+        edit = editing.load_edit(st, args.name)
+    else:
+        raise ValueError("Give --neurons, --from-audit or the --name of a saved edit.")
+    cmp = editing.evaluate_edit(model, edit, ps, st, args.max_images, progress=progress_for(args, "predicting", "img"))
+    for key, value in cmp.summary().items():
+        print(f"{key:24s} {value}")
+    for ch in cmp.changed[:20]:
+        print(f"  {ch.image_id}  {ch.before_class} ({ch.before_confidence:.2f}) -> {ch.after_class} ({ch.after_confidence:.2f})")
+    args._result = cmp.summary()
+    return 0

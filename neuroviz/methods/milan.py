@@ -1,0 +1,279 @@
+"""MILAN-style PMI: an offline stand-in for MILAN (Hernandez et al., ICLR 2022) that keeps its objective.
+
+MILAN describes a neuron by the string ``d`` maximising the pointwise mutual information
+between the description and the neuron's exemplar regions::
+
+    d* = argmax_d  log p(d | E)  -  lambda * log p(d),      lambda = 0.2
+
+The trained MILAN captioner and language model are not reachable offline, so (METHODS.md):
+
+- Exemplars E: the neuron's top ``k`` = 15 images. The run stores its top-k by the run's pooling
+  (spatial mean by default); MILAN ranks by the spatial *max*, so the stored top-k is
+  re-ranked by the max of each stored map and the best 15 are kept (exact when the stored
+  top-k contains the dataset's top 15 by max, which is likely but not guaranteed).
+- Masks: the upsampled activation map above the neuron's 0.99 quantile of map values over the
+  whole probe set. Only the top-k images' maps are stored, so the quantile is estimated from
+  them (see :func:`spatial_quantile_threshold`): it is exact when the dataset's top 1% of map
+  cells all lie in the stored top-k images and otherwise a lower bound (masks at least as
+  large as MILAN's).
+- Exemplar regions: the model's view of each image with everything outside the mask filled
+  with neutral grey (``exemplar_region="grey"``; ``"crop"`` cuts the mask's box instead).
+- Candidates d: the concept set's top ``n_concept_candidates`` by p(d | E), plus the
+  captioner's captions of the masked exemplars.
+- p(d | E): softmax over the candidates of the mean image-text cosine between the masked
+  exemplars and d under the multimodal backend, at ``similarity_temperature``.
+- p(d): the language model's log-likelihood of d, divided by its number of words. MILAN's
+  captioner likelihood falls with length as fast as its prior does; our p(d | E) does not,
+  so a total log-likelihood would reward long strings through ``-lambda * log p(d)``.
+  Per-word scores keep the prior about how *unusual* a description is, not how long.
+  Scores are cached per string and language-model id in the store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..crops import ProbeViews, exemplar_mask, masked_region
+from ..store import LabelRow, Store
+from .base import DescriptionMethod, MethodContext, register_method
+
+NEURONS_PER_BATCH = 8  # exemplar images of this many neurons are encoded in one backend call
+
+
+@dataclass
+class MilanConfig:
+    """Hyperparameters of MILAN-style PMI. Paper defaults (Hernandez et al. 2022): k=15,
+    mask quantile 0.99, lambda=0.2. The rest are choices of this offline stand-in."""
+
+    k: int = 15  # exemplars per neuron
+    mask_quantile: float = 0.99  # spatial threshold: this quantile of the neuron's map values
+    pmi_lambda: float = 0.2  # weight of the prior log p(d)
+    rank_exemplars_by: str = "spatial_max"  # "spatial_max" (MILAN) or "pooled" (the run's pooling)
+    exemplar_region: str = "grey"  # "grey": grey out outside the mask; "crop": the mask's box; "full"
+    view_size: int = 224  # pixels of the model view shown to the multimodal backend and captioner
+    n_concept_candidates: int = 20  # candidates taken from the concept set (top by p(d|E))
+    caption_candidates: bool = True  # add the captions of the masked exemplars as candidates
+    similarity_temperature: float = 0.05  # p(d|E) = softmax(mean cosine / temperature)
+    prior_normalisation: str = "per_word"  # "per_word" or "total" log-likelihood for log p(d)
+    n_labels: int = 5  # the answer and the next 4 candidates
+
+
+# -- the PMI objective as pure functions -------------------------------------------------------
+
+def select_exemplars(top_maps: np.ndarray | None, k: int, rank_by: str = "spatial_max") -> np.ndarray:
+    """Positions (into the run's stored top-k, best first) of a neuron's k exemplars.
+
+    ``"spatial_max"`` re-ranks the stored top-k by each map's maximum (MILAN ranks images by
+    spatial max); ``"pooled"`` or a layer without maps keeps the stored order.
+    """
+    if rank_by not in ("spatial_max", "pooled"):
+        raise ValueError(f"Unknown exemplar ranking '{rank_by}'; choose spatial_max or pooled.")
+    if top_maps is None or rank_by == "pooled":
+        return np.arange(k if top_maps is None else min(k, len(top_maps)))
+    peaks = top_maps.reshape(len(top_maps), -1).max(axis=1)
+    return np.argsort(-peaks, kind="stable")[:k]
+
+
+def spatial_quantile_threshold(top_maps: np.ndarray, n_images: int, quantile: float = 0.99) -> float:
+    """Estimate the ``quantile`` of a neuron's map values over all ``n_images`` probe images.
+
+    Over the whole set that quantile is the m-th largest of ``n_images * h * w`` cells, with
+    m = ceil((1 - quantile) * n_images * h * w). Only the top-k images' maps are stored, so we
+    take the m-th largest of *their* cells: exact when the dataset's top cells all lie in those
+    images, otherwise lower than the truth. When m exceeds the stored cells we return their
+    minimum (the stored maps cannot say more).
+    """
+    maps = np.asarray(top_maps, dtype=np.float32)
+    if maps.ndim != 3 or maps.size == 0:
+        raise ValueError(f"Expected top-k maps of shape (k, h, w); got {maps.shape}.")
+    cells = np.sort(maps.reshape(-1))[::-1]
+    # Rounded first: (1 - 0.99) * 3200 is 32.00000000000003 in floating point, not 32.
+    m = math.ceil(round((1.0 - quantile) * n_images * maps.shape[1] * maps.shape[2], 6))
+    m = min(max(m, 1), len(cells))
+    return float(cells[m - 1])
+
+
+def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable log-softmax."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def log_p_description_given_exemplars(exemplar_emb: np.ndarray, candidate_emb: np.ndarray, temperature: float) -> np.ndarray:
+    """log p(d | E) for every candidate: softmax over candidates of the mean exemplar-text cosine."""
+    if temperature <= 0:
+        raise ValueError("similarity_temperature must be positive.")
+    mean_sim = (np.asarray(exemplar_emb, np.float64) @ np.asarray(candidate_emb, np.float64).T).mean(axis=0)
+    return log_softmax(mean_sim / temperature)
+
+
+def description_prior(total_log_likelihood: np.ndarray, texts: Sequence[str], normalisation: str = "per_word") -> np.ndarray:
+    """log p(d) from the language model's total log-likelihood, per word or total (see module doc)."""
+    total = np.asarray(total_log_likelihood, dtype=np.float64)
+    if normalisation == "total":
+        return total
+    if normalisation != "per_word":
+        raise ValueError(f"Unknown prior normalisation '{normalisation}'; choose per_word or total.")
+    words = np.array([max(1, len(t.split())) for t in texts], dtype=np.float64)
+    return total / words
+
+
+def pmi_scores(log_p_d_given_e: np.ndarray, log_p_d: np.ndarray, pmi_lambda: float) -> np.ndarray:
+    """MILAN's objective: log p(d|E) - lambda * log p(d)."""
+    return np.asarray(log_p_d_given_e, np.float64) - pmi_lambda * np.asarray(log_p_d, np.float64)
+
+
+# -- language-model prior, cached per string ----------------------------------------------------
+
+_LOGLIK_TABLE = """CREATE TABLE IF NOT EXISTS lm_log_likelihood (
+    lm_id VARCHAR, text VARCHAR, log_likelihood DOUBLE, PRIMARY KEY (lm_id, text))"""
+
+
+def cached_log_likelihood(store: Store, language_model, texts: Sequence[str]) -> np.ndarray:
+    """Total log p(text) under ``language_model``, each unique string scored once ever.
+
+    Language-model calls are the slow part of PMI; scores live in the store keyed by the
+    model's id, so later runs (other layers, other configs) reuse them.
+    """
+    unique = list(dict.fromkeys(texts))
+    known: dict[str, float] = {}
+    with store.connect() as con:
+        con.execute(_LOGLIK_TABLE)
+        for start in range(0, len(unique), 500):
+            part = unique[start:start + 500]
+            rows = con.execute(
+                f"SELECT text, log_likelihood FROM lm_log_likelihood WHERE lm_id = ? AND text IN ({', '.join('?' * len(part))})",
+                [language_model.id, *part],
+            ).fetchall()
+            known.update({t: float(v) for t, v in rows})
+    missing = [t for t in unique if t not in known]
+    if missing:
+        values = np.asarray(language_model.log_likelihood(missing), dtype=np.float64)
+        if values.shape != (len(missing),):
+            raise ValueError(f"Language model {language_model.id} returned {values.shape} scores for {len(missing)} texts.")
+        known.update(dict(zip(missing, values.tolist())))
+        with store.connect() as con:
+            con.execute(_LOGLIK_TABLE)
+            con.executemany("INSERT OR REPLACE INTO lm_log_likelihood VALUES (?, ?, ?)",
+                            [(language_model.id, t, float(v)) for t, v in zip(missing, values)])
+    return np.array([known[t] for t in texts], dtype=np.float64)
+
+
+# -- the method ---------------------------------------------------------------------------------
+
+@dataclass
+class _NeuronExemplars:
+    neuron: int
+    image_idx: list[int]
+    image_ids: list[str]
+    threshold: float | None
+    embeddings: np.ndarray  # (k, D) masked exemplar embeddings
+    concept_candidates: list[str]
+    captions: list[str]
+
+
+def _clean(text: str) -> str:
+    return " ".join(str(text).strip().strip(".").split())
+
+
+@register_method
+class MilanPMI(DescriptionMethod):
+    """MILAN's PMI objective with offline backends (see the module docstring)."""
+
+    name = "milan"
+    title = "MILAN-style PMI"
+    reference = "Hernandez et al., Natural Language Descriptions of Deep Visual Features, ICLR 2022 (offline PMI stand-in)"
+    needs = ("multimodal", "captioner", "language_model", "concepts")
+    config_class = MilanConfig
+    code_version = "1"
+
+    def describe(self, ctx: MethodContext, config: MilanConfig, neurons: Sequence[int]) -> list[LabelRow]:
+        """Exemplars and masks -> candidates -> p(d|E) and p(d) -> PMI ranking, for ``neurons``."""
+        if config.exemplar_region not in ("grey", "crop", "full"):
+            raise ValueError(f"Unknown exemplar region '{config.exemplar_region}'; choose grey, crop or full.")
+        if ctx.concepts is None or not len(ctx.concepts):
+            raise ValueError("MILAN-style PMI needs a concept set for its candidates (e.g. imagenet or words20k).")
+        store, run = ctx.store, ctx.run
+        neurons = [int(n) for n in neurons]
+        progress = ctx.progress or (lambda done, total, message="": None)
+        paths = [p["path"] for p in store.probe_images(run.probe_set_id)]
+        views = ProbeViews(paths, ctx.probed_model().preprocessing, config.view_size)
+
+        from ..embeddings import text_embeddings
+
+        concepts = list(ctx.concepts.concepts)
+        concept_emb = np.asarray(text_embeddings(ctx.multimodal, store, ctx.concepts), dtype=np.float32)
+        total_steps = len(neurons) + 2
+        gathered: list[_NeuronExemplars] = []
+        for start in range(0, len(neurons), NEURONS_PER_BATCH):
+            batch = neurons[start:start + NEURONS_PER_BATCH]
+            regions, owners, chosen = [], [], []
+            for n in batch:
+                tops = store.top_images(run.run_key, n, k=run.k)
+                maps = store.top_maps(run.run_key, n)
+                order = select_exemplars(maps, config.k, config.rank_exemplars_by)[: len(tops)]
+                threshold = spatial_quantile_threshold(maps, run.n_images, config.mask_quantile) if maps is not None else None
+                picked = [tops[int(i)] for i in order]
+                for pos, top in zip(order, picked):
+                    view = views(top["image_idx"])
+                    if maps is None or config.exemplar_region == "full":
+                        regions.append(view)
+                    else:
+                        mask = exemplar_mask(maps[int(pos)], threshold, view.size)
+                        regions.append(masked_region(view, mask, config.exemplar_region))
+                    owners.append(n)
+                chosen.append((n, picked, threshold))
+            emb = np.asarray(ctx.multimodal.encode_images(regions), dtype=np.float32)
+            captions = [_clean(c) for c in ctx.captioner.caption(regions)] if config.caption_candidates else [""] * len(regions)
+            owners_arr = np.array(owners)
+            for n, picked, threshold in chosen:
+                rows = np.nonzero(owners_arr == n)[0]
+                e = emb[rows]
+                concept_scores = (e @ concept_emb.T).mean(axis=0)
+                top_c = np.argsort(-concept_scores, kind="stable")[: config.n_concept_candidates]
+                gathered.append(_NeuronExemplars(
+                    n, [int(t["image_idx"]) for t in picked], [t["image_id"] for t in picked], threshold, e,
+                    [concepts[i] for i in top_c], [captions[i] for i in rows if captions[i]],
+                ))
+            progress(len(gathered), total_steps, f"exemplars of neuron {batch[-1]}")
+
+        # Every unique candidate string is embedded and scored by the language model once.
+        concept_index = {c: i for i, c in enumerate(concepts)}
+        all_candidates = list(dict.fromkeys(c for g in gathered for c in (*g.concept_candidates, *g.captions)))
+        new_texts = [c for c in all_candidates if c not in concept_index]
+        new_emb = np.asarray(ctx.multimodal.encode_texts(new_texts), dtype=np.float32) if new_texts else np.zeros((0, concept_emb.shape[1]), np.float32)
+        text_row = {c: concept_emb[concept_index[c]] for c in all_candidates if c in concept_index}
+        text_row.update(dict(zip(new_texts, new_emb)))
+        progress(len(neurons), total_steps, f"language-model prior of {len(all_candidates)} candidates")
+        loglik = cached_log_likelihood(store, ctx.language_model, all_candidates)
+        prior = dict(zip(all_candidates, description_prior(loglik, all_candidates, config.prior_normalisation)))
+
+        out: list[LabelRow] = []
+        for g in gathered:
+            source: dict[str, str] = {}
+            for c in g.concept_candidates:
+                source.setdefault(c, "concept set")
+            for c in g.captions:
+                source[c] = "concept set + caption" if source.get(c) == "concept set" else "caption"
+            cands = list(source)
+            lp_e = log_p_description_given_exemplars(g.embeddings, np.stack([text_row[c] for c in cands]), config.similarity_temperature)
+            lp = np.array([prior[c] for c in cands])
+            scores = pmi_scores(lp_e, lp, config.pmi_lambda)
+            order = np.argsort(-scores, kind="stable")[: config.n_labels]
+            for rank, i in enumerate(order):
+                extra = {"log_p_d_given_e": float(lp_e[i]), "log_p_d": float(lp[i]), "source": source[cands[i]]}
+                if rank == 0:
+                    extra.update({
+                        "exemplar_image_idx": g.image_idx, "exemplar_image_ids": g.image_ids,
+                        "mask_threshold": g.threshold, "captions": g.captions, "n_candidates": len(cands),
+                        "backends": ctx.backend_ids(("multimodal", "captioner", "language_model")),
+                        "concept_set": ctx.concepts.name,
+                    })
+                out.append(LabelRow(g.neuron, rank, cands[i], float(scores[i]), None, extra))
+        progress(total_steps, total_steps, "done")
+        return out

@@ -1,0 +1,106 @@
+"""The embedded offline demo workspace: `python -m neuroviz demo`.
+
+Builds, from packaged weights and images only (no network): the demo probe set, the
+activations of the packaged ImageNet MobileNetV2 on a few layers, and labels from every
+method that can run offline (CLIP-Dissect and MILAN-style PMI on every neuron; DnD on a few
+neurons of the last conv layer). Each step is cached, so a second run takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .models import DEMO_MODEL
+
+DEMO_PROBE = "demo"
+DEMO_LAYERS = ["features.4", "features.9", "features.14", "features.18", "classifier.1"]
+DEMO_CONCEPTS = "words20k"
+DEMO_DND_LAYER = "features.18"
+DEMO_DND_NEURONS = 6
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+def build_demo_workspace(store, labels: bool = True, dnd_neurons: int = DEMO_DND_NEURONS, progress_factory=None) -> dict:
+    """Build (or reuse) the demo workspace in ``store``; returns what it did, step by step."""
+    from . import datasets, extract, models
+    from .demo_set import build_demo_set
+    from .progress import TqdmProgress
+
+    bar = progress_factory or (lambda desc, unit="it": TqdmProgress(desc, unit))
+    report: dict = {}
+    t0 = time.time()
+    demo = build_demo_set(store.root / "demo", progress=bar("demo images", "img"))
+    for warning in demo.warnings:
+        _say("warning: " + warning)
+    report["demo_set"] = {"images": demo.n_images, "by_source": demo.by_source, "seconds": round(time.time() - t0, 1)}
+
+    t0 = time.time()
+    model = models.create(DEMO_MODEL)
+    probe = datasets.open_probe_set(DEMO_PROBE, store.root)
+    runs = extract.extract(model, probe, DEMO_LAYERS, store, k=50, progress=bar("extracting MobileNetV2", "img"))
+    report["extraction"] = {"layers": [r.layer for r in runs], "images": len(probe), "seconds": round(time.time() - t0, 1)}
+    if not labels:
+        return report
+
+    from . import methods
+    from .methods.base import MethodContext
+
+    available = {m.name for m in methods.list_methods()}
+    ctx_kwargs = _backends(store, available)
+    for run in runs:
+        for name in ("clip_dissect", "milan"):
+            if name not in available:
+                _say(f"method {name} is not available in this checkout; skipped")
+                continue
+            if name == "milan" and run.map_shape is None:
+                continue  # MILAN masks need spatial maps; vector layers have none
+            t0 = time.time()
+            ctx = MethodContext(store=store, run=run, model=model, progress=bar(f"{name} {run.layer}", "neuron"), **ctx_kwargs)
+            methods.run_method(name, ctx)
+            report[f"{name}:{run.layer}"] = round(time.time() - t0, 1)
+    if "dnd" in available and dnd_neurons > 0:
+        run = next(r for r in runs if r.layer == DEMO_DND_LAYER)
+        t0 = time.time()
+        ctx = MethodContext(store=store, run=run, model=model, progress=bar(f"dnd {run.layer}", "neuron"), **ctx_kwargs)
+        methods.run_method("dnd", ctx, neurons=list(range(dnd_neurons)))
+        report[f"dnd:{run.layer}"] = round(time.time() - t0, 1)
+    return report
+
+
+def _backends(store, available: set[str]) -> dict:
+    """The offline backends the demo's methods need, created once."""
+    from .backends.multimodal import create_multimodal, default_multimodal_for
+    from .concepts import load_concept_set
+
+    multimodal = create_multimodal(default_multimodal_for(DEMO_MODEL))
+    out = {"multimodal": multimodal, "concepts": load_concept_set(DEMO_CONCEPTS, store.root)}
+    if available & {"milan", "dnd"}:
+        from .backends.captioner import create_captioner
+        from .backends.language import create_language_model
+
+        out["captioner"] = create_captioner("retrieval", multimodal=multimodal)
+        out["language_model"] = create_language_model("gemma3-270m", store_root=store.root)
+    return out
+
+
+def cmd_demo(args) -> int:
+    from .cli import _store
+
+    store = _store(args)
+    report = build_demo_workspace(store, labels=not args.no_labels, dnd_neurons=args.dnd_neurons)
+    for step, value in report.items():
+        _say(f"{step}: {value}")
+    _say(f"ready: `streamlit run app.py` opens {DEMO_MODEL} on the demo probe set")
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="build the offline demo workspace (demo set, MobileNetV2 activations, labels)")
+    p.add_argument("--no-labels", action="store_true", help="only the images and activations")
+    p.add_argument("--dnd-neurons", type=int, default=DEMO_DND_NEURONS, help=f"DnD labels for the first N neurons of {DEMO_DND_LAYER}")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,132 @@
+"""Study setup: create blind rating studies and hand out rater links."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import streamlit as st
+
+from neuroviz import study as studies
+from ui import context, data, guard
+from ui.study_forms import full_link, parse_neuron_list
+
+SELECTIONS = {"random": "Random neurons per layer", "list": "A list of neurons"}
+
+
+def _existing(store) -> None:
+    st.subheader("Studies")
+    all_studies = studies.list_studies(store)
+    if not all_studies:
+        st.caption("No studies yet.")
+        return
+    for s in all_studies:
+        with st.container(border=True):
+            c1, c2 = st.columns([3, 2])
+            c1.markdown(f"**{s.name}** · {s.n_items - s.n_gold} items + {s.n_gold} gold · {s.raters_per_item} raters per item · "
+                        f"{'open' if s.is_open else 'closed'}")
+            c1.caption(f"Methods: {', '.join(data.method_title(m) for m in s.methods)} · created "
+                       f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(s.created_at))} · id {s.study_id}")
+            c1.markdown("Rater link (send this; it opens only the rating view):")
+            c1.code(full_link(s.token), language=None)
+            progress = studies.study_progress(store, s.study_id)
+            total = max(1, progress.n_items)
+            c2.progress(min(1.0, progress.items_complete / total),
+                        text=f"{progress.items_complete}/{progress.n_items} items fully rated · {progress.n_votes} votes · "
+                             f"{len(progress.raters)} raters")
+            b1, b2, b3 = c2.columns(3)
+            if b1.button("Close" if s.is_open else "Reopen", key=f"toggle_{s.study_id}"):
+                studies.set_study_open(store, s.study_id, not s.is_open)
+                st.rerun()
+            b2.page_link("pages/study_results.py", label="Results", query_params={"sid": s.study_id})
+            if b3.button("Delete", key=f"delete_{s.study_id}"):
+                st.session_state["study_confirm_delete"] = s.study_id
+            if st.session_state.get("study_confirm_delete") == s.study_id:
+                st.warning(f"Delete '{s.name}' and all {progress.n_votes} votes? This cannot be undone.")
+                y, n = st.columns(2)
+                if y.button("Yes, delete", key=f"really_{s.study_id}", type="primary"):
+                    studies.delete_study(store, s.study_id)
+                    st.session_state.pop("study_confirm_delete", None)
+                    st.rerun()
+                if n.button("Keep it", key=f"keep_{s.study_id}"):
+                    st.session_state.pop("study_confirm_delete", None)
+                    st.rerun()
+            for note in s.notes:
+                c1.caption(f"Note: {note}")
+            if s.skipped:
+                c1.caption(f"{len(s.skipped)} requested items were skipped (a method had no label for them).")
+
+
+def _create(ws: context.Workspace) -> None:
+    st.subheader("New study")
+    runs = {r.layer: r for r in ws.runs}
+    if not runs:
+        guard.empty_cache_notice()
+        return
+    layers = st.multiselect("Layers", list(runs), default=[ws.layer] if ws.layer in runs else list(runs)[:1], key="study_layers")
+    run_keys = [runs[l].run_key for l in layers]
+    counts = studies.labelled_methods(ws.store, run_keys) if run_keys else {}
+    if len(counts) < 2:
+        st.info("A study compares at least two methods: these layers have labels from "
+                f"{len(counts)} ({', '.join(data.method_title(m) for m in counts) or 'none'}). Label them on the Workspace page.")
+        return
+    methods = st.multiselect("Methods to compare", list(counts), default=list(counts)[:3], key="study_methods",
+                             format_func=lambda m: f"{data.method_title(m)} ({counts[m]} neurons labelled)")
+    how = st.radio("Neurons", list(SELECTIONS), format_func=SELECTIONS.get, horizontal=True, key="study_how")
+    with st.form("new_study"):
+        name = st.text_input("Study name (only you see it)", value=f"{ws.model_spec.split(':')[-1]} {', '.join(layers)}")
+        title = st.text_input("Title raters see", value=studies.DEFAULT_PUBLIC_TITLE)
+        if how == "random":
+            per_layer = st.number_input("Neurons per layer (random, among those every method labelled)", 1, 1000, 10)
+            listed = ""
+        else:
+            per_layer = 0
+            listed = st.text_area("Neurons", placeholder=f"{layers[0] if layers else 'layer'}:0,3,10-12\n(or just 0,3,5 for the first layer)")
+        c1, c2, c3, c4 = st.columns(4)
+        raters = c1.number_input("Raters per item", 1, 50, 3)
+        gold = c2.number_input("Gold items", 0, 50, 2, help="Attention checks built from the probe set's own labels.")
+        n_images = c3.number_input("Images shown", 1, 50, 10)
+        seed = c4.number_input("Seed", 0, 10**6, 0)
+        submitted = st.form_submit_button("Create study", type="primary")
+    if not submitted:
+        return
+    if len(methods) < 2:
+        st.error("Choose at least two methods.")
+        return
+    if how == "random":
+        items = studies.choose_items(ws.store, run_keys, methods, per_layer=int(per_layer), seed=int(seed))
+    else:
+        pairs = parse_neuron_list(listed, {l: runs[l] for l in layers}, layers[0] if layers else None)
+        if not pairs:
+            st.error("List at least one neuron, e.g. 0,3,5.")
+            return
+        items = [(runs[layer].run_key, n) for layer, n in pairs]
+    created = studies.create_study(ws.store, name, items, methods, raters_per_item=int(raters), gold_items=int(gold),
+                                   seed=int(seed), n_images=int(n_images), public_title=title)
+    st.success(f"Created '{created.name}' with {created.n_items - created.n_gold} items and {created.n_gold} gold items. "
+               "Send raters this link:")
+    st.code(full_link(created.token), language=None)
+    for note in created.notes:
+        st.warning(note)
+    if created.skipped:
+        st.warning(f"{len(created.skipped)} neurons were left out because a method had not labelled them: "
+                   + ", ".join(f"{s.neuron} (no {', '.join(s.missing_methods)})" for s in created.skipped[:10]))
+
+
+def body() -> None:
+    ws = context.workspace_from_state()
+    st.title("Study setup")
+    st.caption("Raters see a neuron's top images and the labels as A, B, C… in a random order stored per rater "
+               "and item, never the method names; they pick the best, 'none fits' or 'uninterpretable', and may rate "
+               "each label 1–5.")
+    left, right = st.columns([1, 1], gap="large")
+    with left:
+        with guard.friendly_errors("the study form"):
+            _create(ws)
+    with right:
+        with guard.friendly_errors("the study list"):
+            _existing(ws.store)
+
+
+with guard.friendly_errors("the study setup"):
+    body()

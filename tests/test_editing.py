@@ -1,0 +1,166 @@
+"""Editing: ablation hooks change exactly what they should, and never the weights."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from neuroviz import editing
+from neuroviz.datasets import ProbeImage, ProbeSet, from_folder
+from neuroviz.models import Preprocessing, ProbedModel
+from neuroviz.provenance import hash_state_dict
+
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+class ChannelClassifier(nn.Module):
+    """Class j's logit is the spatial mean of channel j of ``relu`` and nothing else.
+
+    A fixed 1x1 conv turns colours into four channel responses; its bias of 0.1 keeps
+    every channel strictly positive, so zeroing channel j makes class j lose to every
+    other class on exactly the images where it was on top, and changes no other image.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.colour = nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            self.colour.weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, -1.0]])[:, :, None, None])
+            self.colour.bias.fill_(0.1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+
+    def forward(self, x):
+        return self.flatten(self.pool(self.relu(self.colour(x))))
+
+
+def channel_model() -> ProbedModel:
+    prep = Preprocessing(image_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return ProbedModel("custom:tests.test_editing:ChannelClassifier", ChannelClassifier().eval(), prep, list(COLOURS), "test model")
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_workspace, tmp_path_factory):
+    """tiny_workspace with a private copy of its cache, so saved edits and prediction caches
+    written here cannot leak into other test files that share the session fixture."""
+    from neuroviz.store import Store
+
+    root = tmp_path_factory.mktemp("editing-cache")
+    shutil.copytree(tiny_workspace["store"].root, root, dirs_exist_ok=True)
+    return {**tiny_workspace, "store": Store(root)}
+
+
+@pytest.fixture(scope="module")
+def colour_probe(image_folder) -> ProbeSet:
+    """The fixture's images, labelled by colour name only (so labels map to class names)."""
+    ps = from_folder(image_folder)
+    images = [ProbeImage(im.image_id, im.path, im.label.split("/")[-1].split()[0] if im.label.startswith("shapes") else "")
+              for im in ps.images]
+    return ProbeSet("colours", ps.source + "#colours", images)
+
+
+def test_ablating_a_channel_flips_exactly_its_images(colour_probe, workspace):
+    store = workspace["store"]
+    model = channel_model()
+    before = editing.predict(model, colour_probe, store)
+    shapes = [i for i, im in enumerate(colour_probe.images) if im.label]
+    # the fixed filters classify every coloured shape correctly
+    assert [COLOURS[c] for c in before.top1[shapes]] == [colour_probe.images[i].label for i in shapes]
+    edit = editing.make_edit("no red", model.spec, {"relu": [0]})
+    after = editing.predict(model, colour_probe, store, edit)
+    expected = set(np.flatnonzero(before.top1 == 0).tolist())
+    assert len(expected) >= 8  # 8 red shapes at least
+    assert set(np.flatnonzero(before.top1 != after.top1).tolist()) == expected
+    assert (after.top1[list(expected)] != 0).all()
+
+    cmp = editing.compare(before, after, colour_probe, model.class_names)
+    assert {c.image_idx for c in cmp.changed} == expected
+    assert all(c.before_class == "red" and c.after_class != "red" for c in cmp.changed)
+    assert cmp.n_labelled == 32 and cmp.accuracy_before == 1.0 and cmp.accuracy_after == pytest.approx(24 / 32)
+    red = cmp.per_class.set_index("class_name").loc["red"]
+    assert red["lost"] == len(expected) and red["predicted_after"] == 0 and red["accuracy_after"] == 0.0
+    assert cmp.per_class.set_index("class_name").loc["green", "accuracy_after"] == 1.0
+
+
+def test_edit_leaves_weights_untouched_and_hooks_removed(colour_probe):
+    model = channel_model()
+    state_hash = hash_state_dict(model.module.state_dict())
+    x = torch.stack([model.transform(colour_probe.load(i)) for i in range(4)])
+    reference = model.module(x)
+    edit = editing.make_edit("zero two", model.spec, {"relu": [0, 2]}, "zero")
+    with editing.applied(model, edit):
+        edited = model.module(x)
+        assert hash_state_dict(model.module.state_dict()) == state_hash
+    assert (edited[:, [0, 2]] == 0).all() and torch.equal(edited[:, [1, 3]], reference[:, [1, 3]])
+    assert torch.equal(model.module(x), reference)  # hooks are gone
+    assert not model.module.relu._forward_hooks
+    assert hash_state_dict(model.module.state_dict()) == state_hash
+    # a bad neuron fails clearly and leaves no hook behind
+    with pytest.raises(editing.EditError, match="neurons 0..3"):
+        with editing.applied(model, editing.Edit("bad", model.spec, {"colour": [1], "relu": [9]})):
+            pass
+    assert not model.module.colour._forward_hooks and not model.module.relu._forward_hooks
+
+
+def test_mean_ablation_sets_the_pooled_value(workspace):
+    store, probed, ps = workspace["store"], workspace["model"], workspace["probe_set"]
+    edit = editing.make_edit("mean l2", probed.spec, {"layer2": [3, 5]}, "mean", store, ps.id)
+    stats = store.neuron_stats(workspace["runs"]["layer2"].run_key).set_index("neuron")["mean"]
+    assert edit.values["layer2"] == pytest.approx([stats[3], stats[5]])
+    x = torch.stack([probed.transform(ps.load(i)) for i in range(3)])
+    seen = {}  # layer3's input is the edited layer2 output
+    handle = probed.module.layer3.register_forward_pre_hook(lambda m, inp: seen.setdefault("x", inp[0].clone()))
+    try:
+        with torch.no_grad(), editing.applied(probed, edit):
+            probed.module(x)
+    finally:
+        handle.remove()
+    maps = seen["x"][:, [3, 5]]
+    assert torch.allclose(maps.mean(dim=(2, 3)), torch.tensor(edit.values["layer2"]).expand(3, 2), atol=1e-5)
+    assert torch.allclose(maps.amax(dim=(2, 3)), maps.amin(dim=(2, 3)))  # constant maps
+
+
+def test_edits_are_stored_listed_and_deleted(workspace):
+    store, probed, ps = workspace["store"], workspace["model"], workspace["probe_set"]
+    state_hash = hash_state_dict(probed.module.state_dict())
+    edit = editing.make_edit("drop some layer4", probed.spec, {"layer4": [1, 2, 3]}, "mean", store, ps.id,
+                             source={"audit": "x"})
+    editing.save_edit(store, edit)
+    assert "drop some layer4" in [e.name for e in editing.list_edits(store, probed.spec)]
+    loaded = editing.load_edit(store, "drop some layer4")
+    assert loaded.neurons == {"layer4": [1, 2, 3]} and loaded.mode == "mean" and loaded.values == edit.values
+    assert store.get_record("edit", "drop some layer4")["model"] == probed.spec
+    cmp = editing.evaluate_edit(probed, loaded, ps, store)
+    assert cmp.n_images == len(ps) and 0.0 <= cmp.agreement <= 1.0
+    assert cmp.accuracy_before is None  # a random ResNet has no class names to map labels to
+    assert hash_state_dict(probed.module.state_dict()) == state_hash
+    again = editing.evaluate_edit(probed, loaded, ps, store)  # served from the prediction cache
+    assert again.summary() == cmp.summary()
+    editing.delete_edit(store, "drop some layer4")
+    assert "drop some layer4" not in [e.name for e in editing.list_edits(store)]
+    with pytest.raises(editing.EditError, match="No edit named"):
+        editing.load_edit(store, "drop some layer4")
+
+
+def test_bad_edits_fail_with_clear_messages(workspace):
+    store = workspace["store"]
+    with pytest.raises(editing.EditError, match="at least one neuron"):
+        editing.make_edit("x", "m", {"layer2": []})
+    with pytest.raises(editing.EditError, match="mode"):
+        editing.make_edit("x", "m", {"layer2": [1]}, "scramble")
+    with pytest.raises(editing.EditError, match="extract it first"):
+        editing.make_edit("x", "torchvision:resnet18@random", {"layer1": [1]}, "mean", store, workspace["probe_set"].id)
+    with pytest.raises(editing.EditError, match="name"):
+        editing.make_edit("", "m", {"layer2": [1]})
+
+
+def test_label_mapping_uses_the_head_noun():
+    names = ["tench", "lemon", "great white shark", "crane", "crane"]
+    assert editing.map_labels_to_classes(["yellow lemon", "photos/Great_White shark", "dog", "", "crane"], names) == [
+        "lemon", "great white shark", None, None, "crane"]
+    assert editing.map_labels_to_classes(["lemon"], None) == [None]

@@ -1,0 +1,376 @@
+"""Dashboard pages through Streamlit's AppTest, on a real tiny workspace.
+
+The workspace is built like production: a random ResNet-18 at 64 px extracted over the
+shared test images, then labels stored with ``store.save_labels`` (derived from the probe
+labels of each neuron's top images). Every page must render without an exception or an
+error box, its widgets must work, the owner password must gate the owner pages, and a rater
+link must reach only its own rating view, without method names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+OWNER_PAGES = ["pages/workspace.py", "pages/browser.py", "pages/neuron.py", "pages/compare.py",
+               "pages/study_setup.py", "pages/study_results.py"]
+METHODS = ("clip_dissect", "milan")
+METHOD_WORDS = ("clip_dissect", "CLIP-Dissect", "milan", "MILAN", "dnd", "Describe-and-Dissect")
+
+
+def add_probe_labels(store, run, methods=METHODS, dnd_neurons=(0, 1, 2)) -> None:
+    """Labels of every neuron from the probe-set labels of its top images (a real, simple
+    description), plus DnD labels for a few neurons as an on-demand method would leave them."""
+    from neuroviz.store import LabelRow
+
+    probe = store.probe_images(run.probe_set_id)
+    names = [Path(p["label"]).name if p["label"] else "photo" for p in probe]
+    top = store.top_indices(run.run_key)
+    for offset, method in enumerate(methods):
+        rows = []
+        for n in range(run.n_neurons):
+            window = 4 + 2 * offset  # the methods look at different numbers of images, so they sometimes disagree
+            for rank, (label, count) in enumerate(Counter(names[i] for i in top[n][:window]).most_common(3)):
+                rows.append(LabelRow(n, rank, label, count / window, None, {"support": count}))
+        store.save_labels(f"{method}-{run.run_key}", run.run_key, method, {"multimodal": "probe-labels"}, {"window": 4 + 2 * offset},
+                          None, rows, "probe labels (test)")
+    rows = [LabelRow(n, 0, Counter(names[i] for i in top[n][:3]).most_common(1)[0][0] + " thing", 0.5) for n in dnd_neurons]
+    store.save_labels(f"dnd-{run.run_key}", run.run_key, "dnd", {"language_model": "none"}, {}, None, rows,
+                      "probe labels (test)", replace_neurons=True)
+
+
+def build_dashboard_cache(root: Path, image_folder: Path) -> dict:
+    """A cache with layer2/layer4 (spatial) and fc (vector) of a random ResNet-18, labelled."""
+    from neuroviz import datasets, extract, models
+    from neuroviz.store import Store
+
+    store = Store(root)
+    model = models.create("torchvision:resnet18@random", image_size=64)
+    ps = datasets.from_folder(image_folder, cache_dir=store.root)
+    runs = extract.extract(model, ps, ["layer2", "layer4", "fc"], store, k=10, batch_size=20, chunk_size=40)
+    for run in runs:
+        if run.layer != "fc":
+            add_probe_labels(store, run)
+    return {"store": store, "runs": {r.layer: r for r in runs}, "model_spec": "torchvision:resnet18@random",
+            "probe": ps.name, "probe_set_id": ps.id}
+
+
+@pytest.fixture(scope="session")
+def dash(tmp_path_factory, image_folder):
+    root = tmp_path_factory.mktemp("dash_cache")
+    info = build_dashboard_cache(root, image_folder)
+    old = {k: os.environ.get(k) for k in ("NEUROVIZ_CACHE", "NEUROVIZ_UI_RAISE", "NEUROVIZ_OWNER_PASSWORD")}
+    os.environ["NEUROVIZ_CACHE"] = str(root)
+    os.environ["NEUROVIZ_UI_RAISE"] = "1"  # a bug raises (at.exception) instead of becoming a polite message
+    os.environ.pop("NEUROVIZ_OWNER_PASSWORD", None)
+    yield info
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def app(**query):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    for k, v in query.items():
+        at.query_params[k] = str(v)
+    return at
+
+
+def texts(at) -> str:
+    """Everything readable on the page, for checks of what is (not) shown."""
+    parts = []
+    for kind in ("markdown", "caption", "title", "header", "subheader", "info", "success", "warning", "error", "code"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    for radio in at.radio:
+        parts += [str(radio.label)] + [str(o) for o in radio.options]
+    parts += [str(e.proto.body) for e in at.get("html")] if at.get("html") else []
+    return "\n".join(parts)
+
+
+def assert_clean(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def card_neurons(at) -> list[int]:
+    return [int(m.value.strip("*").split()[1]) for m in at.markdown if m.value.startswith("**Neuron ")]
+
+
+# -- owner pages --------------------------------------------------------------------------------
+def test_every_owner_page_renders(dash):
+    at = app()
+    at.run()
+    assert_clean(at)
+    for page in OWNER_PAGES:
+        at.switch_page(page).run()
+        assert_clean(at)
+        assert at.title, f"{page} drew no title"
+
+
+def test_browser_shows_24_cards_pages_and_searches(dash):
+    at = app(layer="layer2")
+    at.run()
+    assert_clean(at)
+    assert card_neurons(at) == list(range(24))
+    at.button(key="browser_next").click().run()
+    assert card_neurons(at) == list(range(24, 48))
+    labels = dash["store"].labels(dash["runs"]["layer2"].run_key, top_only=False)
+    word = "red square"
+    expected = sorted(set(labels.loc[labels["label"] == word, "neuron"].astype(int)))
+    at.text_input(key="browser_query").input("red squ").run()
+    shown = card_neurons(at)
+    assert shown == expected[:24] and shown, "search should keep exactly the neurons with a matching label, page 1 again"
+    at.text_input(key="browser_query").input("no such concept").run()
+    assert card_neurons(at) == [] and any("No neuron matches" in i.value for i in at.info)
+
+
+def test_browser_agreement_filter_and_sort(dash):
+    at = app(layer="layer2")
+    at.run()
+    at.selectbox(key="browser_agree").set_value("disagree").run()
+    assert_clean(at)
+    shown = card_neurons(at)
+    tops = dash["store"].labels(dash["runs"]["layer2"].run_key, top_only=True)
+    assert shown
+    for n in shown:  # every method shown in the sidebar counts (dnd labelled only a few neurons)
+        rows = tops[tops["neuron"] == n]
+        assert rows["label"].str.lower().nunique() > 1, f"neuron {n} shown as disagreeing but its labels agree"
+    at.selectbox(key="browser_agree").set_value("agree").run()
+    assert card_neurons(at)
+    for n in card_neurons(at):
+        rows = tops[tops["neuron"] == n]
+        assert rows["label"].str.lower().nunique() == 1
+    at.selectbox(key="browser_agree").set_value("all").run()
+    at.selectbox(key="browser_sort").set_value("max").run()
+    stats = dash["store"].neuron_stats(dash["runs"]["layer2"].run_key)
+    best = stats.sort_values("max", ascending=False, kind="stable")["neuron"].astype(int).tolist()[:24]
+    assert card_neurons(at)[:3] == best[:3]
+
+
+def test_sidebar_layer_choice_changes_the_grid_and_url(dash):
+    at = app()
+    at.run()
+    layer_box = at.sidebar.selectbox(key="_w_layer")
+    assert [o.split(" · ")[0] for o in layer_box.options] == ["layer2", "layer4", "fc"]
+    assert "layer4 · 512 neurons · 3 methods" in layer_box.options and "fc · 1000 neurons" in layer_box.options
+    layer_box.set_value("layer4").run()
+    assert_clean(at)
+    assert any("layer4" in c.value and "512 neurons" in c.value for c in at.caption)
+    assert at.query_params["layer"] == ["layer4"]
+
+
+def test_deep_link_opens_exactly_that_neuron_and_steps(dash):
+    at = app(model=dash["model_spec"], probe=dash["probe"], layer="layer4", neuron=7)
+    at.run()  # no page in the link: a neuron link still opens the neuron page
+    assert_clean(at)
+    assert at.title[0].value == "Neuron 7"
+    assert any("layer4" in c.value for c in at.caption)
+    at.button(key="neuron_next").click().run()
+    assert at.title[0].value == "Neuron 8"
+    assert at.query_params["neuron"] == ["8"]
+    at.number_input(key="_w_neuron").set_value(100).run()
+    assert at.title[0].value == "Neuron 100" and at.query_params["neuron"] == ["100"]
+    labels = dash["store"].labels(dash["runs"]["layer4"].run_key, neuron=100, top_only=True)
+    page = texts(at)
+    for label in labels["label"]:
+        assert label in page
+
+
+def test_neuron_overlays_and_vector_layer(dash):
+    at = app(layer="layer2", neuron=3)
+    at.switch_page("pages/neuron.py").run()
+    for overlay in ("heatmap", "crops", "masks", "none"):
+        at.get("button_group")[0].set_value(overlay).run()
+        assert_clean(at)
+        assert len(at.get("imgs")) >= 1
+    # fc has no spatial maps: overlays explain that instead of failing
+    at2 = app(layer="fc", neuron=5)
+    at2.switch_page("pages/neuron.py").run()
+    at2.get("button_group")[0].set_value("heatmap").run()
+    assert_clean(at2)
+    assert any("no spatial maps" in i.value for i in at2.info)
+    assert any(w.value == "Neuron 5" for w in at2.title)
+
+
+def test_compare_two_methods(dash):
+    at = app(layer="layer2")
+    at.switch_page("pages/compare.py").run()
+    assert_clean(at)
+    at.get("button_group")[0].set_value("methods").run()
+    assert_clean(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Neurons labelled by both"] == "128"
+    at.selectbox(key="cmp_only").set_value("disagree").run()
+    assert_clean(at)
+
+
+def test_empty_cache_is_friendly(tmp_path, dash):
+    os.environ["NEUROVIZ_CACHE"] = str(tmp_path / "empty")
+    try:
+        at = app()
+        at.run()
+        assert_clean(at)
+        assert any("No runs yet" in i.value for i in at.info)
+        at.switch_page("pages/neuron.py").run()
+        assert_clean(at)
+        assert any("No runs yet" in i.value for i in at.info)
+    finally:
+        os.environ["NEUROVIZ_CACHE"] = str(dash["store"].root)
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+def test_workspace_starts_and_cancels_a_job(dash):
+    from neuroviz import jobs
+
+    at = app(layer="layer2")
+    at.switch_page("pages/workspace.py").run()
+    assert_clean(at)
+    before = {j.job_id for j in jobs.list_jobs(dash["store"])}
+    at.text_input(key="ws_layers_typed").input("layer1").run()
+    at.button(key="start_extract").click().run()
+    assert_clean(at)
+    new = [j for j in jobs.list_jobs(dash["store"]) if j.job_id not in before]
+    assert len(new) == 1 and new[0].argv[:2] == ["extract", dash["model_spec"]] and "layer1" in new[0].argv
+    cancel = [b for b in at.button if b.key and b.key.startswith("cancel_") and new[0].job_id in b.key]
+    assert cancel, "a running job offers a Cancel button"
+    cancel[0].click().run()
+    assert jobs.read_job(dash["store"], new[0].job_id).status in ("cancelled", "failed", "interrupted")
+
+
+# -- auth ----------------------------------------------------------------------------------------
+def test_owner_password_gates_every_owner_page(dash):
+    at = app()
+    at.secrets["owner_password"] = "s3cret"
+    at.run()
+    assert not card_neurons(at)
+    with pytest.raises(ValueError):
+        at.switch_page("pages/browser.py")  # not even registered before logging in
+    at.text_input[0].input("wrong")
+    at.button[0].click().run()
+    assert any("Wrong password" in e.value for e in at.error)
+    at.text_input[0].input("s3cret")
+    at.button[0].click().run()
+    assert not at.exception
+    assert card_neurons(at) == list(range(24))
+    at.switch_page("pages/study_results.py").run()
+    assert_clean(at)
+
+
+def test_owner_password_from_environment(dash):
+    os.environ["NEUROVIZ_OWNER_PASSWORD"] = "envpw"
+    try:
+        at = app()
+        at.run()
+        assert at.text_input and at.text_input[0].label == "Owner password"
+        assert not card_neurons(at)
+    finally:
+        os.environ.pop("NEUROVIZ_OWNER_PASSWORD", None)
+
+
+@pytest.fixture(scope="module")
+def study(dash):
+    from neuroviz import study as studies
+
+    store = dash["store"]
+    runs = [dash["runs"]["layer2"].run_key, dash["runs"]["layer4"].run_key]
+    items = studies.choose_items(store, runs, list(METHODS), per_layer=3, seed=1)
+    return studies.create_study(store, "page test study", items, list(METHODS), raters_per_item=2, gold_items=1, n_images=6)
+
+
+def test_rater_link_reaches_only_its_rating_view(dash, study):
+    from neuroviz import study as studies
+
+    at = app(study=study.token)
+    at.secrets["owner_password"] = "s3cret"  # a password does not stop raters, and raters need none
+    at.run()
+    assert_clean(at)
+    for page in OWNER_PAGES:
+        with pytest.raises(ValueError):
+            at.switch_page(page)
+    assert not at.sidebar.selectbox, "no model/layer pickers for raters"
+    at.text_input[0].input("Ada")
+    at.button[0].click().run()
+    assert_clean(at)
+    answered = 0
+    while True:
+        radios = [r for r in at.radio if r.key and r.key.startswith("choice_")]
+        if not radios:
+            break
+        page = texts(at)
+        for word in METHOD_WORDS + (study.name, "layer2", "layer4", dash["model_spec"]):
+            assert word not in page, f"the rater view shows '{word}'"
+        letters = [o for o in radios[0].options if len(o) == 1]
+        assert letters[:2] == ["A", "B"]
+        radios[0].set_value(letters[0] if answered % 2 == 0 else studies.NONE_FITS)
+        rating = [r for r in at.radio if r.key and r.key.startswith("rating_")]
+        rating[0].set_value(4)
+        at.button[0].click().run()
+        assert_clean(at)
+        answered += 1
+        assert answered <= study.n_items
+    assert answered == study.n_items
+    assert any("All done" in t.value for t in at.title)
+    done, total = studies.rater_progress(dash["store"], study.study_id, at.query_params["rater"][0])
+    assert done == total == study.n_items
+
+
+def test_invalid_rater_link_says_so(dash):
+    at = app(study="not-a-real-token")
+    at.run()
+    assert any("not valid" in e.value for e in at.error)
+    for page in OWNER_PAGES:
+        with pytest.raises(ValueError):
+            at.switch_page(page)
+
+
+def test_results_page_counts_votes_and_exports(dash, study):
+    from neuroviz import study as studies
+
+    rater = studies.register_rater(dash["store"], study.study_id, "Bob")
+    task = studies.next_item(dash["store"], study.study_id, rater.rater_id)
+    studies.submit_vote(dash["store"], study.study_id, rater.rater_id, task.item_id, "A", {"A": 5})
+    expected = studies.study_results(dash["store"], study.study_id)
+    at = app(sid=study.study_id)
+    at.switch_page("pages/study_results.py").run()
+    assert_clean(at)
+    at.selectbox(key="results_study").set_value(study.study_id).run()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Votes counted"] == str(expected.n_votes) and expected.n_votes >= 1
+    assert len(at.get("download_button")) == 2
+
+
+def test_study_setup_creates_a_study_with_a_rater_link(dash):
+    from neuroviz import study as studies
+
+    at = app(layer="layer2")
+    at.switch_page("pages/study_setup.py").run()
+    assert_clean(at)
+    n_before = len(studies.list_studies(dash["store"]))
+    at.radio(key="study_how").set_value("list").run()
+    at.text_area[0].input("0,1,2-4")
+    at.button[0].click().run()  # the form's submit button is the first button on this page
+    assert_clean(at)
+    created = studies.list_studies(dash["store"])
+    assert len(created) == n_before + 1
+    assert created[0].n_items - created[0].n_gold == 5
+    assert any(f"study={created[0].token}" in c.value for c in at.code)
+
+
+def test_neuron_list_parsing_reports_bad_input():
+    from ui.study_forms import parse_neuron_list as parse
+
+    layers = {"layer2": None, "layer4": None}
+    assert parse("layer4:1,3-4; layer2:0", layers, "layer2") == [("layer4", 1), ("layer4", 3), ("layer4", 4), ("layer2", 0)]
+    assert parse("5", layers, "layer2") == [("layer2", 5)]
+    with pytest.raises(ValueError, match="Unknown layer"):
+        parse("layer9:1", layers, "layer2")
+    with pytest.raises(ValueError, match="not a neuron number"):
+        parse("a-b", layers, "layer2")

@@ -1,0 +1,171 @@
+"""Inverse-set synthesis on a real tiny model (random ResNet-18 at 64 px) and real images."""
+
+from __future__ import annotations
+
+import dataclasses
+import numpy as np
+import pytest
+import torch
+
+from neuroviz import synthesis as S
+from neuroviz.hooks import LayerRecorder, UnknownLayerError, pool, to_batch_first
+
+FAST = dict(image_size=48, steps=96, check_every=4, min_steps=8)
+
+
+def _strong_neuron(ws, layer: str, rank: int = 0) -> int:
+    """A neuron with a clearly positive observed max, so fractional levels mean something."""
+    stats = ws["store"].neuron_stats(ws["runs"][layer].run_key)
+    return int(stats.sort_values("max", ascending=False)["neuron"].iloc[rank])
+
+
+def _request(ws, **kw) -> S.SynthesisRequest:
+    layer = kw.pop("layer", "layer2")
+    neuron = kw.pop("neuron", None)
+    neuron = _strong_neuron(ws, layer) if neuron is None else neuron
+    config = dict(FAST, **kw.pop("config", {}))
+    return S.SynthesisRequest(layer=layer, neuron=neuron, **kw).with_config(**config)
+
+
+def _measure(model, layer: str, pooling: str, neuron: int, images_u8: np.ndarray) -> np.ndarray:
+    """The neuron's pooled activation on saved uint8 images, measured independently of synthesis."""
+    info = model.layer(layer)
+    x = torch.from_numpy(images_u8.reshape(-1, *images_u8.shape[-3:])).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(model.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.preprocessing.std).view(1, 3, 1, 1)
+    with torch.no_grad(), LayerRecorder(model.module, [layer]) as rec:
+        model.module((x - mean) / std)
+    pooled = pool(to_batch_first(rec.outputs[layer], info.layout), info.layout, pooling)
+    return pooled[:, neuron].numpy().reshape(images_u8.shape[:2])
+
+
+def test_samples_reach_each_level_within_tolerance(tiny_workspace):
+    ws = tiny_workspace
+    request = _request(ws, levels=(0.5, 1.0), n_samples=3)
+    result = S.synthesize(ws["model"], request, ws["store"], ws["runs"]["layer2"], use_cache=False)
+    assert result.images.shape == (2, 3, 48, 48, 3) and result.images.dtype == np.uint8
+    assert result.within_tolerance.all(), result.summary()
+    target = result.plan.targets[0]
+    independent = _measure(ws["model"], "layer2", target.pooling, request.neuron, result.images)
+    np.testing.assert_allclose(independent, result.achieved[..., 0], rtol=1e-3, atol=1e-4)
+    expected = np.array(target.levels)[:, None]
+    assert (np.abs(independent - expected) / target.scale <= 0.05 + 1e-6).all()
+    assert np.all(np.isfinite(result.diversity)) and (result.diversity > 0).all()
+    # The samples of one level are different images, not copies.
+    assert np.abs(result.images[0, 0].astype(int) - result.images[0, 1].astype(int)).mean() > 2
+
+
+def test_intersection_hits_every_neuron_including_another_layer(tiny_workspace):
+    ws = tiny_workspace
+    a = _strong_neuron(ws, "layer2", 0)
+    b = _strong_neuron(ws, "layer2", 1)
+    c = _strong_neuron(ws, "layer4", 0)
+    request = _request(ws, neuron=a, levels=(1.0, 0.5), n_samples=2,
+                       also=(S.NeuronTarget("layer2", b, (0.1,)), S.NeuronTarget("layer4", c, (0.5, 1.0))))
+    result = S.synthesize(ws["model"], request, ws["store"], ws["runs"]["layer2"], use_cache=False)
+    assert result.achieved.shape == (2, 2, 3)
+    assert result.within_tolerance.all(), result.summary()
+    assert (result.errors <= 0.05).all()
+    for ti, (layer, neuron) in enumerate([("layer2", a), ("layer2", b), ("layer4", c)]):
+        t = result.plan.targets[ti]
+        measured = _measure(ws["model"], layer, t.pooling, neuron, result.images)
+        assert (np.abs(measured - np.array(t.levels)[:, None]) / t.scale <= 0.05 + 1e-4).all()
+
+
+def test_same_seed_same_samples_and_another_seed_differs(tiny_workspace):
+    ws = tiny_workspace
+    run = ws["runs"]["layer2"]
+    req = _request(ws, levels=(0.75,), n_samples=2, seed=3, config=dict(steps=12))
+    first = S.synthesize(ws["model"], req, ws["store"], run, use_cache=False)
+    again = S.synthesize(ws["model"], req, ws["store"], run, use_cache=False)
+    other = S.synthesize(ws["model"], dataclasses.replace(req, seed=4), ws["store"], run, use_cache=False)
+    np.testing.assert_array_equal(first.images, again.images)
+    assert first.key == again.key != other.key
+    assert not np.array_equal(first.images, other.images)
+
+
+def test_cached_second_call_does_not_optimise(tiny_workspace):
+    ws = tiny_workspace
+    run = ws["runs"]["layer2"]
+    req = _request(ws, levels=(0.5,), n_samples=2, seed=11, config=dict(steps=16))
+    calls: list[str] = []
+    first = S.synthesize(ws["model"], req, ws["store"], run, progress=lambda d, t, m: calls.append(m))
+    assert any(m.startswith("step") for m in calls) and not first.from_cache
+    calls.clear()
+    second = S.synthesize(ws["model"], req, ws["store"], run, progress=lambda d, t, m: calls.append(m))
+    assert second.from_cache and calls == ["loaded from the cache"]
+    np.testing.assert_array_equal(first.images, second.images)
+    np.testing.assert_allclose(first.achieved, second.achieved)
+    assert second.summary() == first.summary()
+    # The record can be read without the plan at hand (as the page does after a job).
+    loaded = S.load_result(ws["store"], first.key)
+    assert loaded is not None and loaded.plan.request == req
+
+
+def test_not_reached_is_reported_honestly(tiny_workspace):
+    ws = tiny_workspace
+    req = _request(ws, levels=(1.0,), n_samples=2, config=dict(steps=1, check_every=1, min_steps=1))
+    result = S.synthesize(ws["model"], req, ws["store"], ws["runs"]["layer2"], use_cache=False)
+    assert not result.within_tolerance.any()
+    assert (result.errors > 0.05).all()
+    assert "not reached" in result.summary()
+
+
+def test_start_from_probe_images_uses_the_nearest_ones(tiny_workspace):
+    ws = tiny_workspace
+    req = _request(ws, levels=(0.5, 1.0), n_samples=2, start="probe", config=dict(steps=4, check_every=4, min_steps=1))
+    result = S.synthesize(ws["model"], req, ws["store"], ws["runs"]["layer2"], use_cache=False)
+    nearest = S.probe_images_at_levels(ws["store"], result.plan, 2)
+    assert result.start_image_idx.tolist() == [[row["idx"] for row in level] for level in nearest]
+    acts = ws["store"].activations(ws["runs"]["layer2"].run_key)[:, req.neuron]
+    top_row = nearest[1][0]
+    assert top_row["achieved"][0] == pytest.approx(float(acts.max()))  # level 100% is nearest to the argmax image
+
+
+def test_fourier_parameterisation_round_trips_real_images(image_folder):
+    from PIL import Image
+
+    photo = Image.open(next((image_folder / "photos").glob("*.png"))).convert("RGB").resize((32, 32))
+    x = torch.from_numpy(np.asarray(photo)).permute(2, 0, 1)[None].float() / 255
+    back = S.FourierImage.from_images(x, decay_power=1.0).images().detach()
+    assert (back - x.clamp(0.02, 0.98)).abs().max() < 1e-4
+
+
+def test_bad_requests_get_clear_errors(tiny_workspace):
+    ws = tiny_workspace
+    model, store, run = ws["model"], ws["store"], ws["runs"]["layer2"]
+    with pytest.raises(ValueError, match="neurons 0..127; there is no neuron 500"):
+        S.plan_synthesis(model, _request(ws, neuron=500), store, run)
+    with pytest.raises(UnknownLayerError, match="Unknown layer 'layer9'"):
+        S.plan_synthesis(model, _request(ws, also=(S.NeuronTarget("layer9", 0, (1.0,)),)), store, run)
+    with pytest.raises(ValueError, match=r"100\.0x its observed max.*Try levels such as 0.25,0.5,0.75,1"):
+        S.synthesize(model, _request(ws, levels=(0.5, 100.0)), store, run)
+    with pytest.raises(ValueError, match="at least 1"):
+        S.plan_synthesis(model, _request(ws, n_samples=0), store, run)
+    with pytest.raises(ValueError, match="never went below"):
+        S.plan_synthesis(model, _request(ws, levels=(-0.5,)), store, run)
+    with pytest.raises(ValueError, match="same number of levels"):
+        S.plan_synthesis(model, _request(ws, also=(S.NeuronTarget("layer2", 1, (0.1, 0.2, 0.3)),)), store, run)
+    with pytest.raises(ValueError, match="has not been extracted"):
+        S.plan_synthesis(model, _request(ws, also=(S.NeuronTarget("layer3", 0, (0.5,)),)), store, run)
+
+
+def test_cli_writes_a_grid_and_reports_errors(tiny_workspace, tmp_path, capsys):
+    from PIL import Image
+
+    from neuroviz.cli import main
+
+    ws = tiny_workspace
+    run = ws["runs"]["layer2"]
+    neuron = _strong_neuron(ws, "layer2")
+    out = tmp_path / "grid.png"
+    base = ["--cache", str(ws["store"].root), "synthesize", "torchvision:resnet18@random", "--run-key", run.run_key]
+    code = main(base + ["--neuron", str(neuron), "--levels", "50%,100%", "--samples", "2", "--steps", "6",
+                        "--image-size", "32", "--probe-columns", "1", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "samples within 5% of their target" in printed and str(out) in printed
+    grid = Image.open(out)
+    assert grid.width > 3 * 32 and grid.height >= 2 * 32
+    assert main(base + ["--neuron", "9999"]) == 2
+    assert "there is no neuron 9999" in capsys.readouterr().err

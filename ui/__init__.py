@@ -1,0 +1,1 @@
+"""Streamlit helpers of the dashboard: shared selection, auth, cards, safe page bodies."""

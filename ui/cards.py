@@ -1,0 +1,180 @@
+"""Drawing blocks shared by the pages: neuron cards, label lines, image grids, geometry.
+
+Everything here reads through ui.data (cached) and neuroviz.images (pictures cached on
+disk), so a page made of these blocks renders from a warm cache without decoding images
+or opening the database more than once.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from neuroviz import images
+from neuroviz.store import RunInfo, Store
+from ui import data
+
+MOSAIC_IMAGES = 9
+MOSAIC_TILE = 80
+GEOMETRY_NAMESPACE = "preprocessing"
+
+
+# -- the model's view of the probe images --------------------------------------------------------
+def run_geometry(store: Store, run: RunInfo) -> images.ViewGeometry:
+    """How the run's model cropped its inputs; the ImageNet default (224 of 256) until known.
+
+    The geometry is learnt once per preprocessing id (see :func:`learn_geometry`) and kept as
+    a small record, so pages never load a model just to draw a picture.
+    """
+    record = _geometry_record(str(store.root), data.db_version(store), run.preprocess_id)
+    if record:
+        return images.ViewGeometry(int(record["image_size"]), int(record["resize_size"]))
+    return images.IMAGENET_VIEW
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _geometry_record(root: str, version: tuple, preprocess_id: str) -> dict | None:
+    return data._store_for(root).get_record(GEOMETRY_NAMESPACE, preprocess_id)
+
+
+def geometry_known(store: Store, run: RunInfo) -> bool:
+    return _geometry_record(str(store.root), data.db_version(store), run.preprocess_id) is not None
+
+
+def learn_geometry(store: Store, run: RunInfo) -> images.ViewGeometry | None:
+    """Load the run's model once to find its exact crop (image and resize sizes) and record it.
+
+    Runs extracted at a custom image size are matched by trying the usual sizes: the stored
+    preprocess id is a hash, so the only way back is to recompute it.
+    """
+    from ui.context import cached_model
+
+    model = cached_model(run.model_spec)
+    base = model.preprocessing
+    candidates = [base] + [base.scaled(s) for s in (32, 48, 64, 96, 112, 128, 160, 192, 224, 240, 256, 288, 299, 320, 336, 384, 448, 512)]
+    for prep in candidates:
+        if prep.id == run.preprocess_id:
+            store.put_record(GEOMETRY_NAMESPACE, run.preprocess_id,
+                             {"image_size": int(prep.image_size), "resize_size": int(prep.resize_size)})
+            return images.ViewGeometry.of(prep)
+    return None
+
+
+# -- labels -------------------------------------------------------------------------------------
+def top_labels(labels: pd.DataFrame, methods: Sequence[str]) -> dict[int, dict[str, dict]]:
+    """neuron -> method -> {label, score, calibrated, backend} of each method's answer (rank 0)."""
+    if labels.empty:
+        return {}
+    top = labels[(labels["rank"] == 0) & labels["method"].isin(list(methods))]
+    out: dict[int, dict[str, dict]] = {}
+    for row in top.itertuples(index=False):
+        out.setdefault(int(row.neuron), {})[row.method] = {
+            "label": str(row.label), "score": float(row.score),
+            "calibrated": None if row.calibrated is None or (isinstance(row.calibrated, float) and math.isnan(row.calibrated)) else float(row.calibrated),
+            "backend": str(row.backend or ""),
+        }
+    return out
+
+
+def format_score(score: float | None) -> str:
+    if score is None or (isinstance(score, float) and not math.isfinite(score)):
+        return "–"
+    return f"{score:.3g}" if abs(score) < 1000 else f"{score:.0f}"
+
+
+def label_line_html(method: str, entry: dict | None, compact: bool = False) -> str:
+    """One method's answer as a small HTML line: title, label, score, backend (hover)."""
+    title = html.escape(data.method_title(method))
+    if entry is None:
+        return f"<div class='nv-label nv-missing'><span class='nv-method'>{title}</span> <i>not labelled</i></div>"
+    backend = html.escape(entry.get("backend") or "")
+    score = format_score(entry.get("score"))
+    cal = entry.get("calibrated")
+    cal_txt = f" · p={cal:.2f}" if cal is not None else ""
+    label = html.escape(entry["label"])
+    extra = "" if compact else f" <span class='nv-backend'>{backend}</span>"
+    return (f"<div class='nv-label' title='{title} via {backend}'><span class='nv-method'>{title}</span> "
+            f"<b>{label}</b> <span class='nv-score'>{score}{cal_txt}</span>{extra}</div>")
+
+
+CARD_CSS = """
+<style>
+.nv-label {font-size: 0.82rem; line-height: 1.25; margin: 0.1rem 0; overflow-wrap: anywhere;}
+.nv-method {color: #6b7280; font-size: 0.74rem; text-transform: uppercase; letter-spacing: 0.02em; margin-right: 0.25rem;}
+.nv-score {color: #2563eb; font-variant-numeric: tabular-nums; margin-left: 0.2rem;}
+.nv-backend {color: #9ca3af; font-size: 0.7rem; margin-left: 0.2rem;}
+.nv-missing {color: #9ca3af;}
+.nv-agree {color: #059669; font-size: 0.75rem;}
+.nv-disagree {color: #d97706; font-size: 0.75rem;}
+</style>
+"""
+
+
+def inject_css() -> None:
+    st.html(CARD_CSS)
+
+
+def normalised(text: str) -> str:
+    return " ".join(str(text).lower().replace("_", " ").split())
+
+
+def agreement(entries: dict[str, dict], methods: Sequence[str], similar: dict[tuple[str, str], float] | None = None,
+              threshold: float = 0.8) -> bool | None:
+    """Whether the methods gave the same answer: equal text, or (with ``similar``, a cosine
+    per pair of normalised labels) every pair above ``threshold``. None with < 2 labels."""
+    labels = [normalised(entries[m]["label"]) for m in methods if m in entries]
+    if len(labels) < 2:
+        return None
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            a, b = labels[i], labels[j]
+            if a == b:
+                continue
+            if similar is None or similar.get((a, b), similar.get((b, a), 0.0)) < threshold:
+                return False
+    return True
+
+
+# -- pictures -------------------------------------------------------------------------------------
+def mosaic_for(store: Store, run: RunInfo, neuron: int, n: int = MOSAIC_IMAGES, tile: int = MOSAIC_TILE,
+               geometry: images.ViewGeometry | None = None) -> Path | None:
+    """The cached mosaic of a neuron's top ``n`` images (None when it has none)."""
+    rows = data.top_rows(store, run.run_key, neuron, n)
+    paths = [r["path"] for r in rows if r["path"]]
+    if not paths:
+        return None
+    return images.neuron_mosaic(store.root, run.run_key, neuron, paths, tile=tile,
+                                geometry=geometry or run_geometry(store, run))
+
+
+def thumb_paths(store: Store, run: RunInfo, image_idxs: Sequence[int], size: int = 160) -> list[Path | None]:
+    """Cached square thumbnails (model view) of probe images by index."""
+    probe = data.probe_images(store, run.probe_set_id)
+    geometry = run_geometry(store, run)
+    out: list[Path | None] = []
+    for idx in image_idxs:
+        if 0 <= idx < len(probe):
+            out.append(images.thumbnail(store.root, probe.at[int(idx), "path"], size, geometry))
+        else:
+            out.append(None)
+    return out
+
+
+def image_grid(paths: Sequence[Path | str | None], captions: Sequence[str], cols: int = 6) -> None:
+    """Images in rows of ``cols`` columns with captions (missing files are skipped)."""
+    for start in range(0, len(paths), cols):
+        columns = st.columns(cols, gap="small")
+        for col, path, caption in zip(columns, paths[start:start + cols], captions[start:start + cols]):
+            if path is not None:
+                col.image(str(path), caption=caption, width="stretch")
+
+
+def activation_column(store: Store, run_key: str, neuron: int) -> np.ndarray:
+    """One neuron's activation over every probe image (read from the memory-mapped array)."""
+    return np.asarray(store.activations(run_key)[:, neuron], dtype=np.float32)

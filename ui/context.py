@@ -1,0 +1,326 @@
+"""The selection every page shares (model, probe set, layer, neuron, methods) and the URL.
+
+One source of truth lives in ``st.session_state["nv_selection"]``. The sidebar widgets
+(drawn once in app.py) and the pages' own pickers write to it; the URL's query parameters
+(``?model=...&probe=...&layer=...&neuron=...``) are read whenever they change from outside
+(a deep link, a card link) and rewritten after every run, so the address bar always names
+what is on screen and a copied URL opens exactly that neuron.
+
+Pages call :func:`workspace_from_state` and never touch these keys themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from neuroviz.store import DEFAULT_CACHE, RunInfo, Store
+from ui import data
+
+DEMO_MODEL = "offline:mobilenet_v2"
+DEMO_PROBE = "demo"
+QUERY_KEYS = ("model", "probe", "layer", "neuron")
+_STATE = "nv_selection"
+_LAST_URL = "nv_last_url"
+
+
+@dataclass
+class Workspace:
+    """What the user is looking at: resolved against the cache, ready to draw."""
+
+    store: Store
+    model_spec: str
+    probe_spec: str  # what the user typed/chose: "demo", a probe set id or name, or a folder
+    probe_set_id: str | None  # the probe set of the cached runs (None when nothing is extracted)
+    layer: str | None
+    run: RunInfo | None
+    neuron: int | None
+    methods: list[str] = field(default_factory=list)  # methods to show (those with labels on the run)
+    catalog: data.Catalog = field(default_factory=data.Catalog)
+
+    @property
+    def runs(self) -> list[RunInfo]:
+        """Cached runs of this model over this probe set, one per layer (newest wins)."""
+        latest: dict[str, RunInfo] = {}
+        for r in self.catalog.runs_for(self.model_spec, self.probe_set_id):
+            latest[r.layer] = r
+        return list(latest.values())
+
+    @property
+    def available_methods(self) -> list[str]:
+        return list(self.catalog.methods_by_run.get(self.run.run_key, [])) if self.run else []
+
+    def url(self, neuron: int | None = None, **extra: Any) -> str:
+        """Query string naming this selection (and ``neuron``), for links and copy/paste."""
+        from urllib.parse import urlencode
+
+        params = self.query_params(neuron)
+        params.update({k: str(v) for k, v in extra.items() if v is not None})
+        return "?" + urlencode(params)
+
+    def query_params(self, neuron: int | None = None) -> dict[str, str]:
+        params = {"model": self.model_spec, "probe": self.probe_spec}
+        if self.layer:
+            params["layer"] = self.layer
+        n = self.neuron if neuron is None else neuron
+        if n is not None:
+            params["neuron"] = str(int(n))
+        return params
+
+
+# -- cached resources -----------------------------------------------------------------------
+def cache_root() -> Path:
+    """The cache folder: $NEUROVIZ_CACHE when set (read now, not at import), else ./cache."""
+    env = os.environ.get("NEUROVIZ_CACHE")
+    return Path(env) if env else DEFAULT_CACHE
+
+
+@st.cache_resource(show_spinner=False)
+def _store(root: str) -> Store:
+    return Store(root)
+
+
+def get_store(root: str | Path | None = None) -> Store:
+    """The Store of the cache folder, shared by every session (it holds no open connection)."""
+    return _store(str(root or cache_root()))
+
+
+@st.cache_resource(show_spinner="Loading the model (first use only)...", max_entries=3)
+def cached_model(spec: str):
+    """A ProbedModel, created once per process: loading weights takes seconds."""
+    from neuroviz import models
+
+    return models.create(spec)
+
+
+# -- selection state ------------------------------------------------------------------------
+def _selection() -> dict:
+    if _STATE not in st.session_state:
+        st.session_state[_STATE] = {"model": None, "probe": None, "layer": None, "neuron": None, "methods": None}
+    return st.session_state[_STATE]
+
+
+def _read_url_if_changed() -> None:
+    """Apply query parameters that changed since we last wrote them (deep links, card links).
+
+    Absent keys carry no information (page switches drop the query string), so they never
+    reset a choice the user made.
+    """
+    try:
+        current = {k: st.query_params.get(k) for k in QUERY_KEYS}
+    except Exception:  # no script context (direct calls from benchmarks)
+        return
+    last = st.session_state.get(_LAST_URL)
+    if last is not None and all(current[k] in (None, last.get(k)) for k in QUERY_KEYS):
+        return
+    sel = _selection()
+    for key in QUERY_KEYS:
+        value = current[key]
+        if value is None or value == "":
+            continue
+        if key == "neuron":
+            try:
+                sel["neuron"] = int(value)
+            except ValueError:
+                st.warning(f"The neuron in the link, '{value}', is not a number; showing the first neuron.")
+                sel["neuron"] = None
+        else:
+            if sel.get(key) != value and key in ("model", "probe"):
+                # a new model or probe set: the old layer/neuron mean nothing there
+                if current.get("layer") is None:
+                    sel["layer"] = None
+                if current.get("neuron") is None:
+                    sel["neuron"] = None
+            sel[key] = value
+        # keep the sidebar widgets in step with the link
+        st.session_state.pop(f"_w_{key}", None)
+    st.session_state[_LAST_URL] = {k: v for k, v in current.items() if v is not None}
+
+
+def write_url(ws: Workspace, with_neuron: bool = True) -> None:
+    """Make the address bar name the current selection (other query keys are kept).
+
+    Pages that do not show one neuron leave it out, so reloading them does not jump to it.
+    """
+    wanted = ws.query_params()
+    if not with_neuron:
+        wanted.pop("neuron", None)
+    try:
+        for key in QUERY_KEYS:
+            if key in wanted:
+                if st.query_params.get(key) != wanted[key]:
+                    st.query_params[key] = wanted[key]
+            elif key in st.query_params:
+                del st.query_params[key]
+    except Exception:
+        return
+    st.session_state[_LAST_URL] = dict(wanted)
+
+
+def _resolve_probe(cat: data.Catalog, model_spec: str, probe: str | None) -> tuple[str, str | None]:
+    """(probe_spec, probe_set_id): match an id, then a name, else fall back to what has runs."""
+    with_runs = list(dict.fromkeys(r.probe_set_id for r in cat.runs_for(model_spec)))
+    spec = probe or DEMO_PROBE
+    if spec in with_runs:
+        return spec, spec
+    named = [p["probe_set_id"] for p in cat.probe_sets if p["name"] == spec and p["probe_set_id"] in with_runs]
+    if named:
+        return spec, named[-1]
+    if probe is None and with_runs:
+        return probe_label(cat, with_runs[-1]), with_runs[-1]
+    if with_runs and probe is not None:
+        # the asked-for set has no runs for this model: show what exists, keep the choice visible
+        return probe_label(cat, with_runs[-1]), with_runs[-1]
+    return spec, None
+
+
+def probe_label(cat: data.Catalog, probe_set_id: str) -> str:
+    """The shortest unambiguous name of a probe set: its name when unique, else its id."""
+    ps = cat.probe_set(probe_set_id)
+    if ps and sum(p["name"] == ps["name"] for p in cat.probe_sets) == 1:
+        return ps["name"]
+    return probe_set_id
+
+
+def default_model(cat: data.Catalog) -> str:
+    """The demo model when it has runs, else the model of the newest run, else the demo model."""
+    specs = cat.model_specs()
+    if DEMO_MODEL in specs or not specs:
+        return DEMO_MODEL
+    return cat.runs[-1].model_spec
+
+
+def workspace_from_state() -> Workspace:
+    """The current selection, resolved against the cache. Safe to call many times per run."""
+    store = get_store()
+    _read_url_if_changed()
+    sel = _selection()
+    cat = data.catalog(store)
+    model_spec = sel["model"] or default_model(cat)
+    probe_spec, probe_set_id = _resolve_probe(cat, model_spec, sel["probe"])
+    latest: dict[str, RunInfo] = {}
+    for r in cat.runs_for(model_spec, probe_set_id) if probe_set_id else []:
+        latest[r.layer] = r
+    layer = sel["layer"] if sel["layer"] in latest else (next(iter(latest)) if latest else sel["layer"])
+    run = latest.get(layer) if layer else None
+    neuron = sel["neuron"]
+    if run is not None and neuron is not None and not 0 <= neuron < run.n_neurons:
+        neuron = min(max(0, neuron), run.n_neurons - 1)
+    if run is None:
+        neuron = None
+    have = cat.methods_by_run.get(run.run_key, []) if run else []
+    methods = [m for m in (sel["methods"] if sel["methods"] is not None else have) if m in have]
+    return Workspace(store, model_spec, probe_spec, probe_set_id, layer, run, neuron, methods, cat)
+
+
+def select(**changes: Any) -> None:
+    """Change the selection (model=, probe=, layer=, neuron=, methods=); safe in callbacks."""
+    sel = _selection()
+    for key, value in changes.items():
+        if key not in sel:
+            raise ValueError(f"Unknown selection key {key!r}; use one of {sorted(sel)}.")
+        sel[key] = value
+        st.session_state.pop(f"_w_{key}", None)
+    if "model" in changes:
+        sel.setdefault("layer", None)
+        if "layer" not in changes:
+            sel["layer"] = None
+        if "neuron" not in changes:
+            sel["neuron"] = None
+    elif "layer" in changes and "neuron" not in changes:
+        sel["neuron"] = None
+
+
+# -- the shared sidebar ----------------------------------------------------------------------
+def _bound(key: str, value: Any) -> str:
+    """Prepare a widget key that mirrors selection[key]: seeded from it when absent."""
+    wkey = f"_w_{key}"
+    if wkey not in st.session_state and value is not None:
+        st.session_state[wkey] = value
+    return wkey
+
+
+def _on_widget(key: str) -> None:
+    sel = _selection()
+    sel[key] = st.session_state.get(f"_w_{key}")
+    if key in ("model", "probe"):
+        sel["layer"] = None
+        sel["neuron"] = None
+    elif key == "layer":
+        sel["neuron"] = None
+
+
+def draw_sidebar(with_neuron: bool = True) -> Workspace:
+    """Model, probe set, layer and methods pickers in the sidebar; returns the workspace."""
+    ws = workspace_from_state()
+    cat = ws.catalog
+    with st.sidebar:
+        st.markdown("### Workspace")
+        models = list(dict.fromkeys([ws.model_spec, *cat.model_specs(), DEMO_MODEL]))
+        _bound("model", ws.model_spec)
+        st.selectbox("Model", models, key="_w_model", accept_new_options=True, on_change=_on_widget, args=("model",),
+                     help="A model spec such as offline:mobilenet_v2 or torchvision:resnet18@random. "
+                          "Type a new one to extract it on the Workspace page.")
+        probe_ids = list(dict.fromkeys(r.probe_set_id for r in cat.runs_for(ws.model_spec)))
+        probe_opts = list(dict.fromkeys([probe_label(cat, p) for p in probe_ids] + [ws.probe_spec]))
+        _bound("probe", ws.probe_spec)
+        if st.session_state.get("_w_probe") not in probe_opts:
+            st.session_state["_w_probe"] = ws.probe_spec
+        st.selectbox("Probe set", probe_opts, key="_w_probe", accept_new_options=True, on_change=_on_widget, args=("probe",),
+                     format_func=lambda p: _probe_caption(cat, p),
+                     help="'demo', the id or name of a cached probe set, or an image folder to extract over.")
+        layers = [r.layer for r in ws.runs]
+        if layers:
+            if st.session_state.get("_w_layer") not in layers:
+                st.session_state["_w_layer"] = ws.layer
+            st.selectbox("Layer", layers, key="_w_layer", on_change=_on_widget, args=("layer",),
+                         format_func=lambda name: _layer_caption(ws, name))
+        else:
+            st.caption("No layer of this model is extracted over this probe set yet.")
+        have = ws.available_methods
+        if have:
+            wanted = [m for m in ws.methods if m in have]
+            if st.session_state.get("_w_methods") is None or not set(st.session_state["_w_methods"]) <= set(have):
+                st.session_state["_w_methods"] = wanted
+            st.multiselect("Methods shown", have, key="_w_methods", format_func=data.method_title,
+                           on_change=_on_widget, args=("methods",))
+    ws = workspace_from_state()
+    write_url(ws, with_neuron=with_neuron)
+    return ws
+
+
+def _probe_caption(cat: data.Catalog, label: str) -> str:
+    ids = [p for p in cat.probe_sets if p["probe_set_id"] == label or p["name"] == label]
+    if ids:
+        return f"{ids[-1]['name']} ({ids[-1]['n_images']} images)"
+    return label
+
+
+def _layer_caption(ws: Workspace, name: str) -> str:
+    run = next((r for r in ws.runs if r.layer == name), None)
+    if run is None:
+        return name
+    n_methods = len(ws.catalog.methods_by_run.get(run.run_key, []))
+    return f"{name} · {run.n_neurons} neurons" + (f" · {n_methods} methods" if n_methods else "")
+
+
+def neuron_input(ws: Workspace, label: str = "Neuron", container: Any = None) -> int | None:
+    """A number input bound to the selected neuron (the URL follows it)."""
+    if ws.run is None:
+        return None
+    where = container or st
+    wkey = _bound("neuron", ws.neuron if ws.neuron is not None else 0)
+    current = st.session_state.get(wkey)
+    if not isinstance(current, int) or not 0 <= current < ws.run.n_neurons:
+        st.session_state[wkey] = ws.neuron if ws.neuron is not None else 0
+    value = where.number_input(label, min_value=0, max_value=ws.run.n_neurons - 1, step=1, key=wkey,
+                               on_change=_on_neuron_widget, help=f"0..{ws.run.n_neurons - 1} in layer {ws.layer}")
+    return int(value)
+
+
+def _on_neuron_widget() -> None:
+    _selection()["neuron"] = int(st.session_state["_w_neuron"])

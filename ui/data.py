@@ -1,0 +1,188 @@
+"""Cached reads of the store for the pages.
+
+Opening a DuckDB connection costs ~50 ms on the target machine, so a page that asked the
+store five questions would already miss its 150 ms budget. These functions batch the
+questions a page needs into one connection and cache the answer with ``st.cache_data``,
+keyed by the database file's version (its size and modification time): reads never change
+it, any write does, so a finished job shows up on the next rerun and nothing stale stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from neuroviz.store import RunInfo, Store, _run_info
+
+#: Display names of the methods known at the time of writing; the registry's titles win
+#: when the method modules are already imported (importing them pulls in torch, which a
+#: page should not pay for just to print a name).
+METHOD_TITLES = {
+    "clip_dissect": "CLIP-Dissect",
+    "milan": "MILAN (PMI)",
+    "dnd": "Describe-and-Dissect",
+    "netdissect": "Network Dissection",
+    "synthesis": "Inverse-set synthesis",
+}
+
+
+def method_title(name: str) -> str:
+    """A readable name for a method key, without importing the method modules."""
+    import sys
+
+    if "neuroviz.methods.base" in sys.modules:
+        from neuroviz.methods.base import _REGISTRY
+
+        if name in _REGISTRY and _REGISTRY[name].title:
+            return _REGISTRY[name].title
+    return METHOD_TITLES.get(name, name)
+
+
+def db_version(store: Store) -> tuple:
+    """A cheap fingerprint of the database files: changes whenever anything is written."""
+    out = []
+    for path in (store.db_path, store.db_path.with_suffix(".duckdb.wal")):
+        try:
+            s = os.stat(path)
+            out.append((s.st_size, s.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the cache holds, in one read: runs, probe sets and label runs."""
+
+    runs: tuple[RunInfo, ...] = ()
+    probe_sets: tuple[dict, ...] = ()
+    label_runs: tuple[dict, ...] = ()
+    # run_key -> sorted method names that have labels for it
+    methods_by_run: dict = field(default_factory=dict)
+
+    def runs_for(self, model_spec: str | None = None, probe_set_id: str | None = None, layer: str | None = None) -> list[RunInfo]:
+        return [r for r in self.runs if (model_spec is None or r.model_spec == model_spec)
+                and (probe_set_id is None or r.probe_set_id == probe_set_id) and (layer is None or r.layer == layer)]
+
+    def model_specs(self) -> list[str]:
+        return list(dict.fromkeys(r.model_spec for r in self.runs))
+
+    def probe_set(self, probe_set_id: str) -> dict | None:
+        return next((p for p in self.probe_sets if p["probe_set_id"] == probe_set_id), None)
+
+
+def _store_for(root: str) -> Store:
+    from ui.context import get_store
+
+    return get_store(root)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _catalog(root: str, version: tuple) -> Catalog:
+    store = _store_for(root)
+    with store.connect() as con:
+        runs = tuple(_run_info(r) for r in con.execute("SELECT * FROM runs ORDER BY created_at").fetchall())
+        ps_cols = ("probe_set_id", "name", "source", "n_images", "n_skipped", "created_at")
+        probe_sets = tuple(dict(zip(ps_cols, r)) for r in con.execute(
+            f"SELECT {', '.join(ps_cols)} FROM probe_sets ORDER BY created_at").fetchall())
+        lr_cols = ("label_key", "run_key", "method", "backends_json", "hyperparams_json", "concept_set_id", "n_neurons", "created_at")
+        label_runs = tuple(dict(zip(lr_cols, r)) for r in con.execute(
+            f"SELECT {', '.join(lr_cols)} FROM label_runs ORDER BY created_at").fetchall())
+    methods: dict[str, list[str]] = {}
+    for lr in label_runs:
+        methods.setdefault(lr["run_key"], [])
+        if lr["method"] not in methods[lr["run_key"]]:
+            methods[lr["run_key"]].append(lr["method"])
+    return Catalog(runs, probe_sets, label_runs, {k: sorted(v) for k, v in methods.items()})
+
+
+def catalog(store: Store) -> Catalog:
+    """Runs, probe sets and label runs of the store (cached until the database changes)."""
+    return _catalog(str(store.root), db_version(store))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _run_labels(root: str, version: tuple, run_key: str) -> pd.DataFrame:
+    return _store_for(root).labels(run_key)
+
+
+def run_labels(store: Store, run_key: str) -> pd.DataFrame:
+    """All labels (every method, every rank) of one run: neuron, method, rank, label, score, ..."""
+    return _run_labels(str(store.root), db_version(store), run_key)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _top_table(root: str, version: tuple, run_key: str) -> pd.DataFrame:
+    return _store_for(root).query_df(
+        "SELECT neuron, rank, image_idx, activation FROM topk WHERE run_key = ? ORDER BY neuron, rank", [run_key])
+
+
+def top_table(store: Store, run_key: str) -> pd.DataFrame:
+    """The whole top-k table of a run (neurons x k rows: small), for grids and paging."""
+    return _top_table(str(store.root), db_version(store), run_key)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _stats(root: str, version: tuple, run_key: str) -> pd.DataFrame:
+    return _store_for(root).neuron_stats(run_key)
+
+
+def neuron_stats(store: Store, run_key: str) -> pd.DataFrame:
+    return _stats(str(store.root), db_version(store), run_key)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _probe_paths(root: str, version: tuple, probe_set_id: str) -> pd.DataFrame:
+    rows = _store_for(root).probe_images(probe_set_id)
+    return pd.DataFrame(rows, columns=["idx", "image_id", "path", "label"])
+
+
+def probe_images(store: Store, probe_set_id: str) -> pd.DataFrame:
+    """idx, image_id, path, label of every image of a probe set (idx = row in activations)."""
+    return _probe_paths(str(store.root), db_version(store), probe_set_id)
+
+
+def top_rows(store: Store, run_key: str, neuron: int, k: int | None = None) -> list[dict]:
+    """One neuron's top images (rank order) with their file paths and probe labels."""
+    table = top_table(store, run_key)
+    sub = table[table["neuron"] == neuron]
+    if k is not None:
+        sub = sub.head(k)
+    info = _run_of(store, run_key)
+    paths = probe_images(store, info.probe_set_id) if info else None
+    out = []
+    for rank, idx, act in zip(sub["rank"], sub["image_idx"], sub["activation"]):
+        row = {"rank": int(rank), "image_idx": int(idx), "activation": float(act), "path": None, "label": ""}
+        if paths is not None and 0 <= idx < len(paths):
+            row["path"], row["label"], row["image_id"] = paths.at[int(idx), "path"], paths.at[int(idx), "label"], paths.at[int(idx), "image_id"]
+        out.append(row)
+    return out
+
+
+def _run_of(store: Store, run_key: str) -> RunInfo | None:
+    return next((r for r in catalog(store).runs if r.run_key == run_key), None)
+
+
+def label_extra(row) -> dict:
+    """The decoded extra_json of a label row ({} when absent or unreadable)."""
+    raw = row.get("extra_json") if hasattr(row, "get") else None
+    if not raw or (isinstance(raw, float) and np.isnan(raw)):
+        return {}
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def image_path(store: Store, probe_set_id: str, idx: int) -> Path | None:
+    paths = probe_images(store, probe_set_id)
+    if 0 <= idx < len(paths):
+        return Path(paths.at[int(idx), "path"])
+    return None

@@ -1,0 +1,45 @@
+"""Small pieces of the study pages that are plain logic: neuron lists and rater links."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+
+def parse_neuron_list(text: str, layers: dict[str, object], default_layer: str | None) -> list[tuple[str, int]]:
+    """'layer4:3,5,10-12; layer2:7' or '3,5,7' (the current layer) -> [(layer, neuron)].
+
+    Raises ValueError naming the bad part, so the page can say exactly what to fix.
+    """
+    out: list[tuple[str, int]] = []
+    for part in [p.strip() for p in text.replace("\n", ";").split(";") if p.strip()]:
+        if ":" in part:
+            layer, numbers = (s.strip() for s in part.split(":", 1))
+        else:
+            layer, numbers = default_layer, part
+        if layer not in layers:
+            raise ValueError(f"Unknown layer '{layer}' in '{part}'; extracted layers: {', '.join(layers)}.")
+        for chunk in [c.strip() for c in numbers.split(",") if c.strip()]:
+            try:
+                if "-" in chunk:
+                    lo, hi = (int(x) for x in chunk.split("-", 1))
+                    out += [(layer, n) for n in range(lo, hi + 1)]
+                else:
+                    out.append((layer, int(chunk)))
+            except ValueError:
+                raise ValueError(f"'{chunk}' is not a neuron number or a range like 3-7.") from None
+    return out
+
+
+def full_link(token: str) -> str:
+    """The absolute rater URL when the browser's address is known, else the query string."""
+    base = None
+    try:
+        base = st.context.url
+    except Exception:
+        base = None
+    if base:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(base)
+        return urlunsplit((parts.scheme, parts.netloc, "/", f"study={token}", ""))
+    return f"?study={token}"
