@@ -51,6 +51,14 @@ def rater_navigation(token: str):
                          position="hidden")
 
 
+def login_navigation():
+    """The login form under every owner page's address, so a deep link survives logging in."""
+    pages = [st.Page(auth.login_page, title="Log in", default=True)]
+    pages += [st.Page(auth.login_page, title="Log in", url_path=Path(file).stem)
+              for file, *_ in OWNER_PAGES if (ROOT / "pages" / file).exists() and file != DEFAULT_PAGE]
+    return st.navigation(pages, position="hidden")
+
+
 def owner_navigation():
     """Every page (grouped by section) with the shared sidebar drawn for all of them."""
     sections: dict[str, list] = {}
@@ -62,14 +70,14 @@ def owner_navigation():
             pages[file] = page
             sections.setdefault(section, []).append(page)
     nav = st.navigation(sections)
-    fresh_session = "nv_last_url" not in st.session_state
+    # A shared link that names a neuron but no page opens that neuron, not the grid.
+    deep_link = "nv_last_url" not in st.session_state and nav.url_path == "" and "neuron" in st.query_params
     ws = None
     with guard.friendly_errors("the sidebar"):
-        ws = context.draw_sidebar(with_neuron=nav.url_path == "neuron")
+        ws = context.draw_sidebar(with_neuron=nav.url_path == "neuron" or deep_link)
     if auth.owner_access() == "granted":
         st.sidebar.button("Log out", on_click=auth.log_out, icon=":material/logout:")
-    # A shared link that names a neuron but no page opens that neuron, not the grid.
-    if fresh_session and ws is not None and nav.url_path == "" and "neuron" in st.query_params and "neuron.py" in pages:
+    if deep_link and ws is not None and "neuron.py" in pages:
         st.switch_page(pages["neuron.py"], query_params=ws.query_params())
     return nav
 
@@ -78,7 +86,7 @@ token = auth.study_token()
 if token:
     navigation = rater_navigation(token)
 elif auth.owner_access() in ("login", "locked"):
-    navigation = st.navigation([st.Page(auth.login_page, title="Log in", default=True)], position="hidden")
+    navigation = login_navigation()
 else:
     navigation = owner_navigation()
 navigation.run()

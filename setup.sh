@@ -22,23 +22,24 @@ if [ "$(cat .venv/.neuroviz-stamp 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" > .venv/.neuroviz-stamp
 fi
 
-apt_install() {  # Debian packages, only where we are root and they are missing
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    if [ ! -f /var/lib/apt/lists/lock ] || [ -z "$(ls /var/lib/apt/lists/ 2>/dev/null | grep -v lock | head -1)" ]; then
-      apt-get update -qq
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null || apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-  else
-    echo "[setup] warning: cannot apt-get install $* (not root or no apt); related features are skipped"
-  fi
+can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; }
+apt_lists_ready() { ls /var/lib/apt/lists/ 2>/dev/null | grep -q Packages; }
+apt_update_once() {  # a fresh machine has no package lists: apt-get download/install need them
+  if can_apt && ! apt_lists_ready; then echo "[setup] apt-get update"; apt-get update -qq; fi
 }
 
 if [ "$MODE" = test ]; then
   if [ ! -x /usr/bin/chromium ]; then
-    echo "[setup] installing Chromium for the browser tests"
-    apt_install chromium chromium-driver
+    if can_apt; then
+      echo "[setup] installing Chromium for the browser tests"
+      apt_update_once
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+      echo "[setup] warning: no Chromium and no root apt-get: the browser tests will be skipped"
+    fi
   fi
 else
+  apt_update_once  # the demo images come from Debian packages (apt-get download, no install)
   echo "[setup] building the demo workspace (skipped parts that are already cached)"
   .venv/bin/python -m neuroviz demo
 fi

@@ -143,7 +143,7 @@ def categorize_labels(labels, config: AnalysisConfig = AnalysisConfig(), lexicon
     fallback = _fallback_categories(unmatched, config, lexicon, encoder, store) if config.embedding_fallback else {}
     rows = []
     for rec in labels.itertuples(index=False) if len(labels) else []:
-        text = "" if rec.label is None else str(rec.label)
+        text = "" if rec.label is None or (isinstance(rec.label, float) and np.isnan(rec.label)) else str(rec.label)
         m = matches.get(text)
         calibrated = None if rec.calibrated is None or (isinstance(rec.calibrated, float) and np.isnan(rec.calibrated)) else float(rec.calibrated)
         base = {"neuron": int(rec.neuron), "method": rec.method, "label": text, "calibrated": calibrated}
@@ -402,11 +402,13 @@ def _open(args):
 
 
 def cli_analysis_config(args) -> AnalysisConfig:
+    """The AnalysisConfig the ``analyze`` flags describe (the Analysis page builds the same)."""
     return AnalysisConfig(counting=args.counting, unlabelled=args.unlabelled, min_calibrated=args.min_calibrated,
                           embedding_fallback=args.fallback)
 
 
 def cli_importance_config(args) -> ImportanceConfig:
+    """The ImportanceConfig of the ``analyze`` flags; --max-images 0 means every image."""
     return ImportanceConfig(mode=args.mode, max_images=args.max_images or None, random_baseline=not args.no_random)
 
 

@@ -94,10 +94,12 @@ class Audit:
     id: str = ""
 
     def to_dict(self) -> dict:
+        """Plain JSON-able dict (the stored record and the JSON export)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Audit":
+        """Inverse of :meth:`to_dict`."""
         data = dict(data)
         data["options"] = AuditOptions(**data.get("options", {}))
         data["hits"] = [AuditHit(**h) for h in data.get("hits", [])]
@@ -288,6 +290,7 @@ def save_audit(store: Store, audit: Audit) -> str:
 
 
 def load_audit(store: Store, audit_id: str) -> Audit:
+    """A saved audit by id, or an error that says how to list them."""
     record = store.get_record(AUDIT_NAMESPACE, audit_id)
     if record is None:
         raise AuditError(f"No saved audit '{audit_id}'. List them with `python -m neuroviz audit --list`.")
@@ -307,6 +310,7 @@ def list_audits(store: Store, model_spec: str | None = None) -> list[dict]:
 
 
 def delete_audit(store: Store, audit_id: str) -> None:
+    """Forget a saved audit (edits made from it keep their own copy of the neurons)."""
     store.delete_record(AUDIT_NAMESPACE, audit_id)
 
 
@@ -329,6 +333,7 @@ def audit_to_csv(audit: Audit) -> str:
 
 
 def audit_to_json(audit: Audit) -> str:
+    """The whole audit (query, options, date, hits with top images) as indented JSON."""
     return json.dumps(audit.to_dict(), indent=2, default=str)
 
 

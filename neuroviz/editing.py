@@ -91,6 +91,7 @@ class Edit:
 
     @classmethod
     def from_record(cls, record: dict) -> "Edit":
+        """Rebuild an edit from its stored record (JSON turns neuron numbers into ints again)."""
         fields = {k: record[k] for k in ("name", "model_spec", "neurons", "mode", "values", "probe_set_id",
                                          "description", "source", "created") if k in record}
         fields.setdefault("model_spec", record.get("model", ""))
@@ -170,6 +171,7 @@ def save_edit(store: Store, edit: Edit) -> None:
 
 
 def load_edit(store: Store, name: str) -> Edit:
+    """A saved edit by name, or an error that lists the saved ones."""
     record = store.get_record(EDIT_NAMESPACE, name)
     if record is None:
         known = [k for k, _, _ in store.list_records(EDIT_NAMESPACE)]
@@ -338,6 +340,7 @@ def predict(model: ProbedModel, probe_set: ProbeSet, store: Store | None = None,
 
 
 def normalise_class_name(name: str) -> str:
+    """Lower-case words only, so "Great_White shark" and "great white shark" compare equal."""
     return " ".join(re.findall(r"[a-z0-9]+", name.lower().replace("_", " ")))
 
 
@@ -400,6 +403,7 @@ class Comparison:
 
     @property
     def accuracy_drop(self) -> float | None:
+        """Accuracy lost to the edit, or None when no probe label maps to a class."""
         if self.accuracy_before is None or self.accuracy_after is None:
             return None
         return self.accuracy_before - self.accuracy_after

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui import cards, context, data, guard
+from ui import cards, context, data, guard, shell
 
 PER_PAGE = 24
 COLUMNS = 4
@@ -154,5 +154,6 @@ def body() -> None:
                 draw_card(ws, neuron, info["tops"].get(neuron, {}), info["agreement"].get(neuron))
 
 
+shell.owner_page(with_neuron=False)
 with guard.friendly_errors("the layer browser"):
     body()

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ui import cards, context, data, guard
+from ui import cards, context, data, guard, shell
 
 MODES = {"neurons": "Two neurons", "methods": "Two methods"}
 PER_PAGE = 12
@@ -72,6 +72,10 @@ def _two_methods(ws: context.Workspace) -> None:
         st.info(f"Layer {ws.layer} has labels from {len(have)} method(s); label it with another method on the "
                 "Workspace page to compare.")
         return
+    # the methods that labelled the most neurons first: the default pair compares the most
+    coverage = {m: sum(lr["n_neurons"] for lr in ws.catalog.label_runs if lr["run_key"] == ws.run.run_key and lr["method"] == m)
+                for m in have}
+    have = sorted(have, key=lambda m: -coverage[m])
     c1, c2, c3 = st.columns([2, 2, 2])
     m_a = c1.selectbox("Method A", have, index=0, format_func=data.method_title, key="cmp_method_a")
     m_b = c2.selectbox("Method B", have, index=1, format_func=data.method_title, key="cmp_method_b")
@@ -137,5 +141,6 @@ def body() -> None:
         _two_methods(ws)
 
 
+shell.owner_page(with_neuron=False)
 with guard.friendly_errors("the comparison"):
     body()

@@ -11,7 +11,7 @@ import numpy as np
 import streamlit as st
 
 from neuroviz import images
-from ui import cards, context, data, guard, jobs_ui
+from ui import cards, context, data, guard, jobs_ui, shell
 
 OVERLAYS = {"none": "Images", "heatmap": "Heatmaps", "crops": "DnD crops", "masks": "MILAN masks"}
 QUANTILE_EDGES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
@@ -217,5 +217,6 @@ def body() -> None:
     _on_demand(ws, neuron)
 
 
+shell.owner_page(with_neuron=True)
 with guard.friendly_errors("the neuron"):
     body()

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from neuroviz import study as studies
-from ui import context, data, guard
+from ui import context, data, guard, shell
 
 SPECIAL_TITLES = {studies.NONE_FITS: "None fits", studies.UNINTERPRETABLE: "Uninterpretable"}
 COLOURS = {studies.NONE_FITS: "#9ca3af", studies.UNINTERPRETABLE: "#d1d5db"}
@@ -143,5 +143,6 @@ def body() -> None:
                        mime="text/csv", icon=":material/download:")
 
 
+shell.owner_page(with_neuron=False)
 with guard.friendly_errors("the study results"):
     body()

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from neuroviz import study as studies
-from ui import context, data, guard
+from ui import context, data, guard, shell
 from ui.study_forms import full_link, parse_neuron_list
 
 SELECTIONS = {"random": "Random neurons per layer", "list": "A list of neurons"}
@@ -70,7 +70,11 @@ def _create(ws: context.Workspace) -> None:
         st.info("A study compares at least two methods: these layers have labels from "
                 f"{len(counts)} ({', '.join(data.method_title(m) for m in counts) or 'none'}). Label them on the Workspace page.")
         return
-    methods = st.multiselect("Methods to compare", list(counts), default=list(counts)[:3], key="study_methods",
+    # default: the methods that labelled most neurons (an on-demand method like DnD would
+    # otherwise shrink the study to its few neurons)
+    widest = max(counts.values())
+    default = [m for m in counts if counts[m] >= widest / 2][:4]
+    methods = st.multiselect("Methods to compare", list(counts), default=default, key="study_methods",
                              format_func=lambda m: f"{data.method_title(m)} ({counts[m]} neurons labelled)")
     how = st.radio("Neurons", list(SELECTIONS), format_func=SELECTIONS.get, horizontal=True, key="study_how")
     with st.form("new_study"):
@@ -128,5 +132,6 @@ def body() -> None:
             _existing(ws.store)
 
 
+shell.owner_page(with_neuron=False)
 with guard.friendly_errors("the study setup"):
     body()

@@ -8,7 +8,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from ui import context, data, guard, jobs_ui
+from ui import context, data, guard, jobs_ui, shell
 
 POOLINGS = ["default", "mean", "max", "cls", "tokens_mean"]
 
@@ -148,5 +148,6 @@ def body() -> None:
         jobs_ui.jobs_panel(ws.store)
 
 
+shell.owner_page(with_neuron=False)
 with guard.friendly_errors("the workspace"):
     body()

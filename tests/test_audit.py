@@ -113,3 +113,25 @@ def test_text_match_rules():
     assert audit.text_match("dog face", "face of a dog")[1] == "words"
     assert audit.text_match("text", "textile") is None
     assert audit.text_match("text", "textile", substring=True)[1] == "substring"
+
+
+def test_audit_page_searches_saves_and_links_to_neurons(audited, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("NEUROVIZ_CACHE", str(audited["store"].root))
+    monkeypatch.setenv("NEUROVIZ_UI_RAISE", "1")
+    monkeypatch.delenv("NEUROVIZ_OWNER_PASSWORD", raising=False)
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+    at.query_params["model"] = audited["model"].spec
+    at.run()
+    at.switch_page("pages/audit.py").run()
+    at.text_input(key="audit_query").input("face")
+    at.radio(key="audit_mode").set_value("text")
+    next(b for b in at.button if b.label == "Search").click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert [m.value for m in at.markdown if m.value.startswith("**")][:2] == ["**human faces**", "**faces of people near a window**"]
+    link = at.get("page_link")[0].proto
+    assert link.page == "neuron" and "layer=layer4&neuron=17" in link.query_string
+    assert len(at.get("image")) >= 2  # the hits' top-image thumbnails
+    at.button(key="audit_save").click().run()
+    assert [a["query"] for a in audit.list_audits(audited["store"])].count("face") == 1

@@ -156,3 +156,243 @@ def test_image_embeddings_of_unknown_probe_set_say_what_to_do(tmp_path):
 
     with pytest.raises(ValueError, match="not in this store"):
         embeddings.image_embeddings(create_multimodal("conse"), Store(tmp_path), "nope")
+
+
+# ---------------------------------------------------------------------------------------
+# Captioners
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_blip_dir(tmp_path_factory):
+    """A randomly initialised 1-layer BLIP with a 17-word vocabulary, saved like a hub model."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder = tmp_path_factory.mktemp("tiny_blip")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "red", "square", "the", "on", "table", "rocket"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True, model_max_length=32)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def test_transformers_captioner_path_with_tiny_blip(tiny_blip_dir):
+    from neuroviz.backends.captioner import TransformersCaptioner, create_captioner
+
+    captioner = create_captioner(f"transformers:{tiny_blip_dir}")
+    assert isinstance(captioner, TransformersCaptioner)
+    images = [skimage_photo("chelsea"), Image.new("RGB", (40, 30), (0, 0, 200)), skimage_photo("rocket")]
+    captions = captioner.caption(images, batch_size=2)
+    assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+    vocabulary = {"a", "photo", "of", "cat", "dog", "red", "square", "the", "on", "table", "rocket"}
+    assert set(" ".join(captions).split()) <= vocabulary  # decoded through the tiny tokenizer
+    assert captioner.caption(images, batch_size=2) == captions  # deterministic decoding
+    assert str(tiny_blip_dir) in captioner.id
+
+
+def test_missing_captioner_suggests_retrieval(tmp_path):
+    from neuroviz.backends.captioner import create_captioner
+
+    with pytest.raises(BackendUnavailable, match="retrieval"):
+        create_captioner(f"transformers:{tmp_path / 'no-model-here'}").caption([Image.new("RGB", (8, 8))])
+    with pytest.raises(BackendUnavailable, match="retrieval"):
+        create_captioner("gpt-vision-9000")
+
+
+def test_retrieval_captioner_names_the_cat(conse, tmp_path):
+    from neuroviz.backends.captioner import RetrievalCaptioner, create_captioner
+
+    captioner = create_captioner("retrieval:words2k", multimodal=conse, store_root=tmp_path)
+    assert isinstance(captioner, RetrievalCaptioner) and conse.id in captioner.id
+    cat_caption, rocket_caption = captioner.caption([skimage_photo("chelsea"), skimage_photo("rocket")])
+    assert cat_caption.startswith("a photo of a")
+    assert any(word in cat_caption for word in ("cat", "tabby", "kitten", "feline"))
+    assert any(word in rocket_caption for word in ("rocket", "missile", "space", "shuttle"))
+    assert cat_caption.count(",") == 2  # object, then two detail words
+    assert captioner.caption([skimage_photo("chelsea")]) == [cat_caption]
+
+
+# ---------------------------------------------------------------------------------------
+# Language models
+# ---------------------------------------------------------------------------------------
+TINY_WORDS = "the a cat dog sat on mat red blue square circle photo of is and with fur rocket space sky".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    """A randomly initialised 2-layer Llama with a 24-token word-level tokenizer, saved like a hub model."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + TINY_WORDS)}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_lm_dir):
+    from neuroviz.backends.language import TransformersLM, create_language_model
+
+    lm = create_language_model(f"transformers:{tiny_lm_dir}", record=False)
+    assert isinstance(lm, TransformersLM)
+    return lm
+
+
+def test_log_likelihood_is_the_sum_of_token_log_probs(tiny_lm):
+    import torch
+
+    texts = ["the cat sat on the mat", "red square", "a photo of a dog with fur", "sky"]
+    batched = tiny_lm.log_likelihood(texts, batch_size=3)
+    assert batched.shape == (4,) and np.all(batched < 0)
+    for text, value in zip(texts, batched):
+        ids = [1] + [TINY_WORDS.index(w) + 4 for w in text.split()]  # BOS, then the words
+        assert tiny_lm.token_ids(text) == ids
+        with torch.no_grad():
+            logits = tiny_lm.model(torch.tensor([ids])).logits[0]
+        manual = torch.log_softmax(logits[:-1].double(), -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum().item()
+        assert value == pytest.approx(manual, abs=1e-4)
+    np.testing.assert_allclose(tiny_lm.log_likelihood(texts, batch_size=1), batched, atol=1e-4)  # padding changes nothing
+
+
+def test_generate_is_seeded(tiny_lm):
+    import torch
+
+    prompt = "the cat sat on"
+    greedy = tiny_lm.generate(prompt, max_new_tokens=6, temperature=0.0, seed=1)
+    assert greedy == tiny_lm.generate(prompt, max_new_tokens=6, temperature=0.0, seed=2)
+    assert set(greedy.split()) <= set(TINY_WORDS)
+    state = torch.random.get_rng_state()
+    sampled = [tiny_lm.generate(prompt, max_new_tokens=8, temperature=1.0, seed=s) for s in (0, 1, 2, 0)]
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
+    assert sampled[0] == sampled[3]
+    assert len(set(sampled[:3])) > 1
+
+
+def test_record_then_replay_answers_identically(tiny_lm_dir, tmp_path):
+    from neuroviz.backends.language import RecordingLM, ReplayLM, ReplayMiss, create_language_model, list_recordings
+    from neuroviz.store import Store
+
+    recorder = create_language_model(f"transformers:{tiny_lm_dir}", store_root=tmp_path)
+    assert isinstance(recorder, RecordingLM)
+    calls = [("the cat", 5, 0.0, 0), ("a photo of", 6, 0.7, 3), ("a photo of", 6, 0.7, 4)]
+    outputs = [recorder.generate(p, max_new_tokens=n, temperature=t, seed=s) for p, n, t, s in calls]
+    scores = recorder.log_likelihood(["red square", "blue circle"])
+    assert [g.prompt for g in recorder.generations] == [c[0] for c in calls]
+    assert recorder.generations[1].seed == 3 and recorder.generations[1].temperature == 0.7
+
+    replay = create_language_model(f"replay:{recorder.recording_id}", store_root=tmp_path)
+    assert isinstance(replay, ReplayLM) and replay.id == recorder.id
+    assert [replay.generate(p, max_new_tokens=n, temperature=t, seed=s) for p, n, t, s in calls] == outputs
+    np.testing.assert_array_equal(replay.log_likelihood(["blue circle", "red square"]), scores[::-1])
+    with pytest.raises(ReplayMiss, match="seed=5"):
+        replay.generate("a photo of", max_new_tokens=6, temperature=0.7, seed=5)
+    with pytest.raises(ReplayMiss, match="rocket"):
+        replay.log_likelihood(["rocket"])
+    with pytest.raises(BackendUnavailable, match=recorder.recording_id):
+        ReplayLM(Store(tmp_path), "never-recorded")
+    (recording,) = list_recordings(Store(tmp_path))
+    assert recording["recording_id"] == recorder.recording_id and recording["n_calls"] == 5
+
+
+class FakeOpenAIServer:
+    """A tiny local server that answers like the OpenAI API (and logs what it was sent)."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import threading
+
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                requests.append((self.path, dict(self.headers), body))
+                if self.path == "/v1/chat/completions":
+                    text = f"echo:{body['messages'][0]['content']}|seed={body['seed']}|t={body['temperature']}"
+                    reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+                elif self.path == "/v1/completions" and body.get("echo"):
+                    if body["model"] == "chat-only":
+                        return self._send(400, {"error": {"message": "echo is not supported"}})
+                    reply = {"choices": [{"index": i, "text": p, "logprobs": {"tokens": p.split(),
+                             "token_logprobs": [None] + [-float(len(w)) for w in p.split()[1:]]}} for i, p in enumerate(body["prompt"])]}
+                elif self.path == "/v1/completions":
+                    reply = {"choices": [{"index": 0, "text": f" continued {body['prompt']}"}]}
+                else:
+                    return self._send(404, {"error": "no such route"})
+                self._send(200, reply)
+
+            def _send(self, code, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def fake_openai():
+    server = FakeOpenAIServer()
+    yield server
+    server.close()
+
+
+def test_openai_compatible_client_against_a_local_server(fake_openai, tmp_path, monkeypatch):
+    from neuroviz.backends.language import LogLikelihoodUnsupported, OpenAICompatibleLM, create_language_model
+
+    monkeypatch.setenv("NEUROVIZ_LLM_API_KEY", "sk-test")
+    lm = create_language_model(f"openai:{fake_openai.url}/v1#tiny-model", store_root=tmp_path)
+    assert lm.id == f"openai:{fake_openai.url}#tiny-model"
+    assert lm.generate("hello there", max_new_tokens=7, temperature=0.3, seed=11) == "echo:hello there|seed=11|t=0.3"
+    path, headers, body = fake_openai.requests[-1]
+    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sk-test"
+    assert body["model"] == "tiny-model" and body["max_tokens"] == 7
+    np.testing.assert_allclose(lm.log_likelihood(["red square cat", "a dog"]), [-9.0, -3.0])
+    completions = OpenAICompatibleLM(fake_openai.url, "tiny-model", chat=False)
+    assert completions.generate("abc") == " continued abc"
+    with pytest.raises(LogLikelihoodUnsupported, match="gemma3-270m"):
+        OpenAICompatibleLM(fake_openai.url, "chat-only").log_likelihood(["a cat"])
+    fake_openai.close()
+    with pytest.raises(BackendUnavailable, match="Cannot reach"):
+        OpenAICompatibleLM(fake_openai.url, "tiny-model", timeout=5).generate("anyone?")
+
+
+def test_unknown_language_model_specs_explain_the_forms(tmp_path):
+    from neuroviz.backends.language import create_language_model, list_language_models
+
+    with pytest.raises(BackendUnavailable, match="openai:<base url>#<model>"):
+        create_language_model("gpt-17", store_root=tmp_path)
+    with pytest.raises(BackendUnavailable, match="gemma3-270m"):
+        create_language_model(f"transformers:{tmp_path / 'nothing'}", store_root=tmp_path, record=False).log_likelihood(["x"])
+    assert list_language_models()[0] == "gemma3-270m"

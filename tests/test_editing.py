@@ -164,3 +164,28 @@ def test_label_mapping_uses_the_head_noun():
     assert editing.map_labels_to_classes(["yellow lemon", "photos/Great_White shark", "dog", "", "crane"], names) == [
         "lemon", "great white shark", None, None, "crane"]
     assert editing.map_labels_to_classes(["lemon"], None) == [None]
+
+
+def test_editing_page_evaluates_and_saves_an_edit(workspace, monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    store = workspace["store"]
+    monkeypatch.setenv("NEUROVIZ_CACHE", str(store.root))
+    monkeypatch.setenv("NEUROVIZ_UI_RAISE", "1")
+    monkeypatch.delenv("NEUROVIZ_OWNER_PASSWORD", raising=False)
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
+    at.query_params["model"] = workspace["model"].spec
+    at.run()
+    at.switch_page("pages/editing.py").run()
+    at.radio(key="editing_source_radio").set_value("list").run()
+    at.text_area(key="editing_list").input("layer4:" + ",".join(map(str, range(0, 512, 2)))).run()
+    at.number_input(key="editing_max_images").set_value(10).run()
+    at.button(key="editing_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Accuracy"] == "n/a" and metrics["Same top-1 as before"].endswith("%")
+    at.button(key="editing_save").click().run()
+    (saved,) = [e for e in editing.list_edits(store) if e.neurons == {"layer4": list(range(0, 512, 2))}]
+    assert saved.mode == "zero"

@@ -156,7 +156,7 @@ def write_url(ws: Workspace, with_neuron: bool = True) -> None:
                     st.query_params[key] = wanted[key]
             elif key in st.query_params:
                 del st.query_params[key]
-    except Exception:
+    except Exception:  # no script context (direct calls from benchmarks)
         return
     st.session_state[_LAST_URL] = dict(wanted)
 

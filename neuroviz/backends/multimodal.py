@@ -80,6 +80,39 @@ def encode_with_minilm(texts: Sequence[str], batch_size: int = 256) -> np.ndarra
     return _l2_normalise(np.asarray(emb, dtype=np.float32))
 
 
+_shared_lock = threading.Lock()
+_classifiers: dict[str, object] = {}
+_class_embedding_cache: dict[tuple, np.ndarray] = {}
+
+
+def _offline_classifier(name: str):
+    """One packaged ImageNet classifier per process, shared by every ConSE instance."""
+    with _shared_lock:
+        if name not in _classifiers:
+            from .. import models
+            from ..offline_weights import OfflineAssetMissing
+
+            try:
+                probed = models.create(f"offline:{name}")
+            except OfflineAssetMissing as exc:
+                raise BackendUnavailable(str(exc)) from None
+            probed.module.eval()
+            _classifiers[name] = probed
+        return _classifiers[name]
+
+
+def _class_name_embeddings(template: str, class_names: tuple[str, ...]) -> np.ndarray:
+    """MiniLM embeddings of the 1,000 class names, computed once per process (~2 s)."""
+    key = (template, class_names)
+    with _shared_lock:
+        cached = _class_embedding_cache.get(key)
+    if cached is None:
+        cached = encode_with_minilm([template.format(name) for name in class_names])
+        with _shared_lock:
+            _class_embedding_cache[key] = cached
+    return cached
+
+
 # --------------------------------------------------------------------------------------
 # ConSE
 # --------------------------------------------------------------------------------------
@@ -135,19 +168,11 @@ class ConSEBackend(MultimodalBackend):
         with self._lock:
             if self._classifier is not None:
                 return
-            from .. import models
-            from ..offline_weights import OfflineAssetMissing
-
-            try:
-                probed = models.create(f"offline:{self.config.classifier}")
-            except OfflineAssetMissing as exc:
-                raise BackendUnavailable(str(exc)) from None
+            probed = _offline_classifier(self.config.classifier)
             self.class_names = list(probed.class_names or [])
-            texts = [self.config.class_template.format(name) for name in self.class_names]
-            # Cached in memory: 1,000 MiniLM embeddings take ~2 s and every image needs them.
-            self._class_embeddings = encode_with_minilm(texts)
+            self._class_embeddings = _class_name_embeddings(self.config.class_template, tuple(self.class_names))
             self._transform = probed.transform
-            self._classifier = probed.module.eval()
+            self._classifier = probed.module
 
     def class_probabilities(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """(N, 1000) softmax ImageNet probabilities of the classifier."""

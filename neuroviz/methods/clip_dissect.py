@@ -86,7 +86,8 @@ class ClipDissectConfig:
     p_start: float = 0.998  # soft-WPMI membership of the top image ...
     p_end: float = 0.97  # ... decaying linearly to the k-th
     max_top_fraction: float = 0.1
-    rank_top_fraction: float = 0.05  # rank_reorder: share of images used (reference: 5%)
+    rank_top_fraction: float = 0.05  # rank_reorder: share of images used (reference: 5%) ...
+    rank_min_images: int = 10  # ... but at least this many (5% of a small probe set is 1 or 2 images)
     rank_power: float = 3.0  # rank_reorder: exponent of the reordering error
     rank_scale_power: float = 0.5  # rank_reorder: divide by mean similarity ** this
     min_norm: float = 1e-3  # cos/cos3: norms clipped below, as in the reference
@@ -276,6 +277,10 @@ def _rank_reorder_scores(values: np.ndarray, image_sets: np.ndarray, sim: ImageC
     return out
 
 
+def _rank_top_count(config: ClipDissectConfig, n_images: int) -> int:
+    return int(min(n_images, max(2, config.rank_min_images, int(n_images * config.rank_top_fraction))))
+
+
 def _top_candidates(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     """The m best concepts of each row, best first."""
     import torch
@@ -309,7 +314,7 @@ def concept_scores(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDi
     if config.similarity in ("cos", "cos3"):
         mean = _column_mean(sim) if config.similarity == "cos3" else None
         return _cos_scores(acts, sim, config, mean)
-    n_top = max(2, int(acts.shape[0] * config.rank_top_fraction))
+    n_top = _rank_top_count(config, acts.shape[0])
     top = top_image_indices(acts, n_top)
     return np.concatenate([
         _rank_reorder_scores(acts[top[j], j], top[j:j + 1], sim, config) for j in range(acts.shape[1])
@@ -376,7 +381,7 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
             if progress:
                 progress(stop, n_neurons, f"{config.similarity}: {stop}/{n_neurons} neurons")
     else:  # rank_reorder
-        n_top = max(2, int(n_images * config.rank_top_fraction))
+        n_top = _rank_top_count(config, n_images)
         info.update(exemplars=n_top)
         inverse = [np.argsort(rng.permutation(n_images)) for _ in range(config.null_shuffles)] if calibrate else []
         top = top_image_indices(acts, n_top)

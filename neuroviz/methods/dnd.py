@@ -39,6 +39,7 @@ from ..crops import Box, ProbeViews, otsu_crops
 from ..hooks import LayerRecorder, pool, to_batch_first
 from ..store import LabelRow
 from .base import DescriptionMethod, MethodContext, register_method
+from .milan import captions_of
 
 
 @dataclass
@@ -238,9 +239,9 @@ class DescribeAndDissect(DescriptionMethod):
             exemplars = self._augmented_top_images(ctx, model, views, exact_views, neuron, config)
             progress(3 * i + 1, steps, f"neuron {neuron}: captions and candidates")
             transcript = _Transcript(ctx.language_model)
-            captions, simplified, candidates = self._candidates(ctx, transcript, exemplars, neuron, config)
-            progress(3 * i + 2, steps, f"neuron {neuron}: best concept")
             real_emb = np.asarray(ctx.multimodal.encode_images([e.image for e in exemplars]), dtype=np.float32)
+            captions, simplified, candidates = self._candidates(ctx, transcript, exemplars, real_emb, neuron, config)
+            progress(3 * i + 2, steps, f"neuron {neuron}: best concept")
             cand_emb = np.asarray(ctx.multimodal.encode_texts(candidates), dtype=np.float32)
             sims = cand_emb @ probe_emb.T
             if config.exclude_top_images:
@@ -299,10 +300,10 @@ class DescribeAndDissect(DescriptionMethod):
         return [_Exemplar(items[j][0], items[j][1], items[j][2], float(activation[j])) for j in order]
 
     # step 2
-    def _candidates(self, ctx: MethodContext, transcript: _Transcript, exemplars: list[_Exemplar], neuron: int,
-                    config: DnDConfig) -> tuple[list[str], list[str], list[str]]:
+    def _candidates(self, ctx: MethodContext, transcript: _Transcript, exemplars: list[_Exemplar], embeddings: np.ndarray,
+                    neuron: int, config: DnDConfig) -> tuple[list[str], list[str], list[str]]:
         """Captions, their simplified forms, and the unique candidate concepts (in order)."""
-        captions = [" ".join(str(c).split()) for c in ctx.captioner.caption([e.image for e in exemplars])]
+        captions = [" ".join(str(c).split()) for c in captions_of(ctx, [e.image for e in exemplars], embeddings)]
         simplified = []
         for j, caption in enumerate(captions):
             response = transcript.generate(simplify_prompt(caption), config.max_new_tokens, config.simplify_temperature,

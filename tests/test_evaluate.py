@@ -1,0 +1,82 @@
+"""Automatic evaluation of labels: final-layer accuracy, simulation correlation, constant baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from neuroviz import embeddings, extract
+from neuroviz.backends.multimodal import create_multimodal
+from neuroviz.cli import main
+from neuroviz.concepts import from_texts
+from neuroviz.evaluate import evaluate_run, evaluation_split, format_markdown, normalise_label, pearson_columns
+from neuroviz.methods import MethodContext, run_method
+from neuroviz.methods.clip_dissect import ClipDissectConfig
+from neuroviz.store import RunInfo, Store
+
+CLASSES = ["rocket", "coffee", "cat", "horse", "astronaut"]
+CONCEPTS = CLASSES + ["square", "circle", "camera", "flower", "coins"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_workspace, image_folder):
+    store = Store(tmp_path_factory.mktemp("eval_cache"))
+    (fc,) = extract.extract(tiny_workspace["model"], tiny_workspace["probe_set"], ["fc"], store, k=10, batch_size=20, chunk_size=20)
+    return {"store": store, "fc": fc, "backend": create_multimodal("conse"), "folder": image_folder}
+
+
+def test_helpers():
+    assert normalise_label(" Great_White  shark") == normalise_label("great white shark")
+    ids = [f"img{i}" for i in range(400)]
+    split = evaluation_split(ids, seed=0)
+    assert 150 < split.sum() < 250 and (evaluation_split(ids, seed=0) == split).all()
+    assert (evaluation_split(ids[:200], seed=0) == split[:200]).all()  # stable when images are added
+    x = np.arange(10, dtype=float)
+    r = pearson_columns(np.stack([x, x, np.ones(10)], 1), np.stack([2 * x + 1, -x, x], 1))
+    np.testing.assert_allclose(r, [1.0, -1.0, 0.0])
+
+
+def test_evaluate_real_layer_has_a_constant_baseline_row(workspace):
+    store, fc, backend = workspace["store"], workspace["fc"], workspace["backend"]
+    run_method("clip_dissect", MethodContext(store=store, run=fc, multimodal=backend, concepts=from_texts("c", CONCEPTS)),
+               neurons=range(50))
+    rows = evaluate_run(store, fc, backend)
+    assert [r.name for r in rows] == ["clip_dissect", "baseline: depiction"]
+    method, baseline = rows
+    assert method.n_neurons == 50 and baseline.n_neurons == fc.n_neurons
+    assert -1 <= baseline.simulation_correlation <= 1 and -1 <= method.simulation_correlation <= 1
+    assert method.final_layer_accuracy is None  # no class names given: no final-layer metric
+    table = format_markdown(rows)
+    assert "| baseline: depiction |" in table and "simulation r" in table
+
+
+def test_planted_final_layer_scores_high_and_beats_the_baseline(workspace):
+    """Output neuron n fires exactly with the image's similarity to class n: labels must name the class."""
+    store, fc, backend = workspace["store"], workspace["fc"], workspace["backend"]
+    p = embeddings.image_embeddings(backend, store, fc.probe_set_id) @ embeddings.text_embeddings(backend, store, CLASSES).T
+    acts = p.astype(np.float32)
+    k = 10
+    top = np.argsort(-acts, axis=0)[:k].T
+    info = RunInfo("planted-final", "custom:planted", "planted", "logits", "mean", fc.probe_set_id, fc.preprocess_id, k, "test",
+                   acts.shape[0], acts.shape[1], None, "vector")
+    ids = [im["image_id"] for im in store.probe_images(fc.probe_set_id)]
+    store.finish_run(info, acts, np.take_along_axis(acts.T, top, axis=1), top, ids, None)
+    run = store.get_run(info.run_key)
+    ctx = MethodContext(store=store, run=run, multimodal=backend, concepts=from_texts("c", CONCEPTS))
+    run_method("clip_dissect", ctx, ClipDissectConfig(similarity="cos3"))
+    rows = {r.name: r for r in evaluate_run(store, run, backend, class_names=CLASSES)}
+    assert set(rows) == {"clip_dissect", "baseline: depiction", "oracle: class names"}
+    assert rows["clip_dissect"].final_layer_accuracy >= 0.8
+    assert rows["baseline: depiction"].final_layer_accuracy == 0.0
+    assert rows["clip_dissect"].final_layer_cosine > rows["baseline: depiction"].final_layer_cosine
+    assert rows["oracle: class names"].simulation_correlation == pytest.approx(1.0, abs=1e-5)
+    assert rows["clip_dissect"].simulation_correlation > rows["baseline: depiction"].simulation_correlation
+
+
+def test_evaluate_cli(workspace, capsys):
+    store, folder = workspace["store"], str(workspace["folder"])
+    code = main(["--cache", str(store.root), "evaluate", "torchvision:resnet18@random", "--probe", folder, "--layer", "fc",
+                 "--baseline", "depiction,object"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| baseline: depiction |" in out and "| baseline: object |" in out
