@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from .provenance import provenance_key
@@ -118,10 +119,13 @@ def _geometry_key(geometry: ViewGeometry | None):
 
 
 def mosaic_layout(n: int, cols: int | None = None) -> tuple[int, int]:
-    """(columns, rows) of a near-square grid for ``n`` tiles: 9 -> 3x3, 16 -> 4x4, 6 -> 3x2."""
+    """(columns, rows) of a near-square grid for ``n`` tiles with the fewest empty cells:
+    9 -> 3x3, 10 -> 5x2, 16 -> 4x4, 6 -> 3x2."""
     if n <= 0:
         return (1, 1)
-    cols = cols or max(1, int(round(n ** 0.5 + 0.49)))
+    if cols is None:
+        side = int(np.ceil(np.sqrt(n)))
+        cols = min(range(side, side + 3), key=lambda c: ((-(-n // c)) * c - n, c))
     return cols, -(-n // cols)
 
 

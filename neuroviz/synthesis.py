@@ -93,6 +93,8 @@ class SynthesisConfig:
     scale_range: tuple[float, float] = (0.9, 1.1)
     rotate_degrees: float = 10.0
     transform_until: float = 0.7  # random transforms for this fraction of the steps, then the clean image is polished
+    transform_anneal: bool = False  # shrink the transforms linearly to nothing by transform_until
+    lr_final: float = 1.0  # lr decays (cosine) to this fraction of lr by the last step
     check_every: int = 8  # steps between checks of the clean images against the tolerance
     min_steps: int = 24  # no early stop before this, so naturalness and diversity act at least a little
     max_level_fraction: float = 4.0  # levels above this many times the observed max are refused
@@ -378,14 +380,15 @@ def _frequency_scale(size: int, decay_power: float, device: torch.device) -> tor
     return (1.0 / freqs ** decay_power).to(device)
 
 
-def random_transform(images: torch.Tensor, cfg: SynthesisConfig, generator: torch.Generator) -> torch.Tensor:
+def random_transform(images: torch.Tensor, cfg: SynthesisConfig, generator: torch.Generator,
+                     strength: float = 1.0) -> torch.Tensor:
     """Random jitter, scale and rotation of each image: samples must excite the neuron robustly,
     not through adversarial pixel patterns that a one-pixel shift destroys."""
     b = images.shape[0]
-    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(cfg.rotate_degrees)
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(cfg.rotate_degrees) * strength
     lo, hi = cfg.scale_range
-    zoom = lo + torch.rand(b, generator=generator) * (hi - lo)
-    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (2 * cfg.jitter)
+    zoom = 1 + (lo - 1 + torch.rand(b, generator=generator) * (hi - lo)) * strength
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (2 * cfg.jitter) * strength
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
@@ -616,7 +619,10 @@ def synthesize(model: ProbedModel, request: SynthesisRequest, store: Store, run:
     step = 0
     for step in range(1, cfg.steps + 1):
         images = param.images()
-        seen = random_transform(images, cfg, generator) if step <= transform_steps else images
+        strength = 1.0 - (step - 1) / max(transform_steps, 1) if cfg.transform_anneal else 1.0
+        seen = random_transform(images, cfg, generator, strength) if step <= transform_steps else images
+        for group in optimiser.param_groups:
+            group["lr"] = cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * (step - 1) / max(cfg.steps - 1, 1))))
         acts, features = forward(seen)
         level_weight = cfg.level_weight * cfg.level_weight_growth ** ((step - 1) / max(cfg.steps - 1, 1))
         level_loss = (((acts - targets) / scales) ** 2).sum(dim=1).mean()

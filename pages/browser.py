@@ -85,10 +85,8 @@ def _similar_pairs(ws: context.Workspace) -> dict | None:
 def draw_card(ws: context.Workspace, neuron: int, tops: dict, agreement: bool | None) -> None:
     run = ws.run
     with st.container(border=True):
-        head, link = st.columns([3, 2], vertical_alignment="center")
-        head.markdown(f"**Neuron {neuron}**")
-        link.page_link("pages/neuron.py", label="Open", icon=":material/open_in_new:",
-                       query_params=ws.query_params(neuron))
+        st.page_link("pages/neuron.py", label=f"**Neuron {neuron}**", icon=":material/open_in_new:",
+                     query_params=ws.query_params(neuron), help="Open this neuron")
         mosaic = cards.mosaic_for(ws.store, run, neuron)
         if mosaic is not None:
             st.image(str(mosaic), width="stretch")

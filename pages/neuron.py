@@ -209,7 +209,7 @@ def body() -> None:
     cards.inject_css()
     st.title(f"Neuron {neuron}")
     st.caption(f"{ws.model_spec} · **{ws.layer}** · {ws.run.n_neurons} neurons · probe set {ws.probe_spec} "
-               f"({ws.run.n_images} images) · link: `{ws.url(neuron)}`")
+               f"({ws.run.n_images} images) · the address bar names this neuron: copy it to share")
     _nav(ws, neuron)
     _labels(ws, neuron)
     _top_images(ws, neuron)

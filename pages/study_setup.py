@@ -22,24 +22,24 @@ def _existing(store) -> None:
         return
     for s in all_studies:
         with st.container(border=True):
-            c1, c2 = st.columns([3, 2])
-            c1.markdown(f"**{s.name}** · {s.n_items - s.n_gold} items + {s.n_gold} gold · {s.raters_per_item} raters per item · "
+            st.markdown(f"**{s.name}** · {s.n_items - s.n_gold} items + {s.n_gold} gold · {s.raters_per_item} raters per item · "
                         f"{'open' if s.is_open else 'closed'}")
-            c1.caption(f"Methods: {', '.join(data.method_title(m) for m in s.methods)} · created "
+            st.caption(f"Methods: {', '.join(data.method_title(m) for m in s.methods)} · created "
                        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(s.created_at))} · id {s.study_id}")
-            c1.markdown("Rater link (send this; it opens only the rating view):")
-            c1.code(full_link(s.token), language=None)
             progress = studies.study_progress(store, s.study_id)
             total = max(1, progress.n_items)
-            c2.progress(min(1.0, progress.items_complete / total),
+            st.progress(min(1.0, progress.items_complete / total),
                         text=f"{progress.items_complete}/{progress.n_items} items fully rated · {progress.n_votes} votes · "
                              f"{len(progress.raters)} raters")
-            b1, b2, b3 = c2.columns(3)
-            if b1.button("Close" if s.is_open else "Reopen", key=f"toggle_{s.study_id}"):
+            st.caption("Rater link (send this; it opens only the rating view):")
+            st.code(full_link(s.token), language=None, wrap_lines=True)
+            b1, b2, b3 = st.columns(3, vertical_alignment="center")
+            if b1.button("Close" if s.is_open else "Reopen", key=f"toggle_{s.study_id}", icon=":material/lock:",
+                         width="stretch"):
                 studies.set_study_open(store, s.study_id, not s.is_open)
                 st.rerun()
-            b2.page_link("pages/study_results.py", label="Results", query_params={"sid": s.study_id})
-            if b3.button("Delete", key=f"delete_{s.study_id}"):
+            b2.page_link("pages/study_results.py", label="Results", icon=":material/leaderboard:", query_params={"sid": s.study_id})
+            if b3.button("Delete", key=f"delete_{s.study_id}", icon=":material/delete:", width="stretch"):
                 st.session_state["study_confirm_delete"] = s.study_id
             if st.session_state.get("study_confirm_delete") == s.study_id:
                 st.warning(f"Delete '{s.name}' and all {progress.n_votes} votes? This cannot be undone.")
@@ -52,9 +52,9 @@ def _existing(store) -> None:
                     st.session_state.pop("study_confirm_delete", None)
                     st.rerun()
             for note in s.notes:
-                c1.caption(f"Note: {note}")
+                st.caption(f"Note: {note}")
             if s.skipped:
-                c1.caption(f"{len(s.skipped)} requested items were skipped (a method had no label for them).")
+                st.caption(f"{len(s.skipped)} requested items were skipped (a method had no label for them).")
 
 
 def _create(ws: context.Workspace) -> None:

@@ -396,3 +396,19 @@ def test_unknown_language_model_specs_explain_the_forms(tmp_path):
     with pytest.raises(BackendUnavailable, match="gemma3-270m"):
         create_language_model(f"transformers:{tmp_path / 'nothing'}", store_root=tmp_path, record=False).log_likelihood(["x"])
     assert list_language_models()[0] == "gemma3-270m"
+
+
+@pytest.mark.slow
+def test_packaged_gemma_scores_and_generates():
+    """The real offline LM. It is dequantised once into the workspace cache (as the app does on
+    first use), so later runs load the saved copy in seconds."""
+    from neuroviz.backends.language import GEMMA_HF_DIRNAME, create_language_model
+    from neuroviz.store import DEFAULT_CACHE
+
+    lm = create_language_model("gemma3-270m", store_root=DEFAULT_CACHE, record=False)
+    assert lm.id.startswith("gemma3-270m") and "offline" in lm.description
+    scores = lm.log_likelihood(["a photo of a cat", "cat of photo a a", "a photo of a dog"])
+    assert scores[0] > scores[1] and scores[2] > scores[1]  # word order matters to a real LM
+    assert (DEFAULT_CACHE / "models" / GEMMA_HF_DIRNAME / "READY").exists()
+    text = lm.generate("The capital of France is", max_new_tokens=6, temperature=0.0)
+    assert text.strip() and text == lm.generate("The capital of France is", max_new_tokens=6, temperature=0.0, seed=9)

@@ -61,3 +61,86 @@ def test_config_has_the_paper_defaults():
     config = DnDConfig()
     assert (config.n_top_images, config.max_crops_per_image, config.max_mutual_iou, config.max_full_iou) == (10, 4, 0.5, 0.8)
     assert (config.n_candidates, config.summary_temperature, config.n_concept_images, config.beta, config.n_labels) == (5, 0.3, 10, 5, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on the tiny workspace, with a recorded tiny language model, then replayed
+# ---------------------------------------------------------------------------------------------
+TINY_WORDS = ("the a of and with on in cat dog red blue green yellow square circle shape fur stripes sky "
+              "photo object objects colour colours round").split()
+
+
+def make_tiny_lm_dir(folder):
+    """A randomly initialised 2-layer Llama with a word-level tokenizer, saved like a hub model."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + TINY_WORDS)}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dnd_backends(tiny_workspace, tmp_path_factory):
+    """ConSE, the retrieval captioner (small detail vocabulary) and a recorded tiny LM."""
+    from neuroviz.backends.captioner import create_captioner
+    from neuroviz.backends.language import create_language_model
+    from neuroviz.backends.multimodal import create_multimodal
+
+    root = tmp_path_factory.mktemp("dnd_backends")
+    details = root / "details.txt"
+    details.write_text("\n".join(["red", "blue", "green", "yellow", "square", "circle", "fur", "stripes", "sky", "metal"]))
+    store = tiny_workspace["store"]
+    multimodal = create_multimodal("conse")
+    captioner = create_captioner(f"retrieval:{details}", multimodal=multimodal, store_root=store.root)
+    lm_dir = make_tiny_lm_dir(root / "tiny_lm")
+    language_model = create_language_model(f"transformers:{lm_dir}", store_root=store.root)
+    return {"multimodal": multimodal, "captioner": captioner, "language_model": language_model}
+
+
+SMALL = DnDConfig(n_top_images=6, n_candidates=3, max_new_tokens=6)
+
+
+def test_dnd_labels_a_neuron_and_a_recording_replays_it_exactly(tiny_workspace, dnd_backends):
+    import json
+
+    from neuroviz.backends.language import ReplayLM
+    from neuroviz.methods import MethodContext, get_method, run_method
+
+    store, run = tiny_workspace["store"], tiny_workspace["runs"]["layer2"]
+    ctx = MethodContext(store, run, model=tiny_workspace["model"], **dnd_backends)
+    key = run_method("dnd", ctx, config=SMALL, neurons=[3])
+    labels = store.labels(run.run_key, neuron=3, method="dnd")
+    assert list(labels["rank"]) == list(range(len(labels))) and 1 <= len(labels) <= 3
+    assert labels["label"].str.len().gt(0).all() and labels["score"].notna().all()
+    extra = json.loads(labels.loc[0, "extra_json"])
+    assert len(extra["captions"]) == SMALL.n_top_images and len(extra["simplified_captions"]) == SMALL.n_top_images
+    assert 1 <= len(extra["candidates"]) <= SMALL.n_candidates
+    assert len(extra["llm_calls"]) == SMALL.n_top_images + SMALL.n_candidates
+    assert set(labels["label"]) <= set(extra["candidates"])
+    acts = [t["activation"] for t in extra["top_images"]]
+    assert acts == sorted(acts, reverse=True)
+    # The run records which backends made it.
+    run_row = store.label_runs(run.run_key).set_index("label_key").loc[key]
+    backends = json.loads(run_row["backends_json"])
+    assert backends == {"multimodal": dnd_backends["multimodal"].id, "captioner": dnd_backends["captioner"].id,
+                        "language_model": dnd_backends["language_model"].id}
+    assert extra["llm_recording_id"] == dnd_backends["language_model"].recording_id
+
+    # Replay: no model, the recorded answers; the labels and scores come out identical.
+    replay = ReplayLM(store, dnd_backends["language_model"].recording_id)
+    replay_ctx = MethodContext(store, run, model=tiny_workspace["model"], multimodal=dnd_backends["multimodal"],
+                               captioner=dnd_backends["captioner"], language_model=replay)
+    rows = get_method("dnd").describe(replay_ctx, SMALL, [3])
+    assert [r.label for r in rows] == list(labels["label"])
+    assert [r.score for r in rows] == pytest.approx(list(labels["score"]))
+    assert [c["response"] for c in rows[0].extra["llm_calls"]] == [c["response"] for c in extra["llm_calls"]]

@@ -76,3 +76,104 @@ def test_lambda_trades_a_frequent_generic_string_for_a_specific_one():
 def test_config_has_the_paper_defaults():
     config = MilanConfig()
     assert (config.k, config.mask_quantile, config.pmi_lambda) == (15, 0.99, 0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a planted run over real photos, ConSE, retrieval captions and a tiny recorded LM
+# ---------------------------------------------------------------------------------------------
+def make_tiny_lm_dir(folder, words):
+    """A randomly initialised 2-layer Llama with a word-level tokenizer, saved like a hub model."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+CONCEPTS = ["tabby cat", "espresso", "rocket", "red square", "blue circle", "horse", "coins", "astronaut", "sky", "grass"]
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_workspace, tmp_path_factory):
+    """A run stored by hand over the tiny workspace's images: neuron 0 fires on the cat photo,
+    neuron 1 on the coffee photo, each in the centre of its map; everything else is quiet."""
+    from neuroviz.backends.captioner import create_captioner
+    from neuroviz.backends.language import create_language_model
+    from neuroviz.backends.multimodal import create_multimodal
+    from neuroviz.concepts import from_texts
+    from neuroviz.store import RunInfo
+
+    store, model, ps = tiny_workspace["store"], tiny_workspace["model"], tiny_workspace["probe_set"]
+    n_images, k = len(ps), 10
+    rng = np.random.default_rng(0)
+    acts = rng.uniform(0, 1, size=(n_images, 2)).astype(np.float32)
+    photo = {name: next(i for i, im in enumerate(ps.images) if im.path.endswith(f"{name}.png")) for name in ("chelsea", "coffee")}
+    acts[photo["chelsea"], 0] = 10.0
+    acts[photo["coffee"], 1] = 10.0
+    top_idx = np.argsort(-acts, axis=0)[:k].T  # (neurons, k)
+    top_val = np.take_along_axis(acts.T, top_idx, axis=1)
+    maps = rng.uniform(0, 1, size=(2, k, 4, 4)).astype(np.float32)
+    maps[:, 0] = 5.0
+    maps[:, 0, 1:3, 1:3] = 10.0  # the best image of each neuron, strongest in the centre
+    info = RunInfo("planted-milan-run", model.spec, model.weights_id, "planted", "mean", ps.id, model.preprocessing.id, k,
+                   "test", n_images, 2, (4, 4), "conv")
+    store.finish_run(info, acts, top_val, top_idx, [im.image_id for im in ps.images], maps)
+
+    root = tmp_path_factory.mktemp("milan_backends")
+    details = root / "details.txt"
+    details.write_text("\n".join(["red", "blue", "fur", "stripes", "sky", "metal", "drink", "cup"]))
+    multimodal = create_multimodal("conse")
+    lm_words = sorted({w for c in CONCEPTS for w in c.split()} | {"cat", "cup", "fur", "drink", "a", "of"})
+    language_model = create_language_model(f"transformers:{make_tiny_lm_dir(root / 'lm', lm_words)}", store_root=store.root)
+    return {
+        "store": store, "run": store.get_run(info.run_key), "model": model,
+        "backends": {"multimodal": multimodal, "language_model": language_model, "concepts": from_texts("planted", CONCEPTS),
+                     "captioner": create_captioner(f"retrieval:{details}", multimodal=multimodal, store_root=store.root)},
+    }
+
+
+def loglik_calls(store, recording_id: str) -> int:
+    return store.query("SELECT count(*) FROM llm_calls WHERE recording_id = ? AND kind = 'loglik'", [recording_id])[0][0]
+
+
+def test_milan_describes_planted_neurons_and_scores_each_string_once(planted):
+    from neuroviz.methods import MethodContext, run_method
+
+    store, run = planted["store"], planted["run"]
+    ctx = MethodContext(store, run, model=planted["model"], **planted["backends"])
+    config = MilanConfig(k=1, n_concept_candidates=5)
+    key = run_method("milan", ctx, config=config)
+    labels = store.labels(run.run_key, method="milan")
+    assert list(labels.groupby("neuron").size()) == [5, 5]  # the answer and the next 4 candidates
+    top = labels[labels["rank"] == 0].set_index("neuron")
+    assert "cat" in top.loc[0, "label"] or "tabby" in top.loc[0, "label"]
+    assert "espresso" in top.loc[1, "label"]
+    for _, group in labels.groupby("neuron"):
+        assert list(group["score"]) == sorted(group["score"], reverse=True)
+    extra = json.loads(top.loc[0, "extra_json"])
+    assert extra["exemplar_image_idx"] == [int(run_image) for run_image in store.top_indices(run.run_key)[0][:1]]
+    assert extra["mask_threshold"] == pytest.approx(5.0)  # 7th largest of the stored cells: ceil(0.01 * 40 * 16)
+    assert extra["log_p_d_given_e"] <= 0 and np.isfinite(extra["log_p_d"])
+    assert set(extra["backends"]) == {"multimodal", "captioner", "language_model"}
+    backends = json.loads(store.label_runs(run.run_key).set_index("label_key").loc[key, "backends_json"])
+    assert backends["language_model"] == planted["backends"]["language_model"].id
+
+    # Another lambda is another label run, but every candidate's p(d) comes from the cache.
+    recording = planted["backends"]["language_model"].recording_id
+    calls = loglik_calls(store, recording)
+    assert calls > 0
+    run_method("milan", ctx, config=MilanConfig(k=1, n_concept_candidates=5, pmi_lambda=1.0))
+    assert loglik_calls(store, recording) == calls
+    scored = list(labels["label"][:2])
+    values = cached_log_likelihood(store, planted["backends"]["language_model"], scored)
+    assert loglik_calls(store, recording) == calls
+    assert values == pytest.approx(planted["backends"]["language_model"].inner.log_likelihood(scored))

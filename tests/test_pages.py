@@ -101,7 +101,13 @@ def assert_clean(at) -> None:
 
 
 def card_neurons(at) -> list[int]:
-    return [int(m.value.strip("*").split()[1]) for m in at.markdown if m.value.startswith("**Neuron ")]
+    """Neurons of the browser's cards, in order (each card's title links to its neuron)."""
+    out = []
+    for link in at.get("page_link"):
+        label = link.proto.label
+        if label.startswith("**Neuron "):
+            out.append(int(label.strip("*").split()[1]))
+    return out
 
 
 # -- owner pages --------------------------------------------------------------------------------

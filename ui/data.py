@@ -25,7 +25,7 @@ from neuroviz.store import RunInfo, Store, _run_info
 #: page should not pay for just to print a name).
 METHOD_TITLES = {
     "clip_dissect": "CLIP-Dissect",
-    "milan": "MILAN (PMI)",
+    "milan": "MILAN-style PMI",
     "dnd": "Describe-and-Dissect",
     "netdissect": "Network Dissection",
     "synthesis": "Inverse-set synthesis",

@@ -185,19 +185,28 @@ def load_gemma(store_root: Path | str):
         raise BackendUnavailable(str(exc)) from None
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # Save under a private name and rename, so a concurrent reader never sees half a model.
-    tmp = models_dir / f".{GEMMA_HF_DIRNAME}.{os.getpid()}.{secrets.token_hex(3)}"
+    # The weights are plain float32 now; the GGUF quantiser record only blocks save_pretrained.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    _save_atomically(model, tokenizer, saved, note=f"dequantised from {gguf.name}")
+    return model, tokenizer
+
+
+def _save_atomically(model, tokenizer, target: Path, note: str) -> None:
+    """Save under a private name, then rename: a concurrent reader never sees half a model."""
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(3)}"
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "READY").write_text(f"dequantised from {gguf.name}\n")
-        if not saved.exists():
-            os.replace(tmp, saved)
+        (tmp / "READY").write_text(note + "\n")
+        if target.exists() and not (target / "READY").exists():
+            shutil.rmtree(target, ignore_errors=True)  # left by an interrupted older save
+        if not target.exists():
+            os.replace(tmp, target)
     except OSError:
-        pass  # read-only or full disk: next time dequantises again, nothing worse
+        pass  # read-only or full disk: the next load dequantises again, nothing worse
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return model, tokenizer
 
 
 def gemma_language_model(store_root: Path | str | None = None) -> TransformersLM:

@@ -262,6 +262,7 @@ class DescribeAndDissect(DescriptionMethod):
                 "top_images": [{"image_idx": e.image_idx, "box": list(e.box.as_tuple()) if e.box else None,
                                 "activation": e.activation} for e in exemplars],
                 "llm_calls": transcript.calls, "backends": backends,
+                "llm_recording_id": getattr(ctx.language_model, "recording_id", None),
                 "candidate_scores": [_score_dict(s) for s in scored],
             }
             for rank, s in enumerate(scored[: config.n_labels]):

@@ -198,14 +198,17 @@ def caption_phrase(caption: str) -> str:
     return text
 
 
+def _reuses_embeddings(ctx: MethodContext) -> bool:
+    captioner = ctx.captioner
+    return hasattr(captioner, "compose") and getattr(getattr(captioner, "multimodal", None), "id", None) == ctx.multimodal.id
+
+
 def captions_of(ctx: MethodContext, images: Sequence, embeddings: np.ndarray) -> list[str]:
     """The captioner's captions of ``images``; a retrieval captioner over the same multimodal
-    backend reuses the embeddings already computed instead of encoding the images again."""
-    captioner = ctx.captioner
-    reuse = getattr(captioner, "compose", None)
-    if reuse is not None and getattr(getattr(captioner, "multimodal", None), "id", None) == ctx.multimodal.id:
-        return list(reuse(np.asarray(embeddings)))
-    return list(captioner.caption(list(images)))
+    backend captions from the embeddings already computed instead of encoding the images again."""
+    if _reuses_embeddings(ctx):
+        return list(ctx.captioner.compose(np.asarray(embeddings)))
+    return list(ctx.captioner.caption(list(images)))
 
 
 @register_method
@@ -231,10 +234,14 @@ class MilanPMI(DescriptionMethod):
         paths = [p["path"] for p in store.probe_images(run.probe_set_id)]
         views = ProbeViews(paths, ctx.probed_model().preprocessing, config.view_size)
 
-        from ..embeddings import text_embeddings
+        from ..embeddings import image_embeddings, text_embeddings
 
         concepts = list(ctx.concepts.concepts)
         concept_emb = np.asarray(text_embeddings(ctx.multimodal, store, ctx.concepts), dtype=np.float32)
+        # Unmasked exemplars (fc layers, or exemplar_region="full") are whole probe images, whose
+        # embeddings are cached for the probe set: no image needs encoding for them.
+        masked = run.map_shape is not None and config.exemplar_region != "full"
+        whole_emb = None if masked else np.asarray(image_embeddings(ctx.multimodal, store, run.probe_set_id), dtype=np.float32)
         total_steps = len(neurons) + 2
         gathered: list[_NeuronExemplars] = []
         for start in range(0, len(neurons), NEURONS_PER_BATCH):
@@ -242,22 +249,26 @@ class MilanPMI(DescriptionMethod):
             regions, owners, chosen = [], [], []
             for n in batch:
                 tops = store.top_images(run.run_key, n, k=run.k)
-                maps = store.top_maps(run.run_key, n)
+                maps = store.top_maps(run.run_key, n) if masked else None
                 order = select_exemplars(maps, config.k, config.rank_exemplars_by)[: len(tops)]
-                threshold = spatial_quantile_threshold(maps, run.n_images, config.mask_quantile) if maps is not None else None
                 picked = [tops[int(i)] for i in order]
-                for pos, top in zip(order, picked):
-                    view = views(top["image_idx"])
-                    if maps is None or config.exemplar_region == "full":
-                        regions.append(view)
-                    else:
-                        mask = exemplar_mask(maps[int(pos)], threshold, view.size)
-                        regions.append(masked_region(view, mask, config.exemplar_region))
-                    owners.append(n)
+                threshold = None
+                if maps is not None:
+                    threshold = spatial_quantile_threshold(maps, run.n_images, config.mask_quantile)
+                    for pos, top in zip(order, picked):
+                        view = views(top["image_idx"])
+                        regions.append(masked_region(view, exemplar_mask(maps[int(pos)], threshold, view.size), config.exemplar_region))
+                        owners.append(n)
                 chosen.append((n, picked, threshold))
-            emb = np.asarray(ctx.multimodal.encode_images(regions), dtype=np.float32)
-            captions = [caption_phrase(c) for c in captions_of(ctx, regions, emb)] if config.caption_candidates else [""] * len(regions)
-            owners_arr = np.array(owners)
+            if masked:
+                emb = np.asarray(ctx.multimodal.encode_images(regions), dtype=np.float32)
+                owners_arr = np.array(owners)
+            else:
+                whole_idx = [int(t["image_idx"]) for _, picked, _ in chosen for t in picked]
+                emb = whole_emb[whole_idx]
+                owners_arr = np.array([n for n, picked, _ in chosen for _ in picked])
+                regions = [views(i) for i in whole_idx] if config.caption_candidates and not _reuses_embeddings(ctx) else []
+            captions = [caption_phrase(c) for c in captions_of(ctx, regions, emb)] if config.caption_candidates else [""] * len(emb)
             for n, picked, threshold in chosen:
                 rows = np.nonzero(owners_arr == n)[0]
                 e = emb[rows]
@@ -297,7 +308,8 @@ class MilanPMI(DescriptionMethod):
                 if rank == 0:
                     extra.update({
                         "exemplar_image_idx": g.image_idx, "exemplar_image_ids": g.image_ids,
-                        "mask_threshold": g.threshold, "captions": g.captions, "n_candidates": len(cands),
+                        "mask_threshold": g.threshold, "exemplar_region": config.exemplar_region if masked else "full",
+                        "captions": g.captions, "n_candidates": len(cands),
                         "backends": ctx.backend_ids(("multimodal", "captioner", "language_model")),
                         "concept_set": ctx.concepts.name,
                     })

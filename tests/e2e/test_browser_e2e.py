@@ -110,14 +110,14 @@ def test_browser_card_click_and_deep_link(server, page, e2e_workspace, screensho
     page.get_by_role("heading", name="Neuron 8").wait_for()
     page.wait_for_function("() => location.search.includes('neuron=8')")
     # heatmap overlays render as images
-    page.get_by_role("button", name="Heatmaps").click()
+    page.locator('[data-testid="stButtonGroup"]').get_by_text("Heatmaps", exact=True).click()
     wait_ready(page)
     assert_no_exception(page)
     assert images_loaded(page) >= 8
     page.screenshot(path=str(screenshots / "31_neuron_heatmaps.png"), full_page=True)
     # a card in the layer browser opens its neuron
     go(page, "Layer browser")
-    page.get_by_role("link", name="Open").nth(5).click()
+    page.get_by_role("link", name=re.compile(r"Neuron 5$")).first.click()
     wait_ready(page)
     page.get_by_role("heading", name=re.compile(r"^Neuron \d+$")).wait_for()
     assert "neuron=" in page.url
@@ -152,14 +152,21 @@ def test_rating_flow_then_owner_sees_the_votes(server, browser, page, e2e_worksp
         body = rater.inner_text("body")
         for word in METHOD_WORDS + (study.name, "layer2", "layer4"):
             assert word not in body, f"rater sees '{word}'"
+        assert f"{answered} of {study.n_items} answered" in body
         rater.wait_for_function("() => document.querySelectorAll('[data-testid=\"stMain\"] img').length >= 6")
         if answered == 0:
             rater.screenshot(path=str(screenshots / "40_rater_item.png"), full_page=True)
         rater.locator('[data-testid="stRadio"]').first.locator("label").first.click()
         rater.get_by_role("button", name="Submit and continue").click()
-        wait_ready(rater)
         answered += 1
-        assert answered <= study.n_items
+        try:
+            rater.wait_for_function(
+                f"() => document.body.innerText.includes('{answered} of {study.n_items} answered') || "
+                "document.body.innerText.includes('All done')")
+        except Exception:
+            rater.screenshot(path=str(screenshots / "failed_rating_step.png"), full_page=True)
+            raise
+        wait_ready(rater)
     rater.screenshot(path=str(screenshots / "41_rater_done.png"))
     assert answered == study.n_items
     rater_ctx.close()
