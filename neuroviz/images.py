@@ -142,14 +142,16 @@ def build_mosaic(images: Sequence[Image.Image], tile: int = 96, cols: int | None
 
 
 def mosaic(cache_root: Path | str, image_paths: Sequence[str | Path], tile: int = 96, cols: int | None = None,
-           geometry: ViewGeometry | None = IMAGENET_VIEW) -> Path:
+           geometry: ViewGeometry | None = IMAGENET_VIEW, content_ids: Sequence[str] | None = None) -> Path:
     """Probe images (model views) as one picture, cached on disk.
 
     Tiles come from the per-image thumbnail cache: neurons share many top images, so each
-    probe image is decoded once per tile size, not once per neuron. The key is every file's
-    size and modification time, so an edited file yields a new mosaic.
+    probe image is decoded once per tile size, not once per neuron. The picture is named by
+    ``content_ids`` when given (probe-set image ids are content hashes, so no file needs a
+    stat), else by every file's size and modification time.
     """
-    key = {"src": [_file_stamp(p) for p in image_paths], "tile": tile, "cols": cols, "geometry": _geometry_key(geometry)}
+    sources = list(content_ids) if content_ids is not None else [_file_stamp(p) for p in image_paths]
+    key = {"src": sources, "tile": tile, "cols": cols, "geometry": _geometry_key(geometry)}
 
     def build() -> Image.Image:
         tiles = []
@@ -162,14 +164,15 @@ def mosaic(cache_root: Path | str, image_paths: Sequence[str | Path], tile: int 
 
 
 def neuron_mosaic(cache_root: Path | str, run_key: str, neuron: int, image_paths: Sequence[str | Path],
-                  tile: int = 96, cols: int | None = None, geometry: ViewGeometry | None = IMAGENET_VIEW) -> Path:
+                  tile: int = 96, cols: int | None = None, geometry: ViewGeometry | None = IMAGENET_VIEW,
+                  content_ids: Sequence[str] | None = None) -> Path:
     """A neuron's top images (in rank order) as one picture: the layer browser's card image.
 
-    The run and neuron only name the request; the picture depends on the files alone, so two
+    The run and neuron only name the request; the picture depends on the images alone, so two
     neurons with the same top images share one file.
     """
     del run_key, neuron
-    return mosaic(cache_root, image_paths, tile, cols, geometry)
+    return mosaic(cache_root, image_paths, tile, cols, geometry, content_ids)
 
 
 def annotated_view(cache_root: Path | str, image_path: str | Path, size: int, geometry: ViewGeometry | None,

@@ -82,14 +82,12 @@ def _similar_pairs(ws: context.Workspace) -> dict | None:
     return _label_similarity(texts)
 
 
-def draw_card(ws: context.Workspace, neuron: int, tops: dict, agreement: bool | None) -> None:
+def draw_card(ws: context.Workspace, neuron: int, tops: dict, agreement: bool | None, pictures: dict) -> None:
     run = ws.run
     with st.container(border=True):
         st.page_link("pages/neuron.py", label=f"**Neuron {neuron}**", icon=":material/open_in_new:",
                      query_params=ws.query_params(neuron), help="Open this neuron")
-        mosaic = cards.mosaic_for(ws.store, run, neuron)
-        if mosaic is not None:
-            st.image(str(mosaic), width="stretch")
+        cards.show_image(cards.mosaic_for(ws.store, run, neuron, **pictures), width="stretch")
         lines = [cards.label_line_html(m, tops.get(m), compact=True) for m in ws.methods]
         if agreement is True:
             lines.append("<div class='nv-agree'>methods agree</div>")
@@ -145,11 +143,13 @@ def body() -> None:
         st.info("No neuron matches. Clear the search or the agreement filter.")
         return
     shown = neurons[(page - 1) * PER_PAGE: page * PER_PAGE]
+    pictures = {"geometry": cards.run_geometry(ws.store, run), "top": data.top_k(ws.store, run.run_key),
+                "files": data.probe_files(ws.store, run.probe_set_id)}
     for start in range(0, len(shown), COLUMNS):
         cols = st.columns(COLUMNS)
         for col, neuron in zip(cols, shown[start:start + COLUMNS]):
             with col:
-                draw_card(ws, neuron, info["tops"].get(neuron, {}), info["agreement"].get(neuron))
+                draw_card(ws, neuron, info["tops"].get(neuron, {}), info["agreement"].get(neuron), pictures)
 
 
 shell.owner_page(with_neuron=False)

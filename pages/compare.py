@@ -17,7 +17,7 @@ def _neuron_panel(ws: context.Workspace, run, neuron: int, column) -> None:
         st.markdown(f"**{run.layer} · neuron {neuron}**")
         mosaic = cards.mosaic_for(ws.store, run, neuron, n=16, tile=96)
         if mosaic is not None:
-            st.image(str(mosaic), width="stretch")
+            cards.show_image(mosaic, width="stretch")
         labels = data.run_labels(ws.store, run.run_key)
         tops = cards.top_labels(labels, ws.catalog.methods_by_run.get(run.run_key, []))
         entries = tops.get(neuron, {})
@@ -123,7 +123,7 @@ def _two_methods(ws: context.Workspace) -> None:
                 st.page_link("pages/neuron.py", label=f"Neuron {n}", query_params=ws.query_params(n))
                 mosaic = cards.mosaic_for(ws.store, ws.run, n)
                 if mosaic is not None:
-                    st.image(str(mosaic), width="stretch")
+                    cards.show_image(mosaic, width="stretch")
                 st.html(cards.label_line_html(m_a, tops[n][m_a], compact=True) + cards.label_line_html(m_b, tops[n][m_b], compact=True))
 
 

@@ -150,7 +150,7 @@ def _distribution(ws: context.Workspace, neuron: int) -> None:
                       showlegend=False, bargap=0.02)
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False}, key=f"hist_{run.run_key}_{neuron}")
 
-    probe = data.probe_images(ws.store, run.probe_set_id)
+    files = data.probe_files(ws.store, run.probe_set_id)
     geometry = cards.run_geometry(ws.store, run)
     order = np.argsort(acts, kind="stable")
     n = len(order)
@@ -162,15 +162,15 @@ def _distribution(ws: context.Workspace, neuron: int) -> None:
             continue
         pick = np.sort(rng.choice(members, size=min(SAMPLES_PER_BIN, len(members)), replace=False))
         pick = sorted(pick, key=lambda i: acts[i])
-        paths = [probe.at[int(i), "path"] for i in pick]
+        paths = [files.paths[int(i)] for i in pick]
         c1, c2 = st.columns([1, 5], vertical_alignment="center")
         c1.caption(f"q{int(lo * 100)}–q{int(hi * 100)}\n\n{acts[pick[0]]:.3g} … {acts[pick[-1]]:.3g}")
-        c2.image(str(images.mosaic(ws.store.root, paths, tile=96, cols=SAMPLES_PER_BIN, geometry=geometry)))
+        cards.show_image(images.mosaic(ws.store.root, paths, tile=96, cols=SAMPLES_PER_BIN, geometry=geometry,
+                                       content_ids=[files.image_ids[int(i)] for i in pick]), c2)
     st.markdown("**Lowest activations** (contrast: what this neuron does *not* respond to)")
-    low = order[: min(8, n)]
-    cards.image_grid(cards.thumb_paths(ws.store, run, [int(i) for i in low], THUMB),
-                     [f"{acts[i]:.3g}" + (f" · {Path(probe.at[int(i), 'label']).name}" if probe.at[int(i), "label"] else "")
-                      for i in low], cols=8)
+    low = [int(i) for i in order[: min(8, n)]]
+    cards.image_grid(cards.thumb_paths(ws.store, run, low, THUMB, geometry),
+                     [f"{acts[i]:.3g}" + (f" · {Path(files.labels[i]).name}" if files.labels[i] else "") for i in low], cols=8)
 
 
 def _on_demand(ws: context.Workspace, neuron: int) -> None:

@@ -54,8 +54,9 @@ def _images(store, task: studies.RatingTask) -> None:
         return
     rows = data.top_rows(store, run.run_key, task.neuron, task.n_images)
     geometry = cards.run_geometry(store, run)
-    paths = [images.thumbnail(store.root, r["path"], 192, geometry) for r in rows if r["path"]]
-    cards.image_grid(paths, [""] * len(paths), cols=IMAGE_COLUMNS)
+    paths = [r["path"] for r in rows if r["path"]]
+    cols = min(IMAGE_COLUMNS, max(1, len(paths)))
+    cards.show_image(images.mosaic(store.root, paths, tile=160, cols=cols, geometry=geometry), width=min(900, 170 * cols))
     maps = store.top_maps(run.run_key, task.neuron)
     if maps is None:
         return
@@ -73,7 +74,8 @@ def _images(store, task: studies.RatingTask) -> None:
                                                {"run": run.run_key, "neuron": task.neuron, "rank": row["rank"]}, cut))
     if close_ups:
         st.caption("Close-ups: the part of the first images that the unit responds to most")
-        cards.image_grid(close_ups, [""] * len(close_ups), cols=max(CLOSE_UPS, IMAGE_COLUMNS))
+        cards.show_image(images.mosaic(store.root, close_ups, tile=110, cols=len(close_ups), geometry=None),
+                         width=min(900, 115 * len(close_ups)))
 
 
 def _question(store, public: studies.RaterStudy, rater_id: str, task: studies.RatingTask) -> None:

@@ -210,7 +210,7 @@ def test_missing_captioner_suggests_retrieval(tmp_path):
 def test_retrieval_captioner_names_the_cat(conse, tmp_path):
     from neuroviz.backends.captioner import RetrievalCaptioner, create_captioner
 
-    captioner = create_captioner("retrieval:words2k", multimodal=conse, store_root=tmp_path)
+    captioner = create_captioner("retrieval:words1k", multimodal=conse, store_root=tmp_path)
     assert isinstance(captioner, RetrievalCaptioner) and conse.id in captioner.id
     cat_caption, rocket_caption = captioner.caption([skimage_photo("chelsea"), skimage_photo("rocket")])
     assert cat_caption.startswith("a photo of a")

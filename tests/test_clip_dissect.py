@@ -52,10 +52,11 @@ PLANTED = {0: 7, 1: 13, 2: 42}
 def test_planted_neurons_get_their_concept(similarity):
     img, txt = random_embeddings()
     sim = ImageConceptSimilarity(img, txt)
-    acts = planted_activations(img @ txt.T, PLANTED, n_random=3)
+    # The paper's PMI prior averages over the layer's neurons: give it a layer, not a handful.
+    acts = planted_activations(img @ txt.T, PLANTED, n_random=60)
     result = label_neurons(acts, sim, ClipDissectConfig(similarity=similarity))
     assert result.concept_index[:3, 0].tolist() == list(PLANTED.values())
-    assert result.concept_index.shape == (6, 5) and (np.diff(result.scores, axis=1) <= 1e-6).all()
+    assert result.concept_index.shape == (63, 5) and (np.diff(result.scores, axis=1) <= 1e-6).all()
     # The chunked, calibrated path and the plain full matrix agree on the best concept.
     assert (concept_scores(acts, sim, ClipDissectConfig(similarity=similarity)).argmax(axis=1) == result.concept_index[:, 0]).all()
 
@@ -63,7 +64,7 @@ def test_planted_neurons_get_their_concept(similarity):
 @pytest.mark.parametrize("similarity", SIMILARITY_FUNCTIONS)
 def test_calibrated_score_separates_planted_from_random(similarity):
     img, txt = random_embeddings(seed=3)
-    acts = planted_activations(img @ txt.T, PLANTED, n_random=40, seed=4)
+    acts = planted_activations(img @ txt.T, PLANTED, n_random=100, seed=4)
     result = label_neurons(acts, ImageConceptSimilarity(img, txt), ClipDissectConfig(similarity=similarity, seed=2))
     planted, random = result.calibrated[:3, 0], result.calibrated[3:, 0]
     assert (planted >= 0.95).all()
@@ -80,32 +81,50 @@ def test_constant_neuron_is_not_calibrated_as_meaningful():
     assert result.constant[0] and result.calibrated[0, 0] == 0.0
 
 
-def test_soft_wpmi_matches_the_formula_on_a_small_case():
-    """score(c) = log(sum_i w_i p(c|x_i) / sum_i w_i) - lambda log(mean_x p(c|x)), computed by hand."""
+def small_case():
     img, txt = random_embeddings(n_images=50, n_concepts=6, dim=4, seed=5)
     p = img @ txt.T
-    acts = p[:, 2:3] + 0.01
-    config = ClipDissectConfig(top_k=5, max_top_fraction=1.0)
+    acts = np.stack([p[:, 2], p[:, 4], -p[:, 0]], axis=1) + 0.01
     probs = np.exp(10 * p) / np.exp(10 * p).sum(axis=1, keepdims=True)
-    top = np.argsort(-acts[:, 0])[:5]
     w = 0.998 - np.arange(5) / 5 * (0.998 - 0.97)
-    expected = np.log((w[:, None] * probs[top]).sum(0) / w.sum()) - np.log(probs.mean(0))
-    np.testing.assert_allclose(concept_scores(acts, ImageConceptSimilarity.from_matrix(p), config)[0], expected, rtol=1e-4, atol=1e-5)
+    tops = [np.argsort(-acts[:, j])[:5] for j in range(3)]
+    return p, acts, probs, w, tops
+
+
+def test_soft_wpmi_is_the_papers_formula():
+    """log p(c|E_n) = sum_i log(1 - w_i + w_i p(c|x_i) + 1e-7); score = that - log mean_n p(c|E_n), by hand."""
+    p, acts, probs, w, tops = small_case()
+    log_lik = np.stack([np.log(1 - w[:, None] + w[:, None] * probs[top] + 1e-7).sum(axis=0) for top in tops])
+    expected = log_lik - np.log(np.exp(log_lik).mean(axis=0))
+    config = ClipDissectConfig(top_k=5, max_top_fraction=1.0)
+    np.testing.assert_allclose(concept_scores(acts, ImageConceptSimilarity.from_matrix(p), config), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mean_lift_is_the_methods_md_formula():
+    """score(c) = log(sum_i w_i p(c|x_i) / sum_i w_i) - lambda log(mean_x p(c|x)), by hand."""
+    p, acts, probs, w, tops = small_case()
+    expected = np.stack([np.log((w[:, None] * probs[top]).sum(0) / w.sum()) - np.log(probs.mean(0)) for top in tops])
+    config = ClipDissectConfig(top_k=5, max_top_fraction=1.0, formulation="mean_lift")
+    np.testing.assert_allclose(concept_scores(acts, ImageConceptSimilarity.from_matrix(p), config), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_results_do_not_depend_on_chunking_or_neuron_subsets(monkeypatch):
     img, txt = random_embeddings(n_images=300, n_concepts=60, seed=6)
-    acts = planted_activations(img @ txt.T, PLANTED, n_random=5, seed=7)
-    for similarity in ("soft_wpmi", "cos3"):
-        config = ClipDissectConfig(similarity=similarity)
+    acts = planted_activations(img @ txt.T, PLANTED, n_random=30, seed=7)
+    subset = [4, 1, 6]
+    for config in (ClipDissectConfig(), ClipDissectConfig(formulation="mean_lift"), ClipDissectConfig(similarity="cos3")):
         full = label_neurons(acts, ImageConceptSimilarity(img, txt), config)
         monkeypatch.setattr(cd, "_BLOCK_BYTES", 7 * 60 * 4)  # 7-image blocks of P
         monkeypatch.setattr(cd, "_ACCUMULATOR_BYTES", 2 * 60 * 4 * 21)  # 2-neuron chunks
-        subset = label_neurons(acts[:, [4, 1, 6]], ImageConceptSimilarity.from_matrix(img @ txt.T), config)
+        monkeypatch.setattr(cd, "_GATHER_ROWS", 2)
+        part = label_neurons(acts, ImageConceptSimilarity.from_matrix(img @ txt.T), config, neurons=subset)
+        if config.uses_layer_prior:  # with the layer's prior given, only the subset's columns are needed
+            again = label_neurons(acts[:, subset], ImageConceptSimilarity(img, txt), config, layer_prior=full.layer_prior)
+            np.testing.assert_array_equal(again.concept_index, full.concept_index[subset])
         monkeypatch.undo()
-        np.testing.assert_array_equal(subset.concept_index, full.concept_index[[4, 1, 6]])
-        np.testing.assert_allclose(subset.scores, full.scores[[4, 1, 6]], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(subset.calibrated, full.calibrated[[4, 1, 6]])
+        np.testing.assert_array_equal(part.concept_index, full.concept_index[subset])
+        np.testing.assert_allclose(part.scores, full.scores[subset], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(part.calibrated, full.calibrated[subset])
 
 
 def test_config_takes_each_functions_paper_defaults():
@@ -142,7 +161,7 @@ def test_describe_finds_planted_concepts_with_the_offline_backend(workspace):
     p = embeddings.image_embeddings(backend, store, workspace["fc"].probe_set_id) @ embeddings.text_embeddings(backend, store, concepts).T
     # ConSE sees through an ImageNet classifier: colours of plain shapes look alike to it, photos do not.
     wanted = {0: SHAPE_CONCEPTS.index("rocket"), 1: SHAPE_CONCEPTS.index("coffee"), 2: SHAPE_CONCEPTS.index("cat")}
-    acts = planted_activations(p, {j: c for j, c in wanted.items()}, n_random=2, seed=8)
+    acts = planted_activations(p, {j: c for j, c in wanted.items()}, n_random=60, seed=8)
     run = plant_run(store, workspace["fc"], acts, "shapes")
     ctx = MethodContext(store=store, run=run, multimodal=backend, concepts=concepts)
     run_method("clip_dissect", ctx)

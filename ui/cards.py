@@ -38,7 +38,7 @@ def run_geometry(store: Store, run: RunInfo) -> images.ViewGeometry:
     return images.IMAGENET_VIEW
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+@st.cache_resource(show_spinner=False, max_entries=32)
 def _geometry_record(root: str, version: tuple, preprocess_id: str) -> dict | None:
     return data._store_for(root).get_record(GEOMETRY_NAMESPACE, preprocess_id)
 
@@ -143,27 +143,39 @@ def agreement(entries: dict[str, dict], methods: Sequence[str], similar: dict[tu
 
 # -- pictures -------------------------------------------------------------------------------------
 def mosaic_for(store: Store, run: RunInfo, neuron: int, n: int = MOSAIC_IMAGES, tile: int = MOSAIC_TILE,
-               geometry: images.ViewGeometry | None = None) -> Path | None:
-    """The cached mosaic of a neuron's top ``n`` images (None when it has none)."""
-    rows = data.top_rows(store, run.run_key, neuron, n)
-    paths = [r["path"] for r in rows if r["path"]]
-    if not paths:
+               geometry: images.ViewGeometry | None = None, top: data.TopK | None = None,
+               files: data.ProbeFiles | None = None) -> Path | None:
+    """The cached mosaic of a neuron's top ``n`` images (None when it has none).
+
+    Pass ``top``/``files``/``geometry`` when drawing many cards: each is one cache lookup.
+    """
+    top = top or data.top_k(store, run.run_key)
+    files = files or data.probe_files(store, run.probe_set_id)
+    if not 0 <= neuron < len(top.image_idx):
         return None
-    return images.neuron_mosaic(store.root, run.run_key, neuron, paths, tile=tile,
-                                geometry=geometry or run_geometry(store, run))
+    idxs = [int(i) for i in top.image_idx[neuron][:n] if 0 <= i < len(files)]
+    if not idxs:
+        return None
+    return images.neuron_mosaic(store.root, run.run_key, neuron, [files.paths[i] for i in idxs], tile=tile,
+                                geometry=geometry or run_geometry(store, run),
+                                content_ids=[files.image_ids[i] for i in idxs])
 
 
-def thumb_paths(store: Store, run: RunInfo, image_idxs: Sequence[int], size: int = 160) -> list[Path | None]:
+def show_image(path: Path | str | None, where=None, **kwargs) -> None:
+    """st.image of a cached picture, passed as bytes: Streamlit's handling of path strings
+    costs a getcwd per image, which adds up over a grid."""
+    if path is None:
+        return
+    (where or st).image(Path(path).read_bytes(), **kwargs)
+
+
+def thumb_paths(store: Store, run: RunInfo, image_idxs: Sequence[int], size: int = 160,
+                geometry: images.ViewGeometry | None = None) -> list[Path | None]:
     """Cached square thumbnails (model view) of probe images by index."""
-    probe = data.probe_images(store, run.probe_set_id)
-    geometry = run_geometry(store, run)
-    out: list[Path | None] = []
-    for idx in image_idxs:
-        if 0 <= idx < len(probe):
-            out.append(images.thumbnail(store.root, probe.at[int(idx), "path"], size, geometry))
-        else:
-            out.append(None)
-    return out
+    files = data.probe_files(store, run.probe_set_id)
+    geometry = geometry or run_geometry(store, run)
+    return [images.thumbnail(store.root, files.paths[int(i)], size, geometry) if 0 <= i < len(files) else None
+            for i in image_idxs]
 
 
 def image_grid(paths: Sequence[Path | str | None], captions: Sequence[str], cols: int = 6) -> None:
@@ -171,8 +183,7 @@ def image_grid(paths: Sequence[Path | str | None], captions: Sequence[str], cols
     for start in range(0, len(paths), cols):
         columns = st.columns(cols, gap="small")
         for col, path, caption in zip(columns, paths[start:start + cols], captions[start:start + cols]):
-            if path is not None:
-                col.image(str(path), caption=caption, width="stretch")
+            show_image(path, col, caption=caption, width="stretch")
 
 
 def activation_column(store: Store, run_key: str, neuron: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,8 +45,21 @@ def method_title(name: str) -> str:
     return METHOD_TITLES.get(name, name)
 
 
+_VERSION_TTL = 0.25  # seconds a fingerprint is reused: one page run stats the files once
+_versions: dict[str, tuple[float, tuple]] = {}
+
+
 def db_version(store: Store) -> tuple:
-    """A cheap fingerprint of the database files: changes whenever anything is written."""
+    """A cheap fingerprint of the database files: changes whenever anything is written.
+
+    Reused for a quarter of a second, so the dozens of cached reads of one page run cost
+    one pair of stat calls; a job finishing is still seen on the next rerun.
+    """
+    key = str(store.db_path)
+    now = time.monotonic()
+    hit = _versions.get(key)
+    if hit is not None and now - hit[0] < _VERSION_TTL:
+        return hit[1]
     out = []
     for path in (store.db_path, store.db_path.with_suffix(".duckdb.wal")):
         try:
@@ -53,7 +67,9 @@ def db_version(store: Store) -> tuple:
             out.append((s.st_size, s.st_mtime_ns))
         except OSError:
             out.append(None)
-    return tuple(out)
+    version = tuple(out)
+    _versions[key] = (now, version)
+    return version
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,9 @@ class Catalog:
     def probe_set(self, probe_set_id: str) -> dict | None:
         return next((p for p in self.probe_sets if p["probe_set_id"] == probe_set_id), None)
 
+    def run(self, run_key: str) -> RunInfo | None:
+        return next((r for r in self.runs if r.run_key == run_key), None)
+
 
 def _store_for(root: str) -> Store:
     from ui.context import get_store
@@ -83,7 +102,10 @@ def _store_for(root: str) -> Store:
     return get_store(root)
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
+# The read-only tables below are shared between sessions without copying
+# (st.cache_resource): pages never modify them in place. Keyed by the database version,
+# so a write makes the next read fresh; max_entries bounds the memory.
+@st.cache_resource(show_spinner=False, max_entries=8)
 def _catalog(root: str, version: tuple) -> Catalog:
     store = _store_for(root)
     with store.connect() as con:
@@ -107,28 +129,41 @@ def catalog(store: Store) -> Catalog:
     return _catalog(str(store.root), db_version(store))
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
+@st.cache_resource(show_spinner=False, max_entries=16)
 def _run_labels(root: str, version: tuple, run_key: str) -> pd.DataFrame:
     return _store_for(root).labels(run_key)
 
 
 def run_labels(store: Store, run_key: str) -> pd.DataFrame:
-    """All labels (every method, every rank) of one run: neuron, method, rank, label, score, ..."""
+    """All labels (every method, every rank) of one run: neuron, method, rank, label, score, ...
+    Shared, read-only: copy before modifying."""
     return _run_labels(str(store.root), db_version(store), run_key)
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def _top_table(root: str, version: tuple, run_key: str) -> pd.DataFrame:
-    return _store_for(root).query_df(
+@dataclass(frozen=True)
+class TopK:
+    """A run's top-k table as arrays: image index and activation per (neuron, rank)."""
+
+    image_idx: np.ndarray  # (n_neurons, k) int
+    activation: np.ndarray  # (n_neurons, k) float32
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _top_k(root: str, version: tuple, run_key: str) -> TopK:
+    df = _store_for(root).query_df(
         "SELECT neuron, rank, image_idx, activation FROM topk WHERE run_key = ? ORDER BY neuron, rank", [run_key])
+    n_neurons = int(df["neuron"].max()) + 1 if len(df) else 0
+    k = len(df) // n_neurons if n_neurons else 0
+    return TopK(df["image_idx"].to_numpy(dtype=np.int64).reshape(n_neurons, k),
+                df["activation"].to_numpy(dtype=np.float32).reshape(n_neurons, k))
 
 
-def top_table(store: Store, run_key: str) -> pd.DataFrame:
-    """The whole top-k table of a run (neurons x k rows: small), for grids and paging."""
-    return _top_table(str(store.root), db_version(store), run_key)
+def top_k(store: Store, run_key: str) -> TopK:
+    """Every neuron's top images of a run (small: neurons x k), for grids and paging."""
+    return _top_k(str(store.root), db_version(store), run_key)
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
+@st.cache_resource(show_spinner=False, max_entries=16)
 def _stats(root: str, version: tuple, run_key: str) -> pd.DataFrame:
     return _store_for(root).neuron_stats(run_key)
 
@@ -137,36 +172,46 @@ def neuron_stats(store: Store, run_key: str) -> pd.DataFrame:
     return _stats(str(store.root), db_version(store), run_key)
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def _probe_paths(root: str, version: tuple, probe_set_id: str) -> pd.DataFrame:
+@dataclass(frozen=True)
+class ProbeFiles:
+    """A probe set's images in activation-row order: paths, labels and ids as plain lists."""
+
+    paths: tuple[str, ...]
+    labels: tuple[str, ...]
+    image_ids: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _probe_files(root: str, version: tuple, probe_set_id: str) -> ProbeFiles:
     rows = _store_for(root).probe_images(probe_set_id)
-    return pd.DataFrame(rows, columns=["idx", "image_id", "path", "label"])
+    return ProbeFiles(tuple(r["path"] for r in rows), tuple(r["label"] or "" for r in rows), tuple(r["image_id"] for r in rows))
 
 
-def probe_images(store: Store, probe_set_id: str) -> pd.DataFrame:
-    """idx, image_id, path, label of every image of a probe set (idx = row in activations)."""
-    return _probe_paths(str(store.root), db_version(store), probe_set_id)
+def probe_files(store: Store, probe_set_id: str) -> ProbeFiles:
+    """Paths, labels and ids of every image of a probe set (index = row in activations)."""
+    return _probe_files(str(store.root), db_version(store), probe_set_id)
 
 
 def top_rows(store: Store, run_key: str, neuron: int, k: int | None = None) -> list[dict]:
     """One neuron's top images (rank order) with their file paths and probe labels."""
-    table = top_table(store, run_key)
-    sub = table[table["neuron"] == neuron]
-    if k is not None:
-        sub = sub.head(k)
-    info = _run_of(store, run_key)
-    paths = probe_images(store, info.probe_set_id) if info else None
+    info = catalog(store).run(run_key)
+    table = top_k(store, run_key)
+    if info is None or not 0 <= neuron < len(table.image_idx):
+        return []
+    files = probe_files(store, info.probe_set_id)
+    idxs, acts = table.image_idx[neuron], table.activation[neuron]
+    n = len(idxs) if k is None else min(k, len(idxs))
     out = []
-    for rank, idx, act in zip(sub["rank"], sub["image_idx"], sub["activation"]):
-        row = {"rank": int(rank), "image_idx": int(idx), "activation": float(act), "path": None, "label": ""}
-        if paths is not None and 0 <= idx < len(paths):
-            row["path"], row["label"], row["image_id"] = paths.at[int(idx), "path"], paths.at[int(idx), "label"], paths.at[int(idx), "image_id"]
-        out.append(row)
+    for rank in range(n):
+        idx = int(idxs[rank])
+        inside = 0 <= idx < len(files)
+        out.append({"rank": rank, "image_idx": idx, "activation": float(acts[rank]),
+                    "path": files.paths[idx] if inside else None, "label": files.labels[idx] if inside else "",
+                    "image_id": files.image_ids[idx] if inside else None})
     return out
-
-
-def _run_of(store: Store, run_key: str) -> RunInfo | None:
-    return next((r for r in catalog(store).runs if r.run_key == run_key), None)
 
 
 def label_extra(row) -> dict:
@@ -179,10 +224,3 @@ def label_extra(row) -> dict:
     except (TypeError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def image_path(store: Store, probe_set_id: str, idx: int) -> Path | None:
-    paths = probe_images(store, probe_set_id)
-    if 0 <= idx < len(paths):
-        return Path(paths.at[int(idx), "path"])
-    return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 import streamlit as st
@@ -57,7 +58,12 @@ def _advice(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def friendly_errors(what: str = "this page") -> Iterator[None]:
-    """Turn errors raised inside the block into readable messages (never a traceback)."""
+    """Turn errors raised inside the block into readable messages (never a traceback).
+
+    Also records how long the block took in ``st.session_state["nv_timings"][what]``
+    (benchmarks/bench_pages.py reads it; it costs one dict write).
+    """
+    started = time.perf_counter()
     try:
         yield
     except _known() as exc:
@@ -70,6 +76,11 @@ def friendly_errors(what: str = "this page") -> Iterator[None]:
         log.exception("unexpected error while drawing %s", what)
         st.error(f"Something went wrong while drawing {what} ({type(exc).__name__}: {exc}). "
                  "The details are in the server log; reloading the page usually helps.")
+    finally:
+        try:
+            st.session_state.setdefault("nv_timings", {})[what] = time.perf_counter() - started
+        except Exception:  # no session (direct calls outside Streamlit)
+            pass
 
 
 def empty_cache_notice() -> None:

@@ -1,0 +1,161 @@
+"""How fast the dashboard's pages render: `.venv/bin/python benchmarks/bench_pages.py`.
+
+Budgets (the brief): the layer browser (24 cards) and the neuron page render from a warm
+cache in < 150 ms of script time and from a cold start in < 1 s.
+
+Workspace: a *copy* of ./cache (or --cache DIR) when it holds extracted runs (the demo:
+MobileNetV2 over ~700 images), labelled with labels derived from the probe set's own labels
+when it has none, so the pages have something to show; otherwise the tiny test workspace
+(random ResNet-18 at 64 px over 40 images). The copy keeps the original untouched.
+
+For each page, through Streamlit's AppTest (the same script path as `streamlit run`):
+- ``process cold``: a fresh Python process, empty Streamlit caches, no cached pictures:
+  everything a first visitor after a server start pays, imports of our modules included;
+- ``pictures on disk``: a fresh process whose mosaics/thumbnails already exist (a restart);
+- ``warm``: the median of repeated reruns in one process.
+Two figures per case: ``script`` (the script thread's wall time, including AppTest's own
+recompilation of the page, ~30-60 ms that a real server caches) and ``body`` (the page
+body inside ui.guard.friendly_errors, i.e. our code only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+PAGES = {"browser": ("pages/browser.py", "the layer browser"), "neuron": ("pages/neuron.py", "the neuron")}
+
+
+def prepare_workspace(source: Path | None, out: Path) -> dict:
+    """Copy an existing cache (runs + database) or build the tiny one; make sure it has labels."""
+    from neuroviz.store import Store
+
+    if source is not None and (source / "neuroviz.duckdb").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / "neuroviz.duckdb", out / "neuroviz.duckdb")
+        if (source / "runs").exists():
+            shutil.copytree(source / "runs", out / "runs", ignore=shutil.ignore_patterns("partial"))
+        store = Store(out)
+        runs = store.find_runs()
+        if runs:
+            from test_pages import add_probe_labels
+
+            for run in runs:
+                if store.labels(run.run_key, top_only=True).empty:
+                    add_probe_labels(store, run)
+            widest = max(runs, key=lambda r: r.n_neurons if r.map_shape else -1)
+            return {"cache": str(out), "model": widest.model_spec, "layer": widest.layer, "n_neurons": widest.n_neurons,
+                    "n_images": widest.n_images, "source": str(source)}
+    from conftest import make_shape_images, save_skimage_samples
+    from test_pages import build_dashboard_cache
+
+    images = out.parent / "probe"
+    make_shape_images(images / "shapes")
+    save_skimage_samples(images / "photos")
+    info = build_dashboard_cache(out, images)
+    run = info["runs"]["layer4"]
+    return {"cache": str(out), "model": run.model_spec, "layer": run.layer, "n_neurons": run.n_neurons,
+            "n_images": run.n_images, "source": "tiny test workspace"}
+
+
+class ScriptTimer:
+    """Wall time of AppTest's script thread (the run of app.py and the page)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._orig = threading.Thread.run
+
+    def __enter__(self):
+        timer = self
+
+        def run(thread):
+            start = time.perf_counter()
+            try:
+                timer._orig(thread)
+            finally:
+                timer.seconds = time.perf_counter() - start
+
+        threading.Thread.run = run
+        return self
+
+    def __exit__(self, *exc):
+        threading.Thread.run = self._orig
+
+
+def measure(page: str, workspace: dict, repeats: int) -> dict:
+    """Run one page in this process: the first run (cold for this process), then warm reruns."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["NEUROVIZ_CACHE"] = workspace["cache"]
+    os.environ["NEUROVIZ_UI_RAISE"] = "1"
+    path, what = PAGES[page]
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300)
+    at.query_params.update({"model": workspace["model"], "layer": workspace["layer"], "neuron": "3"})
+    at.switch_page(path)
+    results: dict = {"script": [], "body": []}
+    for i in range(repeats + 1):
+        with ScriptTimer() as timer:
+            at.run()
+        if at.exception:
+            raise RuntimeError(f"{page} raised: {at.exception[0].value}")
+        body = at.session_state["nv_timings"].get(what) if "nv_timings" in at.session_state else None
+        results["script"].append(timer.seconds)
+        results["body"].append(body)
+    return {"first_script": results["script"][0], "first_body": results["body"][0],
+            "warm_script": statistics.median(results["script"][1:]) if repeats else None,
+            "warm_body": statistics.median(b for b in results["body"][1:] if b is not None) if repeats else None}
+
+
+def fresh_process(page: str, workspace: dict, repeats: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", page, "--workspace", json.dumps(workspace),
+                          "--repeats", str(repeats)], capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, default=REPO / "cache", help="workspace to copy (default ./cache)")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny test workspace even if ./cache has runs")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--workspace", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, json.loads(args.workspace), args.repeats)))
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench_pages_"))
+    try:
+        workspace = prepare_workspace(None if args.tiny else args.cache, tmp / "cache")
+        print(f"workspace: {workspace['source']} -> layer {workspace['layer']} of {workspace['model']}: "
+              f"{workspace['n_neurons']} neurons x {workspace['n_images']} images")
+        print(f"{'page':8s} {'case':18s} {'script ms':>10s} {'body ms':>9s}")
+        for page in PAGES:
+            shutil.rmtree(Path(workspace["cache"]) / "thumbs", ignore_errors=True)
+            cold = fresh_process(page, workspace, args.repeats)  # builds the pictures
+            restart = fresh_process(page, workspace, 0)
+            rows = [("process cold", cold["first_script"], cold["first_body"]),
+                    ("pictures on disk", restart["first_script"], restart["first_body"]),
+                    (f"warm (median {args.repeats})", cold["warm_script"], cold["warm_body"])]
+            for case, script, body in rows:
+                print(f"{page:8s} {case:18s} {script * 1000:10.0f} {(body or 0) * 1000:9.0f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
