@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="embedding width (CLIP ViT-B/16: 512)")
     parser.add_argument("--extract-images", type=int, default=128, help="real images actually extracted (then extrapolated)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also time labelling with p(c|x) recomputed for each layer (a second, equally long run)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--share", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,19 +129,21 @@ def main() -> None:
     print(f"extraction measured: {args.extract_images} images in {extraction:.1f} s ({1 / per_image:.1f} img/s)", flush=True)
 
     shared = run_child(args, share=True)
-    per_layer = run_child(args, share=False)
+    per_layer = run_child(args, share=False) if args.per_layer else None
+    results = [("shared p(c|x)", shared)] + ([("per layer", per_layer)] if per_layer else [])
 
     print("\n| step | seconds | share of extraction |")
     print("|---|---:|---:|")
     print(f"| extraction of {args.images:,} images, 5 layers (EXTRAPOLATED from {args.extract_images}) | {extrapolated:.0f} | 100% |")
     print(f"| labelling, p(c|x) shared by the 5 layers (CLI `label` across layers) | {shared['total_s']:.1f} | "
           f"{100 * shared['total_s'] / extrapolated:.1f}% |")
-    print(f"| labelling, p(c|x) recomputed per layer (one `run_method` per layer) | {per_layer['total_s']:.1f} | "
-          f"{100 * per_layer['total_s'] / extrapolated:.1f}% |")
+    if per_layer:
+        print(f"| labelling, p(c|x) recomputed per layer (`run_method` outside reuse_probabilities) | "
+              f"{per_layer['total_s']:.1f} | {100 * per_layer['total_s'] / extrapolated:.1f}% |")
     print("\nper step (shared): " + ", ".join(f"{k} {v:.1f} s" for k, v in shared["timings"].items()))
     print("\n| labelling memory | MB |")
     print("|---|---:|")
-    for name, res in (("shared p(c|x)", shared), ("per layer", per_layer)):
+    for name, res in results:
         print(f"| {name}: peak RSS of the process | {res['peak_mb']:.0f} |")
         print(f"| {name}: peak minus RSS before labelling (inputs loaded) | {res['peak_mb'] - res['baseline_mb']:.0f} |")
     ratio = shared["total_s"] / extrapolated

@@ -461,23 +461,36 @@ class TargetActivations:
         return hook
 
 
-def _gram_embedding(features: torch.Tensor) -> torch.Tensor:
-    """Flattened, L2-normalised Gram matrices: which channels fire together, wherever they are."""
+def gram_similarity(features: torch.Tensor) -> torch.Tensor:
+    """(B, B) cosine similarity between the samples' Gram matrices: which channels fire
+    together, wherever they fire (Lucid's diversity measure).
+
+    For deep layers with many channels and few positions, <G_i, G_j> = ||F_i^T F_j||^2 is
+    computed from the positions x positions products, never forming C x C matrices.
+    """
     if features.dim() == 4:
-        flat = features.flatten(2)  # (B, C, HW)
-        gram = flat @ flat.transpose(1, 2) / flat.shape[-1]
+        maps = features.flatten(2).transpose(1, 2)  # (B, positions, C)
     elif features.dim() == 3:
-        gram = features.transpose(1, 2) @ features / features.shape[1]
+        maps = features  # (B, tokens, D)
     else:
-        gram = features.flatten(1)
-    return F.normalize(gram.flatten(1), dim=1)
+        flat = F.normalize(features.flatten(1), dim=1)
+        return flat @ flat.T
+    b, positions, channels = maps.shape
+    maps = maps / positions
+    if channels <= positions:
+        gram = F.normalize((maps.transpose(1, 2) @ maps).flatten(1), dim=1)
+        return gram @ gram.T
+    stacked = maps.reshape(b * positions, channels)
+    cross = (stacked @ stacked.T).reshape(b, positions, b, positions)
+    inner = cross.pow(2).sum(dim=(1, 3))  # <G_i, G_j> for every pair
+    norms = inner.diagonal().clamp_min(1e-30).sqrt()
+    return inner / (norms[:, None] * norms[None, :])
 
 
 def diversity_similarity(features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity of the Gram embeddings of samples in the same group (Lucid's
-    diversity objective, minimised). Zero when no group holds two samples."""
-    emb = _gram_embedding(features)
-    sim = emb @ emb.T
+    """Mean Gram-matrix cosine similarity of samples in the same group (Lucid's diversity
+    objective, to be minimised). Zero when no group holds two samples."""
+    sim = gram_similarity(features)
     same = (groups[:, None] == groups[None, :]) & ~torch.eye(len(groups), dtype=torch.bool, device=features.device)
     if not same.any():
         return features.new_zeros(())

@@ -412,3 +412,29 @@ def test_packaged_gemma_scores_and_generates():
     assert (DEFAULT_CACHE / "models" / GEMMA_HF_DIRNAME / "READY").exists()
     text = lm.generate("The capital of France is", max_new_tokens=6, temperature=0.0)
     assert text.strip() and text == lm.generate("The capital of France is", max_new_tokens=6, temperature=0.0, seed=9)
+
+
+def test_cached_log_likelihood_scores_each_text_once(tiny_lm_dir, tmp_path):
+    from neuroviz.backends.language import RecordingLM, TransformersLM, cached_log_likelihood, create_language_model
+    from neuroviz.store import Store
+
+    class CountingLM(TransformersLM):
+        scored: list[str] = []
+
+        def log_likelihood(self, texts, batch_size=16):
+            self.scored += list(texts)
+            return super().log_likelihood(texts, batch_size)
+
+    store = Store(tmp_path)
+    lm = CountingLM(str(tiny_lm_dir))
+    first = cached_log_likelihood(lm, store, ["red square", "blue circle", "red square"], batch_size=1)
+    np.testing.assert_allclose(first, lm.log_likelihood(["red square", "blue circle", "red square"]), atol=1e-6)
+    lm.scored.clear()
+    second = cached_log_likelihood(lm, store, ["blue circle", "cat", "red square"])
+    assert lm.scored == ["cat"]
+    assert second[0] == first[1] and second[2] == first[0]
+    # a recorder that got cached scores still records them, so its run replays completely
+    recorder = RecordingLM(lm, store)
+    cached_log_likelihood(recorder, store, ["cat", "red square"])
+    replay = create_language_model(f"replay:{recorder.recording_id}", store_root=tmp_path)
+    np.testing.assert_array_equal(replay.log_likelihood(["red square", "cat"]), [second[2], second[1]])

@@ -141,7 +141,16 @@ def workspace(tmp_path_factory, tiny_workspace):
     """A private store (labels written here do not leak into other tests) with the tiny model's fc."""
     store = Store(tmp_path_factory.mktemp("cd_cache"))
     (fc,) = extract.extract(tiny_workspace["model"], tiny_workspace["probe_set"], ["fc"], store, k=10, batch_size=20, chunk_size=20)
-    return {"store": store, "fc": fc, "probe_set": tiny_workspace["probe_set"], "backend": create_multimodal("conse")}
+    backend = create_multimodal("conse")
+    share_image_embeddings(tiny_workspace["store"], store, backend, fc.probe_set_id)
+    return {"store": store, "fc": fc, "probe_set": tiny_workspace["probe_set"], "backend": backend}
+
+
+def share_image_embeddings(src: Store, dst: Store, backend, probe_set_id: str) -> None:
+    """Embeddings are keyed by (backend, probe set): compute them once in the session's shared
+    workspace and hand the same artefact to this private store, instead of re-encoding."""
+    emb = embeddings.image_embeddings(backend, src, probe_set_id)
+    dst.save_array("image_emb", embeddings.image_embeddings_key(backend, probe_set_id), emb)
 
 
 def plant_run(store: Store, base: RunInfo, acts: np.ndarray, name: str) -> RunInfo:

@@ -22,7 +22,16 @@ CONCEPTS = CLASSES + ["square", "circle", "camera", "flower", "coins"]
 def workspace(tmp_path_factory, tiny_workspace, image_folder):
     store = Store(tmp_path_factory.mktemp("eval_cache"))
     (fc,) = extract.extract(tiny_workspace["model"], tiny_workspace["probe_set"], ["fc"], store, k=10, batch_size=20, chunk_size=20)
-    return {"store": store, "fc": fc, "backend": create_multimodal("conse"), "folder": image_folder}
+    backend = create_multimodal("conse")
+    share_image_embeddings(tiny_workspace["store"], store, backend, fc.probe_set_id)
+    return {"store": store, "fc": fc, "backend": backend, "folder": image_folder}
+
+
+def share_image_embeddings(src: Store, dst: Store, backend, probe_set_id: str) -> None:
+    """Embeddings are keyed by (backend, probe set): compute them once in the session's shared
+    workspace and hand the same artefact to this private store, instead of re-encoding."""
+    emb = embeddings.image_embeddings(backend, src, probe_set_id)
+    dst.save_array("image_emb", embeddings.image_embeddings_key(backend, probe_set_id), emb)
 
 
 def test_helpers():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from neuroviz import extract
+from neuroviz import embeddings, extract
 from neuroviz.backends.multimodal import create_multimodal
 from neuroviz.cli import main
 from neuroviz.concepts import from_texts
@@ -34,10 +34,18 @@ def labelled(tmp_path_factory, tiny_workspace, image_folder):
     runs = extract.extract(tiny_workspace["model"], tiny_workspace["probe_set"], ["fc", "layer4"], store, k=10,
                            batch_size=20, chunk_size=20)
     backend = create_multimodal("conse")
+    share_image_embeddings(tiny_workspace["store"], store, backend, runs[0].probe_set_id)
     concepts = from_texts("io", CONCEPTS)
     for run in runs:
         run_method("clip_dissect", MethodContext(store=store, run=run, multimodal=backend, concepts=concepts), neurons=range(12))
     return {"store": store, "runs": {r.layer: r for r in runs}, "folder": image_folder, "concepts": concepts, "backend": backend}
+
+
+def share_image_embeddings(src: Store, dst: Store, backend, probe_set_id: str) -> None:
+    """Embeddings are keyed by (backend, probe set): compute them once in the session's shared
+    workspace and hand the same artefact to this private store, instead of re-encoding."""
+    emb = embeddings.image_embeddings(backend, src, probe_set_id)
+    dst.save_array("image_emb", embeddings.image_embeddings_key(backend, probe_set_id), emb)
 
 
 def test_json_round_trip_keeps_everything(labelled, tmp_path):

@@ -118,10 +118,11 @@ class TransformersLM(LanguageModel):
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[row, : len(encoded[i])] = 1
             with torch.inference_mode():
-                logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            picked = logp.gather(2, ids[:, 1:, None].to(self.device))[..., 0]
-            totals = (picked * mask[:, 1:].to(self.device)).sum(dim=1).double().cpu().numpy()
+                logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits[:, :-1].float()
+                # log p = logit - logsumexp: no second (batch x length x vocab) tensor for log_softmax,
+                # which matters with Gemma's 262k-token vocabulary.
+                picked = logits.gather(2, ids[:, 1:, None].to(self.device))[..., 0] - torch.logsumexp(logits, dim=-1)
+                totals = (picked.double() * mask[:, 1:].to(self.device)).sum(dim=1).cpu().numpy()
             out[idx] = totals
         return out
 
@@ -363,9 +364,13 @@ class RecordingLM(LanguageModel):
 
     def log_likelihood(self, texts: Sequence[str]) -> np.ndarray:
         values = self.inner.log_likelihood(texts)
+        self.record_log_likelihoods(texts, values)
+        return values
+
+    def record_log_likelihoods(self, texts: Sequence[str], values: Sequence[float]) -> None:
+        """Record scores obtained elsewhere (e.g. from the score cache) so replay has them too."""
         self._write([("loglik", _request_key("loglik", self.inner.id, t), self.inner.id, t, None, float(v), None, None, None)
                      for t, v in zip(texts, values)])
-        return values
 
 
 class ReplayLM(LanguageModel):
@@ -419,6 +424,40 @@ class ReplayLM(LanguageModel):
 
     def log_likelihood(self, texts: Sequence[str]) -> np.ndarray:
         return np.asarray([self._answer(_request_key("loglik", self.model_id, t), f"log_likelihood of {t!r}") for t in texts], dtype=np.float64)
+
+
+_LOGLIK_CACHE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS llm_loglik_cache (model_id VARCHAR, text VARCHAR, loglik DOUBLE, PRIMARY KEY (model_id, text))
+"""
+
+
+def cached_log_likelihood(lm: LanguageModel, store, texts: Sequence[str], progress=None, batch_size: int = 64) -> np.ndarray:
+    """``lm.log_likelihood(texts)`` with every text's score kept in the store by (model id, text).
+
+    Scoring is deterministic, and MILAN's p(d) scores the same concept words run after run
+    (Gemma-3-270M scores tens of short texts a second on 2 cores), so each text is scored once.
+    """
+    texts = [str(t) for t in texts]
+    unique = list(dict.fromkeys(texts))
+    with store.connect() as con:
+        con.execute(_LOGLIK_CACHE_SCHEMA)
+        con.execute("CREATE TEMP TABLE wanted (text VARCHAR)")
+        con.executemany("INSERT INTO wanted VALUES (?)", [(t,) for t in unique])
+        known = dict(con.execute(
+            "SELECT c.text, c.loglik FROM llm_loglik_cache c JOIN wanted w ON c.text = w.text WHERE c.model_id = ?", [lm.id]
+        ).fetchall())
+    if known and isinstance(lm, RecordingLM):
+        lm.record_log_likelihoods(list(known), list(known.values()))  # keep the recording complete
+    missing = [t for t in unique if t not in known]
+    for start in range(0, len(missing), batch_size):
+        batch = missing[start : start + batch_size]
+        values = lm.log_likelihood(batch)
+        with store.connect() as con:
+            con.executemany("INSERT OR REPLACE INTO llm_loglik_cache VALUES (?, ?, ?)", [(lm.id, t, float(v)) for t, v in zip(batch, values)])
+        known.update(zip(batch, (float(v) for v in values)))
+        if progress:
+            progress(min(start + batch_size, len(missing)), len(missing), f"log-likelihoods ({lm.id})")
+    return np.asarray([known[t] for t in texts], dtype=np.float64)
 
 
 def list_recordings(store) -> list[dict]:

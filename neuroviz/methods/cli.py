@@ -210,8 +210,9 @@ def configs_for(method_names: Sequence[str], params: Sequence[str]) -> dict[str,
 
 # -- subcommands ---------------------------------------------------------------------------------
 def cmd_label(args) -> int:
-    from ..cli import _store, progress_for
-    from . import get_method, list_methods, run_method
+    from ..cli import _store
+    from . import get_method, list_methods
+    from .clip_dissect import reuse_probabilities
 
     store = _store(args)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -233,6 +234,17 @@ def cmd_label(args) -> int:
     neurons = parse_neurons(args.neurons)
     pool = BackendPool(store, BackendChoice(args.multimodal, args.concepts, args.captioner, args.language_model))
     keys = []
+    with reuse_probabilities():  # layers over the same probe set share CLIP-Dissect's p(c|x)
+        _label_runs(args, store, runs, names, configs, neurons, pool, keys)
+    args._result = {"label_keys": keys}
+    return 0
+
+
+def _label_runs(args, store: Store, runs: list[RunInfo], names: list[str], configs: dict, neurons, pool: BackendPool,
+                keys: list[str]) -> None:
+    from ..cli import progress_for
+    from . import get_method, run_method
+
     for run in runs:
         for name in names:
             method = get_method(name)
@@ -252,8 +264,6 @@ def cmd_label(args) -> int:
             for row in top.head(args.preview).itertuples():
                 cal = "" if row.calibrated is None or row.calibrated != row.calibrated else f"  calibrated {row.calibrated:.2f}"
                 print(f"  neuron {row.neuron:5d}  {row.label:30s}  score {row.score:.4g}{cal}")
-    args._result = {"label_keys": keys}
-    return 0
 
 
 def format_label_table(df, all_ranks: bool = False) -> str:
