@@ -78,13 +78,20 @@ def _mean_sem(values: np.ndarray) -> tuple[float | None, float | None]:
 
 def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[str] | None = None,
                  methods: Sequence[str] | None = None, baselines: Sequence[str] = DEFAULT_BASELINES,
-                 split_seed: int = 0, include_oracle: bool = True) -> list[EvaluationRow]:
-    """Score every label run of ``run`` (or only ``methods``) and the constant baselines."""
+                 split_seed: int = 0, include_oracle: bool = True, latest_only: bool = True) -> list[EvaluationRow]:
+    """Score the label runs of ``run`` (the newest per method, or all) and the constant baselines.
+
+    A method with several label runs (other hyperparameters, backends or code versions) is
+    shown as ``method [label key prefix]`` when they are all evaluated.
+    """
     from . import embeddings
 
-    label_runs = store.label_runs(run.run_key)
+    label_runs = store.label_runs(run.run_key)  # oldest first
     if methods:
         label_runs = label_runs[label_runs["method"].isin(list(methods))]
+    if latest_only:
+        label_runs = label_runs.drop_duplicates("method", keep="last")
+    repeated = set(label_runs["method"][label_runs["method"].duplicated()])
     top = store.labels(run.run_key, top_only=True)
     final_layer = class_names is not None and len(class_names) == run.n_neurons
 
@@ -92,7 +99,8 @@ def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[s
     for meta in label_runs.itertuples():
         rows = top[top["label_key"] == meta.label_key]
         if len(rows):
-            label_sets.append((str(meta.method), str(meta.label_key), dict(zip(rows["neuron"].astype(int), rows["label"].astype(str)))))
+            name = f"{meta.method} [{str(meta.label_key)[:8]}]" if meta.method in repeated else str(meta.method)
+            label_sets.append((name, str(meta.label_key), dict(zip(rows["neuron"].astype(int), rows["label"].astype(str)))))
     all_neurons = range(run.n_neurons)
     for text in baselines:
         label_sets.append((f"baseline: {text}", None, {n: text for n in all_neurons}))
@@ -164,7 +172,8 @@ def cmd_evaluate(args) -> int:
     multimodal = create_multimodal(args.multimodal or default_multimodal_for(run.model_spec))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     baselines = [b.strip() for b in args.baseline.split(",") if b.strip()]
-    rows = evaluate_run(store, run, multimodal, class_names, methods, baselines, args.split_seed)
+    rows = evaluate_run(store, run, multimodal, class_names, methods, baselines, args.split_seed,
+                        latest_only=not args.all_label_runs)
     print(f"# {run.model_spec}  {run.layer}  ({run.n_neurons} neurons); simulation with {multimodal.description}")
     if class_names is not None and len(class_names) != run.n_neurons:
         print(f"(final-layer metrics apply to a layer of {len(class_names)} neurons, one per class)")
@@ -186,4 +195,5 @@ def register_cli(subparsers) -> None:
     p.add_argument("--multimodal", help="backend for simulation and text cosines (default: offline ConSE)")
     p.add_argument("--baseline", default=",".join(DEFAULT_BASELINES), help="constant label(s) for the baseline row(s)")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--all-label-runs", action="store_true", help="every label run of a method, not only the newest")
     p.set_defaults(func=cmd_evaluate)

@@ -22,31 +22,40 @@ def _page_state_key(ws: context.Workspace, *filters: str) -> str:
     return "browser_page::" + "::".join([ws.run.run_key if ws.run else "", *filters])
 
 
-def _filtered_neurons(ws: context.Workspace, query: str, sort: str, agree: str, similar, threshold: float) -> tuple[list[int], dict]:
-    """Neurons matching the search and agreement filter, in the chosen order."""
-    run = ws.run
-    labels = data.run_labels(ws.store, run.run_key)
-    tops = cards.top_labels(labels, ws.methods)
-    neurons = list(range(run.n_neurons))
+def _filtered_neurons(ws: context.Workspace, query: str, sort: str, agree: str, by_meaning: bool,
+                      threshold: float) -> tuple[list[int], dict]:
+    """Neurons matching the search and agreement filter, in the chosen order (cached per
+    database version: paging through a 2,000-neuron layer recomputes nothing)."""
+    return _filtered(str(ws.store.root), data.db_version(ws.store), ws.run.run_key, ws.run.n_neurons, tuple(ws.methods),
+                     query.lower().strip(), sort, agree, by_meaning, threshold)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _filtered(root: str, version: tuple, run_key: str, n_neurons: int, methods: tuple[str, ...], query: str, sort: str,
+              agree: str, by_meaning: bool, threshold: float) -> tuple[list[int], dict]:
+    store = context.get_store(root)
+    labels = data.run_labels(store, run_key)
+    tops = cards.top_labels(labels, methods)
+    similar = _similar_pairs(labels) if by_meaning else None
+    neurons = list(range(n_neurons))
     if query:
-        q = query.lower().strip()
         hit = set()
         if not labels.empty:
-            shown = labels[labels["method"].isin(ws.methods)]
-            hit = set(shown.loc[shown["label"].str.lower().str.contains(q, regex=False, na=False), "neuron"].astype(int))
-        if q.isdigit():
-            hit.add(int(q))
+            shown = labels[labels["method"].isin(methods)]
+            hit = set(shown.loc[shown["label"].str.lower().str.contains(query, regex=False, na=False), "neuron"].astype(int))
+        if query.isdigit():
+            hit.add(int(query))
         neurons = [n for n in neurons if n in hit]
-    agreement = {n: cards.agreement(tops.get(n, {}), ws.methods, similar, threshold) for n in neurons}
+    agreement = {n: cards.agreement(tops.get(n, {}), methods, similar, threshold) for n in neurons}
     if agree == "agree":
         neurons = [n for n in neurons if agreement[n] is True]
     elif agree == "disagree":
         neurons = [n for n in neurons if agreement[n] is False]
-    if sort == "score" and ws.methods:
-        first = ws.methods[0]
+    if sort == "score" and methods:
+        first = methods[0]
         neurons.sort(key=lambda n: -(tops.get(n, {}).get(first, {}).get("score", float("-inf"))))
     elif sort == "max":
-        stats = data.neuron_stats(ws.store, run.run_key)
+        stats = data.neuron_stats(store, run_key)
         peak = dict(zip(stats["neuron"].astype(int), stats["max"]))
         neurons.sort(key=lambda n: -peak.get(n, 0.0))
     elif sort == "agreement":
@@ -62,23 +71,33 @@ def _text_encoder():
     return SentenceTransformer(str(minilm_dir()), device="cpu")
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def _label_similarity(labels: tuple[str, ...]) -> dict[tuple[str, str], float]:
-    """Cosine similarity between every pair of distinct labels that co-occur on a neuron."""
-    encoder = _text_encoder()
-    vectors = encoder.encode(list(labels), normalize_embeddings=True, convert_to_numpy=True)
-    index = {t: i for i, t in enumerate(labels)}
-    return {(a, b): float(vectors[index[a]] @ vectors[index[b]]) for a in labels for b in labels if a < b}
+class LabelSimilarity:
+    """Cosine similarity of label texts from their MiniLM embeddings, looked up by pair
+    (duck-types the dict cards.agreement expects; only the pairs asked for are computed)."""
+
+    def __init__(self, texts: tuple[str, ...], vectors):
+        self.index = {t: i for i, t in enumerate(texts)}
+        self.vectors = vectors
+
+    def get(self, pair: tuple[str, str], default: float = 0.0) -> float:
+        a, b = (self.index.get(t) for t in pair)
+        if a is None or b is None:
+            return default
+        return float(self.vectors[a] @ self.vectors[b])
 
 
-def _similar_pairs(ws: context.Workspace) -> dict | None:
-    labels = data.run_labels(ws.store, ws.run.run_key)
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _label_similarity(texts: tuple[str, ...]) -> LabelSimilarity:
+    vectors = _text_encoder().encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, batch_size=128)
+    return LabelSimilarity(texts, vectors)
+
+
+def _similar_pairs(labels) -> LabelSimilarity | None:
     if labels.empty:
         return None
     texts = tuple(sorted({cards.normalised(t) for t in labels.loc[labels["rank"] == 0, "label"]}))
-    if len(texts) > 4000:
-        st.warning("Too many distinct labels to compare by meaning here; using exact text.")
-        return None
+    if len(texts) > 20000:
+        return None  # too many texts to embed interactively: exact text only
     return _label_similarity(texts)
 
 
@@ -117,7 +136,7 @@ def body() -> None:
     sort = c2.selectbox("Sort by", list(SORTS), format_func=SORTS.get, key="browser_sort")
     agree = c3.selectbox("Agreement", list(AGREEMENT), format_func=AGREEMENT.get, key="browser_agree",
                          disabled=len(ws.methods) < 2, help="Pick two or more methods in the sidebar to compare them.")
-    similar, threshold = None, 0.8
+    by_meaning, threshold = False, 0.8
     if len(ws.methods) >= 2 and agree != "all" or sort == "agreement":
         m1, m2 = st.columns([2, 3])
         by_meaning = m1.toggle("Compare labels by meaning", key="browser_meaning",
@@ -125,11 +144,11 @@ def body() -> None:
                                     "off: agree only on the same text.")
         if by_meaning:
             threshold = m2.slider("Cosine threshold", 0.5, 1.0, 0.8, 0.05, key="browser_threshold")
-            with guard.friendly_errors("label similarity"):
-                similar = _similar_pairs(ws)
-    neurons, info = _filtered_neurons(ws, query, sort, agree, similar, threshold)
+    neurons, info = [], {"tops": {}, "agreement": {}}
+    with guard.friendly_errors("label similarity" if by_meaning else "the neuron list"):
+        neurons, info = _filtered_neurons(ws, query, sort, agree, by_meaning, threshold)
     n_pages = max(1, -(-len(neurons) // PER_PAGE))
-    key = _page_state_key(ws, query, sort, agree, str(bool(similar)), str(threshold), ",".join(ws.methods))
+    key = _page_state_key(ws, query, sort, agree, str(by_meaning), str(threshold), ",".join(ws.methods))
     page = min(int(st.session_state.get(key, 1)), n_pages)
     nav1, nav2, nav3, nav4 = st.columns([1, 1, 2, 4], vertical_alignment="bottom")
     if nav1.button("Previous", icon=":material/chevron_left:", disabled=page <= 1, key="browser_prev"):
@@ -144,7 +163,7 @@ def body() -> None:
         return
     shown = neurons[(page - 1) * PER_PAGE: page * PER_PAGE]
     pictures = {"geometry": cards.run_geometry(ws.store, run), "top": data.top_k(ws.store, run.run_key),
-                "files": data.probe_files(ws.store, run.probe_set_id)}
+                "files": data.run_files(ws.store, run.run_key)}
     for start in range(0, len(shown), COLUMNS):
         cols = st.columns(COLUMNS)
         for col, neuron in zip(cols, shown[start:start + COLUMNS]):

@@ -150,7 +150,7 @@ def _distribution(ws: context.Workspace, neuron: int) -> None:
                       showlegend=False, bargap=0.02)
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False}, key=f"hist_{run.run_key}_{neuron}")
 
-    files = data.probe_files(ws.store, run.probe_set_id)
+    files = data.run_files(ws.store, run.run_key)
     geometry = cards.run_geometry(ws.store, run)
     order = np.argsort(acts, kind="stable")
     n = len(order)

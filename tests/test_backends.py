@@ -85,6 +85,8 @@ def test_unloadable_open_clip_models_suggest_conse():
     backend = create_multimodal("open_clip:ViT-S-32@no-such-tag")
     with pytest.raises(BackendUnavailable, match="conse"):
         backend.encode_texts(["cat"])
+    with pytest.raises(BackendUnavailable, match="openai"):
+        create_multimodal("open_clip:ViT-B-32")  # no tag: says which tags exist
     with pytest.raises(BackendUnavailable, match="conse"):
         create_multimodal("clip-from-the-moon")
     with pytest.raises(BackendUnavailable, match="mobilenet_v2"):
@@ -97,8 +99,8 @@ def test_unloadable_open_clip_models_suggest_conse():
 class CountingConSE(ConSEBackend):
     """The real ConSE backend, counting how often it is asked to encode."""
 
-    def __init__(self):
-        super().__init__(ConSEConfig(top_t=3))
+    def __init__(self, top_t: int = 3):
+        super().__init__(ConSEConfig(top_t=top_t))
         self.image_calls = 0
         self.text_calls = 0
 
@@ -132,6 +134,29 @@ def test_image_embeddings_are_cached_in_probe_set_order(tiny_workspace):
     again = embeddings.image_embeddings(backend, store, ps.id)
     assert backend.image_calls == calls
     np.testing.assert_array_equal(again, emb)
+
+
+def test_interrupted_image_embeddings_resume_from_saved_chunks(tiny_workspace, monkeypatch):
+    store, ps = tiny_workspace["store"], tiny_workspace["probe_set"]
+    monkeypatch.setattr(embeddings, "IMAGE_CHUNK", 16)
+
+    class InterruptedConSE(CountingConSE):
+        def encode_images(self, images, batch_size=32):
+            if self.image_calls == 2:
+                raise KeyboardInterrupt  # as if the job were cancelled during the third chunk
+            return super().encode_images(images, batch_size)
+
+    with pytest.raises(KeyboardInterrupt):
+        embeddings.image_embeddings(InterruptedConSE(top_t=4), store, ps.id, batch_size=16)
+    resumed = CountingConSE(top_t=4)
+    emb = embeddings.image_embeddings(resumed, store, ps.id, batch_size=16)
+    assert resumed.image_calls == -(-len(ps) // 16) - 2  # only the chunk that was not saved
+    from neuroviz.datasets import load_rgb
+
+    rows = sorted(store.probe_images(ps.id), key=lambda r: r["idx"])
+    direct = resumed.encode_images([load_rgb(rows[0]["path"]), load_rgb(rows[-1]["path"])])  # saved chunk, resumed chunk
+    np.testing.assert_allclose(emb[[0, -1]], direct, atol=1e-5)
+    assert not (store.root / "arrays" / "image_emb_partial" / embeddings.image_embeddings_key(resumed, ps.id)).exists()
 
 
 def test_text_embeddings_cached_by_backend_and_text_list(tmp_path):

@@ -150,7 +150,7 @@ def mosaic_for(store: Store, run: RunInfo, neuron: int, n: int = MOSAIC_IMAGES, 
     Pass ``top``/``files``/``geometry`` when drawing many cards: each is one cache lookup.
     """
     top = top or data.top_k(store, run.run_key)
-    files = files or data.probe_files(store, run.probe_set_id)
+    files = files or data.run_files(store, run.run_key)
     if not 0 <= neuron < len(top.image_idx):
         return None
     idxs = [int(i) for i in top.image_idx[neuron][:n] if 0 <= i < len(files)]
@@ -172,7 +172,7 @@ def show_image(path: Path | str | None, where=None, **kwargs) -> None:
 def thumb_paths(store: Store, run: RunInfo, image_idxs: Sequence[int], size: int = 160,
                 geometry: images.ViewGeometry | None = None) -> list[Path | None]:
     """Cached square thumbnails (model view) of probe images by index."""
-    files = data.probe_files(store, run.probe_set_id)
+    files = data.run_files(store, run.run_key)
     geometry = geometry or run_geometry(store, run)
     return [images.thumbnail(store.root, files.paths[int(i)], size, geometry) if 0 <= i < len(files) else None
             for i in image_idxs]

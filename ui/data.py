@@ -129,47 +129,12 @@ def catalog(store: Store) -> Catalog:
     return _catalog(str(store.root), db_version(store))
 
 
-@st.cache_resource(show_spinner=False, max_entries=16)
-def _run_labels(root: str, version: tuple, run_key: str) -> pd.DataFrame:
-    return _store_for(root).labels(run_key)
-
-
-def run_labels(store: Store, run_key: str) -> pd.DataFrame:
-    """All labels (every method, every rank) of one run: neuron, method, rank, label, score, ...
-    Shared, read-only: copy before modifying."""
-    return _run_labels(str(store.root), db_version(store), run_key)
-
-
 @dataclass(frozen=True)
 class TopK:
     """A run's top-k table as arrays: image index and activation per (neuron, rank)."""
 
     image_idx: np.ndarray  # (n_neurons, k) int
     activation: np.ndarray  # (n_neurons, k) float32
-
-
-@st.cache_resource(show_spinner=False, max_entries=16)
-def _top_k(root: str, version: tuple, run_key: str) -> TopK:
-    df = _store_for(root).query_df(
-        "SELECT neuron, rank, image_idx, activation FROM topk WHERE run_key = ? ORDER BY neuron, rank", [run_key])
-    n_neurons = int(df["neuron"].max()) + 1 if len(df) else 0
-    k = len(df) // n_neurons if n_neurons else 0
-    return TopK(df["image_idx"].to_numpy(dtype=np.int64).reshape(n_neurons, k),
-                df["activation"].to_numpy(dtype=np.float32).reshape(n_neurons, k))
-
-
-def top_k(store: Store, run_key: str) -> TopK:
-    """Every neuron's top images of a run (small: neurons x k), for grids and paging."""
-    return _top_k(str(store.root), db_version(store), run_key)
-
-
-@st.cache_resource(show_spinner=False, max_entries=16)
-def _stats(root: str, version: tuple, run_key: str) -> pd.DataFrame:
-    return _store_for(root).neuron_stats(run_key)
-
-
-def neuron_stats(store: Store, run_key: str) -> pd.DataFrame:
-    return _stats(str(store.root), db_version(store), run_key)
 
 
 @dataclass(frozen=True)
@@ -184,10 +149,70 @@ class ProbeFiles:
         return len(self.paths)
 
 
+@dataclass(frozen=True)
+class RunTables:
+    """Everything the pages read about one run, fetched through one connection."""
+
+    labels: pd.DataFrame
+    top: TopK
+    stats: pd.DataFrame
+    files: ProbeFiles
+
+
+def _files_from(rows: list[tuple]) -> ProbeFiles:
+    return ProbeFiles(tuple(r[0] for r in rows), tuple(r[1] or "" for r in rows), tuple(r[2] for r in rows))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _run_tables(root: str, version: tuple, run_key: str) -> RunTables:
+    store = _store_for(root)
+    with store.connect() as con:
+        labels = con.execute(
+            "SELECT neuron, method, rank, label, score, calibrated, backend, label_key, extra_json FROM labels "
+            "WHERE run_key = ? ORDER BY neuron, method, rank", [run_key]).df()
+        top = con.execute("SELECT neuron, image_idx, activation FROM topk WHERE run_key = ? ORDER BY neuron, rank",
+                          [run_key]).df()
+        stats = con.execute("SELECT neuron, mean, std, min, max, q99, q995 FROM neuron_stats WHERE run_key = ? "
+                            "ORDER BY neuron", [run_key]).df()
+        files = _files_from(con.execute(
+            "SELECT p.path, p.label, p.image_id FROM probe_images p JOIN runs r ON p.probe_set_id = r.probe_set_id "
+            "WHERE r.run_key = ? ORDER BY p.idx", [run_key]).fetchall())
+    n_neurons = int(top["neuron"].max()) + 1 if len(top) else 0
+    k = len(top) // n_neurons if n_neurons else 0
+    table = TopK(top["image_idx"].to_numpy(dtype=np.int64).reshape(n_neurons, k),
+                 top["activation"].to_numpy(dtype=np.float32).reshape(n_neurons, k))
+    return RunTables(labels, table, stats, files)
+
+
+def run_tables(store: Store, run_key: str) -> RunTables:
+    """Labels, top-k, stats and probe files of a run (shared, read-only: copy before modifying)."""
+    return _run_tables(str(store.root), db_version(store), run_key)
+
+
+def run_labels(store: Store, run_key: str) -> pd.DataFrame:
+    """All labels (every method, every rank) of one run: neuron, method, rank, label, score, ..."""
+    return run_tables(store, run_key).labels
+
+
+def top_k(store: Store, run_key: str) -> TopK:
+    """Every neuron's top images of a run (small: neurons x k), for grids and paging."""
+    return run_tables(store, run_key).top
+
+
+def neuron_stats(store: Store, run_key: str) -> pd.DataFrame:
+    return run_tables(store, run_key).stats
+
+
+def run_files(store: Store, run_key: str) -> ProbeFiles:
+    """Paths, labels and ids of the run's probe images (index = row in activations)."""
+    return run_tables(store, run_key).files
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _probe_files(root: str, version: tuple, probe_set_id: str) -> ProbeFiles:
-    rows = _store_for(root).probe_images(probe_set_id)
-    return ProbeFiles(tuple(r["path"] for r in rows), tuple(r["label"] or "" for r in rows), tuple(r["image_id"] for r in rows))
+    rows = _store_for(root).query("SELECT path, label, image_id FROM probe_images WHERE probe_set_id = ? ORDER BY idx",
+                                  [probe_set_id])
+    return _files_from(rows)
 
 
 def probe_files(store: Store, probe_set_id: str) -> ProbeFiles:
@@ -197,11 +222,10 @@ def probe_files(store: Store, probe_set_id: str) -> ProbeFiles:
 
 def top_rows(store: Store, run_key: str, neuron: int, k: int | None = None) -> list[dict]:
     """One neuron's top images (rank order) with their file paths and probe labels."""
-    info = catalog(store).run(run_key)
-    table = top_k(store, run_key)
-    if info is None or not 0 <= neuron < len(table.image_idx):
+    tables = run_tables(store, run_key)
+    table, files = tables.top, tables.files
+    if not 0 <= neuron < len(table.image_idx):
         return []
-    files = probe_files(store, info.probe_set_id)
     idxs, acts = table.image_idx[neuron], table.activation[neuron]
     n = len(idxs) if k is None else min(k, len(idxs))
     out = []

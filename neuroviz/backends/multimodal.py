@@ -303,7 +303,16 @@ def _build(spec: str) -> MultimodalBackend:
         name, _, tag = rest.partition("@")
         if not name:
             raise BackendUnavailable("Write open_clip backends as 'open_clip:<model>@<pretrained tag>', e.g. open_clip:ViT-B-32@openai.")
-        return OpenClipBackend(name, None if tag in ("", "random") else tag)
+        if not tag:
+            import open_clip
+
+            tags = open_clip.list_pretrained_tags_by_model(name) if name in open_clip.list_models() else []
+            raise BackendUnavailable(
+                f"Name the weights of '{spec}': open_clip:{name}@<tag>"
+                + (f" with a tag from {', '.join(tags)}" if tags else "")
+                + f", or open_clip:{name}@random (no download). Offline, use 'conse'."
+            )
+        return OpenClipBackend(name, None if tag == "random" else tag)
     raise BackendUnavailable(f"Unknown multimodal backend '{spec}'. Use one of: {', '.join(list_multimodal(include_hub=False))}, or open_clip:<model>@<tag>.")
 
 
@@ -314,8 +323,6 @@ def _canonical_spec(spec: str) -> str:
         classifier = match.group("classifier") or DEFAULT_CONSE_CLASSIFIER
         top_t = int(match.group("top_t") or ConSEConfig.top_t)
         return f"conse:{classifier}@{top_t}"
-    if spec.startswith("open_clip:") and "@" not in spec:
-        return spec + "@random"
     return spec
 
 
