@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` from another folder still finds
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ui import auth, context, guard  # noqa: E402
+from ui import auth, context, guard, warmup  # noqa: E402
 
 st.set_page_config(page_title="neuroviz", page_icon=":material/neurology:", layout="wide")
 
@@ -90,3 +90,4 @@ elif auth.owner_access() in ("login", "locked"):
 else:
     navigation = owner_navigation()
 navigation.run()
+warmup.start()  # after the page: slow imports load while the visitor reads it

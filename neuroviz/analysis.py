@@ -226,10 +226,12 @@ def neuron_categories(store: Store, run: RunInfo, method: str, config: AnalysisC
 @dataclass(frozen=True)
 class ImportanceConfig:
     """How groups are ablated and measured. ``max_images`` caps the probe images used per
-    pass (an evenly spaced subset) so a full table stays within minutes on a CPU."""
+    pass (an evenly spaced subset; with ``labelled_first`` taken from the images whose
+    label is a class name when there are any) so a full table stays within minutes on a CPU."""
 
     mode: str = "zero"
-    max_images: int | None = 256
+    max_images: int | None = 128
+    labelled_first: bool = True  # spend the image budget on images whose label is a class name
     random_baseline: bool = True
     seed: int = 0
     batch_size: int = 32
@@ -289,7 +291,11 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
             plan.append((run, category, neurons))
     if not plan:
         raise AnalysisError(f"No neurons labelled by '{method}' in the stored layers of {model.spec}; run the method first.")
-    n = len(editing.subset_indices(len(probe_set), importance.max_images))
+    if importance.labelled_first:
+        rows_used = editing.labelled_first_indices(probe_set, model.class_names, importance.max_images)
+    else:
+        rows_used = editing.subset_indices(len(probe_set), importance.max_images)
+    n = len(rows_used)
     passes = 1 + len(plan) * (2 if importance.random_baseline else 1)
     state = {"pass": 0}
 
@@ -299,16 +305,16 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
         base = state["pass"] * n
         return lambda done, _t, _m: progress(base + done, passes * n, message)
 
-    before = editing.predict(model, probe_set, store, None, importance.max_images, importance.batch_size, step("original model"))
+    before = editing.predict(model, probe_set, store, None, None, importance.batch_size, step("original model"), rows_used)
     state["pass"] += 1
     rng = np.random.default_rng(importance.seed)
     rows = []
     for run, category, neurons in plan:
         def measure(ids: list[int], tag: str) -> editing.Comparison:
-            edit = editing.make_edit(f"{tag} {run.layer} {category}"[:80].replace("/", " "), model.spec, {run.layer: ids},
+            edit = editing.make_edit(f"{tag} {run.layer} {category}"[:80].replace("/", " ").replace("\\", " "), model.spec, {run.layer: ids},
                                      importance.mode, store, probe_set.id)
-            after = editing.predict(model, probe_set, store, edit, importance.max_images, importance.batch_size,
-                                    step(f"ablating {category} in {run.layer} ({len(ids)} neurons)"))
+            after = editing.predict(model, probe_set, store, edit, None, importance.batch_size,
+                                    step(f"ablating {category} in {run.layer} ({len(ids)} neurons)"), rows_used)
             state["pass"] += 1
             return editing.compare(before, after, probe_set, model.class_names)
 

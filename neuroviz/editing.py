@@ -103,8 +103,8 @@ def _check_name(name: str) -> str:
     name = (name or "").strip()
     if not name:
         raise EditError("Give the edit a name (e.g. 'no-text-neurons').")
-    if len(name) > 80 or not re.fullmatch(r"[\w .:+()\-]+", name):
-        raise EditError(f"Edit name '{name[:40]}' is not usable: use at most 80 letters, digits, spaces or . : + - ( ).")
+    if len(name) > 80 or re.search(r"[\x00-\x1f/\\]", name):
+        raise EditError(f"Edit name '{name[:40]}' is not usable: use at most 80 characters, without slashes or control characters.")
     return name
 
 
@@ -297,16 +297,29 @@ def subset_indices(n_images: int, max_images: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n_images - 1, max_images).round().astype(int))
 
 
+def labelled_first_indices(probe_set: ProbeSet, class_names: Sequence[str] | None, max_images: int | None) -> np.ndarray:
+    """Up to ``max_images`` rows, taken from the images whose label maps to a class name
+    when there are any (so an accuracy is measured on as many labelled images as the
+    budget allows), else evenly spaced over the whole set."""
+    mapped = map_labels_to_classes([im.label for im in probe_set.images], class_names)
+    labelled = np.array([i for i, m in enumerate(mapped) if m is not None], dtype=int)
+    if len(labelled) == 0:
+        return subset_indices(len(probe_set), max_images)
+    return labelled[subset_indices(len(labelled), max_images)]
+
+
 def predict(model: ProbedModel, probe_set: ProbeSet, store: Store | None = None, edit: Edit | None = None,
-            max_images: int | None = None, batch_size: int = 32, progress: Progress | None = None) -> Predictions:
+            max_images: int | None = None, batch_size: int = 32, progress: Progress | None = None,
+            indices: Sequence[int] | None = None) -> Predictions:
     """Softmax predictions of the (edited) model on the probe set, cached by provenance.
 
-    Models whose output is not a class-logit vector are still compared output index by
-    output index (their "classes" are then output units).
+    ``indices`` picks the probe rows explicitly (else an evenly spaced ``max_images``
+    subset). Models whose output is not a class-logit vector are still compared output
+    index by output index (their "classes" are then output units).
     """
     from .extract import image_loader
 
-    indices = subset_indices(len(probe_set), max_images)
+    indices = np.asarray(indices, dtype=int) if indices is not None else subset_indices(len(probe_set), max_images)
     key = provenance_key({
         "code": CODE_VERSION, "model": model.spec, "weights": model.weights_id, "preprocess": model.preprocessing.id,
         "probe_set": probe_set.id, "edit": edit.effect_key if edit else None, "indices": indices.tolist(),

@@ -84,9 +84,9 @@ class SynthesisConfig:
     lr: float = 0.02
     image_size: int = 128
     tolerance: float = 0.05  # |a - t| / observed max
-    level_weight: float = 1.0  # weight of ((a - t) / max)^2 at the first step, per sample ...
-    level_weight_growth: float = 1.25  # ... multiplied by this at every check where the sample misses its level
-    max_level_weight: float = 1000.0
+    level_weight: float = 1.0  # weight of ((a - t) / max)^2 at the first step ...
+    level_weight_growth: float = 10.0  # ... multiplied by this factor, geometrically, by the last step
+    miss_boost: float = 1.5  # after the transforms end, a sample's weight grows by this at every check it misses
     diversity_weight: float = 0.5  # mean Gram-matrix cosine similarity between the samples of one level
     tv_weight: float = 1.0  # total variation of the [0, 1] image
     decay_power: float = 1.0  # spectrum scaled by 1 / f^decay_power
@@ -254,11 +254,12 @@ def _scale(observed_max: float, observed_min: float) -> float:
     return 1.0
 
 
-def plan_synthesis(model: ProbedModel, request: SynthesisRequest, store: Store, run: RunInfo) -> SynthesisPlan:
+def plan_synthesis(model: ProbedModel | None, request: SynthesisRequest, store: Store, run: RunInfo) -> SynthesisPlan:
     """Validate a request against the model and the run's statistics; resolve absolute levels.
 
     Raises SynthesisError (a ValueError) for bad requests, UnknownLayerError for unknown
-    layers. Cheap: pages call it before starting a job to show errors at once.
+    layers. Cheap, and ``model`` may be None (layers are then checked against the extracted
+    runs only): pages call it to show errors and find a cached result without loading the model.
     """
     cfg = request.config
     if request.n_samples < 1:
@@ -267,7 +268,7 @@ def plan_synthesis(model: ProbedModel, request: SynthesisRequest, store: Store, 
         raise SynthesisError(f"Start must be one of {', '.join(STARTS)} (got '{request.start}').")
     if cfg.steps < 1 or cfg.lr <= 0 or cfg.image_size < 16 or not 0 < cfg.tolerance < 1:
         raise SynthesisError("Need steps >= 1, lr > 0, image_size >= 16 and 0 < tolerance < 1.")
-    if model.weights_id != run.weights_id or model.spec != run.model_spec:
+    if model is not None and (model.weights_id != run.weights_id or model.spec != run.model_spec):
         raise SynthesisError(
             f"Run {run.run_key} was extracted from {run.model_spec} with weights {run.weights_id}, "
             f"not from the given model {model.spec} ({model.weights_id}). Choose a run of this model."
@@ -279,9 +280,11 @@ def plan_synthesis(model: ProbedModel, request: SynthesisRequest, store: Store, 
     seen = set()
     resolved: list[ResolvedTarget] = []
     for t in targets:
-        info = model.layer(t.layer)  # UnknownLayerError with suggestions
-        if not 0 <= t.neuron < info.n_neurons:
-            raise SynthesisError(f"Layer {t.layer} has neurons 0..{info.n_neurons - 1}; there is no neuron {t.neuron}.")
+        if model is not None:
+            model.layer(t.layer)  # UnknownLayerError with suggestions
+        trun = _run_for_layer(store, run, t.layer)
+        if not 0 <= t.neuron < trun.n_neurons:
+            raise SynthesisError(f"Layer {t.layer} has neurons 0..{trun.n_neurons - 1}; there is no neuron {t.neuron}.")
         if (t.layer, t.neuron) in seen:
             raise SynthesisError(f"Neuron {t.neuron} of {t.layer} is named twice; give each neuron once.")
         seen.add((t.layer, t.neuron))
@@ -290,7 +293,6 @@ def plan_synthesis(model: ProbedModel, request: SynthesisRequest, store: Store, 
                 f"Neuron {t.neuron} of {t.layer} has {len(t.levels)} levels but the others have {n_levels}; "
                 "give the same number of levels for every neuron (or a single level that applies to all)."
             )
-        trun = _run_for_layer(store, run, t.layer)
         stats = store.neuron_stats(trun.run_key)
         row = stats[stats["neuron"] == t.neuron]
         if row.empty:
@@ -308,12 +310,12 @@ def plan_synthesis(model: ProbedModel, request: SynthesisRequest, store: Store, 
         resolved.append(ResolvedTarget(t.layer, t.neuron, trun.run_key, trun.pooling, obs_max, obs_min, scale,
                                        absolute, tuple(v / scale for v in absolute)))
     key = provenance_key({
-        "model": model.spec, "weights": model.weights_id, "probe_set": run.probe_set_id,
+        "model": run.model_spec, "weights": run.weights_id, "probe_set": run.probe_set_id,
         "targets": [(r.layer, r.neuron, r.run_key, r.pooling, r.levels) for r in resolved],
         "n_samples": request.n_samples, "start": request.start, "seed": request.seed,
         "config": request.config, "code": CODE_VERSION,
     })
-    return SynthesisPlan(request, model.spec, model.weights_id, run.probe_set_id, tuple(resolved), key)
+    return SynthesisPlan(request, run.model_spec, run.weights_id, run.probe_set_id, tuple(resolved), key)
 
 
 def _check_reachable(t: NeuronTarget, levels: Sequence[float], obs_max: float, obs_min: float, scale: float,
@@ -630,7 +632,7 @@ def synthesize(model: ProbedModel, request: SynthesisRequest, store: Store, run:
     best_error = torch.full((batch,), math.inf, device=dev)
     ever_within = torch.zeros(batch, dtype=torch.bool, device=dev)
     last_acts: torch.Tensor | None = None
-    level_weights = torch.full((batch,), cfg.level_weight, device=dev)
+    boost = torch.ones(batch, device=dev)
     restarts = np.zeros(batch, dtype=np.int64)
     transform_steps = int(cfg.transform_until * cfg.steps)
     t_setup = time.perf_counter()
@@ -639,7 +641,8 @@ def synthesize(model: ProbedModel, request: SynthesisRequest, store: Store, run:
         images = param.images()
         seen = random_transform(images, cfg, generator) if step <= transform_steps else images
         acts, features = forward(seen)
-        level_loss = (level_weights * (((acts - targets) / scales) ** 2).sum(dim=1)).mean()
+        schedule = cfg.level_weight * cfg.level_weight_growth ** ((step - 1) / max(cfg.steps - 1, 1))
+        level_loss = (schedule * boost * (((acts - targets) / scales) ** 2).sum(dim=1)).mean()
         loss = level_loss + cfg.tv_weight * total_variation(images).mean()
         if cfg.diversity_weight and n > 1:
             loss = loss + cfg.diversity_weight * diversity_similarity(features, groups)
@@ -660,9 +663,10 @@ def synthesize(model: ProbedModel, request: SynthesisRequest, store: Store, run:
                 best_images[take] = clean[take]
                 best_error = torch.where(take, err, best_error)
                 ever_within |= within
-                # Quadratic-penalty continuation, per sample: only the samples that still miss
-                # their level get a stronger pull; the others keep room for diversity.
-                level_weights = torch.where(within, level_weights, level_weights * cfg.level_weight_growth).clamp(max=cfg.max_level_weight)
+                if step > transform_steps:
+                    # Penalty continuation per sample while polishing: only the samples that still
+                    # miss their level get a stronger pull; the others keep room for diversity.
+                    boost = torch.where(within, boost, boost * cfg.miss_boost)
                 if step <= transform_steps:
                     stuck = _restart_stuck(param, optimiser, acts_clean, last_acts, targets, scales, cfg, generator)
                     restarts += stuck.cpu().numpy()
@@ -810,26 +814,66 @@ def render_grid(result: SynthesisResult, probe_rows: list[list[dict]] | None = N
     return canvas
 
 
-def _parse_levels(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v.strip().rstrip("%")) / (100.0 if v.strip().endswith("%") else 1.0)
-                       for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SynthesisError(f"Levels must be comma-separated numbers such as 0.25,0.5,0.75,1 (got '{text}').") from None
+def parse_levels(text: str) -> tuple[float, ...]:
+    """'0.25,0.5,1' or '25%,50%' -> (0.25, 0.5, 1.0); a clear error for anything else."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            values.append(float(part[:-1]) / 100.0 if part.endswith("%") else float(part))
+        except ValueError:
+            raise SynthesisError(f"Levels must be comma-separated numbers such as 0.25,0.5,0.75,1 (got '{text}').") from None
     if not values:
-        raise SynthesisError("Give at least one level, e.g. --levels 0.25,0.5,0.75,1.")
-    return values
+        raise SynthesisError("Give at least one level, e.g. 0.25,0.5,0.75,1.")
+    return tuple(values)
+
+
+def _levels_arg(levels: Sequence[float]) -> str:
+    return ",".join(repr(float(v)) for v in levels)  # repr round-trips, so the CLI rebuilds the same key
+
+
+def parse_also(text: str) -> NeuronTarget:
+    """'LAYER:NEURON:LEVELS' (e.g. 'features.14:3:0,0,0.5,1') -> NeuronTarget."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3:
+        raise SynthesisError(f"--and takes LAYER:NEURON:LEVELS, e.g. features.14:3:0.1 (got '{text}').")
+    layer, neuron, levels = parts
+    try:
+        index = int(neuron)
+    except ValueError:
+        raise SynthesisError(f"The neuron in '--and {text}' must be an integer.") from None
+    return NeuronTarget(layer, index, parse_levels(levels))
 
 
 def request_from_args(args) -> SynthesisRequest:
     """The SynthesisRequest that a `synthesize` command line describes."""
-    also: tuple[NeuronTarget, ...] = ()
+    also = [parse_also(text) for text in (args.also or [])]
     if args.neuron2 is not None:
-        also = (NeuronTarget(args.layer2 or args.layer, args.neuron2, _parse_levels(args.levels2)),)
+        also.insert(0, NeuronTarget(args.layer2 or args.layer, args.neuron2, parse_levels(args.levels2)))
     config = SynthesisConfig(steps=args.steps, lr=args.lr, image_size=args.image_size, tolerance=args.tolerance,
                              diversity_weight=args.diversity_weight, tv_weight=args.tv_weight)
-    return SynthesisRequest(layer=args.layer, neuron=args.neuron, levels=_parse_levels(args.levels), also=also,
+    return SynthesisRequest(layer=args.layer, neuron=args.neuron, levels=parse_levels(args.levels), also=tuple(also),
                             absolute=args.absolute, n_samples=args.samples, start=args.start, seed=args.seed, config=config)
+
+
+def cli_argv(request: SynthesisRequest, model_spec: str, run_key: str) -> list[str]:
+    """The `python -m neuroviz` arguments that reproduce ``request`` exactly (same cache key),
+    for background jobs. Hyperparameters the CLI does not expose must be at their defaults."""
+    cfg, default = request.config, SynthesisConfig()
+    hidden = {f.name for f in dataclasses.fields(cfg)} - {"steps", "lr", "image_size", "tolerance", "diversity_weight", "tv_weight"}
+    changed = sorted(name for name in hidden if getattr(cfg, name) != getattr(default, name))
+    if changed:
+        raise SynthesisError(f"The command line cannot set {', '.join(changed)}; call neuroviz.synthesis.synthesize directly.")
+    argv = ["synthesize", model_spec, "--run-key", run_key, "--layer", request.layer, "--neuron", str(int(request.neuron)),
+            "--levels", _levels_arg(request.levels), "--samples", str(request.n_samples), "--start", request.start,
+            "--seed", str(request.seed), "--steps", str(cfg.steps), "--lr", repr(cfg.lr), "--image-size", str(cfg.image_size),
+            "--tolerance", repr(cfg.tolerance), "--diversity-weight", repr(cfg.diversity_weight), "--tv-weight", repr(cfg.tv_weight)]
+    if request.absolute:
+        argv.append("--absolute")
+    for t in request.also:
+        argv += ["--and", f"{t.layer}:{int(t.neuron)}:{_levels_arg(t.levels)}"]
+    return argv
 
 
 def _find_or_extract_run(args, store: Store, model: ProbedModel, layers: Sequence[str]) -> RunInfo:
@@ -891,6 +935,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--neuron2", type=int, help="a second neuron that must hit --levels2 at the same time (intersection)")
     p.add_argument("--layer2", help="layer of --neuron2 (default: --layer)")
     p.add_argument("--levels2", default="0", help="levels of --neuron2, one per level of --levels, or a single one")
+    p.add_argument("--and", dest="also", action="append", metavar="LAYER:NEURON:LEVELS",
+                   help="another neuron that must hit its levels at the same time (repeatable), e.g. features.14:3:0.1")
     p.add_argument("--samples", type=int, default=4, help="samples per level")
     p.add_argument("--start", choices=STARTS, default="noise", help="start from noise or from the nearest probe images")
     p.add_argument("--probe", default="demo", help="probe set giving the observed max: 'demo', a folder or a list")

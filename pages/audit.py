@@ -138,11 +138,13 @@ def _title(method: str) -> str:
 def draw_results(ws, result: audit.Audit) -> None:
     options = result.options
     how = " and ".join(k for k, on in (("words", options.match_text), ("meaning", options.match_meaning)) if on)
-    st.subheader(f"{len(result.hits)} neurons match '{result.query}'")
+    n = len(result.hits)
+    st.subheader(f"{n} neuron{'s match' if n != 1 else ' matches'} '{result.query}'")
     st.caption(f"searched {result.n_labels_searched} labels by {how} in {len(result.layers_searched)} layers "
                f"({', '.join(result.layers_searched)})" + (f" · text encoder {result.text_backend_id}" if result.text_backend_id else ""))
     if not result.hits:
-        st.info("No label matches. Try meaning search, a lower similarity, or runner-up labels.")
+        hint = "a lower meaning similarity" if options.match_meaning else "meaning search"
+        st.info(f"No label matches. Try {hint}, other words, or runner-up labels (Options).")
         return
     actions(ws, result)
     by_layer = {}

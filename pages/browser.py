@@ -169,6 +169,8 @@ def body() -> None:
         for col, neuron in zip(cols, shown[start:start + COLUMNS]):
             with col:
                 draw_card(ws, neuron, info["tops"].get(neuron, {}), info["agreement"].get(neuron), pictures)
+    # the rest of the layer's pictures, in this order, while the user looks at this page
+    cards.prerender_mosaics(ws.store, run, neurons[page * PER_PAGE:] + neurons[:(page - 1) * PER_PAGE], **pictures)
 
 
 shell.owner_page(with_neuron=False)

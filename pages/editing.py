@@ -72,7 +72,7 @@ def choose_neurons(ws) -> tuple[dict[str, list[int]], dict | None, editing.Edit 
         wanted = st.session_state.pop("editing_audit_id", None)
         if wanted in ids:
             st.session_state["editing_audit_choice"] = wanted
-        names = {a["id"]: f"'{a['query']}' · {a['n_hits']} hits" for a in saved}
+        names = {a["id"]: f"'{a['query']}' · {a['n_hits']} hit{'s' if a['n_hits'] != 1 else ''}" for a in saved}
         chosen = st.selectbox("Audit", ids, format_func=names.get, key="editing_audit_choice")
         result = audit.load_audit(ws.store, chosen)
         scores = sorted({h.match_score for h in result.hits})
@@ -86,7 +86,8 @@ def choose_neurons(ws) -> tuple[dict[str, list[int]], dict | None, editing.Edit 
             neurons.setdefault(h.layer, [])
             if h.neuron not in neurons[h.layer]:
                 neurons[h.layer].append(h.neuron)
-        with st.expander(f"{sum(len(v) for v in neurons.values())} neurons from {len(kept)} hits"):
+        n_neurons = sum(len(v) for v in neurons.values())
+        with st.expander(f"{n_neurons} neuron{'s' if n_neurons != 1 else ''} from {len(kept)} hit{'s' if len(kept) != 1 else ''}"):
             st.dataframe([{"layer": h.layer, "neuron": h.neuron, "method": h.method, "label": h.label,
                            "match": round(h.match_score, 3)} for h in kept], hide_index=True)
         return neurons, {"audit": chosen, "query": result.query}, None
@@ -141,7 +142,7 @@ def _pct(value: float | None) -> str:
 
 
 def draw_comparison(ws, edit: editing.Edit, cmp: editing.Comparison) -> None:
-    st.subheader(f"Effect of '{edit.name}' ({edit.n_neurons} neurons, {edit.mode})")
+    st.subheader(f"Effect of '{edit.name}' ({edit.n_neurons} neuron{'s' if edit.n_neurons != 1 else ''}, {edit.mode})")
     c1, c2, c3, c4 = st.columns(4)
     if cmp.accuracy_before is not None:
         c1.metric("Accuracy", _pct(cmp.accuracy_after), delta=f"{100 * (cmp.accuracy_after - cmp.accuracy_before):+.1f} pts",
@@ -210,9 +211,15 @@ def body() -> None:
     if not ws.probe_set_id or not ws.model_spec:
         st.info("No runs yet: extract some layers on the Workspace page first.")
         return
-    neurons, source, saved = choose_neurons(ws)
-    edit = edit_settings(ws, neurons, source, saved)
-    if edit is None:
+    edit, problem = None, None
+    try:
+        neurons, source, saved = choose_neurons(ws)
+        edit = edit_settings(ws, neurons, source, saved)
+    except editing.EditError as exc:  # a bad name or list: say so, keep the rest of the page
+        problem = str(exc)
+    if problem:
+        st.error(problem)
+    elif edit is None:
         st.caption("Choose at least one neuron.")
     else:
         c1, c2 = st.columns([1, 1])

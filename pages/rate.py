@@ -15,7 +15,6 @@ from neuroviz import images
 from neuroviz import study as studies
 from ui import auth, cards, context, data, guard
 
-IMAGE_COLUMNS = 5
 CLOSE_UPS = 5
 RATER_PARAM = "rater"
 NO_RATING = "–"
@@ -55,7 +54,7 @@ def _images(store, task: studies.RatingTask) -> None:
     rows = data.top_rows(store, run.run_key, task.neuron, task.n_images)
     geometry = cards.run_geometry(store, run)
     paths = [r["path"] for r in rows if r["path"]]
-    cols = min(IMAGE_COLUMNS, max(1, len(paths)))
+    cols, _ = images.mosaic_layout(len(paths))
     cards.show_image(images.mosaic(store.root, paths, tile=160, cols=cols, geometry=geometry), width=min(900, 170 * cols))
     maps = store.top_maps(run.run_key, task.neuron)
     if maps is None:

@@ -21,6 +21,16 @@ def _method_choices() -> list[tuple[str, str, bool]]:
     return [(m.name, m.title or m.name, bool(m.per_neuron)) for m in list_methods()]
 
 
+@st.cache_data(show_spinner=False)
+def _concept_sets() -> list[str]:
+    try:
+        from neuroviz.concepts import list_concept_sets
+
+        return list_concept_sets()
+    except ImportError:
+        return ["words20k"]
+
+
 @st.cache_data(show_spinner=False, max_entries=8)
 def _model_layers(spec: str) -> tuple[list[str], list[str]]:
     """(all hookable layer names, suggested layers) of a model spec."""
@@ -103,7 +113,11 @@ def _label_form(ws: context.Workspace) -> None:
     layers = st.multiselect("Layers", [r.layer for r in ws.runs], default=[ws.layer] if ws.layer else [], key="ws_label_layers")
     chosen = st.multiselect("Methods", [n for n, _, _ in methods], default=[n for n, _, _ in methods if n not in slow][:2],
                             format_func=lambda n: titles[n] + (" (slow: per neuron)" if n in slow else ""), key="ws_label_methods")
-    neurons = st.text_input("Neurons (empty = all; slow methods are best run on a few, e.g. 0-9,42)", key="ws_label_neurons")
+    neurons = st.text_input("Neurons (empty = all; slow methods are best run on a few, e.g. 0-15)", key="ws_label_neurons")
+    concept_sets = _concept_sets()
+    concepts = st.selectbox("Concept set (for methods that pick from one)", concept_sets,
+                            index=concept_sets.index("words20k") if "words20k" in concept_sets else 0, key="ws_label_concepts",
+                            accept_new_options=True, help="A built-in set, or the path of a text file with one concept per line.")
     if not layers or not chosen:
         st.caption("Pick at least one layer and one method.")
         return
@@ -111,6 +125,8 @@ def _label_form(ws: context.Workspace) -> None:
             "--methods", ",".join(chosen)]
     if neurons.strip():
         argv += ["--neurons", neurons.strip().replace(" ", "")]
+    if concepts:
+        argv += ["--concepts", concepts]
     if slow & set(chosen) and not neurons.strip():
         st.warning(f"{', '.join(titles[m] for m in slow & set(chosen))} takes seconds per neuron; "
                    "labelling a whole layer may take hours.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -96,6 +97,12 @@ def test_edit_leaves_weights_untouched_and_hooks_removed(colour_probe):
     with editing.applied(model, edit):
         edited = model.module(x)
         assert hash_state_dict(model.module.state_dict()) == state_hash
+        # another thread (another Streamlit session sharing the cached model) sees no edit
+        other = {}
+        worker = threading.Thread(target=lambda: other.setdefault("out", model.module(x)))
+        worker.start()
+        worker.join()
+        assert torch.equal(other["out"], reference)
     assert (edited[:, [0, 2]] == 0).all() and torch.equal(edited[:, [1, 3]], reference[:, [1, 3]])
     assert torch.equal(model.module(x), reference)  # hooks are gone
     assert not model.module.relu._forward_hooks

@@ -382,3 +382,20 @@ def test_neuron_list_parsing_reports_bad_input():
         parse("layer9:1", layers, "layer2")
     with pytest.raises(ValueError, match="not a neuron number"):
         parse("a-b", layers, "layer2")
+
+
+def test_neuron_page_runs_dnd_for_this_neuron_as_a_job(dash):
+    from neuroviz import jobs
+
+    run = dash["runs"]["layer4"]
+    at = app(layer="layer4", neuron=11)
+    at.switch_page("pages/neuron.py").run()
+    before = {j.job_id for j in jobs.list_jobs(dash["store"])}
+    at.button(key=f"start_dnd_{run.run_key}_11").click().run()
+    assert_clean(at)
+    new = [j for j in jobs.list_jobs(dash["store"]) if j.job_id not in before]
+    assert len(new) == 1
+    argv = new[0].argv
+    assert argv[:2] == ["label", dash["model_spec"]] and argv[argv.index("--methods") + 1] == "dnd"
+    assert argv[argv.index("--neurons") + 1] == "11" and argv[argv.index("--layers") + 1] == "layer4"
+    jobs.cancel_job(dash["store"], new[0].job_id)

@@ -169,3 +169,109 @@ def test_cli_writes_a_grid_and_reports_errors(tiny_workspace, tmp_path, capsys):
     assert grid.width > 3 * 32 and grid.height >= 2 * 32
     assert main(base + ["--neuron", "9999"]) == 2
     assert "there is no neuron 9999" in capsys.readouterr().err
+
+
+def test_cli_argv_round_trips_the_request_and_key(tiny_workspace):
+    from neuroviz.cli import build_parser
+
+    ws = tiny_workspace
+    run = ws["runs"]["layer2"]
+    req = _request(ws, levels=(1 / 3, 0.9), n_samples=3, start="probe", seed=5,
+                   also=(S.NeuronTarget("layer4", 2, (0.25,)),), config=dict(lr=0.013))
+    req = dataclasses.replace(req, config=dataclasses.replace(req.config, check_every=S.SynthesisConfig().check_every,
+                                                              min_steps=S.SynthesisConfig().min_steps))
+    argv = S.cli_argv(req, run.model_spec, run.run_key)
+    args = build_parser().parse_args(argv)
+    assert S.request_from_args(args) == req
+    assert S.plan_synthesis(None, S.request_from_args(args), ws["store"], run).key == S.plan_synthesis(ws["model"], req, ws["store"], run).key
+    with pytest.raises(ValueError, match="cannot set check_every"):
+        S.cli_argv(req.with_config(check_every=3), run.model_spec, run.run_key)
+
+
+# -- the page ----------------------------------------------------------------------------------
+@pytest.fixture()
+def page_env(tiny_workspace):
+    import os
+
+    keys = ("NEUROVIZ_CACHE", "NEUROVIZ_UI_RAISE", "NEUROVIZ_OWNER_PASSWORD")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ["NEUROVIZ_CACHE"] = str(tiny_workspace["store"].root)
+    os.environ["NEUROVIZ_UI_RAISE"] = "1"
+    os.environ.pop("NEUROVIZ_OWNER_PASSWORD", None)
+    yield tiny_workspace
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _page(ws, neuron: int):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
+    at.query_params["layer"] = "layer2"
+    at.query_params["neuron"] = str(neuron)
+    at.switch_page("pages/synthesize.py").run()
+    return at
+
+
+def _page_text(at) -> str:
+    return "\n".join(str(e.value) for kind in ("markdown", "caption", "success", "warning", "error", "info")
+                     for e in getattr(at, kind))
+
+
+def _plan_table(at):
+    return next(d.value for d in at.dataframe if "observed max" in d.value.columns)
+
+
+def test_page_shows_the_plan_and_explains_bad_levels(page_env):
+    ws = page_env
+    neuron = _strong_neuron(ws, "layer2")
+    at = _page(ws, neuron)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    plan = _plan_table(at)
+    assert list(plan["neuron"]) == [neuron] and "level 4" in plan.columns and plan["level 4"][0].startswith("100%")
+    assert any(b.key and b.key.startswith("start_syn_") for b in at.button)
+    at.text_input(key="syn_levels").input("50, 900").run()
+    assert not at.exception
+    assert any("observed max" in e.value and "Try levels" in e.value for e in at.error)
+    at.text_input(key="syn_levels").input("50, 100").run()
+    at.toggle(key="syn_intersect").set_value(True).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    plan = _plan_table(at)
+    assert len(plan) == 2 and plan["neuron"][1] == (neuron + 1) % 128
+
+
+def test_page_runs_the_job_and_then_shows_samples_beside_real_images(page_env):
+    import time
+
+    from neuroviz import jobs
+
+    ws = page_env
+    neuron = _strong_neuron(ws, "layer2")
+    at = _page(ws, neuron)
+    at.text_input(key="syn_levels").input("50, 100").run()
+    at.number_input(key="syn_samples").set_value(2).run()
+    at.number_input(key="syn_steps").set_value(8).run()
+    at.select_slider(key="syn_size").set_value(64).run()
+    start = [b for b in at.button if b.key and b.key.startswith("start_syn_")]
+    assert start
+    start[0].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    job = next(j for j in jobs.list_jobs(ws["store"]) if j.kind == "synthesize")
+    assert job.argv[:2] == ["synthesize", "torchvision:resnet18@random"] and "--run-key" in job.argv
+    deadline = time.time() + 240
+    while not (job := jobs.read_job(ws["store"], job.job_id)).finished and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.status == "done", jobs.job_log(ws["store"], job.job_id)
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    text = _page_text(at)
+    assert "samples within 5% of their target" in text and "Level 50%" in text and "Level 100%" in text
+    images = at.get("imgs")
+    captions = [img.proto.imgs[0].caption for img in images]
+    assert sum(c.startswith("a = ") for c in captions) == 4  # 2 levels x 2 samples, each with its activation
+    assert sum(c.startswith("real · a = ") for c in captions) == 6  # 3 real probe images per level

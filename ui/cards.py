@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -159,6 +160,39 @@ def mosaic_for(store: Store, run: RunInfo, neuron: int, n: int = MOSAIC_IMAGES, 
     return images.neuron_mosaic(store.root, run.run_key, neuron, [files.paths[i] for i in idxs], tile=tile,
                                 geometry=geometry or run_geometry(store, run),
                                 content_ids=[files.image_ids[i] for i in idxs])
+
+
+_prerendering: set[tuple] = set()
+_prerender_lock = threading.Lock()
+
+
+def prerender_mosaics(store: Store, run: RunInfo, neurons: Sequence[int], geometry: images.ViewGeometry,
+                      top: data.TopK, files: data.ProbeFiles) -> bool:
+    """Build the card mosaics of ``neurons`` in a background thread, once per run and geometry.
+
+    The first visit of a layer pays for decoding its probe images; doing the following pages'
+    pictures while the user looks at the first makes paging instant. Pure PIL/disk work, no
+    Streamlit calls in the thread; files are written atomically, so a page racing it is safe.
+    Returns whether a thread was started.
+    """
+    key = (str(store.root), run.run_key, geometry)
+    with _prerender_lock:
+        if key in _prerendering:
+            return False
+        _prerendering.add(key)
+
+    def work() -> None:
+        for neuron in list(neurons):
+            idxs = [int(i) for i in top.image_idx[neuron][:MOSAIC_IMAGES] if 0 <= i < len(files)]
+            if idxs:
+                try:
+                    images.neuron_mosaic(store.root, run.run_key, neuron, [files.paths[i] for i in idxs],
+                                         tile=MOSAIC_TILE, geometry=geometry, content_ids=[files.image_ids[i] for i in idxs])
+                except OSError:  # cache folder gone or full: the page builds what it shows
+                    return
+
+    threading.Thread(target=work, name=f"prerender-{run.run_key}", daemon=True).start()
+    return True
 
 
 def show_image(path: Path | str | None, where=None, **kwargs) -> None:

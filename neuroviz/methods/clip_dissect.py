@@ -378,10 +378,13 @@ def exemplar_log_likelihood(exemplars: np.ndarray, weights: np.ndarray, probabil
 
 
 def layer_log_prior(log_likelihood: np.ndarray) -> np.ndarray:
-    """log p(c) = log mean over the layer's neurons of p(c|E_n) (log-sum-exp, no underflow)."""
-    from scipy.special import logsumexp
-
-    return (logsumexp(log_likelihood, axis=0) - math.log(log_likelihood.shape[0])).astype(np.float32)
+    """log p(c) = log mean over the layer's neurons of p(c|E_n), by log-sum-exp in row chunks
+    (no underflow, and no neurons x concepts temporaries)."""
+    top = log_likelihood.max(axis=0)
+    total = np.zeros(log_likelihood.shape[1], dtype=np.float64)
+    for start in range(0, log_likelihood.shape[0], _GATHER_ROWS):
+        total += np.exp(log_likelihood[start: start + _GATHER_ROWS] - top).sum(axis=0, dtype=np.float64)
+    return (top + np.log(total) - math.log(log_likelihood.shape[0])).astype(np.float32)
 
 
 # -- the whole computation -------------------------------------------------------------------

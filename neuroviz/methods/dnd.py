@@ -54,7 +54,8 @@ class DnDConfig:
     n_candidates: int = 5  # summaries asked of the language model (shuffled captions each time)
     summary_temperature: float = 0.3
     simplify_temperature: float = 0.3
-    max_new_tokens: int = 16
+    # A 1-5 word answer fits in 8 tokens; every extra token is another forward pass of the LM.
+    max_new_tokens: int = 8
     seed: int = 0
     n_concept_images: int = 10  # images per candidate (paper: 10 Stable Diffusion images)
     top_k_images: int = 10  # K: only a candidate's images among the K most activating weigh its similarity
@@ -76,9 +77,6 @@ Label: striped fur
 Description: a row of old red brick houses along a narrow street
 Label: brick houses
 
-Description: a plate of spaghetti with tomato sauce and basil on a table
-Label: pasta dish
-
 Description: {caption}
 Label:"""
 
@@ -92,9 +90,6 @@ Concept: black and white stripes
 
 Labels: red car; strawberry; fire truck; red dress; stop sign
 Concept: red objects
-
-Labels: sandy beach; ocean waves; surfboard; palm tree; sailing boat
-Concept: seaside
 
 Labels: {labels}
 Concept:"""

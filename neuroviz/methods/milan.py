@@ -53,12 +53,13 @@ class MilanConfig:
     mask_quantile: float = 0.99  # spatial threshold: this quantile of the neuron's map values
     pmi_lambda: float = 0.2  # weight of the prior log p(d)
     rank_exemplars_by: str = "spatial_max"  # "spatial_max" (MILAN) or "pooled" (the run's pooling)
-    exemplar_region: str = "grey"  # "grey": grey out outside the mask; "crop": the mask's box; "full"
+    exemplar_region: str = "crop"  # "crop": the mask's box; "grey": grey out the rest; "full": no mask
     view_size: int = 224  # pixels of the model view shown to the multimodal backend and captioner
     n_concept_candidates: int = 20  # candidates taken from the concept set (top by p(d|E))
     caption_candidates: bool = True  # add the captions of the masked exemplars as candidates
     similarity_temperature: float = 0.05  # p(d|E) = softmax(mean cosine / temperature)
     prior_normalisation: str = "per_word"  # "per_word" or "total" log-likelihood for log p(d)
+    prior_context: str = "An image of"  # p(d) = p(d | this text): a description, not any text
     n_labels: int = 5  # the answer and the next 4 candidates
 
 
@@ -110,6 +111,19 @@ def log_p_description_given_exemplars(exemplar_emb: np.ndarray, candidate_emb: n
         raise ValueError("similarity_temperature must be positive.")
     mean_sim = (np.asarray(exemplar_emb, np.float64) @ np.asarray(candidate_emb, np.float64).T).mean(axis=0)
     return log_softmax(mean_sim / temperature)
+
+
+def conditional_log_likelihood(store: Store, language_model, texts: Sequence[str], context: str) -> np.ndarray:
+    """log p(text | context) = log p(context + " " + text) - log p(context), cached per string.
+
+    MILAN's p(d) is a language model of neuron *descriptions*. A general model scoring a bare
+    string from its first token mostly measures how well it opens a document; conditioning on
+    a short description context asks how likely d is as a description.
+    """
+    if not context:
+        return cached_log_likelihood(store, language_model, texts)
+    values = cached_log_likelihood(store, language_model, [f"{context} {t}" for t in texts] + [context])
+    return values[:-1] - values[-1]
 
 
 def description_prior(total_log_likelihood: np.ndarray, texts: Sequence[str], normalisation: str = "per_word") -> np.ndarray:
@@ -288,7 +302,7 @@ class MilanPMI(DescriptionMethod):
         text_row = {c: concept_emb[concept_index[c]] for c in all_candidates if c in concept_index}
         text_row.update(dict(zip(new_texts, new_emb)))
         progress(len(neurons), total_steps, f"language-model prior of {len(all_candidates)} candidates")
-        loglik = cached_log_likelihood(store, ctx.language_model, all_candidates)
+        loglik = conditional_log_likelihood(store, ctx.language_model, all_candidates, config.prior_context)
         prior = dict(zip(all_candidates, description_prior(loglik, all_candidates, config.prior_normalisation)))
 
         out: list[LabelRow] = []

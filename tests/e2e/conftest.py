@@ -32,15 +32,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def e2e_workspace(tmp_path_factory, image_folder):
+def _build_workspace(root: Path, image_folder: Path) -> dict:
     """A labelled tiny workspace and one study over it (built in-process, like test_pages)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_pages import METHODS, build_dashboard_cache
 
     from neuroviz import study as studies
 
-    root = tmp_path_factory.mktemp("e2e_cache")
     info = build_dashboard_cache(root, image_folder)
     store = info["store"]
     runs = [info["runs"]["layer2"].run_key, info["runs"]["layer4"].run_key]
@@ -51,42 +49,59 @@ def e2e_workspace(tmp_path_factory, image_folder):
 
 
 @pytest.fixture(scope="session")
-def server(e2e_workspace):
-    """Base URL of `streamlit run app.py` on a free port, serving the e2e workspace."""
+def e2e_server(tmp_path_factory, image_folder):
+    """(base URL, workspace) of `streamlit run app.py` on a free port over a tiny workspace.
+
+    The server starts first and the workspace is built while it boots: the server reads the
+    cache only when the first page is requested, after the health check.
+    """
+    root = tmp_path_factory.mktemp("e2e_cache")
     port = _free_port()
-    env = dict(os.environ, NEUROVIZ_CACHE=str(e2e_workspace["store"].root), NEUROVIZ_OWNER_PASSWORD=OWNER_PASSWORD,
+    env = dict(os.environ, NEUROVIZ_CACHE=str(root), NEUROVIZ_OWNER_PASSWORD=OWNER_PASSWORD,
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("NEUROVIZ_UI_RAISE", None)  # the server behaves as in production
-    log_path = e2e_workspace["store"].root / "streamlit.log"
+    log_path = root.parent / f"{root.name}-streamlit.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
          "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
          "--server.fileWatcherType", "none"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"streamlit did not start; log:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.3)
-    yield base
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        info = _build_workspace(root, image_folder)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"streamlit did not start; log:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield base, info
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
     text = log_path.read_text(errors="replace")
     # a traceback in the server log is a bug even when the page showed a polite message
     assert "Traceback" not in text, text[-4000:]
+
+
+@pytest.fixture(scope="session")
+def server(e2e_server) -> str:
+    return e2e_server[0]
+
+
+@pytest.fixture(scope="session")
+def e2e_workspace(e2e_server) -> dict:
+    return e2e_server[1]
 
 
 @pytest.fixture(scope="session")

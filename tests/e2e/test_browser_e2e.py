@@ -32,7 +32,7 @@ def wait_ready(page, timeout: float = 30.0) -> None:
             quiet_since = None
         elif quiet_since is None:
             quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > 0.6:
+        elif time.monotonic() - quiet_since > 0.35:
             return
         time.sleep(0.1)
 
@@ -86,7 +86,8 @@ def test_owner_opens_every_page(server, page, screenshots):
         if nav_title in ("Layer browser", "Neuron"):
             page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stMain\"] img').length > 8")
             assert images_loaded(page) >= 8
-        page.screenshot(path=str(screenshots / f"{i + 1:02d}_{nav_title.split()[0].lower()}.png"), full_page=True)
+        slug = nav_title.lower().replace(" & ", "_").replace(" ", "_")
+        page.screenshot(path=str(screenshots / f"{i + 1:02d}_{slug}.png"), full_page=True)
     nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
     for j, title in enumerate(OTHER_PAGES):
         if title in nav:
@@ -192,7 +193,7 @@ def test_many_raters_at_once_lose_no_vote(server, browser, e2e_workspace):
 
     study = e2e_workspace["study"]
     store = e2e_workspace["store"]
-    n = 8
+    n = 6
     contexts = [browser.new_context() for _ in range(n)]
     pages = [c.new_page() for c in contexts]
     for p in pages:
