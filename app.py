@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` from another folder still finds
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ui import auth, context, guard, warmup  # noqa: E402
+from ui import auth, context, guard, shell, warmup  # noqa: E402
 
 st.set_page_config(page_title="neuroviz", page_icon=":material/neurology:", layout="wide")
 
@@ -36,6 +36,7 @@ OWNER_PAGES = [
     ("study_results.py", "Study results", ":material/leaderboard:", "Studies"),
 ]
 DEFAULT_PAGE = "browser.py"
+NEURON_PAGES = {"neuron", "synthesize"}  # pages that show one neuron: the URL names it
 
 
 def rater_navigation(token: str):
@@ -74,7 +75,7 @@ def owner_navigation():
     deep_link = "nv_last_url" not in st.session_state and nav.url_path == "" and "neuron" in st.query_params
     ws = None
     with guard.friendly_errors("the sidebar"):
-        ws = context.draw_sidebar(with_neuron=nav.url_path == "neuron" or deep_link)
+        ws = context.draw_sidebar(with_neuron=nav.url_path in NEURON_PAGES or deep_link)
     if auth.owner_access() == "granted":
         st.sidebar.button("Log out", on_click=auth.log_out, icon=":material/logout:")
     if deep_link and ws is not None and "neuron.py" in pages:
@@ -89,5 +90,6 @@ elif auth.owner_access() in ("login", "locked"):
     navigation = login_navigation()
 else:
     navigation = owner_navigation()
-navigation.run()
+with shell.app_running():
+    navigation.run()
 warmup.start()  # after the page: slow imports load while the visitor reads it

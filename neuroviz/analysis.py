@@ -457,6 +457,9 @@ def _cmd_audit(args) -> int:
     options = audit_mod.AuditOptions(match_text=not args.meaning_only, match_meaning=not args.text_only,
                                      min_similarity=args.min_similarity)
     audit = audit_mod.search(st, model.spec, ps.id, args.query, options)
+    if not audit.hits:
+        print(f"no label matches {args.query!r} in {len(audit.layers_searched)} layers ({audit.n_labels_searched} labels); "
+              "try --min-similarity lower or other words")
     for h in audit.hits:
         print(f"{h.match_score:.3f}  {h.match_kind:14s} {h.layer:20s} #{h.neuron:<5d} {h.method:14s} {h.label}")
     if args.save:

@@ -224,6 +224,17 @@ def _replacer(layout: LayerLayout, neurons: torch.Tensor, values: torch.Tensor, 
     return hook
 
 
+def check_edit(model: ProbedModel, edit: Edit) -> None:
+    """Fail before any work when the edit names a layer or neuron the model lacks."""
+    for layer, neurons in edit.neurons.items():
+        info = model.layer(layer)  # unknown layers raise with suggestions
+        bad = [n for n in neurons if not 0 <= n < info.n_neurons]
+        if bad:
+            raise EditError(f"Layer '{layer}' has neurons 0..{info.n_neurons - 1}; {bad[:5]} do not exist.")
+        if edit.mode == "mean" and (not edit.values or len(edit.values.get(layer, [])) != len(neurons)):
+            raise EditError(f"Edit '{edit.name}' has no mean values for layer '{layer}'; rebuild it with make_edit.")
+
+
 @contextmanager
 def applied(model: ProbedModel, edit: Edit | None) -> Iterator[ProbedModel]:
     """Run the model with the edit's neurons ablated; the hooks go away on exit.
@@ -235,16 +246,12 @@ def applied(model: ProbedModel, edit: Edit | None) -> Iterator[ProbedModel]:
     handles = []
     try:
         if edit is not None:
+            check_edit(model, edit)
             for layer, neurons in edit.neurons.items():
                 if not neurons:
                     continue
                 info = model.layer(layer)
-                bad = [n for n in neurons if not 0 <= n < info.n_neurons]
-                if bad:
-                    raise EditError(f"Layer '{layer}' has neurons 0..{info.n_neurons - 1}; {bad[:5]} do not exist.")
                 if edit.mode == "mean":
-                    if not edit.values or len(edit.values.get(layer, [])) != len(neurons):
-                        raise EditError(f"Edit '{edit.name}' has no mean values for layer '{layer}'; rebuild it with make_edit.")
                     vals = torch.tensor(edit.values[layer], dtype=torch.float32)
                 else:
                     vals = torch.zeros(len(neurons))
@@ -489,6 +496,7 @@ def evaluate_edit(model: ProbedModel, edit: Edit, probe_set: ProbeSet, store: St
     """
     if edit.model_spec and edit.model_spec != model.spec:
         raise EditError(f"Edit '{edit.name}' was made for {edit.model_spec}, not {model.spec}.")
+    check_edit(model, edit)
     n = len(subset_indices(len(probe_set), max_images))
 
     def stage(offset: int, label: str) -> Progress | None:

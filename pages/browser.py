@@ -173,6 +173,6 @@ def body() -> None:
     cards.prerender_mosaics(ws.store, run, neurons[page * PER_PAGE:] + neurons[:(page - 1) * PER_PAGE], **pictures)
 
 
-shell.owner_page(with_neuron=False)
+shell.owner_page()
 with guard.friendly_errors("the layer browser"):
     body()

@@ -141,6 +141,6 @@ def body() -> None:
         _two_methods(ws)
 
 
-shell.owner_page(with_neuron=False)
+shell.owner_page()
 with guard.friendly_errors("the comparison"):
     body()

@@ -93,9 +93,9 @@ def _top_images(ws: context.Workspace, neuron: int) -> None:
     rows = data.top_rows(ws.store, run.run_key, neuron, k)
     geometry = cards.run_geometry(ws.store, run)
     if overlay != "none" and not cards.geometry_known(ws.store, run):
-        with st.spinner("Loading the model once to align the maps with the images..."):
-            with guard.friendly_errors("the model's crop geometry"):
-                geometry = cards.learn_geometry(ws.store, run) or geometry
+        cards.learn_geometry_in_background(ws.store, run)
+        st.caption("Maps are aligned assuming the usual ImageNet crop (224 of 256) until the model's own crop "
+                   "is known (being read in the background).")
     maps, threshold = _maps_and_threshold(ws, neuron) if overlay != "none" else (None, None)
     if overlay != "none" and maps is None:
         st.info(f"Layer {run.layer} has no spatial maps (a vector layer), so there is nothing to overlay.")

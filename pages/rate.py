@@ -13,7 +13,7 @@ import streamlit as st
 
 from neuroviz import images
 from neuroviz import study as studies
-from ui import auth, cards, context, data, guard
+from ui import auth, cards, context, data, guard, shell
 
 CLOSE_UPS = 5
 RATER_PARAM = "rater"
@@ -144,5 +144,6 @@ def body() -> None:
     _question(store, public, rater_id, task)
 
 
+shell.rater_page()
 with guard.friendly_errors("the rating page"):
     body()

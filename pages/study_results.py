@@ -143,6 +143,6 @@ def body() -> None:
                        mime="text/csv", icon=":material/download:")
 
 
-shell.owner_page(with_neuron=False)
+shell.owner_page()
 with guard.friendly_errors("the study results"):
     body()

@@ -132,6 +132,6 @@ def body() -> None:
             _existing(ws.store)
 
 
-shell.owner_page(with_neuron=False)
+shell.owner_page()
 with guard.friendly_errors("the study setup"):
     body()

@@ -164,6 +164,6 @@ def body() -> None:
         jobs_ui.jobs_panel(ws.store)
 
 
-shell.owner_page(with_neuron=False)
+shell.owner_page()
 with guard.friendly_errors("the workspace"):
     body()

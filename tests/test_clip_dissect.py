@@ -119,8 +119,10 @@ def test_results_do_not_depend_on_chunking_or_neuron_subsets(monkeypatch):
         monkeypatch.setattr(cd, "_GATHER_ROWS", 2)
         part = label_neurons(acts, ImageConceptSimilarity.from_matrix(img @ txt.T), config, neurons=subset)
         if config.uses_layer_prior:  # with the layer's prior given, only the subset's columns are needed
-            again = label_neurons(acts[:, subset], ImageConceptSimilarity(img, txt), config, layer_prior=full.layer_prior)
+            again = label_neurons(acts[:, subset], ImageConceptSimilarity(img, txt), config, layer_prior=full.layer_prior,
+                                  layer_size=acts.shape[1])
             np.testing.assert_array_equal(again.concept_index, full.concept_index[subset])
+            np.testing.assert_allclose(again.calibrated, full.calibrated[subset])
         monkeypatch.undo()
         np.testing.assert_array_equal(part.concept_index, full.concept_index[subset])
         np.testing.assert_allclose(part.scores, full.scores[subset], rtol=1e-4, atol=1e-4)

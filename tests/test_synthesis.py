@@ -261,7 +261,7 @@ def test_page_runs_the_job_and_then_shows_samples_beside_real_images(page_env):
     assert start
     start[0].click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    job = next(j for j in jobs.list_jobs(ws["store"]) if j.kind == "synthesize")
+    job = next(j for j in jobs.list_jobs(ws["store"]) if j.argv[:1] == ["synthesize"])
     assert job.argv[:2] == ["synthesize", "torchvision:resnet18@random"] and "--run-key" in job.argv
     deadline = time.time() + 240
     while not (job := jobs.read_job(ws["store"], job.job_id)).finished and time.time() < deadline:
@@ -271,7 +271,6 @@ def test_page_runs_the_job_and_then_shows_samples_beside_real_images(page_env):
     assert not at.exception and not at.error, [e.value for e in at.error]
     text = _page_text(at)
     assert "samples within 5% of their target" in text and "Level 50%" in text and "Level 100%" in text
-    images = at.get("imgs")
-    captions = [img.proto.imgs[0].caption for img in images]
+    captions = [img.proto.imgs[0].caption for img in at.get("image")]
     assert sum(c.startswith("a = ") for c in captions) == 4  # 2 levels x 2 samples, each with its activation
     assert sum(c.startswith("real · a = ") for c in captions) == 6  # 3 real probe images per level

@@ -8,6 +8,7 @@ or opening the database more than once.
 from __future__ import annotations
 
 import html
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from ui import data
 MOSAIC_IMAGES = 9
 MOSAIC_TILE = 80
 GEOMETRY_NAMESPACE = "preprocessing"
+_prerender_lock = threading.Lock()  # guards the sets of started background threads
 
 
 # -- the model's view of the probe images --------------------------------------------------------
@@ -48,15 +50,16 @@ def geometry_known(store: Store, run: RunInfo) -> bool:
     return _geometry_record(str(store.root), data.db_version(store), run.preprocess_id) is not None
 
 
-def learn_geometry(store: Store, run: RunInfo) -> images.ViewGeometry | None:
+def learn_geometry(store: Store, run: RunInfo, model=None) -> images.ViewGeometry | None:
     """Load the run's model once to find its exact crop (image and resize sizes) and record it.
 
     Runs extracted at a custom image size are matched by trying the usual sizes: the stored
     preprocess id is a hash, so the only way back is to recompute it.
     """
-    from ui.context import cached_model
+    if model is None:
+        from neuroviz.models import create
 
-    model = cached_model(run.model_spec)
+        model = create(run.model_spec)
     base = model.preprocessing
     candidates = [base] + [base.scaled(s) for s in (32, 48, 64, 96, 112, 128, 160, 192, 224, 240, 256, 288, 299, 320, 336, 384, 448, 512)]
     for prep in candidates:
@@ -65,6 +68,28 @@ def learn_geometry(store: Store, run: RunInfo) -> images.ViewGeometry | None:
                              {"image_size": int(prep.image_size), "resize_size": int(prep.resize_size)})
             return images.ViewGeometry.of(prep)
     return None
+
+
+_learning: set[str] = set()
+
+
+def learn_geometry_in_background(store: Store, run: RunInfo) -> bool:
+    """Start :func:`learn_geometry` in a thread (once per preprocessing), so a page never
+    waits seconds for a model load; pictures use the ImageNet crop until it is known, which
+    is exact for ImageNet-style models and close for most others. Returns whether started."""
+    with _prerender_lock:
+        if run.preprocess_id in _learning:
+            return False
+        _learning.add(run.preprocess_id)
+
+    def work() -> None:
+        try:
+            learn_geometry(store, run)
+        except Exception:  # a model that cannot load here: keep the default crop
+            logging.getLogger("neuroviz.ui").info("could not learn the crop of %s", run.model_spec, exc_info=True)
+
+    threading.Thread(target=work, name=f"geometry-{run.preprocess_id}", daemon=True).start()
+    return True
 
 
 # -- labels -------------------------------------------------------------------------------------
@@ -163,7 +188,6 @@ def mosaic_for(store: Store, run: RunInfo, neuron: int, n: int = MOSAIC_IMAGES, 
 
 
 _prerendering: set[tuple] = set()
-_prerender_lock = threading.Lock()
 
 
 def prerender_mosaics(store: Store, run: RunInfo, neurons: Sequence[int], geometry: images.ViewGeometry,

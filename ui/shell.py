@@ -1,41 +1,83 @@
-"""The first lines of every page: who may see it, and the shared sidebar.
+"""The first lines of every page: make sure app.py decided who sees it.
 
-app.py decides the navigation, but a page file must not rely on app.py having run: when a
-``pages/`` folder exists, Streamlit runs a requested page file *directly* until some run has
-called ``st.navigation`` (the first request after a server start, and every AppTest rerun).
-A page that skipped these checks would then be open to anyone, so each page begins with
-:func:`owner_page` (or :func:`rater_page`), which re-applies the same rules as app.py.
+app.py builds the navigation (which pages exist for this visitor) and draws the shared
+sidebar. But when a ``pages/`` folder exists, Streamlit runs a requested page file
+*directly*, without app.py, until some run has called ``st.navigation`` (the first request
+after a server start, e.g. a deep link, and every AppTest rerun). Such a page would skip
+the login and the rater-only rules. So each page begins with :func:`owner_page` (or
+:func:`rater_page`): if app.py did not run, it switches Streamlit to ``st.navigation`` mode
+for good and reruns, so app.py runs and shows this same page (or the login) properly.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import streamlit as st
 
-from ui import auth, context, guard
+from ui import auth
+
+_local = threading.local()
 
 
-def app_shell_ran() -> bool:
-    """Whether app.py (st.navigation) ran in this script run, i.e. the sidebar is drawn."""
+@contextmanager
+def app_running() -> Iterator[None]:
+    """Wraps app.py's ``navigation.run()``: pages run inside it know app.py ran first."""
+    _local.inside_app = True
+    try:
+        yield
+    finally:
+        _local.inside_app = False
+
+
+def _under_apptest() -> bool:
+    """True inside Streamlit's AppTest (a server process never imports it)."""
+    return "streamlit.testing.v1.app_test" in sys.modules
+
+
+def require_app(with_neuron: bool = False) -> None:
+    """Make sure app.py's rules apply to this run (see the module doc).
+
+    On a server: switch Streamlit to st.navigation mode for good and rerun, so app.py runs
+    and shows this page (or the login). Under AppTest, which resets that mode before every
+    run (a rerun would drop the clicked button), apply app.py's rules inline instead.
+    """
+    if getattr(_local, "inside_app", False):
+        return
     try:
         from streamlit.runtime.pages_manager import PagesManager
-    except ImportError:  # a future Streamlit without this flag: trust app.py
-        return True
-    return PagesManager.uses_pages_directory is False
+    except ImportError:  # a future Streamlit without the pages-folder mode: nothing to undo
+        return
+    if not _under_apptest():
+        PagesManager.uses_pages_directory = False  # from now on every run starts with app.py
+        st.rerun()
+    if auth.study_token() is None and auth.owner_access() in ("open", "granted"):
+        from ui import context, guard
+
+        with guard.friendly_errors("the sidebar"):
+            context.draw_sidebar(with_neuron=with_neuron)
 
 
 def owner_page(with_neuron: bool = False) -> None:
-    """Stop unless the owner may see this page; draw the sidebar if app.py did not."""
+    """Stop unless the owner may see this page (app.py checks first; this is the backstop).
+
+    ``with_neuron``: the page shows one neuron, so the URL names it (used when app.py did
+    not run; app.py knows it from NEURON_PAGES).
+    """
+    require_app(with_neuron)
     if auth.study_token():
         st.error("A study link opens only its rating page.")
         st.stop()
     if auth.owner_access() in ("login", "locked"):
         auth.login_page()
         st.stop()
-    if not app_shell_ran():
-        with guard.friendly_errors("the sidebar"):
-            context.draw_sidebar(with_neuron=with_neuron)
 
 
 def rater_page() -> None:
-    """The rating page checks its own token (the page itself does), nothing else to draw."""
-    return None
+    """The rating page checks its own token; it only needs app.py's rater-only navigation."""
+    if auth.study_token() is None and not getattr(_local, "inside_app", False) and _under_apptest():
+        return
+    require_app()

@@ -242,20 +242,22 @@ def cmd_label(args) -> int:
 
 def _label_runs(args, store: Store, runs: list[RunInfo], names: list[str], configs: dict, neurons, pool: BackendPool,
                 keys: list[str]) -> None:
-    from ..cli import progress_for
+    from ..progress import TqdmProgress, chain
     from . import get_method, run_method
 
     for run in runs:
         for name in names:
             method = get_method(name)
-            bar = progress_for(args, f"{name} {run.layer}", "neuron")
-            ctx = build_context(store, run, method.needs, pool, bar)
+            bar = TqdmProgress(f"{name} {run.layer}", "neuron")  # as cli.progress_for, but closable
+            ctx = build_context(store, run, method.needs, pool, chain(bar, getattr(args, "_job_reporter", None)))
             wanted = neurons
             if wanted is None and method.per_neuron:
                 raise ValueError(f"{method.title} is slow and runs on chosen neurons: add --neurons (e.g. 0-9).")
-            key = run_method(name, ctx, configs[name], wanted)
+            try:
+                key = run_method(name, ctx, configs[name], wanted)
+            finally:
+                bar.close()  # before any error message, so it is not glued to the bar
             keys.append(key)
-            getattr(bar, "close", lambda: None)()
             top = store.labels(run.run_key, method=name, top_only=True)
             top = top[top["label_key"] == key]
             if wanted is not None:

@@ -412,11 +412,13 @@ def concept_scores(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDi
 
 def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDissectConfig | None = None,
                   progress: Progress | None = None, neurons: Sequence[int] | None = None,
-                  layer_prior: np.ndarray | None = None, probabilities=None) -> NeuronConcepts:
+                  layer_prior: np.ndarray | None = None, probabilities=None, layer_size: int | None = None) -> NeuronConcepts:
     """Best ``n_candidates`` concepts of the ``neurons`` columns of ``acts`` (images x all neurons of a layer).
 
     ``acts`` must hold the whole layer when the paper's PMI needs the layer prior and
-    ``layer_prior`` is not given (it is returned in the result, for caching).
+    ``layer_prior`` is not given (it is returned in the result, for caching); with a cached
+    ``layer_prior``, ``acts`` may hold only some columns and ``layer_size`` says how many
+    neurons the prior averaged over (the calibration null needs it).
     ``probabilities`` may pass a ready :func:`concept_probability_matrix` (shared by layers).
     """
     config = config or ClipDissectConfig()
@@ -427,6 +429,9 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
                          "they must come from the same probe set, in the same order.")
     if n_images < 2:
         raise ValueError("CLIP-Dissect needs at least 2 probe images.")
+    if layer_prior is not None and layer_size is None:
+        raise ValueError("Give layer_size (the number of neurons the cached layer_prior was computed over).")
+    n_prior = n_layer if layer_prior is None else int(layer_size)
     wanted = np.arange(n_layer) if neurons is None else np.asarray(list(neurons), dtype=np.int64)
     n_neurons = len(wanted)
     m = min(config.n_candidates, sim.n_concepts)
@@ -465,7 +470,7 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
                 null_lik = exemplar_log_likelihood(draws, weights, probs, config.min_prob, progress, total, total - len(draws))
                 # A random exemplar set stands for a neuron of this layer: it joins the prior it is
                 # scored against (a layer of n_layer + 1 neurons), as every real neuron is in its own.
-                joined = np.logaddexp(layer_prior + math.log(n_layer), null_lik) - math.log(n_layer + 1)
+                joined = np.logaddexp(layer_prior + math.log(n_prior), null_lik) - math.log(n_prior + 1)
                 shared_null = (null_lik - float(config.lam) * joined).max(axis=1)
         else:
             chunk = max(1, _ACCUMULATOR_BYTES // (4 * sim.n_concepts))
@@ -590,7 +595,7 @@ class ClipDissect(DescriptionMethod):
             matrix, wanted = np.asarray(acts, dtype=np.float32), neurons  # the prior needs every neuron of the layer
         else:
             matrix, wanted = np.asarray(acts[:, neurons], dtype=np.float32), list(range(len(neurons)))
-        result = label_neurons(matrix, sim, config, report, wanted, prior, probabilities)
+        result = label_neurons(matrix, sim, config, report, wanted, prior, probabilities, ctx.run.n_neurons)
         if config.uses_layer_prior and prior is None and result.layer_prior is not None:
             ctx.store.save_array("clip_dissect_prior", prior_key, result.layer_prior)
         rows: list[LabelRow] = []
