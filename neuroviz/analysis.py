@@ -355,7 +355,7 @@ def register_cli(sub) -> None:
 
     p = sub.add_parser("analyze", help="share of neuron label categories per layer (and their importance by ablation)")
     p.add_argument("model")
-    p.add_argument("--probe", default="demo")
+    p.add_argument("--probe", default="demo", help="'demo', an image folder, an image list or a probe-set id")
     p.add_argument("--image-size", type=int)
     p.add_argument("--methods", help="comma-separated method names (default: all)")
     p.add_argument("--counting", choices=COUNTING_MODES, default="head")
@@ -402,6 +402,10 @@ def _open(args):
 
     st = _store(args)
     model = models.create(args.model, image_size=args.image_size)
+    if any(p["probe_set_id"] == args.probe for p in st.probe_sets()):
+        from .editing import probe_set_from_store
+
+        return st, model, probe_set_from_store(st, args.probe)  # a probe-set id, as `label --probe` takes
     ps = datasets.open_probe_set(args.probe, st.root)
     st.register_probe_set(ps)
     return st, model, ps

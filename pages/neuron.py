@@ -4,7 +4,6 @@ method's label with its candidates, and on-demand Describe-and-Dissect."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -144,3 +144,37 @@ def test_dnd_labels_a_neuron_and_a_recording_replays_it_exactly(tiny_workspace, 
     assert [r.label for r in rows] == list(labels["label"])
     assert [r.score for r in rows] == pytest.approx(list(labels["score"]))
     assert [c["response"] for c in rows[0].extra["llm_calls"]] == [c["response"] for c in extra["llm_calls"]]
+
+
+def test_step_one_crops_conv_layers_and_reproduces_the_runs_activations(tiny_workspace):
+    from neuroviz.methods import MethodContext
+    from neuroviz.methods.dnd import TopImageViews, augmented_top_images, neuron_activations
+
+    store, model = tiny_workspace["store"], tiny_workspace["model"]
+    run = tiny_workspace["runs"]["layer2"]
+    ctx = MethodContext(store, run, model=model)
+    views = TopImageViews.for_run(ctx, 128)
+    config = DnDConfig(view_size=128)
+    # f on the exact model views gives back the activations the run stored: crops and maps line up.
+    tops = store.top_images(run.run_key, 3, k=10)
+    again = neuron_activations(model, run.layer, run.pooling, 3, [views.exact(t["image_idx"]) for t in tops])
+    assert again == pytest.approx([t["activation"] for t in tops], rel=1e-4, abs=1e-5)
+
+    crops_seen = 0
+    for neuron in range(4):
+        exemplars = augmented_top_images(ctx, neuron, config, views)
+        assert len(exemplars) == 10
+        acts = [e.activation for e in exemplars]
+        assert acts == sorted(acts, reverse=True)
+        assert acts[0] >= store.top_images(run.run_key, neuron, k=1)[0]["activation"] - 1e-5  # originals compete too
+        for e in exemplars:
+            assert e.image.size == (128, 128)
+            if e.box is not None:
+                crops_seen += 1
+                assert 0 <= e.box.left < e.box.right <= 128 and 0 <= e.box.top < e.box.bottom <= 128
+    assert crops_seen > 0  # random conv features are patchy: some crops beat whole images
+
+    fc = tiny_workspace["runs"]["fc"]
+    fc_exemplars = augmented_top_images(MethodContext(store, fc, model=model), 0, config)
+    assert all(e.box is None for e in fc_exemplars)
+    assert [e.activation for e in fc_exemplars] == pytest.approx([t["activation"] for t in store.top_images(fc.run_key, 0, k=10)])

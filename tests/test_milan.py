@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from neuroviz.methods.milan import (
-    MilanConfig, cached_log_likelihood, description_prior, log_p_description_given_exemplars, pmi_scores,
+    MilanConfig, conditional_log_likelihood, description_prior, log_p_description_given_exemplars, pmi_scores,
     select_exemplars, spatial_quantile_threshold,
 )
 
@@ -173,7 +173,9 @@ def test_milan_describes_planted_neurons_and_scores_each_string_once(planted):
     assert calls > 0
     run_method("milan", ctx, config=MilanConfig(k=1, n_concept_candidates=5, pmi_lambda=1.0))
     assert loglik_calls(store, recording) == calls
-    scored = list(labels["label"][:2])
-    values = cached_log_likelihood(store, planted["backends"]["language_model"], scored)
+    scored, context = list(labels["label"][:2]), MilanConfig().prior_context
+    lm = planted["backends"]["language_model"]
+    values = conditional_log_likelihood(store, lm, scored, context)
     assert loglik_calls(store, recording) == calls
-    assert values == pytest.approx(planted["backends"]["language_model"].inner.log_likelihood(scored))
+    direct = lm.inner.log_likelihood([f"{context} {d}" for d in scored]) - lm.inner.log_likelihood([context])[0]
+    assert values == pytest.approx(direct, abs=1e-4)

@@ -399,3 +399,25 @@ def test_neuron_page_runs_dnd_for_this_neuron_as_a_job(dash):
     assert argv[:2] == ["label", dash["model_spec"]] and argv[argv.index("--methods") + 1] == "dnd"
     assert argv[argv.index("--neurons") + 1] == "11" and argv[argv.index("--layers") + 1] == "layer4"
     jobs.cancel_job(dash["store"], new[0].job_id)
+
+
+def test_only_a_local_browser_gets_in_without_a_password(monkeypatch):
+    """Who counts as local: loopback connection *and* a localhost Host header (Streamlit's
+    request context is replaced by a plain stand-in; AppTest cannot set headers)."""
+    from types import SimpleNamespace
+
+    from ui import auth
+
+    fake = SimpleNamespace(secrets={}, session_state={},
+                           context=SimpleNamespace(headers={"Host": "10.1.2.3:8501"}, ip_address="10.1.2.9"))
+    monkeypatch.setattr(auth, "st", fake)
+    monkeypatch.delenv("NEUROVIZ_OWNER_PASSWORD", raising=False)
+    assert auth.owner_access() == "locked"
+    fake.context = SimpleNamespace(headers={"Host": "localhost:8501"}, ip_address="10.1.2.9")  # Host header lies
+    assert auth.owner_access() == "locked"
+    fake.context = SimpleNamespace(headers={"Host": "localhost:8501"}, ip_address=None)  # Streamlit: None = loopback
+    assert auth.owner_access() == "open"
+    fake.secrets = {"owner_password": "pw"}
+    assert auth.owner_access() == "login"
+    assert not auth.check_password("nope") and auth.owner_access() == "login"
+    assert auth.check_password("pw") and auth.owner_access() == "granted"

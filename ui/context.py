@@ -270,9 +270,9 @@ def draw_sidebar(with_neuron: bool = True) -> Workspace:
         _bound("probe", ws.probe_spec)
         if st.session_state.get("_w_probe") not in probe_opts:
             st.session_state["_w_probe"] = ws.probe_spec
-        st.selectbox("Probe set", probe_opts, key="_w_probe", accept_new_options=True, on_change=_on_widget, args=("probe",),
+        st.selectbox("Probe set", probe_opts, key="_w_probe", on_change=_on_widget, args=("probe",),
                      format_func=lambda p: _probe_caption(cat, p),
-                     help="'demo', the id or name of a cached probe set, or an image folder to extract over.")
+                     help="Probe sets this model was extracted over. Extract over a new image folder on the Workspace page.")
         layers = [r.layer for r in ws.runs]
         if layers:
             if st.session_state.get("_w_layer") not in layers:

@@ -173,16 +173,6 @@ def score_candidates(candidates: Sequence[str], retrieved: Sequence[Sequence[int
 
 # -- the method --------------------------------------------------------------------------------
 
-@dataclass
-class _Exemplar:
-    """An original top image or one of its crops, with the neuron's activation on it."""
-
-    image: Image.Image  # at view_size, for the captioner and the multimodal backend
-    image_idx: int
-    box: Box | None  # in view_size pixels of the model view; None for the whole image
-    activation: float
-
-
 class _Transcript:
     """Every language-model call of one neuron, for the label's extra and for replay checks."""
 
@@ -194,6 +184,67 @@ class _Transcript:
         response = self.lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         self.calls.append({"prompt": prompt, "response": response, "temperature": temperature, "seed": seed})
         return response
+
+
+@dataclass
+class Exemplar:
+    """An original top image or one of its crops, with the neuron's activation on it."""
+
+    image: Image.Image  # at view_size, for the captioner and the multimodal backend
+    image_idx: int  # row of the probe image in the run
+    box: Box | None  # crop box in view_size pixels of the model view; None for the whole image
+    activation: float  # the neuron's activation under f (same layer and pooling as the run)
+
+
+@dataclass
+class TopImageViews:
+    """Model views of a run's probe images: ``display`` at view_size for captioners and crops,
+    ``exact`` at the model's input size (exactly the pixels the run was extracted from)."""
+
+    model: object
+    display: ProbeViews
+    exact: ProbeViews
+
+    @classmethod
+    def for_run(cls, ctx: MethodContext, view_size: int) -> "TopImageViews":
+        model = ctx.probed_model()
+        if model.preprocessing.id != ctx.run.preprocess_id:
+            raise ValueError(
+                f"The probed model's preprocessing ({model.preprocessing}) differs from the one run {ctx.run.run_key} was "
+                "extracted with; put the model created with the same image_size into the method context."
+            )
+        paths = [p["path"] for p in ctx.store.probe_images(ctx.run.probe_set_id)]
+        return cls(model, ProbeViews(paths, model.preprocessing, view_size), ProbeViews(paths, model.preprocessing, None))
+
+
+def augmented_top_images(ctx: MethodContext, neuron: int, config: DnDConfig,
+                         views: TopImageViews | None = None) -> list[Exemplar]:
+    """DnD step 1: the neuron's top images plus their Otsu crops, re-ranked by f; best first.
+
+    Layers without maps (fc) get no crops and keep the run's stored activations.
+    """
+    store, run = ctx.store, ctx.run
+    views = views or TopImageViews.for_run(ctx, config.view_size)
+    tops = store.top_images(run.run_key, neuron, k=config.n_top_images)
+    maps = store.top_maps(run.run_key, neuron)
+    if maps is None or run.layer_kind == "vector":
+        return [Exemplar(views.display(t["image_idx"]), int(t["image_idx"]), None, float(t["activation"])) for t in tops]
+    size = (config.view_size, config.view_size)
+    side = views.model.preprocessing.image_size
+    items: list[tuple[Image.Image, int, Box | None]] = []
+    inputs: list[Image.Image] = []
+    for rank, top in enumerate(tops):
+        view = views.display(top["image_idx"])
+        items.append((view, int(top["image_idx"]), None))
+        inputs.append(views.exact(top["image_idx"]))
+        for box in otsu_crops(maps[rank], size, config.max_crops_per_image, config.max_mutual_iou, config.max_full_iou):
+            crop = view.crop(box.as_tuple())
+            items.append((crop.resize(size, Image.Resampling.BILINEAR), int(top["image_idx"]), box))
+            # f sees the whole crop, stretched to its input square as in the authors' code.
+            inputs.append(crop.resize((side, side), Image.Resampling.BILINEAR))
+    activation = neuron_activations(views.model, run.layer, run.pooling, neuron, inputs)
+    order = np.argsort(-activation, kind="stable")[: config.n_top_images]
+    return [Exemplar(items[j][0], items[j][1], items[j][2], float(activation[j])) for j in order]
 
 
 @register_method
@@ -212,15 +263,7 @@ class DescribeAndDissect(DescriptionMethod):
         """Run the three steps for each neuron (slow: ~15 language-model calls per neuron)."""
         store, run = ctx.store, ctx.run
         progress = ctx.progress or (lambda done, total, message="": None)
-        model = ctx.probed_model()
-        if model.preprocessing.id != run.preprocess_id:
-            raise ValueError(
-                f"The probed model's preprocessing ({model.preprocessing}) differs from the one run {run.run_key} was "
-                "extracted with; pass the model created with the same image_size in the method context."
-            )
-        paths = [p["path"] for p in store.probe_images(run.probe_set_id)]
-        views = ProbeViews(paths, model.preprocessing, config.view_size)
-        exact_views = ProbeViews(paths, model.preprocessing, None)
+        views = TopImageViews.for_run(ctx, config.view_size)
         from ..embeddings import image_embeddings
 
         probe_emb = np.asarray(image_embeddings(ctx.multimodal, store, run.probe_set_id), dtype=np.float32)
@@ -231,7 +274,7 @@ class DescribeAndDissect(DescriptionMethod):
         steps = 3 * len(neurons)
         for i, neuron in enumerate(neurons):
             progress(3 * i, steps, f"neuron {neuron}: crops")
-            exemplars = self._augmented_top_images(ctx, model, views, exact_views, neuron, config)
+            exemplars = augmented_top_images(ctx, neuron, config, views)
             progress(3 * i + 1, steps, f"neuron {neuron}: captions and candidates")
             transcript = _Transcript(ctx.language_model)
             real_emb = np.asarray(ctx.multimodal.encode_images([e.image for e in exemplars]), dtype=np.float32)
@@ -268,35 +311,8 @@ class DescribeAndDissect(DescriptionMethod):
         progress(steps, steps, "done")
         return rows
 
-    # step 1
-    def _augmented_top_images(self, ctx: MethodContext, model, views: ProbeViews, exact_views: ProbeViews,
-                              neuron: int, config: DnDConfig) -> list[_Exemplar]:
-        """The neuron's top images plus Otsu crops, re-ranked by f's activation; best first."""
-        store, run = ctx.store, ctx.run
-        tops = store.top_images(run.run_key, neuron, k=config.n_top_images)
-        maps = store.top_maps(run.run_key, neuron)
-        if maps is None or run.layer_kind == "vector":
-            # No spatial map: no crops, and the stored activations are already f's.
-            return [_Exemplar(views(t["image_idx"]), int(t["image_idx"]), None, float(t["activation"])) for t in tops]
-        size = (config.view_size, config.view_size)
-        items: list[tuple[Image.Image, int, Box | None]] = []
-        inputs: list[Image.Image] = []
-        side = model.preprocessing.image_size
-        for rank, top in enumerate(tops):
-            view = views(top["image_idx"])
-            items.append((view, int(top["image_idx"]), None))
-            inputs.append(exact_views(top["image_idx"]))
-            for box in otsu_crops(maps[rank], size, config.max_crops_per_image, config.max_mutual_iou, config.max_full_iou):
-                crop = view.crop(box.as_tuple())
-                items.append((crop.resize(size, Image.Resampling.BILINEAR), int(top["image_idx"]), box))
-                # The whole crop is shown to f, stretched to its input square as in the authors' code.
-                inputs.append(crop.resize((side, side), Image.Resampling.BILINEAR))
-        activation = neuron_activations(model, run.layer, run.pooling, neuron, inputs)
-        order = np.argsort(-activation, kind="stable")[: config.n_top_images]
-        return [_Exemplar(items[j][0], items[j][1], items[j][2], float(activation[j])) for j in order]
-
     # step 2
-    def _candidates(self, ctx: MethodContext, transcript: _Transcript, exemplars: list[_Exemplar], embeddings: np.ndarray,
+    def _candidates(self, ctx: MethodContext, transcript: _Transcript, exemplars: list[Exemplar], embeddings: np.ndarray,
                     neuron: int, config: DnDConfig) -> tuple[list[str], list[str], list[str]]:
         """Captions, their simplified forms, and the unique candidate concepts (in order)."""
         captions = [" ".join(str(c).split()) for c in captions_of(ctx, [e.image for e in exemplars], embeddings)]

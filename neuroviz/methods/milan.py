@@ -16,17 +16,24 @@ The trained MILAN captioner and language model are not reachable offline, so (ME
   them (see :func:`spatial_quantile_threshold`): it is exact when the dataset's top 1% of map
   cells all lie in the stored top-k images and otherwise a lower bound (masks at least as
   large as MILAN's).
-- Exemplar regions: the model's view of each image with everything outside the mask filled
-  with neutral grey (``exemplar_region="grey"``; ``"crop"`` cuts the mask's box instead).
+- Exemplar regions: the part of the model's view inside the mask's bounding box
+  (``exemplar_region="crop"``). Filling the outside with grey (``"grey"``) is closer to how
+  MILAN shows exemplars to people, but a mostly grey picture is far from what an image
+  classifier was trained on: on MobileNetV2's early layers the offline ConSE backend then
+  called almost every region "nematode" or "balloon". ``"full"`` ignores the mask and reads
+  the probe set's cached embeddings (fast; also what vector layers without maps get).
 - Candidates d: the concept set's top ``n_concept_candidates`` by p(d | E), plus the
-  captioner's captions of the masked exemplars.
-- p(d | E): softmax over the candidates of the mean image-text cosine between the masked
-  exemplars and d under the multimodal backend, at ``similarity_temperature``.
-- p(d): the language model's log-likelihood of d, divided by its number of words. MILAN's
-  captioner likelihood falls with length as fast as its prior does; our p(d | E) does not,
-  so a total log-likelihood would reward long strings through ``-lambda * log p(d)``.
-  Per-word scores keep the prior about how *unusual* a description is, not how long.
-  Scores are cached per string and language-model id in the store.
+  captioner's captions of the exemplar regions ("a photo of" framing removed).
+- p(d | E): softmax over the candidates of the mean image-text cosine between the exemplar
+  regions and d under the multimodal backend, at ``similarity_temperature`` (0.02: the cosine
+  gaps between good candidates are a few hundredths, which this turns into a few nats).
+- p(d): the language model's log-likelihood of d after the context ``"Tags:"``, divided by
+  d's number of words. MILAN's p(d) is a model of neuron descriptions; a general model scoring
+  a bare string from the first token mostly measures how well it opens a document, so the
+  context asks how likely d is as a short image description. Per word, because MILAN's
+  captioner likelihood falls with length as fast as its prior does while our p(d | E) does
+  not: a total log-likelihood would reward long strings through ``-lambda * log p(d)``.
+  Scores are cached per string and language-model id in the store (the slow part).
 """
 
 from __future__ import annotations
@@ -57,9 +64,9 @@ class MilanConfig:
     view_size: int = 224  # pixels of the model view shown to the multimodal backend and captioner
     n_concept_candidates: int = 20  # candidates taken from the concept set (top by p(d|E))
     caption_candidates: bool = True  # add the captions of the masked exemplars as candidates
-    similarity_temperature: float = 0.05  # p(d|E) = softmax(mean cosine / temperature)
+    similarity_temperature: float = 0.02  # p(d|E) = softmax(mean cosine / temperature)
     prior_normalisation: str = "per_word"  # "per_word" or "total" log-likelihood for log p(d)
-    prior_context: str = "An image of"  # p(d) = p(d | this text): a description, not any text
+    prior_context: str = "Tags:"  # p(d) = p(d | this text): how likely d is as a short image description
     n_labels: int = 5  # the answer and the next 4 candidates
 
 

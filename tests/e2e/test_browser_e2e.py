@@ -193,7 +193,7 @@ def test_many_raters_at_once_lose_no_vote(server, browser, e2e_workspace):
 
     study = e2e_workspace["study"]
     store = e2e_workspace["store"]
-    n = 6
+    n = 5
     contexts = [browser.new_context() for _ in range(n)]
     pages = [c.new_page() for c in contexts]
     for p in pages:
