@@ -82,6 +82,30 @@ def probe_folder(root: Path) -> Path:
     return folder
 
 
+def activations_on_prior_noise(model, layer: str, pooling: str, size: int, prior_std: float, seed: int,
+                                device: torch.device) -> np.ndarray:
+    """Every neuron's activation on 16 draws from the MCMC prior (16 x neurons)."""
+    from neuroviz.hooks import LayerRecorder, pool, to_batch_first
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    images = synthesis.FourierImage.noise(16, size, 1.0, prior_std, gen, device).images().detach()
+    prep = model.preprocessing
+    x = (images - torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)) / torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
+    info = model.layer(layer)
+    with torch.no_grad(), LayerRecorder(model.module.to(device), [layer]) as rec:
+        model.module(x)
+    return pool(to_batch_first(rec.outputs[layer], info.layout), info.layout, pooling).float().cpu().numpy()
+
+
+def pick_neuron(stats, noise_acts: np.ndarray) -> int:
+    """A neuron that noise does not already drive near the target: the largest observed max
+    among neurons whose mean activation on prior noise is below 25 % of that max."""
+    maxima = stats.set_index("neuron")["max"]
+    quiet = [n for n, m in maxima.items() if m > 0 and noise_acts[:, n].mean() < 0.25 * m]
+    pool_ = quiet or list(maxima.index)
+    return int(max(pool_, key=lambda n: maxima[n]))
+
+
 def run_mala(model, plan: synthesis.SynthesisPlan, n_chains: int, size: int, budget_s: float, prior_std: float,
              burn_in: int, seed: int, device: torch.device) -> tuple[list[Outcome], np.ndarray]:
     """Parallel MALA chains. Two readings of one run: each chain's first state within
@@ -200,10 +224,12 @@ def main() -> int:
         ps = datasets.from_folder(probe_folder(root), cache_dir=store.root)
         (run,) = extract.extract(model, ps, [args.layer], store, k=5, batch_size=8, chunk_size=8)
         stats = store.neuron_stats(run.run_key)
-        neuron = args.neuron if args.neuron is not None else int(stats.sort_values("max")["neuron"].iloc[-1])
+        noise_acts = activations_on_prior_noise(model, args.layer, run.pooling, args.size, args.prior_std, args.seed, device)
+        neuron = args.neuron if args.neuron is not None else pick_neuron(stats, noise_acts)
         observed_max = float(stats.loc[stats["neuron"] == neuron, "max"].iloc[0])
         print(f"{args.model} {args.layer} neuron {neuron}: observed max {observed_max:.4g} over {len(ps)} photos; "
-              f"target {args.level:.0%} = {args.level * observed_max:.4g}; {args.size}px; device {device}; "
+              f"target {args.level:.0%} = {args.level * observed_max:.4g}; on noise images drawn from the MCMC prior it is "
+              f"{noise_acts[:, neuron].mean() / observed_max:.0%} of the max; {args.size}px; device {device}; "
               f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
 
         request = synthesis.SynthesisRequest(layer=args.layer, neuron=neuron, levels=(args.level,), n_samples=args.samples,

@@ -128,25 +128,38 @@ def _top_images(ws: context.Workspace, neuron: int) -> None:
         st.caption("DnD step 1: Otsu threshold of the upsampled map, boxes of its regions (at most 4, IoU rules of the paper).")
 
 
-def _distribution(ws: context.Workspace, neuron: int) -> None:
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _histogram_figure(root: str, run_key: str, k: int, neuron: int):
+    """The neuron's activation histogram with quantile lines and the top-k band.
+
+    Built once per neuron (a run's arrays never change under its key): Plotly's validation
+    of a figure costs more than the rest of the page.
+    """
     import plotly.graph_objects as go
 
-    run = ws.run
-    st.subheader("Activation distribution")
-    counts, edges = ws.store.histogram(run.run_key, neuron)
-    acts = cards.activation_column(ws.store, run.run_key, neuron)
+    store = context.get_store(root)
+    counts, edges = store.histogram(run_key, neuron)
+    acts = cards.activation_column(store, run_key, neuron)
     centres = (edges[:-1] + edges[1:]) / 2
     fig = go.Figure(go.Bar(x=centres, y=counts, width=np.diff(edges), marker_color="#6366f1", name="images"))
     qs = np.quantile(acts, QUANTILE_EDGES[1:-1]) if len(acts) else []
     for q, value in zip(QUANTILE_EDGES[1:-1], qs):
         fig.add_vline(x=float(value), line_dash="dot", line_color="#9ca3af", annotation_text=f"q{int(q * 100)}",
                       annotation_position="top")
-    top_cut = np.sort(acts)[-min(run.k, len(acts))] if len(acts) else 0
+    top_cut = np.sort(acts)[-min(k, len(acts))] if len(acts) else 0
     fig.add_vrect(x0=float(top_cut), x1=float(edges[-1]), fillcolor="#f59e0b", opacity=0.15, line_width=0,
-                  annotation_text=f"top {run.k}", annotation_position="top left")
+                  annotation_text=f"top {k}", annotation_position="top left")
     fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="activation", yaxis_title="images",
                       yaxis_type="log" if counts.max() > 50 * max(1, np.median(counts[counts > 0])) else "linear",
                       showlegend=False, bargap=0.02)
+    return fig
+
+
+def _distribution(ws: context.Workspace, neuron: int) -> None:
+    run = ws.run
+    st.subheader("Activation distribution")
+    acts = cards.activation_column(ws.store, run.run_key, neuron)
+    fig = _histogram_figure(str(ws.store.root), run.run_key, run.k, neuron)
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False}, key=f"hist_{run.run_key}_{neuron}")
 
     files = data.run_files(ws.store, run.run_key)
