@@ -1,16 +1,20 @@
 """Inverse sets: sample many images that drive a neuron to a chosen level, by optimisation.
 
-Hada & Carreira-Perpinan ("Sampling the inverse set of a neuron", ICIP 2021; arXiv
-1910.04857) characterise a neuron by the region of input space where its activation equals
-a level t, not only by the images that maximise it. They draw N diverse points of that set
-by optimisation (a quadratic penalty on ``a_n(x) - t`` whose weight grows over the run,
-plus a diversity term between the samples, inside a generator that keeps images natural),
-which is far faster than MCMC and controls the level exactly.
+Hada & Carreira-Perpinan ("Sampling the 'inverse set' of a neuron: an approach to
+understanding neural nets", arXiv:1910.04857, 2019) characterise a neuron by the region of
+input space where its activation equals a level t, not only by the images that maximise it.
+They draw many diverse points of that set by optimisation (the constraint
+``a_n(x) = t`` as a penalty, a diversity term between the samples, images kept natural by an
+image generator), which they find far faster than MCMC, with control over the level.
 
-This module follows that recipe. Their natural-image generator cannot be loaded offline,
-so naturalness comes from the feature-visualisation toolkit of Olah et al. ("Feature
-Visualization", Distill 2017; Lucid): a Fourier image parameterisation with 1/f scaling and
-decorrelated colour, random jitter/scale/rotation while optimising, and total variation.
+This module follows that recipe: the squared error ``((a_n(x) - t) / max)^2`` is a quadratic
+penalty whose weight grows during the run (penalty continuation), and samples still off
+target get an extra push once the random transforms stop; a sample stuck where the neuron
+has no gradient (a ReLU silent everywhere) is re-drawn from noise. A natural-image
+generator cannot be loaded offline, so naturalness comes from the feature-visualisation
+toolkit of Olah et al. ("Feature Visualization", Distill 2017; Lucid): a Fourier image
+parameterisation with 1/f scaling and decorrelated colour, random jitter/scale/rotation
+while optimising, and total variation.
 Diversity during optimisation is Lucid's: the cosine similarity between the samples' Gram
 matrices at the target layer. Diversity is *reported* in another space, the input of the
 probed model's last linear layer (pooled penultimate features of a CNN classifier; the
@@ -48,7 +52,7 @@ from .store import RunInfo, Store
 
 CODE_VERSION = "synthesis-1"
 REFERENCE = (
-    "Hada & Carreira-Perpinan, Sampling the inverse set of a neuron, ICIP 2021 (arXiv:1910.04857); "
+    "Hada & Carreira-Perpinan, Sampling the 'inverse set' of a neuron, arXiv:1910.04857 (2019); "
     "parameterisation, transforms and diversity after Olah et al., Feature Visualization, Distill 2017"
 )
 RECORD_NAMESPACE = "synthesis"
@@ -75,8 +79,8 @@ class SynthesisError(ValueError):
 @dataclass(frozen=True)
 class SynthesisConfig:
     """Hyperparameters. The Fourier, colour-decorrelated image with jitter, scale and rotation
-    is Lucid's (Olah et al. 2017, Adam at lr 0.05 there); the growing penalty weight is Hada &
-    Carreira-Perpinan's quadratic-penalty continuation. lr, the growth factor and the weights
+    is Lucid's (Olah et al. 2017, Adam at lr 0.05 there); the growing penalty weight follows the
+    penalty method of Hada & Carreira-Perpinan. lr, the growth factor and the weights
     were tuned here on MobileNetV2 at 128 px (layers features.4 to features.18): lr 0.05 and
     a 100x growth gave saturated, speckled samples; a 10x growth doubled their diversity."""
 
@@ -885,6 +889,12 @@ def _find_or_extract_run(args, store: Store, model: ProbedModel, layers: Sequenc
             raise SynthesisError(f"No run '{args.run_key}' in the cache {store.root}; see `python -m neuroviz cache`.")
         return run
     ps = datasets.open_probe_set(args.probe, store.root)
+    pooling = extract.resolve_pooling(model.layer(layers[0]), args.pooling)
+    # Any finished extraction of this layer will do, whatever its top-k: only its statistics are needed.
+    for run in reversed(store.find_runs(model.spec, ps.id, layers[0])):
+        if run.weights_id == model.weights_id and run.pooling == pooling and \
+                all(any(r.weights_id == model.weights_id for r in store.find_runs(model.spec, ps.id, l)) for l in layers):
+            return run
     runs = extract.extract(model, ps, list(dict.fromkeys(layers)), store, pooling=args.pooling, k=args.k)
     return runs[0]
 

@@ -60,8 +60,8 @@ def intersection_targets(ws: context.Workspace, neuron: int) -> tuple[synthesis.
     return tuple(out)
 
 
-def advanced_settings() -> synthesis.SynthesisConfig:
-    """The hyperparameters the command line can reproduce (so a job computes the same key)."""
+def advanced_settings() -> tuple[synthesis.SynthesisConfig, int]:
+    """The hyperparameters the command line can reproduce (so a job computes the same key), and the seed."""
     d = synthesis.SynthesisConfig()
     with st.expander("Optimisation settings"):
         c1, c2, c3 = st.columns(3)
@@ -74,8 +74,10 @@ def advanced_settings() -> synthesis.SynthesisConfig:
                                     help="Pushes the samples of one level apart (Gram-matrix cosine at the target layer).")
         tv = c3.number_input("Total-variation weight", 0.0, 20.0, d.tv_weight, 0.1, key="syn_tv",
                              help="Smoothness: higher gives blurrier, calmer images.")
-    return dataclasses.replace(d, steps=int(steps), image_size=int(size), tolerance=float(tolerance) / 100.0, lr=float(lr),
-                               diversity_weight=float(diversity), tv_weight=float(tv))
+        seed = c1.number_input("Seed", 0, 2**31 - 1, 0, key="syn_seed", help="The same seed gives the same samples.")
+    config = dataclasses.replace(d, steps=int(steps), image_size=int(size), tolerance=float(tolerance) / 100.0, lr=float(lr),
+                                 diversity_weight=float(diversity), tv_weight=float(tv))
+    return config, int(seed)
 
 
 def request_controls(ws: context.Workspace) -> synthesis.SynthesisRequest:
@@ -87,13 +89,11 @@ def request_controls(ws: context.Workspace) -> synthesis.SynthesisRequest:
                                 help="Comma-separated, e.g. 25, 50, 75, 100. Up to 400 % is allowed.")
     n_samples = c3.number_input("Samples per level", 1, 16, 4, key="syn_samples")
     start = c4.radio("Start from", list(STARTS), format_func=STARTS.get, key="syn_start", horizontal=True)
-    c5, c6 = st.columns([3, 1])
-    intersect = c5.toggle("Intersection: other neurons must hit their levels too", key="syn_intersect")
-    seed = c6.number_input("Seed", 0, 2**31 - 1, 0, key="syn_seed")
+    intersect = st.toggle("Intersection: other neurons must hit their levels too", key="syn_intersect")
     also = intersection_targets(ws, neuron) if intersect else ()
-    config = advanced_settings()
+    config, seed = advanced_settings()
     return synthesis.SynthesisRequest(layer=ws.layer, neuron=int(neuron), levels=parse_percent_levels(levels_text), also=also,
-                                      n_samples=int(n_samples), start=start, seed=int(seed), config=config)
+                                      n_samples=int(n_samples), start=start, seed=seed, config=config)
 
 
 def plan_table(plan: synthesis.SynthesisPlan) -> pd.DataFrame:
@@ -123,7 +123,8 @@ def show_result(ws: context.Workspace, result: synthesis.SynthesisResult, n_real
         targets = " / ".join(f"{t.levels[li]:.4g}" for t in result.plan.targets)
         diversity = result.diversity[li]
         div_text = f" · diversity {diversity:.3f}" if np.isfinite(diversity) else ""
-        st.markdown(f"**Level {name}** · target a = {targets}{div_text}")
+        real_text = f" · right: the {len(real[li])} real probe images nearest this level" if real else ""
+        st.markdown(f"**Level {name}** · target a = {targets}{div_text}{real_text}")
         cols = st.columns(n + (len(real[li]) if real else 0))
         for si in range(n):
             cols[si].image(result.images[li, si], caption=_caption(result, li, si), width="stretch")

@@ -299,6 +299,7 @@ class DescribeAndDissect(DescriptionMethod):
                 "captions": captions, "simplified_captions": simplified, "candidates": candidates,
                 "top_images": [{"image_idx": e.image_idx, "box": list(e.box.as_tuple()) if e.box else None,
                                 "activation": e.activation} for e in exemplars],
+                "view_size": config.view_size,  # boxes are in pixels of the model view at this size
                 "llm_calls": transcript.calls, "backends": backends,
                 "llm_recording_id": getattr(ctx.language_model, "recording_id", None),
                 "candidate_scores": [_score_dict(s) for s in scored],
