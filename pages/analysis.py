@@ -8,6 +8,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from ui import shell
+
 from neuroviz import analysis
 from neuroviz.lexicon import CATEGORY_ORDER, CATEGORY_TITLES
 
@@ -239,5 +241,6 @@ def body() -> None:
     importance_section(ws, config, methods, layers)
 
 
+shell.owner_page()  # the backstop that makes app.py decide who may see this page
 with friendly("the analysis page"):
     body()

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import streamlit as st
 
+from ui import shell
+
 from neuroviz import audit
 
 PER_PAGE = 20
@@ -231,5 +233,6 @@ def body() -> None:
         draw_results(ws, result)
 
 
+shell.owner_page()  # the backstop that makes app.py decide who may see this page
 with friendly("the audit page"):
     body()

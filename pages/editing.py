@@ -7,6 +7,8 @@ import time
 
 import streamlit as st
 
+from ui import shell
+
 from neuroviz import audit, editing
 
 SOURCES = {"audit": "Neurons of a saved audit", "list": "A list of neurons", "saved": "A saved edit"}
@@ -234,5 +236,6 @@ def body() -> None:
         draw_comparison(ws, editing.Edit.from_record(result["edit"]), result["comparison"])
 
 
+shell.owner_page()  # the backstop that makes app.py decide who may see this page
 with friendly("the editing page"):
     body()
