@@ -192,10 +192,17 @@ def run_mala(model, plan: synthesis.SynthesisPlan, n_chains: int, size: int, bud
             synthesis.mean_pairwise_cosine_distance(emb),
             note=f"acceptance {accepted / max(steps * n_chains, 1):.2f}" + ("" if done else f"; stopped at the {budget_s:.0f}s budget"),
         ))
+    last_states = synthesis.mean_pairwise_cosine_distance(synthesis.penultimate_features(model, images))
+    for outcome in outcomes:
+        outcome.note += f"; diversity of the chains' last states {last_states:.3f}"
     shown = readings["burned"]["samples"].clone()
     missing = ~readings["burned"]["found"]
     shown[missing] = images[missing]  # chains without a sample: their last state
     return outcomes, shown.cpu().numpy()
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)
 
 
 def main() -> int:
@@ -250,8 +257,8 @@ def main() -> int:
     print(f"| method | samples within 5% | wall s | CPU s | steps | mean error | max error | diversity | note |")
     print(f"|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r.method} | {r.samples}/{args.samples} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.steps} | {r.mean_error:.2%} | "
-              f"{r.max_error:.2%} | {r.diversity:.3f} | {r.note} |")
+        print(f"| {r.method} | {r.samples}/{args.samples} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.steps} | {_fmt(r.mean_error, '.2%')} | "
+              f"{_fmt(r.max_error, '.2%')} | {_fmt(r.diversity, '.3f')} | {r.note} |")
     for mcmc in mcmc_rows:
         if mcmc.samples:
             print(f"{mcmc.method}: {mcmc.wall_s / opt.wall_s:.1f}x the optimiser's wall time" + ("" if mcmc.samples == args.samples else

@@ -284,8 +284,10 @@ def plan_synthesis(model: ProbedModel | None, request: SynthesisRequest, store: 
     seen = set()
     resolved: list[ResolvedTarget] = []
     for t in targets:
+        ceiling = None
         if model is not None:
             model.layer(t.layer)  # UnknownLayerError with suggestions
+            ceiling = activation_ceiling(model.module.get_submodule(t.layer))
         trun = _run_for_layer(store, run, t.layer)
         if not 0 <= t.neuron < trun.n_neurons:
             raise SynthesisError(f"Layer {t.layer} has neurons 0..{trun.n_neurons - 1}; there is no neuron {t.neuron}.")
@@ -310,7 +312,7 @@ def plan_synthesis(model: ProbedModel | None, request: SynthesisRequest, store: 
                 f"so fractions of its max mean nothing. Give absolute levels between {obs_min:.4g} and {obs_max:.4g}."
             )
         absolute = levels if request.absolute else tuple(v * obs_max for v in levels)
-        _check_reachable(t, absolute, obs_max, obs_min, scale, cfg.max_level_fraction)
+        _check_reachable(t, absolute, obs_max, obs_min, scale, cfg.max_level_fraction, ceiling)
         resolved.append(ResolvedTarget(t.layer, t.neuron, trun.run_key, trun.pooling, obs_max, obs_min, scale,
                                        absolute, tuple(v / scale for v in absolute)))
     key = provenance_key({
@@ -322,9 +324,28 @@ def plan_synthesis(model: ProbedModel | None, request: SynthesisRequest, store: 
     return SynthesisPlan(request, run.model_spec, run.weights_id, run.probe_set_id, tuple(resolved), key)
 
 
+def activation_ceiling(layer: nn.Module) -> float | None:
+    """The largest value a layer can output when it ends in a bounded activation (ReLU6 in
+    MobileNets, Hardtanh, sigmoid, tanh), else None: levels above it can never be reached."""
+    leaves = [m for m in layer.modules() if not list(m.children())]
+    last = leaves[-1] if leaves else layer
+    if isinstance(last, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        return float(last.max_val)
+    if isinstance(last, (nn.Sigmoid, nn.Tanh, nn.Softmax)):
+        return 1.0
+    return None
+
+
 def _check_reachable(t: NeuronTarget, levels: Sequence[float], obs_max: float, obs_min: float, scale: float,
-                     max_fraction: float) -> None:
+                     max_fraction: float, ceiling: float | None = None) -> None:
     for level in levels:
+        if ceiling is not None and level > ceiling:
+            top = ceiling / scale
+            raise SynthesisError(
+                f"Level {level:.4g} for neuron {t.neuron} of {t.layer} is above {ceiling:g}, the most this layer can "
+                f"output (it ends in a bounded activation); that is {top:.2f}x the observed max. "
+                f"Choose levels up to {math.floor(top * 100) / 100:g}."
+            )
         if level > max(obs_max, 0.0) + (max_fraction - 1.0) * scale:
             raise SynthesisError(
                 f"Level {level:.4g} for neuron {t.neuron} of {t.layer} is {level / scale:.1f}x its observed max "

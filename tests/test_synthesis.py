@@ -126,7 +126,7 @@ def test_fourier_parameterisation_round_trips_real_images(image_folder):
     from PIL import Image
 
     photo = Image.open(next((image_folder / "photos").glob("*.png"))).convert("RGB").resize((32, 32))
-    x = torch.from_numpy(np.asarray(photo)).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].float() / 255
     back = S.FourierImage.from_images(x, decay_power=1.0).images().detach()
     assert (back - x.clamp(0.02, 0.98)).abs().max() < 1e-4
 
@@ -274,3 +274,15 @@ def test_page_runs_the_job_and_then_shows_samples_beside_real_images(page_env):
     captions = [img.proto.imgs[0].caption for img in at.get("image")]
     assert sum(c.startswith("a = ") for c in captions) == 4  # 2 levels x 2 samples, each with its activation
     assert sum(c.startswith("real · a = ") for c in captions) == 6  # 3 real probe images per level
+
+
+def test_bounded_activations_cap_the_reachable_levels():
+    from torch import nn
+
+    from neuroviz.models import create
+
+    mobile_block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6())
+    assert S.activation_ceiling(mobile_block) == 6.0
+    assert S.activation_ceiling(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())) is None
+    resnet = create("torchvision:resnet18@random", image_size=64).module
+    assert S.activation_ceiling(resnet.get_submodule("layer2")) is None
