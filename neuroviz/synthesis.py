@@ -938,6 +938,7 @@ def cmd_synthesize(args) -> int:
     for t in request.targets:
         model.layer(t.layer)  # unknown layers fail before any extraction
     run = _find_or_extract_run(args, store, model, [t.layer for t in request.targets])
+    plan_synthesis(model, request, store, run)  # a bad request fails here, before a progress bar is drawn
     result = synthesize(model, request, store, run, progress=progress_for(args, "synthesizing", "step"),
                         device=args.device, use_cache=not args.no_cache)
     out = Path(args.out) if args.out else store.root / "synthesis" / f"{result.key}.png"

@@ -41,6 +41,13 @@ def workspace(tiny_workspace, tmp_path_factory):
     shutil.copytree(tiny_workspace["store"].root, root, dirs_exist_ok=True)
     store = Store(root)
     runs = {name: tiny_workspace["runs"][name] for name in ("layer2", "layer4")}
+    # other tests share the session workspace and may have added labels or runs (another
+    # pooling, DnD labels) before this copy was taken: keep exactly the two runs used here
+    keep = [r.run_key for r in runs.values()]
+    with store.connect() as con:
+        con.execute("DELETE FROM labels")
+        con.execute("DELETE FROM label_runs")
+        con.execute(f"DELETE FROM runs WHERE run_key NOT IN ({', '.join('?' * len(keep))})", keep)
     for run in runs.values():
         for i, method in enumerate(METHODS):
             neurons = [n for n in LABELLED_NEURONS if not (method == "gamma_method" and n >= 8)]

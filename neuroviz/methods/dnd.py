@@ -65,6 +65,9 @@ class DnDConfig:
 
 
 # -- prompts: few-shot completions for small base language models ----------------------------
+# A 270M base model copies its examples' words readily (an example answer "red objects" turned
+# unrelated lists into "red animals", "red carpet"), so the examples avoid colours and answer
+# with the theme most of their labels share.
 
 SIMPLIFY_PROMPT = """Short labels for image descriptions.
 
@@ -82,14 +85,14 @@ Label:"""
 
 SUMMARY_PROMPT = """Each list of image labels is summarised by the one concept, 1 to 5 words long, that most of the labels share.
 
-Labels: golden retriever; puppy on a sofa; dog with a frisbee; grey wolf; fox in snow
+Labels: golden retriever; puppy on a sofa; dog with a frisbee; sleeping dog; wolf
 Concept: dogs
 
-Labels: zebra; striped shirt; barcode; tiger fur; piano keys
-Concept: black and white stripes
+Labels: wooden table; tree bark; wooden spoon; log cabin; parquet floor
+Concept: wood
 
-Labels: red car; strawberry; fire truck; red dress; stop sign
-Concept: red objects
+Labels: bicycle wheel; car tyre; clock face; round plate; coin
+Concept: circular objects
 
 Labels: {labels}
 Concept:"""
