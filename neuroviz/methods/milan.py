@@ -253,7 +253,13 @@ class MilanPMI(DescriptionMethod):
         neurons = [int(n) for n in neurons]
         progress = ctx.progress or (lambda done, total, message="": None)
         paths = [p["path"] for p in store.probe_images(run.probe_set_id)]
-        views = ProbeViews(paths, ctx.probed_model().preprocessing, config.view_size)
+        view_cache: list[ProbeViews] = []
+
+        def views(image_idx: int):
+            # The probed model (for its crop geometry) is loaded only when pixels are needed.
+            if not view_cache:
+                view_cache.append(ProbeViews(paths, ctx.probed_model().preprocessing, config.view_size))
+            return view_cache[0](image_idx)
 
         from ..embeddings import image_embeddings, text_embeddings
 
