@@ -19,6 +19,9 @@ DEMO_LAYERS = ["features.4", "features.9", "features.14", "features.18", "classi
 DEMO_CONCEPTS = "words20k"
 DEMO_DND_LAYER = "features.18"
 DEMO_DND_NEURONS = 6
+# MILAN scores each candidate with Gemma on the CPU (~2 s a neuron): the demo labels the first
+# neurons of each layer; label the rest from the Workspace page or `python -m neuroviz label`.
+DEMO_MILAN_NEURONS = 32
 
 
 def _say(message: str) -> None:
@@ -61,7 +64,8 @@ def build_demo_workspace(store, labels: bool = True, dnd_neurons: int = DEMO_DND
                 continue  # MILAN masks need spatial maps; vector layers have none
             t0 = time.time()
             ctx = MethodContext(store=store, run=run, model=model, progress=bar(f"{name} {run.layer}", "neuron"), **ctx_kwargs)
-            methods.run_method(name, ctx)
+            subset = list(range(min(DEMO_MILAN_NEURONS, run.n_neurons))) if name == "milan" else None
+            methods.run_method(name, ctx, neurons=subset)
             report[f"{name}:{run.layer}"] = round(time.time() - t0, 1)
     if "dnd" in available and dnd_neurons > 0:
         run = next(r for r in runs if r.layer == DEMO_DND_LAYER)
