@@ -179,3 +179,16 @@ def test_milan_describes_planted_neurons_and_scores_each_string_once(planted):
     assert loglik_calls(store, recording) == calls
     direct = lm.inner.log_likelihood([f"{context} {d}" for d in scored]) - lm.inner.log_likelihood([context])[0]
     assert values == pytest.approx(direct, abs=1e-4)
+
+
+def test_milan_on_a_vector_layer_uses_whole_images(planted, tiny_workspace):
+    from neuroviz.methods import MethodContext, run_method
+
+    store, fc = tiny_workspace["store"], tiny_workspace["runs"]["fc"]
+    ctx = MethodContext(store, fc, model=tiny_workspace["model"], **planted["backends"])
+    run_method("milan", ctx, config=MilanConfig(k=3, n_concept_candidates=4), neurons=[0])
+    labels = store.labels(fc.run_key, method="milan")
+    assert list(labels["neuron"].unique()) == [0] and len(labels) == 5
+    extra = json.loads(labels.loc[0, "extra_json"])
+    assert extra["exemplar_region"] == "full" and extra["mask_threshold"] is None
+    assert extra["exemplar_image_idx"] == [t["image_idx"] for t in store.top_images(fc.run_key, 0, k=3)]
