@@ -87,7 +87,7 @@ def _backends(store, available: set[str]) -> dict:
         from .backends.captioner import create_captioner
         from .backends.language import create_language_model
 
-        out["captioner"] = create_captioner("retrieval", multimodal=multimodal)
+        out["captioner"] = create_captioner("retrieval", multimodal=multimodal, store_root=store.root)
         out["language_model"] = create_language_model("gemma3-270m", store_root=store.root)
     return out
 

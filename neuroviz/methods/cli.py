@@ -128,7 +128,7 @@ class BackendPool:
         elif kind == "captioner":
             from ..backends.captioner import create_captioner
 
-            value = create_captioner(self.choice.captioner, multimodal=self.get("multimodal", model_spec))
+            value = create_captioner(self.choice.captioner, multimodal=self.get("multimodal", model_spec), store_root=self.store.root)
         elif kind == "language_model":
             from ..backends.language import create_language_model
 
