@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from ui import shell
+from ui import context, guard, shell
 
 from neuroviz import analysis
 from neuroviz.lexicon import CATEGORY_ORDER, CATEGORY_TITLES
@@ -21,45 +21,10 @@ UNLABELLED = {"uninterpretable": "count as uninterpretable", "exclude": "leave o
 COUNTING = {"head": "one category per neuron (the label's head)", "fractional": "split over every category named"}
 
 
-def current_workspace():
-    """The shared selection (ui.context), or a minimal stand-in from session_state."""
-    try:
-        from ui import context
-
-        return context.workspace_from_state()
-    except ImportError:
-        from types import SimpleNamespace
-
-        from neuroviz.store import DEFAULT_CACHE, Store
-
-        s = st.session_state
-        store = Store(DEFAULT_CACHE)
-        run = store.get_run(s["run_key"]) if s.get("run_key") else None
-        return SimpleNamespace(store=store, model_spec=s.get("model_spec"), probe_spec=s.get("probe_spec"),
-                               probe_set_id=run.probe_set_id if run else s.get("probe_spec"), layer=s.get("layer"),
-                               run=run, neuron=None)
-
-
-def friendly(what: str):
-    try:
-        from ui import guard
-
-        return guard.friendly_errors(what)
-    except ImportError:
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
-def load_model(spec: str):
-    try:
-        from ui.context import cached_model
-
-        return cached_model(spec)
-    except ImportError:
-        from neuroviz import models
-
-        return models.create(spec)
+# the shared selection, error guard and model cache of the app (ui/)
+current_workspace = context.workspace_from_state
+friendly = guard.friendly_errors
+load_model = context.cached_model
 
 
 def _title(method: str) -> str:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import streamlit as st
 
-from ui import shell
+from ui import context, guard, shell
 
 from neuroviz import audit
 
@@ -18,32 +18,9 @@ MODES = {"both": "Words and meaning", "text": "Words only", "meaning": "Meaning 
 RESULT_KEY = "audit_result"
 
 
-def current_workspace():
-    """The shared selection (ui.context), or a minimal stand-in from session_state."""
-    try:
-        from ui import context
-
-        return context.workspace_from_state()
-    except ImportError:
-        from neuroviz.store import DEFAULT_CACHE, Store
-
-        s = st.session_state
-        store = Store(DEFAULT_CACHE)
-        run = store.get_run(s["run_key"]) if s.get("run_key") else None
-        return SimpleNamespace(store=store, model_spec=s.get("model_spec"), probe_spec=s.get("probe_spec"),
-                               probe_set_id=run.probe_set_id if run else s.get("probe_spec"), layer=s.get("layer"),
-                               run=run, neuron=None)
-
-
-def friendly(what: str):
-    try:
-        from ui import guard
-
-        return guard.friendly_errors(what)
-    except ImportError:
-        import contextlib
-
-        return contextlib.nullcontext()
+# the shared selection, error guard and model cache of the app (ui/)
+current_workspace = context.workspace_from_state
+friendly = guard.friendly_errors
 
 
 def search_form(ws) -> audit.AuditOptions | None:
