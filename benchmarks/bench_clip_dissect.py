@@ -27,24 +27,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_extract import make_images  # noqa: E402  (the same synthetic probe images for both benchmarks)
+
 LAYERS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048, "fc": 1000}
-
-
-def make_images(folder: Path, n: int, size: int = 256, seed: int = 0) -> None:
-    """Random blobs on noise, each image distinct (probe-set ids are content hashes)."""
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        arr = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
-        img = Image.fromarray(arr).resize((size, size))
-        draw = ImageDraw.Draw(img)
-        for _ in range(3):
-            x, y = rng.integers(0, size, 2)
-            r = int(rng.integers(10, size // 3))
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-        img.save(folder / f"{i:05d}.jpg", quality=85)
 
 
 def time_extraction(n_images: int, batch_size: int) -> float:
