@@ -76,3 +76,24 @@ def tiny_workspace(tmp_path_factory, image_folder):
     ps = datasets.from_folder(image_folder, cache_dir=store.root)
     runs = extract.extract(model, ps, ["layer2", "layer4", "fc"], store, k=10, batch_size=16, chunk_size=16)
     return {"store": store, "model": model, "probe_set": ps, "runs": {r.layer: r for r in runs}}
+
+
+def make_tiny_llama(folder: Path, words, max_positions: int = 256) -> Path:
+    """A randomly initialised 2-layer Llama with a word-level tokenizer over ``words``,
+    saved like a hub model: the transformers language-model path, in milliseconds."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

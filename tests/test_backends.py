@@ -253,23 +253,10 @@ TINY_WORDS = "the a cat dog sat on mat red blue square circle photo of is and wi
 
 @pytest.fixture(scope="module")
 def tiny_lm_dir(tmp_path_factory):
-    """A randomly initialised 2-layer Llama with a 24-token word-level tokenizer, saved like a hub model."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """A randomly initialised 2-layer Llama with a word-level tokenizer, saved like a hub model."""
+    from tests.conftest import make_tiny_llama
 
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + TINY_WORDS)}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_lm"), TINY_WORDS, max_positions=64)
 
 
 @pytest.fixture(scope="module")

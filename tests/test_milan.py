@@ -82,21 +82,10 @@ def test_config_has_the_paper_defaults():
 # End to end: a planted run over real photos, ConSE, retrieval captions and a tiny recorded LM
 # ---------------------------------------------------------------------------------------------
 def make_tiny_lm_dir(folder, words):
-    """A randomly initialised 2-layer Llama with a word-level tokenizer, saved like a hub model."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """The shared tiny Llama over ``words``."""
+    from tests.conftest import make_tiny_llama
 
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return make_tiny_llama(folder, words, max_positions=256)
 
 
 CONCEPTS = ["tabby cat", "espresso", "rocket", "red square", "blue circle", "horse", "coins", "astronaut", "sky", "grass"]
