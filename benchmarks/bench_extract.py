@@ -88,7 +88,7 @@ def memory_child(folder: str, n: int, batch_size: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=192, help="images for the speed ratio")
+    parser.add_argument("--images", type=int, default=512, help="images for the speed ratio")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-counts", default="500,1000,2000")
     parser.add_argument("--batch-size", type=int, default=32)

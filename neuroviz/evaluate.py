@@ -78,11 +78,14 @@ def _mean_sem(values: np.ndarray) -> tuple[float | None, float | None]:
 
 def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[str] | None = None,
                  methods: Sequence[str] | None = None, baselines: Sequence[str] = DEFAULT_BASELINES,
-                 split_seed: int = 0, include_oracle: bool = True, latest_only: bool = True) -> list[EvaluationRow]:
+                 split_seed: int = 0, include_oracle: bool = True, latest_only: bool = True,
+                 common_neurons: bool = False) -> list[EvaluationRow]:
     """Score the label runs of ``run`` (the newest per method, or all) and the constant baselines.
 
     A method with several label runs (other hyperparameters, backends or code versions) is
-    shown as ``method [label key prefix]`` when they are all evaluated.
+    shown as ``method [label key prefix]`` when they are all evaluated. ``common_neurons``
+    scores every row on only the neurons that all methods labelled, so that methods run on
+    a few neurons (MILAN, DnD) are compared with the others on the same neurons.
     """
     from . import embeddings
 
@@ -102,6 +105,12 @@ def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[s
             name = f"{meta.method} [{str(meta.label_key)[:8]}]" if meta.method in repeated else str(meta.method)
             label_sets.append((name, str(meta.label_key), dict(zip(rows["neuron"].astype(int), rows["label"].astype(str)))))
     all_neurons = range(run.n_neurons)
+    if common_neurons and label_sets:
+        shared = set.intersection(*(set(labels) for _, _, labels in label_sets))
+        if not shared:
+            raise ValueError("The methods labelled no neuron in common; run them on the same neurons or drop --common.")
+        label_sets = [(name, key, {n: labels[n] for n in shared}) for name, key, labels in label_sets]
+        all_neurons = sorted(shared)
     for text in baselines:
         label_sets.append((f"baseline: {text}", None, {n: text for n in all_neurons}))
     if final_layer and include_oracle:
@@ -173,7 +182,7 @@ def cmd_evaluate(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     baselines = [b.strip() for b in args.baseline.split(",") if b.strip()]
     rows = evaluate_run(store, run, multimodal, class_names, methods, baselines, args.split_seed,
-                        latest_only=not args.all_label_runs)
+                        latest_only=not args.all_label_runs, common_neurons=args.common)
     print(f"# {run.model_spec}  {run.layer}  ({run.n_neurons} neurons); simulation with {multimodal.description}")
     if class_names is not None and len(class_names) != run.n_neurons:
         print(f"(final-layer metrics apply to a layer of {len(class_names)} neurons, one per class)")
@@ -196,4 +205,5 @@ def register_cli(subparsers) -> None:
     p.add_argument("--baseline", default=",".join(DEFAULT_BASELINES), help="constant label(s) for the baseline row(s)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--all-label-runs", action="store_true", help="every label run of a method, not only the newest")
+    p.add_argument("--common", action="store_true", help="score every row on only the neurons all methods labelled")
     p.set_defaults(func=cmd_evaluate)

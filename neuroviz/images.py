@@ -25,6 +25,8 @@ from .provenance import provenance_key
 THUMBS_DIR = "thumbs"
 MOSAIC_BACKGROUND = (245, 245, 245)
 JPEG_QUALITY = 85
+CARD_TILE = 80  # tile side of the layer browser's card mosaics
+GRID_SIZE = 160  # thumbnails in the neuron page's grids and the rating view
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,20 @@ def annotated_view(cache_root: Path | str, image_path: str | Path, size: int, ge
     full_key = {"src": _file_stamp(image_path), "size": size, "geometry": _geometry_key(geometry),
                 "annotation": annotation, "key": key}
     return cached_picture(cache_root, annotation, full_key, lambda: draw(square_view(_open(image_path), geometry, size)))
+
+
+def warm_thumbnails(cache_root: Path | str, image_paths: Sequence[str | Path], sizes: Sequence[int] = (CARD_TILE, GRID_SIZE),
+                    geometry: ViewGeometry | None = IMAGENET_VIEW, progress: Callable[[int, int, str], None] | None = None) -> None:
+    """Build the thumbnails the pages draw from, ahead of the first visit (existing ones are kept).
+
+    Every card mosaic and image grid is pasted from these, so a workspace built with its
+    thumbnails ready shows its first page without decoding a single full-size image.
+    """
+    for i, path in enumerate(image_paths):
+        for size in sizes:
+            thumbnail(cache_root, path, size, geometry)
+        if progress:
+            progress(i + 1, len(image_paths), f"{i + 1}/{len(image_paths)} images")
 
 
 def clear_thumbs(cache_root: Path | str) -> int:

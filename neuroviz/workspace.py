@@ -1,9 +1,10 @@
 """The embedded offline demo workspace: `python -m neuroviz demo`.
 
 Builds, from packaged weights and images only (no network): the demo probe set, the
-activations of the packaged ImageNet MobileNetV2 on a few layers, and labels from every
-method that can run offline (CLIP-Dissect and MILAN-style PMI on every neuron; DnD on a few
-neurons of the last conv layer). Each step is cached, so a second run takes seconds.
+activations of the packaged ImageNet MobileNetV2 on a few layers, the thumbnails the pages
+draw from, and labels from every method that can run offline (CLIP-Dissect on every neuron,
+MILAN-style PMI on the first neurons of each layer, DnD on a few neurons of the last conv
+layer). Each step is cached, so a second run takes seconds.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def build_demo_workspace(store, labels: bool = True, dnd_neurons: int = DEMO_DND
     probe = datasets.open_probe_set(DEMO_PROBE, store.root)
     runs = extract.extract(model, probe, DEMO_LAYERS, store, k=50, progress=bar("extracting MobileNetV2", "img"))
     report["extraction"] = {"layers": [r.layer for r in runs], "images": len(probe), "seconds": round(time.time() - t0, 1)}
+
+    from . import images
+
+    t0 = time.time()
+    images.warm_thumbnails(store.root, [im.path for im in probe.images], geometry=images.ViewGeometry.of(model.preprocessing),
+                           progress=bar("thumbnails", "img"))
+    report["thumbnails"] = {"images": len(probe), "seconds": round(time.time() - t0, 1)}
     if not labels:
         return report
 

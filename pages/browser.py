@@ -101,12 +101,11 @@ def _similar_pairs(labels) -> LabelSimilarity | None:
     return _label_similarity(texts)
 
 
-def draw_card(ws: context.Workspace, neuron: int, tops: dict, agreement: bool | None, pictures: dict) -> None:
-    run = ws.run
+def draw_card(ws: context.Workspace, neuron: int, tops: dict, agreement: bool | None, mosaic) -> None:
     with st.container(border=True):
         st.page_link("pages/neuron.py", label=f"**Neuron {neuron}**", icon=":material/open_in_new:",
                      query_params=ws.query_params(neuron), help="Open this neuron")
-        cards.show_image(cards.mosaic_for(ws.store, run, neuron, **pictures), width="stretch")
+        cards.show_image(mosaic, width="stretch")
         lines = [cards.label_line_html(m, tops.get(m), compact=True) for m in ws.methods]
         if agreement is True:
             lines.append("<div class='nv-agree'>methods agree</div>")
@@ -164,11 +163,12 @@ def body() -> None:
     shown = neurons[(page - 1) * PER_PAGE: page * PER_PAGE]
     pictures = {"geometry": cards.run_geometry(ws.store, run), "top": data.top_k(ws.store, run.run_key),
                 "files": data.run_files(ws.store, run.run_key)}
+    mosaics = cards.mosaics_for(ws.store, run, shown, **pictures)
     for start in range(0, len(shown), COLUMNS):
         cols = st.columns(COLUMNS)
         for col, neuron in zip(cols, shown[start:start + COLUMNS]):
             with col:
-                draw_card(ws, neuron, info["tops"].get(neuron, {}), info["agreement"].get(neuron), pictures)
+                draw_card(ws, neuron, info["tops"].get(neuron, {}), info["agreement"].get(neuron), mosaics.get(neuron))
     # the rest of the layer's pictures, in this order, while the user looks at this page
     cards.prerender_mosaics(ws.store, run, neurons[page * PER_PAGE:] + neurons[:(page - 1) * PER_PAGE], **pictures)
 

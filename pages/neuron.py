@@ -15,7 +15,7 @@ from ui import cards, context, data, guard, jobs_ui, shell
 OVERLAYS = {"none": "Images", "heatmap": "Heatmaps", "crops": "DnD crops", "masks": "MILAN masks"}
 QUANTILE_EDGES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 SAMPLES_PER_BIN = 6
-THUMB = 160
+THUMB = images.GRID_SIZE
 PAGES_DIR = Path(__file__).resolve().parent
 
 

@@ -57,6 +57,11 @@ def test_evaluate_real_layer_has_a_constant_baseline_row(workspace):
     assert method.final_layer_accuracy is None  # no class names given: no final-layer metric
     table = format_markdown(rows)
     assert "| baseline: depiction |" in table and "simulation r" in table
+    # --common: every row on the neurons all methods labelled (here the 50 CLIP-Dissect did)
+    common = {r.name: r for r in evaluate_run(store, fc, backend, common_neurons=True)}
+    assert common["baseline: depiction"].n_neurons == 50 == common["clip_dissect"].n_neurons
+    assert common["clip_dissect"].simulation_correlation == pytest.approx(method.simulation_correlation)
+    assert common["baseline: depiction"].simulation_correlation != pytest.approx(baseline.simulation_correlation)
 
 
 def test_planted_final_layer_scores_high_and_beats_the_baseline(workspace):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..provenance import provenance_key
-from ..store import LabelRow, RunInfo, Store
+from ..store import PREPROCESSING_NAMESPACE, LabelRow, RunInfo, Store
 
 Progress = Callable[[int, int, str], None]
 
@@ -40,7 +40,9 @@ class MethodContext:
         if self.model is None:
             from ..models import create
 
-            self.model = create(self.run.model_spec)
+            # the run's input size (recorded at extraction), so maps and crops line up
+            prep = self.store.get_record(PREPROCESSING_NAMESPACE, self.run.preprocess_id) or {}
+            self.model = create(self.run.model_spec, image_size=prep.get("image_size"))
         if self.model.weights_id != self.run.weights_id:
             raise ValueError(f"The model {self.run.model_spec} now has different weights than when run {self.run.run_key} was extracted.")
         return self.model
