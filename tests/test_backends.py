@@ -259,6 +259,22 @@ def tiny_lm_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_lm"), TINY_WORDS, max_positions=64)
 
 
+def test_shared_prompt_head_is_cached_and_changes_no_answer(tiny_lm_dir):
+    """Few-shot prompts share their examples: the second prompt reuses the first one's head."""
+    from neuroviz.backends.language import TransformersLM
+
+    rng = np.random.default_rng(0)
+    head = " ".join(rng.choice(TINY_WORDS, 36))
+    prompts = [f"{head} the cat sat on", f"{head} a red square", f"{head} rocket in the sky", "dog on mat"]
+    cached, plain = TransformersLM(str(tiny_lm_dir)), TransformersLM(str(tiny_lm_dir))
+    plain.MIN_SHARED_PREFIX = 10**9  # never caches
+    for prompt in prompts:
+        for temperature in (0.0, 1.0):
+            assert cached.generate(prompt, 6, temperature, seed=3) == plain.generate(prompt, 6, temperature, seed=3)
+    assert plain._head is None
+    assert cached._head is not None and len(cached._head[0]) == 36  # the shared words (no BOS in this tokenizer)
+
+
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_lm_dir):
     from neuroviz.backends.language import TransformersLM, create_language_model
@@ -424,6 +440,14 @@ def test_packaged_gemma_scores_and_generates():
     assert (DEFAULT_CACHE / "models" / GEMMA_HF_DIRNAME / "READY").exists()
     text = lm.generate("The capital of France is", max_new_tokens=6, temperature=0.0)
     assert text.strip() and text == lm.generate("The capital of France is", max_new_tokens=6, temperature=0.0, seed=9)
+    # DnD's few-shot prompts: stopping at the end of the answer line keeps the answer
+    from neuroviz.methods.dnd import concept_phrase, simplify_prompt
+
+    prompt = simplify_prompt("a brown horse standing in a field of grass")
+    full = lm.generate(prompt, max_new_tokens=12, temperature=0.0)
+    short = lm.generate(prompt, max_new_tokens=12, temperature=0.0, stop_at_line_end=True)
+    assert "\n" in full.strip() and full.startswith(short.rstrip("\n")) and len(short) < len(full)
+    assert concept_phrase(short) == concept_phrase(full) != ""
 
 
 def test_cached_log_likelihood_scores_each_text_once(tiny_lm_dir, tmp_path):

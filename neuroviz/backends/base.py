@@ -66,8 +66,10 @@ class LanguageModel(ABC):
     description: str
 
     @abstractmethod
-    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
-        ...
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                 stop_at_line_end: bool = False) -> str:
+        """The continuation of ``prompt``. ``stop_at_line_end`` lets a backend stop once a
+        non-empty line is complete (callers that want one line must still cut the reply)."""
 
     @abstractmethod
     def log_likelihood(self, texts: Sequence[str]) -> np.ndarray:

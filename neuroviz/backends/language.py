@@ -17,6 +17,7 @@ the store's ``llm_calls`` table under the wrapper's ``recording_id``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -68,6 +69,8 @@ class TransformersLM(LanguageModel):
         self._lock = threading.Lock()
         self._model = None
         self._tokenizer = None
+        self._last_ids: list[int] | None = None  # the previous prompt's tokens, to find a shared head
+        self._head: tuple[list[int], object] | None = None  # (head tokens, its key/value cache)
 
     def _load(self):
         with self._lock:
@@ -125,21 +128,70 @@ class TransformersLM(LanguageModel):
             out[idx] = totals
         return out
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
-        """Continuation of ``prompt`` (new text only). Temperature 0 is greedy; else seeded sampling."""
+    MIN_SHARED_PREFIX = 32  # tokens: a shorter head shared with the previous prompt is not cached
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                 stop_at_line_end: bool = False) -> str:
+        """Continuation of ``prompt`` (new text only). Temperature 0 is greedy; else seeded sampling.
+
+        Two savings for few-shot prompts: the head a prompt shares with the previous one (the
+        examples of one template) is read from a cached key/value prefix instead of being run
+        again, and ``stop_at_line_end`` ends generation once a non-empty line is complete rather
+        than letting the model write the next example.
+        """
         model, tok = self._load()
         inputs = tok(prompt, return_tensors="pt").to(self.device)
+        n_prompt = inputs["input_ids"].shape[1]
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if stop_at_line_end:
+            kwargs["stopping_criteria"] = _line_end_criteria(tok, n_prompt)
+        cache = self._prefix_cache(model, inputs["input_ids"][0])
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         # fork_rng: the seed governs this call only and leaves the process's RNG untouched.
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(seed)
             tokens = model.generate(**inputs, **kwargs)
-        new = tokens[0, inputs["input_ids"].shape[1] :]
-        return tok.decode(new, skip_special_tokens=True)
+        return tok.decode(tokens[0, n_prompt:], skip_special_tokens=True)
+
+    def _prefix_cache(self, model, ids: torch.Tensor):
+        """A fresh copy of the key/value cache of the head ``ids`` shares with earlier prompts, or None."""
+        from transformers import DynamicCache
+
+        ids_list = ids.tolist()
+        with self._lock:
+            previous, self._last_ids = self._last_ids, ids_list
+            head = self._head
+        if head is not None and len(head[0]) < len(ids_list) and ids_list[: len(head[0])] == head[0]:
+            return copy.deepcopy(head[1])
+        n, limit = 0, min(len(previous or []), len(ids_list)) - 1  # leave generate one prompt token to read
+        while n < limit and previous[n] == ids_list[n]:
+            n += 1
+        if n < self.MIN_SHARED_PREFIX:
+            return None
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(input_ids=ids[None, :n].to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with self._lock:
+            self._head = (ids_list[:n], cache)
+        return copy.deepcopy(cache)
+
+
+def _line_end_criteria(tokenizer, n_prompt: int):
+    """A stopping criterion for generate: the new text holds a complete non-empty line."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class LineEnd(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            text = tokenizer.decode(input_ids[0, n_prompt:], skip_special_tokens=True)
+            done = bool(re.search(r"\S[^\n]*\n", text))
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([LineEnd()])
 
 
 def _load_causal_lm(model_id: str, gguf_file: str | None, dtype: torch.dtype):
@@ -263,8 +315,11 @@ class OpenAICompatibleLM(LanguageModel):
                 f"or use '{GEMMA_SPEC}' offline."
             ) from None
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
-        """One completion; ``seed`` is passed on (servers that honour it are reproducible)."""
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                 stop_at_line_end: bool = False) -> str:
+        """One completion; ``seed`` is passed on (servers that honour it are reproducible).
+        ``stop_at_line_end`` is not sent: a server's stop strings would also stop at a leading
+        newline, so the caller cuts the reply instead."""
         common = {"model": self.model, "max_tokens": max_new_tokens, "temperature": float(temperature), "seed": int(seed)}
         if self.chat:
             reply = self._post("chat/completions", {**common, "messages": [{"role": "user", "content": prompt}]})
@@ -317,11 +372,15 @@ CREATE TABLE IF NOT EXISTS llm_calls (
 RECORDINGS_NAMESPACE = "llm_recordings"
 
 
-def _request_key(kind: str, model_id: str, prompt: str, max_new_tokens: int = 0, temperature: float = 0.0, seed: int = 0) -> str:
+def _request_key(kind: str, model_id: str, prompt: str, max_new_tokens: int = 0, temperature: float = 0.0, seed: int = 0,
+                 stop_at_line_end: bool = False) -> str:
     from ..provenance import provenance_key
 
-    return provenance_key({"kind": kind, "model": model_id, "prompt": prompt, "max_new_tokens": int(max_new_tokens),
-                           "temperature": float(temperature), "seed": int(seed)}, 32)
+    request = {"kind": kind, "model": model_id, "prompt": prompt, "max_new_tokens": int(max_new_tokens),
+               "temperature": float(temperature), "seed": int(seed)}
+    if stop_at_line_end:  # only when set, so recordings made before the option still replay
+        request["stop_at_line_end"] = True
+    return provenance_key(request, 32)
 
 
 def new_recording_id() -> str:
@@ -354,9 +413,11 @@ class RecordingLM(LanguageModel):
             with self.store.connect() as con:
                 con.executemany("INSERT INTO llm_calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", numbered)
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
-        response = self.inner.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        key = _request_key("generate", self.inner.id, prompt, max_new_tokens, temperature, seed)
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                 stop_at_line_end: bool = False) -> str:
+        response = self.inner.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                       stop_at_line_end=stop_at_line_end)
+        key = _request_key("generate", self.inner.id, prompt, max_new_tokens, temperature, seed, stop_at_line_end)
         self._write([("generate", key, self.inner.id, prompt, response, None, int(seed), float(temperature), int(max_new_tokens))])
         self.generations.append(Generation(prompt, response, int(seed), float(temperature), self.inner.id))
         return response
@@ -416,8 +477,9 @@ class ReplayLM(LanguageModel):
             self._served[key] = n + 1
             return answers[min(n, len(answers) - 1)]
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
-        key = _request_key("generate", self.model_id, prompt, max_new_tokens, temperature, seed)
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                 stop_at_line_end: bool = False) -> str:
+        key = _request_key("generate", self.model_id, prompt, max_new_tokens, temperature, seed, stop_at_line_end)
         short = prompt if len(prompt) < 80 else prompt[:77] + "..."
         return self._answer(key, f"generate({short!r}, max_new_tokens={max_new_tokens}, temperature={temperature}, seed={seed})")
 

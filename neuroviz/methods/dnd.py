@@ -184,7 +184,9 @@ class _Transcript:
         self.calls: list[dict] = []
 
     def generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-        response = self.lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        # every DnD prompt asks for one short line: a backend may stop at its end
+        response = self.lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                    stop_at_line_end=True)
         self.calls.append({"prompt": prompt, "response": response, "temperature": temperature, "seed": seed})
         return response
 
@@ -260,7 +262,7 @@ class DescribeAndDissect(DescriptionMethod):
     needs = ("multimodal", "captioner", "language_model")
     config_class = DnDConfig
     per_neuron = True
-    code_version = "1"
+    code_version = "2"  # 2: LM calls stop at the end of the answer line and reuse the prompt head
 
     def describe(self, ctx: MethodContext, config: DnDConfig, neurons: Sequence[int]) -> list[LabelRow]:
         """Run the three steps for each neuron (slow: ~15 language-model calls per neuron)."""
