@@ -11,6 +11,8 @@ when it has none, so the pages have something to show; otherwise the tiny test w
 For each page, through Streamlit's AppTest (the same script path as `streamlit run`):
 - ``process cold``: a fresh Python process, empty Streamlit caches, no cached pictures:
   everything a first visitor after a server start pays, imports of our modules included;
+- ``thumbnails built``: a fresh process after `extract` (or the demo build) has built the
+  per-image thumbnails, but no page has drawn a mosaic yet: a first visit after extraction;
 - ``pictures on disk``: a fresh process whose mosaics/thumbnails already exist (a restart);
 - ``warm``: the median of repeated reruns in one process.
 Two figures per case: ``script`` (the script thread's wall time, including AppTest's own
@@ -119,6 +121,21 @@ def measure(page: str, workspace: dict, repeats: int) -> dict:
             "warm_body": statistics.median(b for b in results["body"][1:] if b is not None) if repeats else None}
 
 
+def warm_thumbnails_only(workspace: dict) -> None:
+    """Keep only the per-image thumbnails (as `python -m neuroviz extract` and the demo build leave
+    them): pages then compose their mosaics without decoding any full-size image."""
+    from neuroviz import images
+    from neuroviz.store import PREPROCESSING_NAMESPACE, Store
+
+    root = Path(workspace["cache"])
+    shutil.rmtree(root / "thumbs", ignore_errors=True)
+    store = Store(root)
+    run = next(r for r in store.find_runs(model_spec=workspace["model"]) if r.layer == workspace["layer"])
+    sizes = store.get_record(PREPROCESSING_NAMESPACE, run.preprocess_id)  # as the pages find it
+    geometry = images.ViewGeometry(sizes["image_size"], sizes["resize_size"]) if sizes else images.IMAGENET_VIEW
+    images.warm_thumbnails(root, [p["path"] for p in store.probe_images(run.probe_set_id)], geometry=geometry)
+
+
 def fresh_process(page: str, workspace: dict, repeats: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", page, "--workspace", json.dumps(workspace),
                           "--repeats", str(repeats)], capture_output=True, text=True, cwd=REPO)
@@ -147,8 +164,11 @@ def main() -> None:
         for page in PAGES:
             shutil.rmtree(Path(workspace["cache"]) / "thumbs", ignore_errors=True)
             cold = fresh_process(page, workspace, args.repeats)  # builds the pictures
+            warm_thumbnails_only(workspace)  # what `extract` and the demo build leave behind
+            after_extract = fresh_process(page, workspace, 0)
             restart = fresh_process(page, workspace, 0)
             rows = [("process cold", cold["first_script"], cold["first_body"]),
+                    ("thumbnails built", after_extract["first_script"], after_extract["first_body"]),
                     ("pictures on disk", restart["first_script"], restart["first_body"]),
                     (f"warm (median {args.repeats})", cold["warm_script"], cold["warm_body"])]
             for case, script, body in rows:

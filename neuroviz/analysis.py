@@ -46,15 +46,16 @@ class AnalysisConfig:
     """How labels become categories.
 
     ``min_calibrated`` applies only to labels that carry a calibrated score (assumed in
-    [0, 1]); ``unlabelled`` says whether neurons a method did not label count as
-    uninterpretable ("uninterpretable", the MILAN reading) or are left out ("exclude",
-    fair to on-demand methods such as DnD that label only chosen neurons).
+    [0, 1]); ``unlabelled`` says whether neurons a method did not label are left out
+    ("exclude", the default: a neuron a method never ran on is unknown, not uninterpretable,
+    which matters for DnD and MILAN run on chosen neurons) or count as uninterpretable
+    ("uninterpretable", the MILAN reading when every neuron was described).
     ``fallback_min_similarity`` is a MiniLM cosine to a category description.
     """
 
     counting: str = "head"
     min_calibrated: float | None = 0.2
-    unlabelled: str = "uninterpretable"
+    unlabelled: str = "exclude"
     embedding_fallback: bool = False
     fallback_min_similarity: float = 0.3
     include_imagenet: bool = True
@@ -359,7 +360,8 @@ def register_cli(sub) -> None:
     p.add_argument("--image-size", type=int)
     p.add_argument("--methods", help="comma-separated method names (default: all)")
     p.add_argument("--counting", choices=COUNTING_MODES, default="head")
-    p.add_argument("--unlabelled", choices=["uninterpretable", "exclude"], default="uninterpretable")
+    p.add_argument("--unlabelled", choices=["exclude", "uninterpretable"], default="exclude",
+                   help="neurons a method did not label: left out (default) or counted as uninterpretable")
     p.add_argument("--min-calibrated", type=float, default=AnalysisConfig.min_calibrated)
     p.add_argument("--fallback", action="store_true", help="classify unmatched labels by text embedding")
     p.add_argument("--importance", metavar="METHOD", help="also ablate each category group of this method's labels")

@@ -90,6 +90,11 @@ def cmd_extract(args) -> int:
         print(f"skipped {ps.n_skipped} files: {ps.skipped_summary()}", file=sys.stderr)
     runs = extract.extract(model, ps, layers, st, pooling=args.pooling, k=args.k, batch_size=args.batch_size,
                            chunk_size=args.chunk_size, progress=progress_for(args, "extracting"), num_workers=args.workers)
+    if not args.no_thumbnails:  # the pages paste every card and grid from these: build them now, once
+        from . import images
+
+        images.warm_thumbnails(st.root, [im.path for im in ps.images], geometry=images.ViewGeometry.of(model.preprocessing),
+                               progress=progress_for(args, "thumbnails"))
     for r in runs:
         print(f"{r.layer}: {r.n_neurons} neurons x {r.n_images} images, pooling={r.pooling}, run {r.run_key}")
     args._result = {"runs": [r.run_key for r in runs], "skipped": ps.n_skipped}
@@ -157,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk")
     p.add_argument("--image-size", type=int)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--no-thumbnails", action="store_true", help="skip building the thumbnails the pages draw from")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("cache", help="show what the cache holds")

@@ -165,9 +165,19 @@ class Store:
 
     # -- probe sets -------------------------------------------------------------------
     def register_probe_set(self, ps) -> None:
-        """Record a probe set and its ordered images (idempotent)."""
+        """Record a probe set and its ordered images (idempotent).
+
+        Known probe sets keep their id (it hashes the images' contents), but files that moved
+        (a renamed folder, a copied cache) get their new paths, so pages keep finding them.
+        """
         with self.connect() as con:
             if con.execute("SELECT 1 FROM probe_sets WHERE probe_set_id = ?", [ps.id]).fetchone():
+                stored = con.execute("SELECT idx, image_id, path FROM probe_images WHERE probe_set_id = ? ORDER BY idx",
+                                     [ps.id]).fetchall()
+                moved = [(im.path, ps.id, i) for (i, image_id, path), im in zip(stored, ps.images)
+                         if image_id == im.image_id and path != im.path]
+                if moved:
+                    con.executemany("UPDATE probe_images SET path = ? WHERE probe_set_id = ? AND idx = ?", moved)
                 return
             con.execute("BEGIN")
             con.execute(

@@ -17,7 +17,7 @@ CATEGORY_COLOURS = {
     "colour": "#ef4444", "texture": "#f59e0b", "material": "#a16207", "object": "#3b82f6",
     "scene": "#10b981", "relation": "#8b5cf6", "uninterpretable": "#cbd5e1",
 }
-UNLABELLED = {"uninterpretable": "count as uninterpretable", "exclude": "leave out (on-demand methods)"}
+UNLABELLED = {"exclude": "leave out (not run on them)", "uninterpretable": "count as uninterpretable"}
 COUNTING = {"head": "one category per neuron (the label's head)", "fractional": "split over every category named"}
 
 

@@ -53,7 +53,7 @@ def test_shares_add_up_to_one_per_layer_and_method(labelled):
             sums = shares.groupby(["layer", "method"])["share"].sum()
             assert sums.to_numpy() == pytest.approx(1.0)
             assert set(shares["category"]) == set(CATEGORY_ORDER)
-    shares = _shares(labelled)
+    shares = _shares(labelled, unlabelled="uninterpretable")  # the MILAN reading; the default leaves them out
     assert list(dict.fromkeys(shares["layer"])) == ["layer2", "layer4"]  # network order; fc has no labels
     counts = shares.set_index(["layer", "method", "category"])["count"]
     assert counts["layer2", "clip_dissect", "colour"] == 24  # neuron 0's low calibrated score
@@ -64,11 +64,11 @@ def test_shares_add_up_to_one_per_layer_and_method(labelled):
 
 
 def test_counting_modes_and_exclusion(labelled):
-    frac = _shares(labelled, counting="fractional").set_index(["layer", "method", "category"])["count"]
+    frac = _shares(labelled, counting="fractional", unlabelled="uninterpretable").set_index(["layer", "method", "category"])["count"]
     assert frac["layer4", "clip_dissect", "relation"] == pytest.approx(85.0)  # "dog on a sofa": half relation
     assert frac["layer4", "clip_dissect", "object"] == pytest.approx(171 + 85.0)
     assert frac["layer4", "milan", "colour"] == pytest.approx(5.0)
-    excl = _shares(labelled, unlabelled="exclude").set_index(["layer", "method", "category"])["share"]
+    excl = _shares(labelled).set_index(["layer", "method", "category"])["share"]  # default: unlabelled left out
     assert excl["layer4", "milan", "object"] == 1.0
     assert excl["layer2", "clip_dissect", "uninterpretable"] == pytest.approx(26 / 100)
 

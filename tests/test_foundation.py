@@ -271,3 +271,22 @@ def test_run_records_its_input_size_and_methods_recreate_the_model_at_it(tiny_wo
     model = MethodContext(store=store, run=run).probed_model()
     assert model.preprocessing.image_size == 64 and model.preprocessing.id == run.preprocess_id
     assert models.create(run.model_spec).preprocessing.id != run.preprocess_id  # the default would not match
+
+
+def test_a_moved_image_folder_keeps_its_probe_set_and_gets_the_new_paths(tmp_path):
+    import shutil
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+    store = Store(tmp_path / "cache")
+    ps = datasets.from_folder(folder)
+    store.register_probe_set(ps)
+    moved = tmp_path / "renamed"
+    shutil.move(folder, moved)
+    again = datasets.from_folder(moved)
+    assert again.id == ps.id  # content hashes: the cache stays valid
+    store.register_probe_set(again)
+    paths = [row["path"] for row in store.probe_images(ps.id)]
+    assert paths == [im.path for im in again.images] and all(str(moved) in p for p in paths)
