@@ -395,6 +395,8 @@ def register_cli(sub) -> None:
     p.add_argument("--mode", choices=["zero", "mean"], default="zero")
     p.add_argument("--save", action="store_true")
     p.add_argument("--max-images", type=int)
+    p.add_argument("--random-groups", type=int, default=0, metavar="N",
+                   help="also ablate N random groups of as many neurons per layer (the control), and compare")
     p.set_defaults(func=_cmd_edit)
 
 
@@ -498,5 +500,10 @@ def _cmd_edit(args) -> int:
         print(f"{key:24s} {value}")
     for ch in cmp.changed[:20]:
         print(f"  {ch.image_id}  {ch.before_class} ({ch.before_confidence:.2f}) -> {ch.after_class} ({ch.after_confidence:.2f})")
+    if args.random_groups > 0:
+        controls = editing.evaluate_controls(model, edit, ps, st, args.random_groups, args.max_images,
+                                             progress=progress_for(args, "random groups", "img"))
+        print(f"\nthis edit vs {len(controls)} random groups of as many neurons per layer:")
+        print(editing.control_table(cmp, controls).round(4).to_string(index=False))
     args._result = cmp.summary()
     return 0

@@ -149,6 +149,55 @@ def make_edit(name: str, model_spec: str, neurons: dict[str, Sequence[int]], mod
     return Edit(_check_name(name), model_spec, clean, mode, values, probe_set_id, description, source)
 
 
+def random_counterpart(edit: Edit, layer_sizes: dict[str, int], seed: int = 0, store: Store | None = None) -> Edit:
+    """An edit of as many neurons per layer as ``edit``, drawn at random from the rest of each layer.
+
+    The control an ablation needs: removing k "text" neurons means something only if it
+    changes more than removing k neurons picked by chance from the same layers.
+    """
+    rng = np.random.default_rng(seed)
+    neurons = {}
+    for layer, chosen in edit.neurons.items():
+        others = np.setdiff1d(np.arange(int(layer_sizes[layer])), np.asarray(chosen, dtype=int))
+        if len(others) < len(chosen):
+            raise EditError(f"Layer {layer} has too few other neurons for a random group of {len(chosen)}.")
+        neurons[layer] = sorted(rng.choice(others, size=len(chosen), replace=False).tolist())
+    return make_edit(f"{edit.name}-random-{seed}", edit.model_spec, neurons, edit.mode, store, edit.probe_set_id,
+                     description=f"random control for '{edit.name}' (seed {seed})")
+
+
+def evaluate_controls(model: ProbedModel, edit: Edit, probe_set: ProbeSet, store: Store | None = None,
+                      n_groups: int = 3, max_images: int | None = None, progress: Progress | None = None) -> list["Comparison"]:
+    """Evaluate ``n_groups`` random counterparts of ``edit`` (seeds 0..n-1, each pass cached)."""
+    sizes = {layer: model.layer(layer).n_neurons for layer in edit.neurons}
+    out = []
+    for seed in range(n_groups):
+        control = random_counterpart(edit, sizes, seed, store if edit.mode == "mean" else None)
+        stage = None if progress is None else (
+            lambda d, t, m, seed=seed: progress(seed * t + d, n_groups * t, f"random group {seed + 1}/{n_groups}: {m}"))
+        out.append(evaluate_edit(model, control, probe_set, store, max_images, progress=stage))
+    return out
+
+
+def control_table(cmp: "Comparison", controls: Sequence["Comparison"]):
+    """This edit's headline numbers beside the min / mean / max of its random controls."""
+    import pandas as pd
+
+    def values(c: "Comparison") -> dict[str, float | None]:
+        return {"images changed": float(len(c.changed)), "agreement": c.agreement,
+                "accuracy drop": c.accuracy_drop, "confidence drop": c.confidence_drop}
+
+    rows = []
+    for key, value in values(cmp).items():
+        ctrl = [values(c)[key] for c in controls]
+        if value is None or not ctrl or any(v is None for v in ctrl):
+            continue
+        rows.append({"measure": key, "this edit": value, "random min": min(ctrl), "random mean": float(np.mean(ctrl)),
+                     "random max": max(ctrl), "share of random groups with less effect":
+                     float(np.mean([(v > value) if key == "agreement" else (v < value) for v in ctrl]))})
+    return pd.DataFrame(rows)
+
+
 def parse_neuron_list(text: str) -> dict[str, list[int]]:
     """``"layer4:1,2,3; features.14:7"`` -> ``{"layer4": [1, 2, 3], "features.14": [7]}``."""
     out: dict[str, list[int]] = {}

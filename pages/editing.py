@@ -74,7 +74,7 @@ def choose_neurons(ws) -> tuple[dict[str, list[int]], dict | None, editing.Edit 
 
 
 def edit_settings(ws, neurons, source, saved: editing.Edit | None) -> editing.Edit | None:
-    c1, c2, c3 = st.columns([2, 2, 1])
+    c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
     mode = c1.radio("Ablation", list(MODES), format_func=MODES.get, key="editing_mode", horizontal=True,
                     index=list(MODES).index(saved.mode) if saved else 0,
                     help="Mean: the whole map of a conv channel is set to the constant whose average is the "
@@ -83,6 +83,9 @@ def edit_settings(ws, neurons, source, saved: editing.Edit | None) -> editing.Ed
     name = c2.text_input("Edit name", value=default_name, key=f"editing_name_{default_name}")
     c3.number_input("Images (0 = all)", 0, 100_000, 0, 50, key="editing_max_images",
                     help="An evenly spaced subset is faster on large probe sets.")
+    c4.number_input("Random controls", 0, 20, 0, 1, key="editing_controls",
+                    help="Also ablate this many random groups with as many neurons per layer: an edit means "
+                         "something only if it changes more than chance does. Each costs one more pass.")
     if not neurons:
         return None
     if saved is not None and mode == saved.mode and name == saved.name:
@@ -100,15 +103,18 @@ def evaluate(ws, edit: editing.Edit) -> None:
 
     max_images = int(st.session_state.get("editing_max_images") or 0) or None
     result = editing.evaluate_edit(model, edit, probe, ws.store, max_images, progress=progress)
+    n_controls = int(st.session_state.get("editing_controls") or 0)
+    controls = editing.evaluate_controls(model, edit, probe, ws.store, n_controls, max_images, progress) if n_controls else []
     bar.empty()
-    st.session_state[RESULT_KEY] = {"edit": edit.to_record(), "comparison": result, "probe_set_id": ws.probe_set_id}
+    st.session_state[RESULT_KEY] = {"edit": edit.to_record(), "comparison": result, "probe_set_id": ws.probe_set_id,
+                                    "controls": controls}
 
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def draw_comparison(ws, edit: editing.Edit, cmp: editing.Comparison) -> None:
+def draw_comparison(ws, edit: editing.Edit, cmp: editing.Comparison, controls=()) -> None:
     st.subheader(f"Effect of '{edit.name}' ({edit.n_neurons} neuron{'s' if edit.n_neurons != 1 else ''}, {edit.mode})")
     c1, c2, c3, c4 = st.columns(4)
     if cmp.accuracy_before is not None:
@@ -121,6 +127,10 @@ def draw_comparison(ws, edit: editing.Edit, cmp: editing.Comparison) -> None:
               delta=f"{cmp.mean_confidence_after - cmp.mean_confidence_before:+.3f}")
     c4.metric("Prob. of the original answer", f"{cmp.reference_prob_after:.3f}", delta=f"{-cmp.confidence_drop:+.3f}")
     st.caption(f"{cmp.n_images} images · accuracy counted on {cmp.n_labelled} images with a class-name label")
+    if controls:
+        st.markdown(f"**Against chance**: {len(controls)} random groups with as many neurons per layer")
+        st.dataframe(editing.control_table(cmp, controls), hide_index=True, width="stretch",
+                     column_config={"share of random groups with less effect": st.column_config.NumberColumn(format="percent")})
     with st.expander("Per class", expanded=False):
         st.dataframe(cmp.per_class, hide_index=True, width="stretch")
     changed_grid(ws, cmp)
@@ -198,7 +208,7 @@ def body() -> None:
     saved_edits(ws)
     result = st.session_state.get(RESULT_KEY)
     if result and result["probe_set_id"] == ws.probe_set_id and result["edit"]["model_spec"] == ws.model_spec:
-        draw_comparison(ws, editing.Edit.from_record(result["edit"]), result["comparison"])
+        draw_comparison(ws, editing.Edit.from_record(result["edit"]), result["comparison"], result.get("controls", []))
 
 
 shell.owner_page()  # the backstop that makes app.py decide who may see this page

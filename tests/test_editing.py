@@ -88,6 +88,33 @@ def test_ablating_a_channel_flips_exactly_its_images(colour_probe, workspace):
     assert cmp.per_class.set_index("class_name").loc["green", "accuracy_after"] == 1.0
 
 
+def test_random_counterpart_is_an_equal_size_control_from_the_other_neurons():
+    edit = editing.make_edit("text", "custom:m", {"layer2": [3, 7, 9], "layer4": [100]})
+    sizes = {"layer2": 128, "layer4": 512}
+    controls = [editing.random_counterpart(edit, sizes, seed) for seed in range(20)]
+    for control in controls:
+        assert {k: len(v) for k, v in control.neurons.items()} == {"layer2": 3, "layer4": 1}
+        assert not set(control.neurons["layer2"]) & {3, 7, 9} and 100 not in control.neurons["layer4"]
+        assert all(0 <= n < sizes[layer] for layer, ns in control.neurons.items() for n in ns)
+        assert control.mode == edit.mode and control.name.startswith("text-random-")
+    assert editing.random_counterpart(edit, sizes, 5).neurons == controls[5].neurons  # seeded
+    assert len({tuple(c.neurons["layer2"]) for c in controls}) > 15  # and really random
+    with pytest.raises(editing.EditError, match="too few other neurons"):
+        editing.random_counterpart(editing.make_edit("most", "custom:m", {"layer2": [0, 1, 2]}), {"layer2": 4}, 0)
+
+
+def test_ablating_the_class_channel_beats_random_channels(colour_probe, workspace):
+    """The control makes the point: zeroing the red channel flips every red image, while a
+    random other channel flips only its own colour's images, never the red ones."""
+    store, model = workspace["store"], channel_model()
+    edit = editing.make_edit("no red", model.spec, {"relu": [0]})
+    red = editing.evaluate_edit(model, edit, colour_probe, store)
+    for seed in range(3):
+        control = editing.evaluate_edit(model, editing.random_counterpart(edit, {"relu": 4}, seed), colour_probe, store)
+        assert not {c.image_idx for c in control.changed} & {c.image_idx for c in red.changed}
+        assert all(c.before_class != "red" for c in control.changed)
+
+
 def test_edit_leaves_weights_untouched_and_hooks_removed(colour_probe):
     model = channel_model()
     state_hash = hash_state_dict(model.module.state_dict())
@@ -193,6 +220,15 @@ def test_editing_page_evaluates_and_saves_an_edit(workspace, monkeypatch):
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Accuracy"] == "n/a" and metrics["Same top-1 as before"].endswith("%")
+    def control_tables():
+        return [d.value for d in at.dataframe if "random mean" in d.value.columns]
+
+    assert control_tables() == []  # no controls asked for
+    at.number_input(key="editing_controls").set_value(2).run()
+    at.button(key="editing_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    (table,) = control_tables()
+    assert list(table["measure"][:2]) == ["images changed", "agreement"] and (table["random max"] >= table["random min"]).all()
     at.button(key="editing_save").click().run()
     (saved,) = [e for e in editing.list_edits(store) if e.neurons == {"layer4": list(range(0, 512, 2))}]
     assert saved.mode == "zero"
