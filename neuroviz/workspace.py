@@ -19,7 +19,7 @@ DEMO_PROBE = "demo"
 DEMO_LAYERS = ["features.4", "features.9", "features.14", "features.18", "classifier.1"]
 DEMO_CONCEPTS = "words20k"
 DEMO_DND_LAYER = "features.18"
-DEMO_DND_NEURONS = 6
+DEMO_DND_NEURONS = 24  # the layer browser's first page: every card carries all three methods
 # MILAN scores each candidate with Gemma on the CPU (~2 s a neuron): the demo labels the first
 # neurons of each layer; label the rest from the Workspace page or `python -m neuroviz label`.
 DEMO_MILAN_NEURONS = 32
@@ -71,14 +71,14 @@ def build_demo_workspace(store, labels: bool = True, dnd_neurons: int = DEMO_DND
             if name == "milan" and run.map_shape is None:
                 continue  # MILAN masks need spatial maps; vector layers have none
             t0 = time.time()
-            ctx = MethodContext(store=store, run=run, model=model, progress=bar(f"{name} {run.layer}", "neuron"), **ctx_kwargs)
+            ctx = MethodContext(store=store, run=run, model=model, progress=bar(f"{name} {run.layer}", "step"), **ctx_kwargs)
             subset = list(range(min(DEMO_MILAN_NEURONS, run.n_neurons))) if name == "milan" else None
             methods.run_method(name, ctx, neurons=subset)
             report[f"{name}:{run.layer}"] = round(time.time() - t0, 1)
     if "dnd" in available and dnd_neurons > 0:
         run = next(r for r in runs if r.layer == DEMO_DND_LAYER)
         t0 = time.time()
-        ctx = MethodContext(store=store, run=run, model=model, progress=bar(f"dnd {run.layer}", "neuron"), **ctx_kwargs)
+        ctx = MethodContext(store=store, run=run, model=model, progress=bar(f"dnd {run.layer}", "step"), **ctx_kwargs)
         methods.run_method("dnd", ctx, neurons=list(range(dnd_neurons)))
         report[f"dnd:{run.layer}"] = round(time.time() - t0, 1)
     return report

@@ -248,7 +248,7 @@ def _label_runs(args, store: Store, runs: list[RunInfo], names: list[str], confi
     for run in runs:
         for name in names:
             method = get_method(name)
-            bar = TqdmProgress(f"{name} {run.layer}", "neuron")  # as cli.progress_for, but closable
+            bar = TqdmProgress(f"{name} {run.layer}", "step")  # as cli.progress_for, but closable; steps: neurons, images or texts
             ctx = build_context(store, run, method.needs, pool, chain(bar, getattr(args, "_job_reporter", None)))
             wanted = neurons
             if wanted is None and method.per_neuron:
