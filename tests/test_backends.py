@@ -271,8 +271,8 @@ def test_shared_prompt_head_is_cached_and_changes_no_answer(tiny_lm_dir):
     for prompt in prompts:
         for temperature in (0.0, 1.0):
             assert cached.generate(prompt, 6, temperature, seed=3) == plain.generate(prompt, 6, temperature, seed=3)
-    assert plain._head is None
-    assert cached._head is not None and len(cached._head[0]) == 36  # the shared words (no BOS in this tokenizer)
+    assert plain._heads == []
+    assert [len(h[0]) for h in cached._heads] == [36, 39]  # the shared words (no BOS here); prompt 1 less its last token
 
 
 @pytest.fixture(scope="module")

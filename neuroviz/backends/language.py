@@ -70,7 +70,7 @@ class TransformersLM(LanguageModel):
         self._model = None
         self._tokenizer = None
         self._last_ids: list[int] | None = None  # the previous prompt's tokens, to find a shared head
-        self._head: tuple[list[int], object] | None = None  # (head tokens, its key/value cache)
+        self._heads: list[tuple[list[int], object]] = []  # (head tokens, key/value cache), newest first
 
     def _load(self):
         with self._lock:
@@ -129,6 +129,7 @@ class TransformersLM(LanguageModel):
         return out
 
     MIN_SHARED_PREFIX = 32  # tokens: a shorter head shared with the previous prompt is not cached
+    MAX_HEADS = 4  # prompt heads whose key/value caches are kept
 
     def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
                  stop_at_line_end: bool = False) -> str:
@@ -159,15 +160,18 @@ class TransformersLM(LanguageModel):
         return tok.decode(tokens[0, n_prompt:], skip_special_tokens=True)
 
     def _prefix_cache(self, model, ids: torch.Tensor):
-        """A fresh copy of the key/value cache of the head ``ids`` shares with earlier prompts, or None."""
+        """A fresh copy of the key/value cache of the head ``ids`` shares with earlier prompts, or None.
+
+        A few heads are kept (DnD alternates two templates), the longest that fits is used.
+        """
         from transformers import DynamicCache
 
         ids_list = ids.tolist()
         with self._lock:
             previous, self._last_ids = self._last_ids, ids_list
-            head = self._head
-        if head is not None and len(head[0]) < len(ids_list) and ids_list[: len(head[0])] == head[0]:
-            return copy.deepcopy(head[1])
+            fitting = [h for h in self._heads if len(h[0]) < len(ids_list) and ids_list[: len(h[0])] == h[0]]
+        if fitting:
+            return copy.deepcopy(max(fitting, key=lambda h: len(h[0]))[1])
         n, limit = 0, min(len(previous or []), len(ids_list)) - 1  # leave generate one prompt token to read
         while n < limit and previous[n] == ids_list[n]:
             n += 1
@@ -177,7 +181,7 @@ class TransformersLM(LanguageModel):
         with torch.inference_mode():
             model(input_ids=ids[None, :n].to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
         with self._lock:
-            self._head = (ids_list[:n], cache)
+            self._heads = [(ids_list[:n], cache), *self._heads][: self.MAX_HEADS]
         return copy.deepcopy(cache)
 
 
