@@ -125,14 +125,13 @@ def warm_thumbnails_only(workspace: dict) -> None:
     """Keep only the per-image thumbnails (as `python -m neuroviz extract` and the demo build leave
     them): pages then compose their mosaics without decoding any full-size image."""
     from neuroviz import images
-    from neuroviz.store import PREPROCESSING_NAMESPACE, Store
+    from neuroviz.store import Store
 
     root = Path(workspace["cache"])
     shutil.rmtree(root / "thumbs", ignore_errors=True)
     store = Store(root)
     run = next(r for r in store.find_runs(model_spec=workspace["model"]) if r.layer == workspace["layer"])
-    sizes = store.get_record(PREPROCESSING_NAMESPACE, run.preprocess_id)  # as the pages find it
-    geometry = images.ViewGeometry(sizes["image_size"], sizes["resize_size"]) if sizes else images.IMAGENET_VIEW
+    geometry = images.recorded_view(store, run.preprocess_id) or images.IMAGENET_VIEW  # as the pages find it
     images.warm_thumbnails(root, [p["path"] for p in store.probe_images(run.probe_set_id)], geometry=geometry)
 
 

@@ -28,7 +28,8 @@ from .datasets import ProbeSet, load_rgb
 from .hooks import LayerLayout, LayerRecorder, pool, spatial_map, to_batch_first
 from .models import LayerInfo, ProbedModel
 from .provenance import provenance_key
-from .store import PREPROCESSING_NAMESPACE, RunInfo, Store, atomic_save_npy, atomic_write_text
+from .images import record_view
+from .store import RunInfo, Store, atomic_save_npy, atomic_write_text
 
 CODE_VERSION = "extract-1"
 MAP_MAX_SIDE = 32  # top-k maps are stored at most 32x32: enough for crops, masks and heatmaps
@@ -272,8 +273,7 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
 
     # how the model cropped its inputs, by preprocessing id: pages draw the model's view of each
     # image and methods re-create the model at this size without loading it to find out
-    prep = model.preprocessing
-    store.put_record(PREPROCESSING_NAMESPACE, prep.id, {"image_size": int(prep.image_size), "resize_size": int(prep.resize_size)})
+    record_view(store, model.preprocessing)
     image_ids = [im.image_id for im in probe_set.images]
     n_chunks = (n_images + chunk_size - 1) // chunk_size
     for plan in plans:

@@ -45,6 +45,21 @@ class ViewGeometry:
 
 
 IMAGENET_VIEW = ViewGeometry()
+VIEW_NAMESPACE = "preprocessing"  # store records: preprocess id -> the view geometry's two sizes
+
+
+def record_view(store, preprocessing) -> ViewGeometry:
+    """Remember how inputs of this preprocessing were cropped (extraction does, once per run),
+    so pages and methods get the run's geometry without loading its model."""
+    view = ViewGeometry.of(preprocessing)
+    store.put_record(VIEW_NAMESPACE, preprocessing.id, {"image_size": view.image_size, "resize_size": view.resize_size})
+    return view
+
+
+def recorded_view(store, preprocess_id: str) -> ViewGeometry | None:
+    """The geometry :func:`record_view` kept for ``preprocess_id``, or None if none was."""
+    record = store.get_record(VIEW_NAMESPACE, preprocess_id)
+    return ViewGeometry(int(record["image_size"]), int(record["resize_size"])) if record else None
 
 
 def square_view(img: Image.Image, geometry: ViewGeometry | None, size: int) -> Image.Image:

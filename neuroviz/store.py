@@ -31,7 +31,6 @@ from . import db
 
 DEFAULT_CACHE = Path(os.environ.get("NEUROVIZ_CACHE", Path(__file__).resolve().parent.parent / "cache"))
 
-PREPROCESSING_NAMESPACE = "preprocessing"  # records: preprocess id -> the run's image and resize sizes
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS probe_sets (
     probe_set_id VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR, n_images INTEGER,

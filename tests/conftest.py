@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+APP_PATH = Path(__file__).resolve().parent.parent / "app.py"
 SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse", "immunohistochemistry")
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
 SHAPES = ("square", "circle")
@@ -97,3 +98,22 @@ def make_tiny_llama(folder: Path, words, max_positions: int = 256) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def dashboard_env(mp: pytest.MonkeyPatch, cache_root) -> None:
+    """The environment every AppTest of the dashboard runs in: this cache, bugs raise
+    (``at.exception``) instead of becoming polite messages, no owner password (local: open)."""
+    mp.setenv("NEUROVIZ_CACHE", str(cache_root))
+    mp.setenv("NEUROVIZ_UI_RAISE", "1")
+    mp.delenv("NEUROVIZ_OWNER_PASSWORD", raising=False)
+
+
+def open_page(page: str, timeout: float = 120, **query):
+    """The app with ``query`` in the URL, run once through app.py, then switched to ``page``."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP_PATH), default_timeout=timeout)
+    for key, value in query.items():
+        at.query_params[key] = str(value)
+    at.run()
+    return at.switch_page(page).run()

@@ -127,21 +127,13 @@ def test_no_labels_is_a_clear_error(tmp_path):
 
 
 def test_analysis_page_draws_shares_and_a_stored_importance_table(labelled, monkeypatch):
-    from pathlib import Path
-
-    from streamlit.testing.v1 import AppTest
+    from tests.conftest import dashboard_env, open_page
 
     ws = labelled
     imp = analysis.ImportanceConfig(max_images=12, random_baseline=False)
     analysis.group_importance(ws["model"], ws["store"], ws["probe_set"], "clip_dissect", layers=["layer4"], importance=imp)
-    monkeypatch.setenv("NEUROVIZ_CACHE", str(ws["store"].root))
-    monkeypatch.setenv("NEUROVIZ_UI_RAISE", "1")
-    monkeypatch.delenv("NEUROVIZ_OWNER_PASSWORD", raising=False)
-    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
-    at.query_params["model"] = ws["model"].spec
-    at.query_params["probe"] = ws["probe_set"].id
-    at.run()
-    at.switch_page("pages/analysis.py").run()
+    dashboard_env(monkeypatch, ws["store"].root)
+    at = open_page("pages/analysis.py", model=ws["model"].spec, probe=ws["probe_set"].id)
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     assert len(at.get("plotly_chart")) == 1  # shares; no importance table for the default settings yet
     at.number_input(key="analysis_imp_images").set_value(12)

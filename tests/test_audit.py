@@ -116,15 +116,10 @@ def test_text_match_rules():
 
 
 def test_audit_page_searches_saves_and_links_to_neurons(audited, monkeypatch):
-    from streamlit.testing.v1 import AppTest
+    from tests.conftest import dashboard_env, open_page
 
-    monkeypatch.setenv("NEUROVIZ_CACHE", str(audited["store"].root))
-    monkeypatch.setenv("NEUROVIZ_UI_RAISE", "1")
-    monkeypatch.delenv("NEUROVIZ_OWNER_PASSWORD", raising=False)
-    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
-    at.query_params["model"] = audited["model"].spec
-    at.run()
-    at.switch_page("pages/audit.py").run()
+    dashboard_env(monkeypatch, audited["store"].root)
+    at = open_page("pages/audit.py", model=audited["model"].spec)
     at.text_input(key="audit_query").input("face")
     at.radio(key="audit_mode").set_value("text")
     next(b for b in at.button if b.label == "Search").click().run()

@@ -201,18 +201,11 @@ def test_label_mapping_uses_the_head_noun():
 
 
 def test_editing_page_evaluates_and_saves_an_edit(workspace, monkeypatch):
-    from pathlib import Path
-
-    from streamlit.testing.v1 import AppTest
+    from tests.conftest import dashboard_env, open_page
 
     store = workspace["store"]
-    monkeypatch.setenv("NEUROVIZ_CACHE", str(store.root))
-    monkeypatch.setenv("NEUROVIZ_UI_RAISE", "1")
-    monkeypatch.delenv("NEUROVIZ_OWNER_PASSWORD", raising=False)
-    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120)
-    at.query_params["model"] = workspace["model"].spec
-    at.run()
-    at.switch_page("pages/editing.py").run()
+    dashboard_env(monkeypatch, store.root)
+    at = open_page("pages/editing.py", model=workspace["model"].spec)
     at.radio(key="editing_source_radio").set_value("list").run()
     at.text_area(key="editing_list").input("layer4:" + ",".join(map(str, range(0, 512, 2)))).run()
     at.number_input(key="editing_max_images").set_value(10).run()

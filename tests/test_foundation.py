@@ -263,11 +263,11 @@ def test_cli_errors_are_clear_and_cache_lists_runs(tmp_path, image_folder):
 def test_run_records_its_input_size_and_methods_recreate_the_model_at_it(tiny_workspace):
     """The tiny workspace was extracted at 64 px, not the model's default 224: a method that
     re-runs the network must get the 64 px model back from the store, not the default."""
+    from neuroviz.images import VIEW_NAMESPACE
     from neuroviz.methods import MethodContext
-    from neuroviz.store import PREPROCESSING_NAMESPACE
 
     store, run = tiny_workspace["store"], tiny_workspace["runs"]["layer4"]
-    assert store.get_record(PREPROCESSING_NAMESPACE, run.preprocess_id) == {"image_size": 64, "resize_size": 73}
+    assert store.get_record(VIEW_NAMESPACE, run.preprocess_id) == {"image_size": 64, "resize_size": 73}
     model = MethodContext(store=store, run=run).probed_model()
     assert model.preprocessing.image_size == 64 and model.preprocessing.id == run.preprocess_id
     assert models.create(run.model_spec).preprocessing.id != run.preprocess_id  # the default would not match

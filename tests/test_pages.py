@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
+from tests.conftest import APP_PATH
+
+APP = str(APP_PATH)
 OWNER_PAGES = ["pages/workspace.py", "pages/browser.py", "pages/neuron.py", "pages/compare.py",
                "pages/study_setup.py", "pages/study_results.py"]
 METHODS = ("clip_dissect", "milan")
@@ -63,16 +65,12 @@ def build_dashboard_cache(root: Path, image_folder: Path) -> dict:
 def dash(tmp_path_factory, image_folder):
     root = tmp_path_factory.mktemp("dash_cache")
     info = build_dashboard_cache(root, image_folder)
-    old = {k: os.environ.get(k) for k in ("NEUROVIZ_CACHE", "NEUROVIZ_UI_RAISE", "NEUROVIZ_OWNER_PASSWORD")}
-    os.environ["NEUROVIZ_CACHE"] = str(root)
-    os.environ["NEUROVIZ_UI_RAISE"] = "1"  # a bug raises (at.exception) instead of becoming a polite message
-    os.environ.pop("NEUROVIZ_OWNER_PASSWORD", None)
+    from tests.conftest import dashboard_env
+
+    env = pytest.MonkeyPatch()  # session-wide: the function-scoped monkeypatch fixture cannot serve
+    dashboard_env(env, root)
     yield info
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    env.undo()
 
 
 def app(**query):

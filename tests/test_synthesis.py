@@ -190,28 +190,19 @@ def test_cli_argv_round_trips_the_request_and_key(tiny_workspace):
 
 # -- the page ----------------------------------------------------------------------------------
 @pytest.fixture()
-def page_env(tiny_workspace):
-    import os
+def page_env(tiny_workspace, monkeypatch):
+    from tests.conftest import dashboard_env
 
-    keys = ("NEUROVIZ_CACHE", "NEUROVIZ_UI_RAISE", "NEUROVIZ_OWNER_PASSWORD")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["NEUROVIZ_CACHE"] = str(tiny_workspace["store"].root)
-    os.environ["NEUROVIZ_UI_RAISE"] = "1"
-    os.environ.pop("NEUROVIZ_OWNER_PASSWORD", None)
-    yield tiny_workspace
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    dashboard_env(monkeypatch, tiny_workspace["store"].root)
+    return tiny_workspace
 
 
 def _page(ws, neuron: int):
-    from pathlib import Path
-
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
+    from tests.conftest import APP_PATH
+
+    at = AppTest.from_file(str(APP_PATH), default_timeout=60)
     at.query_params["layer"] = "layer2"
     at.query_params["neuron"] = str(neuron)
     at.switch_page("pages/synthesize.py").run()

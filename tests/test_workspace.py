@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from neuroviz import demo_set, workspace
-from neuroviz.store import DEFAULT_CACHE, PREPROCESSING_NAMESPACE, Store
+from neuroviz.images import VIEW_NAMESPACE
+from neuroviz.store import DEFAULT_CACHE, Store
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_demo_build_runs_every_step_then_reuses_them(small_demo):
     assert report["demo_set"]["by_source"] == {"skimage": report["demo_set"]["images"]} and report["demo_set"]["images"] > 10
     runs = {r.layer: r for r in store.find_runs()}
     assert set(runs) == {"features.14", "classifier.1"} and report["extraction"]["images"] == runs["features.14"].n_images
-    assert store.get_record(PREPROCESSING_NAMESPACE, runs["features.14"].preprocess_id) == {"image_size": 224, "resize_size": 256}
+    assert store.get_record(VIEW_NAMESPACE, runs["features.14"].preprocess_id) == {"image_size": 224, "resize_size": 256}
     assert any((store.root / "thumbs" / "thumb").iterdir())  # the pages' thumbnails are ready
 
     labelled = {(m, layer): len(store.labels(runs[layer].run_key, method=m, top_only=True))

@@ -20,12 +20,11 @@ import pandas as pd
 import streamlit as st
 
 from neuroviz import images
-from neuroviz.store import PREPROCESSING_NAMESPACE, RunInfo, Store
+from neuroviz.store import RunInfo, Store
 from ui import data
 
 MOSAIC_IMAGES = 9
 MOSAIC_TILE = images.CARD_TILE
-GEOMETRY_NAMESPACE = PREPROCESSING_NAMESPACE  # written at extraction; learnt here for older caches
 _prerender_lock = threading.Lock()  # guards the sets of started background threads
 
 
@@ -36,23 +35,21 @@ def run_geometry(store: Store, run: RunInfo) -> images.ViewGeometry:
     The geometry is learnt once per preprocessing id (see :func:`learn_geometry`) and kept as
     a small record, so pages never load a model just to draw a picture.
     """
-    record = _geometry_record(str(store.root), data.db_version(store), run.preprocess_id)
-    if record:
-        return images.ViewGeometry(int(record["image_size"]), int(record["resize_size"]))
-    return images.IMAGENET_VIEW
+    return _recorded_view(str(store.root), data.db_version(store), run.preprocess_id) or images.IMAGENET_VIEW
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
-def _geometry_record(root: str, version: tuple, preprocess_id: str) -> dict | None:
-    return data._store_for(root).get_record(GEOMETRY_NAMESPACE, preprocess_id)
+def _recorded_view(root: str, version: tuple, preprocess_id: str) -> images.ViewGeometry | None:
+    return images.recorded_view(data._store_for(root), preprocess_id)
 
 
 def geometry_known(store: Store, run: RunInfo) -> bool:
-    return _geometry_record(str(store.root), data.db_version(store), run.preprocess_id) is not None
+    return _recorded_view(str(store.root), data.db_version(store), run.preprocess_id) is not None
 
 
 def learn_geometry(store: Store, run: RunInfo, model=None) -> images.ViewGeometry | None:
-    """Load the run's model once to find its exact crop (image and resize sizes) and record it.
+    """Load the run's model once to find its exact crop (image and resize sizes) and record it:
+    for caches extracted before extraction recorded it (see ``images.record_view``).
 
     Runs extracted at a custom image size are matched by trying the usual sizes: the stored
     preprocess id is a hash, so the only way back is to recompute it.
@@ -65,9 +62,7 @@ def learn_geometry(store: Store, run: RunInfo, model=None) -> images.ViewGeometr
     candidates = [base] + [base.scaled(s) for s in (32, 48, 64, 96, 112, 128, 160, 192, 224, 240, 256, 288, 299, 320, 336, 384, 448, 512)]
     for prep in candidates:
         if prep.id == run.preprocess_id:
-            store.put_record(GEOMETRY_NAMESPACE, run.preprocess_id,
-                             {"image_size": int(prep.image_size), "resize_size": int(prep.resize_size)})
-            return images.ViewGeometry.of(prep)
+            return images.record_view(store, prep)
     return None
 
 
@@ -192,8 +187,8 @@ def mosaics_for(store: Store, run: RunInfo, neurons: Sequence[int], geometry: im
                 top: data.TopK, files: data.ProbeFiles, workers: int = 4) -> dict[int, Path | None]:
     """The card mosaics of ``neurons``, built in a few threads when not yet on disk.
 
-    Decoding and resizing JPEGs releases the GIL, so the first visit of a page (24 mosaics of
-    9 images) takes about half as long on two cores as building them one after another.
+    Decoding and resizing JPEGs releases the GIL, so on the first visit of a page (24 mosaics
+    of 9 images) the threads decode on every core instead of one.
     """
     def one(neuron: int) -> Path | None:
         return mosaic_for(store, run, neuron, geometry=geometry, top=top, files=files)
@@ -225,13 +220,10 @@ def prerender_mosaics(store: Store, run: RunInfo, neurons: Sequence[int], geomet
 
     def work() -> None:
         for neuron in list(neurons):
-            idxs = [int(i) for i in top.image_idx[neuron][:MOSAIC_IMAGES] if 0 <= i < len(files)]
-            if idxs:
-                try:
-                    images.neuron_mosaic(store.root, run.run_key, neuron, [files.paths[i] for i in idxs],
-                                         tile=MOSAIC_TILE, geometry=geometry, content_ids=[files.image_ids[i] for i in idxs])
-                except OSError:  # cache folder gone or full: the page builds what it shows
-                    return
+            try:
+                mosaic_for(store, run, neuron, geometry=geometry, top=top, files=files)
+            except OSError:  # cache folder gone or full: the page builds what it shows
+                return
 
     threading.Thread(target=work, name=f"prerender-{run.run_key}", daemon=True).start()
     return True

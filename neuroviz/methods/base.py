@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..provenance import provenance_key
-from ..store import PREPROCESSING_NAMESPACE, LabelRow, RunInfo, Store
+from ..store import LabelRow, RunInfo, Store
 
 Progress = Callable[[int, int, str], None]
 
@@ -38,11 +38,12 @@ class MethodContext:
     def probed_model(self):
         """The probed network of this run (created on first use, weights checked)."""
         if self.model is None:
+            from ..images import recorded_view
             from ..models import create
 
             # the run's input size (recorded at extraction), so maps and crops line up
-            prep = self.store.get_record(PREPROCESSING_NAMESPACE, self.run.preprocess_id) or {}
-            self.model = create(self.run.model_spec, image_size=prep.get("image_size"))
+            view = recorded_view(self.store, self.run.preprocess_id)
+            self.model = create(self.run.model_spec, image_size=view.image_size if view else None)
         if self.model.weights_id != self.run.weights_id:
             raise ValueError(f"The model {self.run.model_spec} now has different weights than when run {self.run.run_key} was extracted.")
         return self.model
