@@ -33,11 +33,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .progress import Progress
 from .lexicon import CATEGORY_ORDER, CONTENT_CATEGORIES, UNINTERPRETABLE_LABELS, Lexicon, default_lexicon
 from .provenance import provenance_key
 from .store import RunInfo, Store
+from .errors import NeurovizError
 
-Progress = Callable[[int, int, str], None]
 COUNTING_MODES = ("head", "fractional")
 
 
@@ -62,7 +63,7 @@ class AnalysisConfig:
     text_backend: str = "conse"
 
 
-class AnalysisError(ValueError):
+class AnalysisError(NeurovizError, ValueError):
     """An analysis that cannot run (no runs, no labels); the message says what to do first."""
 
 

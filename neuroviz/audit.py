@@ -28,18 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
+from .progress import Progress
 from .lexicon import singular, tokens
 from .provenance import provenance_key
 from .store import Store
+from .errors import NeurovizError
 
 AUDIT_NAMESPACE = "audit"
-Progress = Callable[[int, int, str], None]
 
 # Scores of the text-match kinds; meaning matches score their cosine similarity.
 TEXT_SCORES = {"exact": 1.0, "phrase": 0.95, "words": 0.85, "substring": 0.6}
 
 
-class AuditError(ValueError):
+class AuditError(NeurovizError, ValueError):
     """A query or saved audit that cannot be used; the message says what to do."""
 
 

@@ -215,7 +215,7 @@ def common_words(size: int = 20_000, store_root: Path | str | None = None) -> Co
         words = [w for w in path.read_text(encoding="utf-8").splitlines() if w]
     else:
         words = compute_common_words(config)
-        from .store import atomic_write_text
+        from .files import atomic_write_text
 
         try:
             atomic_write_text(path, "\n".join(words) + "\n")

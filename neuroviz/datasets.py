@@ -18,14 +18,16 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from .progress import Progress
+from .files import atomic_write_json
 from .provenance import hash_bytes, provenance_key
+from .errors import NeurovizError
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 40_000_000
-Progress = Callable[[int, int, str], None]
 
 
-class ProbeSetError(ValueError):
+class ProbeSetError(NeurovizError, ValueError):
     """A probe set that cannot be opened (missing path, no images); the message says why."""
 
 
@@ -156,10 +158,7 @@ def _scan(name: str, source: str, entries: list[tuple[Path, str]], cache_dir: Pa
         if progress and (i % 25 == 0 or i == len(entries) - 1):
             progress(i + 1, len(entries), f"checking {path.name}")
     if memo_path is not None and new_memo != memo:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(new_memo))
-        os.replace(tmp, memo_path)
+        atomic_write_json(memo_path, new_memo)
     ordered = sorted(images.values(), key=lambda im: im.image_id)
     if not ordered:
         raise ProbeSetError(f"No readable images in {source} ({sum(len(v) for v in skipped.values())} files skipped).")

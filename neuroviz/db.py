@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
+from .errors import NeurovizError
 
 
-class DatabaseLockedError(RuntimeError):
+class DatabaseLockedError(NeurovizError, RuntimeError):
     """The database file is held by another process for longer than we were willing to wait."""
 
 

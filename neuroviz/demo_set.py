@@ -27,6 +27,7 @@ Output layout::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -42,6 +43,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
+
+from .progress import Progress
+from .files import atomic_write_bytes
 
 __all__ = [
     "ALL_SOURCES",
@@ -86,7 +90,6 @@ JPEG_QUALITY = 90
 
 METADATA_COLUMNS = ("path", "label", "category", "source", "description")
 
-Progress = Callable[[int, int, str], None]
 
 DEB_PACKAGES = {
     "tuxpaint": "tuxpaint-stamps-default",
@@ -614,31 +617,16 @@ def write_items(
     return rows, skipped
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_csv(path: Path, rows: Iterable[dict[str, str]]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(METADATA_COLUMNS))
-            w.writeheader()
-            w.writerows(rows)
-
-    _write_atomic(path, write)
+    buffer = io.StringIO(newline="")
+    w = csv.DictWriter(buffer, fieldnames=list(METADATA_COLUMNS))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
 
 
 def _write_json(path: Path, obj: object) -> None:
-    def write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    _write_atomic(path, write)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def _build_key(sources: Sequence[str], max_side: int) -> dict[str, object]:

@@ -32,20 +32,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from .progress import Progress
 from .datasets import ProbeImage, ProbeSet
 from .hooks import LayerLayout, first_tensor, resolve_layer
 from .models import ProbedModel
 from .provenance import provenance_key
 from .store import Store
+from .errors import NeurovizError
 
 CODE_VERSION = "editing-1"
 ABLATION_MODES = ("zero", "mean")
 EDIT_NAMESPACE = "edit"
 TOP_CLASSES_KEPT = 5
-Progress = Callable[[int, int, str], None]
 
 
-class EditError(ValueError):
+class EditError(NeurovizError, ValueError):
     """An edit that cannot be built or applied; the message says what to change."""
 
 

@@ -166,7 +166,7 @@ def format_markdown(rows: Sequence[EvaluationRow]) -> str:
 def cmd_evaluate(args) -> int:
     from .backends.multimodal import create_multimodal, default_multimodal_for
     from .cli import _store
-    from .methods.cli import find_run
+    from .catalog import find_run
 
     store = _store(args)
     run = find_run(store, args.model, args.probe, args.layer, args.pooling)

@@ -24,19 +24,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .progress import Progress
 from .datasets import ProbeSet, load_rgb
 from .hooks import LayerLayout, LayerRecorder, pool, spatial_map, to_batch_first
 from .models import LayerInfo, ProbedModel
 from .provenance import provenance_key
 from .images import record_view
-from .store import RunInfo, Store, atomic_save_npy, atomic_write_text
+from .files import atomic_save_npy, atomic_savez, atomic_write_text
+from .store import RunInfo, Store
+from .errors import NeurovizError
 
 CODE_VERSION = "extract-1"
 MAP_MAX_SIDE = 32  # top-k maps are stored at most 32x32: enough for crops, masks and heatmaps
-Progress = Callable[[int, int, str], None]
 
 
-class ExtractionError(ValueError):
+class ExtractionError(NeurovizError, ValueError):
     """A request that cannot be extracted (bad pooling, empty probe set); says why."""
 
 
@@ -296,11 +298,7 @@ def _write_chunk(plans: list[_LayerPlan], trackers: dict[str, StreamingTopK],
     for plan in plans:
         atomic_save_npy(plan.partial / f"chunk-{chunk:05d}.npy", np.concatenate(chunk_pooled[plan.run_key], axis=0))
         chunk_pooled[plan.run_key].clear()
-        tmp = plan.partial / f"state-{chunk:05d}.tmp.npz"
-        np.savez(tmp, **trackers[plan.run_key].state())
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, plan.partial / f"state-{chunk:05d}.npz")
+        atomic_savez(plan.partial / f"state-{chunk:05d}.npz", **trackers[plan.run_key].state())
     for plan in plans:
         old = plan.partial / f"state-{chunk - 1:05d}.npz"
         if old.exists():

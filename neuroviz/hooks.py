@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from .errors import NeurovizError
 
 POOLINGS = ("mean", "max", "cls", "tokens_mean")
 
 
-class UnknownLayerError(KeyError):
+class UnknownLayerError(NeurovizError, KeyError):
     """A layer name that the model does not have; the message suggests close names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want plain text

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .files import atomic_open
 from .provenance import provenance_key
 
 THUMBS_DIR = "thumbs"
@@ -99,14 +100,11 @@ def cached_picture(cache_root: Path | str, kind: str, key: object, build: Callab
     if path.exists():
         return path
     img = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         if fmt == "JPEG":
             img.convert("RGB").save(fh, "JPEG", quality=JPEG_QUALITY)
         else:
             img.save(fh, fmt)
-    os.replace(tmp, path)
     return path
 
 

@@ -18,7 +18,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .store import Store, atomic_write_text
+from .files import atomic_write_text
+from .store import Store
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .provenance import hash_file, provenance_key
 from .store import LabelRow, RunInfo, Store
+from .errors import NeurovizError
 
 FORMATS = ("clip_dissect", "dnd", "json")
 JSON_FORMAT_NAME = "neuroviz-labels"
@@ -36,7 +37,7 @@ JSON_FORMAT_VERSION = 1
 DND_LABELS = 3
 
 
-class LabelFileError(ValueError):
+class LabelFileError(NeurovizError, ValueError):
     """A label file that cannot be read or does not fit the run; the message says why."""
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from .hooks import LayerLayout, LayerRecorder, default_pooling, infer_layout, resolve_layer
 from .provenance import hash_state_dict, provenance_key
+from .errors import NeurovizError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,7 +39,7 @@ OFFLINE_MODELS = {
 DEMO_MODEL = "offline:mobilenet_v2"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(NeurovizError, RuntimeError):
     """A model spec that cannot be created; the message says why and what to try instead."""
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from .errors import NeurovizError
 
 
-class OfflineAssetMissing(FileNotFoundError):
+class OfflineAssetMissing(NeurovizError, FileNotFoundError):
     """A packaged asset is not installed; the message names the pip package to install."""
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import db
+from .files import atomic_save_npy, atomic_savez
 
 DEFAULT_CACHE = Path(os.environ.get("NEUROVIZ_CACHE", Path(__file__).resolve().parent.parent / "cache"))
 
@@ -91,23 +91,6 @@ class LabelRow:
     score: float
     calibrated: float | None = None
     extra: dict | None = None
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write an .npy through a temporary name and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def histograms(acts: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,9 +209,7 @@ class Store:
         qs = np.quantile(acts, [0.99, 0.995], axis=0) if len(acts) else np.zeros((2, acts.shape[1]))
         lo, hi = acts.min(axis=0), acts.max(axis=0)
         counts, edges = histograms(acts, lo, hi, hist_bins)
-        tmp = run_dir / "hist.tmp.npz"
-        np.savez(tmp, counts=counts, edges=edges)
-        os.replace(tmp, run_dir / "hist.npz")
+        atomic_savez(run_dir / "hist.npz", counts=counts, edges=edges)
         n_neurons, k = top_indices.shape
         neuron_col = np.repeat(np.arange(n_neurons), k)
         rank_col = np.tile(np.arange(k), n_neurons)

@@ -52,6 +52,7 @@ import numpy as np
 
 from . import db
 from .store import Store
+from .errors import NeurovizError
 
 # -- constants the pages use ------------------------------------------------------------
 NONE_FITS = "none"
@@ -108,7 +109,7 @@ CREATE TABLE IF NOT EXISTS ratings (
 """
 
 
-class StudyError(ValueError):
+class StudyError(NeurovizError, ValueError):
     """A study request that cannot be honoured (unknown study, bad choice, closed study...)."""
 
 

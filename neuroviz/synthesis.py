@@ -45,10 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .progress import Progress
 from .hooks import LayerRecorder, pool, to_batch_first
 from .models import LayerInfo, ProbedModel
 from .provenance import provenance_key
 from .store import RunInfo, Store
+from .errors import NeurovizError
 
 CODE_VERSION = "synthesis-1"
 REFERENCE = (
@@ -60,7 +62,6 @@ ARRAY_KIND = "synthesis"
 DEFAULT_LEVELS = (0.25, 0.5, 0.75, 1.0)
 STARTS = ("noise", "probe")
 DIVERSITY_SPACE = "cosine distance between samples in the probed model's penultimate features (input of its last linear layer)"
-Progress = Callable[[int, int, str], None]
 
 # Square root of the colour covariance of ImageNet images (Lucid's constant): optimising
 # decorrelated colour channels keeps the colours of the samples natural.
@@ -68,7 +69,7 @@ _COLOUR_SQRT_COV = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27,
 _COLOUR_MATRIX = _COLOUR_SQRT_COV / _COLOUR_SQRT_COV.norm(dim=0).max()
 
 
-class SynthesisError(ValueError):
+class SynthesisError(NeurovizError, ValueError):
     """A synthesis request that cannot be served; the message says why and what to try."""
 
 

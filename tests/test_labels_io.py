@@ -20,7 +20,8 @@ from neuroviz.labels_io import (
     import_labels,
 )
 from neuroviz.methods import MethodContext, run_method
-from neuroviz.methods.cli import RunNotFoundError, find_run, parse_neurons
+from neuroviz.catalog import RunNotFoundError, find_run
+from neuroviz.methods.cli import parse_neurons
 from neuroviz.store import Store
 
 MODEL = "torchvision:resnet18@random"

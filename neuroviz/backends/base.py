@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from ..errors import NeurovizError
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(NeurovizError, RuntimeError):
     """A backend that cannot be loaded here (no weights, no network); says what to use instead."""
 
 

@@ -34,13 +34,14 @@ import numpy as np
 import torch
 
 from .base import BackendUnavailable, Generation, LanguageModel
+from ..errors import NeurovizError
 
 GEMMA_SPEC = "gemma3-270m"
 GEMMA_HF_DIRNAME = "gemma3-270m-hf"
 API_KEY_ENV = "NEUROVIZ_LLM_API_KEY"
 
 
-class ReplayMiss(KeyError):
+class ReplayMiss(NeurovizError, KeyError):
     """A replayed run asked for a call that was not recorded (the message says which)."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
@@ -250,19 +251,17 @@ def load_gemma(store_root: Path | str):
 
 def _save_atomically(model, tokenizer, target: Path, note: str) -> None:
     """Save under a private name, then rename: a concurrent reader never sees half a model."""
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(3)}"
+    from ..files import atomic_directory
+
+    if target.exists() and not (target / "READY").exists():
+        shutil.rmtree(target, ignore_errors=True)  # left by an interrupted older save
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "READY").write_text(note + "\n")
-        if target.exists() and not (target / "READY").exists():
-            shutil.rmtree(target, ignore_errors=True)  # left by an interrupted older save
-        if not target.exists():
-            os.replace(tmp, target)
+        with atomic_directory(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "READY").write_text(note + "\n")
     except OSError:
         pass  # read-only or full disk: the next load dequantises again, nothing worse
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def gemma_language_model(store_root: Path | str | None = None) -> TransformersLM:

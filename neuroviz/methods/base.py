@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..progress import Progress
 from ..provenance import provenance_key
 from ..store import LabelRow, RunInfo, Store
 
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -37,15 +37,11 @@ class MethodContext:
 
     def probed_model(self):
         """The probed network of this run (created on first use, weights checked)."""
-        if self.model is None:
-            from ..images import recorded_view
-            from ..models import create
+        from ..catalog import check_weights, probed_model_for
 
-            # the run's input size (recorded at extraction), so maps and crops line up
-            view = recorded_view(self.store, self.run.preprocess_id)
-            self.model = create(self.run.model_spec, image_size=view.image_size if view else None)
-        if self.model.weights_id != self.run.weights_id:
-            raise ValueError(f"The model {self.run.model_spec} now has different weights than when run {self.run.run_key} was extracted.")
+        if self.model is None:
+            self.model = probed_model_for(self.store, self.run)
+        check_weights(self.model, self.run)
         return self.model
 
     def backend_ids(self, needs: Sequence[str]) -> dict[str, str]:

@@ -18,82 +18,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..catalog import RunNotFoundError, find_run, resolve_probe_set_id, runs_for  # noqa: F401  (re-exported)
 from ..store import RunInfo, Store
-
-
-class RunNotFoundError(ValueError):
-    """No cached extraction for a (model, probe set, layer); the message gives the command that makes one."""
-
-
-# -- finding runs ------------------------------------------------------------------------------
-def resolve_probe_set_id(store: Store, probe_spec: str) -> str:
-    """A probe-set id from 'demo', a folder, an image list, a probe-set id or a registered name."""
-    known = store.probe_sets()
-    if any(p["probe_set_id"] == probe_spec for p in known):
-        return probe_spec
-    from ..datasets import ProbeSetError, open_probe_set
-
-    path = Path(probe_spec).expanduser()
-    if probe_spec == "demo" or path.exists():
-        return open_probe_set(probe_spec, store.root).id
-    named = [p for p in known if p["name"] == probe_spec]
-    if named:
-        return named[-1]["probe_set_id"]  # the newest set of that name
-    names = sorted({p["name"] for p in known})
-    raise ProbeSetError(f"Unknown probe set '{probe_spec}'. Give 'demo', a folder, an image list or a probe-set id"
-                        + (f"; probe sets in this cache: {', '.join(names)}." if names else "."))
-
-
-def _model_specs_matching(store: Store, model_spec: str, probe_set_id: str) -> list[str]:
-    specs = sorted({r.model_spec for r in store.find_runs(probe_set_id=probe_set_id)})
-    if model_spec in specs:
-        return [model_spec]
-    # "torchvision:resnet18" names the same model as "torchvision:resnet18@DEFAULT".
-    return [s for s in specs if s.split("@", 1)[0] == model_spec]
-
-
-def find_run(store: Store, model_spec: str, probe_spec: str, layer: str, pooling: str | None = None) -> RunInfo:
-    """The newest cached run of ``layer`` of ``model_spec`` over ``probe_spec`` (optionally with ``pooling``).
-
-    Raises RunNotFoundError with the extract command to run when there is none.
-    """
-    probe_set_id = resolve_probe_set_id(store, probe_spec)
-    specs = _model_specs_matching(store, model_spec, probe_set_id)
-    runs = [r for s in specs for r in store.find_runs(s, probe_set_id, layer)]
-    if pooling and pooling != "default":
-        runs = [r for r in runs if r.pooling == pooling]
-    if runs:
-        return max(runs, key=lambda r: r.created_at)
-    have = store.find_runs(probe_set_id=probe_set_id)
-    layers = sorted({r.layer for r in have if r.model_spec in specs})
-    hint = f" Extracted layers of this model on this probe set: {', '.join(layers)}." if layers else ""
-    if not specs and have:
-        hint = f" Models extracted on this probe set: {', '.join(sorted({r.model_spec for r in have}))}."
-    pool = f" --pooling {pooling}" if pooling and pooling != "default" else ""
-    raise RunNotFoundError(
-        f"No activations of layer '{layer}' of {model_spec} over probe set '{probe_spec}' in the cache.{hint} "
-        f"Extract them first: python -m neuroviz extract {model_spec} --probe {probe_spec} --layers {layer}{pool}"
-    )
-
-
-def runs_for(store: Store, model_spec: str, probe_spec: str, layers: Sequence[str] | None = None,
-             pooling: str | None = None) -> list[RunInfo]:
-    """Runs of the given layers, or of every extracted layer of the model on the probe set."""
-    if layers:
-        return [find_run(store, model_spec, probe_spec, layer, pooling) for layer in layers]
-    probe_set_id = resolve_probe_set_id(store, probe_spec)
-    specs = _model_specs_matching(store, model_spec, probe_set_id)
-    newest: dict[str, RunInfo] = {}
-    for spec in specs:
-        for r in store.find_runs(spec, probe_set_id):
-            if pooling and pooling != "default" and r.pooling != pooling:
-                continue
-            if r.layer not in newest or r.created_at > newest[r.layer].created_at:
-                newest[r.layer] = r
-    if not newest:
-        raise RunNotFoundError(f"Nothing of {model_spec} over probe set '{probe_spec}' is extracted yet. "
-                               f"Run: python -m neuroviz extract {model_spec} --probe {probe_spec}")
-    return list(newest.values())
+from ..errors import NeurovizError
 
 
 # -- building a method context ------------------------------------------------------------------

@@ -60,10 +60,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..progress import Progress
 from ..store import LabelRow
 from .base import DescriptionMethod, MethodContext, register_method
 
-Progress = Callable[[int, int, str], None]
 
 SIMILARITY_FUNCTIONS = ("soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
 RANK_BASED = ("soft_wpmi", "wpmi")  # depend on activations only through the top-k set

@@ -42,13 +42,14 @@ import numpy as np
 from ..provenance import provenance_key
 from ..store import LabelRow
 from .base import DescriptionMethod, MethodContext, register_method
+from ..errors import NeurovizError
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 MAX_MAP_BYTES = 8 * 2**30  # the temporary map file; beyond this, ask for a smaller set
 _BATCH = 16
 
 
-class SegmentationSetError(ValueError):
+class SegmentationSetError(NeurovizError, ValueError):
     """A segmentation set that cannot be read; the message says what the layout must be."""
 
 

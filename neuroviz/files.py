@@ -1,0 +1,78 @@
+"""Atomic file writes: readers see the old file or the new one, never half of either.
+
+Every artefact under the cache is written through these helpers (temporary name in the same
+folder, flush, ``os.replace``), which is what lets a job be killed at any point and lets
+DuckDB and the pages read results in place without a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path | str, mode: str = "wb", suffix: str = ".tmp") -> Iterator[IO[Any]]:
+    """A file handle whose content appears at ``path`` only when the block ends without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+
+
+def atomic_write_json(path: Path | str, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, default=str))
+
+
+def atomic_save_npy(path: Path | str, array: np.ndarray) -> None:
+    """Write an .npy through a temporary name and rename."""
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, array)
+
+
+def atomic_savez(path: Path | str, **arrays: np.ndarray) -> None:
+    """Write an .npz (uncompressed) through a temporary name and rename."""
+    with atomic_open(path, "wb", suffix=".tmp.npz") as fh:
+        np.savez(fh, **arrays)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path | str) -> Iterator[Path]:
+    """A private folder that becomes ``path`` when the block ends (kept if ``path`` appeared meanwhile)."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
