@@ -59,45 +59,29 @@ def build_demo_workspace(store, labels: bool = True, dnd_neurons: int = DEMO_DND
         return report
 
     from . import methods
-    from .methods.base import MethodContext
+    from .backends.pool import BackendChoice, BackendPool, build_context
 
     available = {m.name for m in methods.list_methods()}
-    ctx_kwargs = _backends(store, available)
+    pool = BackendPool(store, BackendChoice(concepts=DEMO_CONCEPTS))
     for run in runs:
         for name in ("clip_dissect", "milan"):
-            if name not in available:
-                _say(f"method {name} is not available in this checkout; skipped")
-                continue
             if name == "milan" and run.map_shape is None:
                 continue  # MILAN masks need spatial maps; vector layers have none
             t0 = time.time()
-            ctx = MethodContext(store=store, run=run, model=model, progress=bar(f"{name} {run.layer}", "step"), **ctx_kwargs)
+            method = methods.get_method(name)
+            ctx = build_context(store, run, method.needs, pool, bar(f"{name} {run.layer}", "step"))
+            ctx.model = model
             subset = list(range(min(DEMO_MILAN_NEURONS, run.n_neurons))) if name == "milan" else None
             methods.run_method(name, ctx, neurons=subset)
             report[f"{name}:{run.layer}"] = round(time.time() - t0, 1)
     if "dnd" in available and dnd_neurons > 0:
         run = next(r for r in runs if r.layer == DEMO_DND_LAYER)
         t0 = time.time()
-        ctx = MethodContext(store=store, run=run, model=model, progress=bar(f"dnd {run.layer}", "step"), **ctx_kwargs)
+        ctx = build_context(store, run, methods.get_method("dnd").needs, pool, bar(f"dnd {run.layer}", "step"))
+        ctx.model = model
         methods.run_method("dnd", ctx, neurons=list(range(dnd_neurons)))
         report[f"dnd:{run.layer}"] = round(time.time() - t0, 1)
     return report
-
-
-def _backends(store, available: set[str]) -> dict:
-    """The offline backends the demo's methods need, created once."""
-    from .backends.multimodal import create_multimodal, default_multimodal_for
-    from .concepts import load_concept_set
-
-    multimodal = create_multimodal(default_multimodal_for(DEMO_MODEL))
-    out = {"multimodal": multimodal, "concepts": load_concept_set(DEMO_CONCEPTS, store.root)}
-    if available & {"milan", "dnd"}:
-        from .backends.captioner import create_captioner
-        from .backends.language import create_language_model
-
-        out["captioner"] = create_captioner("retrieval", multimodal=multimodal, store_root=store.root)
-        out["language_model"] = create_language_model("gemma3-270m", store_root=store.root)
-    return out
 
 
 def cmd_demo(args) -> int:

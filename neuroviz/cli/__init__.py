@@ -14,8 +14,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import store as store_mod
-from .progress import TqdmProgress, chain
+from .. import store as store_mod
+from ..progress import TqdmProgress, chain
+from ._common import progress_for, store_from
 
 PLUGINS = [
     "neuroviz.workspace",
@@ -27,19 +28,12 @@ PLUGINS = [
 ]
 
 
-def _store(args) -> store_mod.Store:
-    return store_mod.Store(Path(args.cache) if args.cache else store_mod.DEFAULT_CACHE)
-
-
-def progress_for(args, desc: str, unit: str = "img"):
-    """A tqdm bar, plus the job record when running as a background job."""
-    bar = TqdmProgress(desc, unit)
-    return chain(bar, getattr(args, "_job_reporter", None))
+_store = store_from  # the old private name, still imported by modules not yet moved into this package
 
 
 # -- core subcommands ---------------------------------------------------------------------
 def cmd_models(args) -> int:
-    from . import models
+    from .. import models
 
     names = models.list_models(args.source, args.filter)
     for name in names[: args.limit]:
@@ -51,7 +45,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_layers(args) -> int:
-    from . import models
+    from .. import models
 
     model = models.create(args.model, image_size=args.image_size)
     print(f"# {model.description}; input {model.preprocessing.image_size}px; weights {model.weights_id}")
@@ -66,7 +60,7 @@ def cmd_layers(args) -> int:
 
 
 def cmd_demo_set(args) -> int:
-    from .demo_set import build_demo_set
+    from ..demo_set import build_demo_set
 
     st = _store(args)
     bar = progress_for(args, "demo set", "img")
@@ -78,7 +72,7 @@ def cmd_demo_set(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from . import datasets, extract, models
+    from .. import datasets, extract, models
 
     st = _store(args)
     model = models.create(args.model, image_size=args.image_size)
@@ -91,7 +85,7 @@ def cmd_extract(args) -> int:
     runs = extract.extract(model, ps, layers, st, pooling=args.pooling, k=args.k, batch_size=args.batch_size,
                            chunk_size=args.chunk_size, progress=progress_for(args, "extracting"), num_workers=args.workers)
     if not args.no_thumbnails:  # the pages paste every card and grid from these: build them now, once
-        from . import images
+        from .. import images
 
         images.warm_thumbnails(st.root, [im.path for im in ps.images], geometry=images.ViewGeometry.of(model.preprocessing),
                                progress=progress_for(args, "thumbnails"))
@@ -117,7 +111,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from . import jobs
+    from .. import jobs
 
     st = _store(args)
     if args.cancel:
@@ -185,13 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .backends.base import BackendUnavailable
-    from .datasets import ProbeSetError
-    from .db import DatabaseLockedError
-    from .extract import ExtractionError
-    from .hooks import UnknownLayerError
-    from .models import ModelLoadError
-    from .offline_weights import OfflineAssetMissing
+    from ..backends.base import BackendUnavailable
+    from ..datasets import ProbeSetError
+    from ..db import DatabaseLockedError
+    from ..extract import ExtractionError
+    from ..hooks import UnknownLayerError
+    from ..models import ModelLoadError
+    from ..offline_weights import OfflineAssetMissing
 
     return (BackendUnavailable, ProbeSetError, DatabaseLockedError, ExtractionError, UnknownLayerError,
             ModelLoadError, OfflineAssetMissing, FileNotFoundError, ValueError, KeyError)
@@ -202,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reporter = None
     if args.job:
-        from .jobs import JobReporter
+        from ..jobs import JobReporter
 
         reporter = JobReporter(_store(args), args.job)
         args._job_reporter = reporter
