@@ -18,6 +18,7 @@ from .errors import NeurovizError, close_names
 from .store import RunInfo, Store
 
 if TYPE_CHECKING:
+    from .datasets import ProbeSet
     from .models import ProbedModel
 
 
@@ -47,6 +48,34 @@ def resolve_probe_set_id(store: Store, probe_spec: str) -> str:
     raise ProbeSetError(f"Unknown probe set '{probe_spec}'. Give 'demo', a folder, an image list or a probe-set id"
                         + (f"; did you mean {', '.join(close)}?" if close else "")
                         + (f" Probe sets in this cache: {', '.join(names)}." if names else "."))
+
+
+def probe_set_from_store(store: Store, probe_set_id: str) -> ProbeSet:
+    """The probe set as the store recorded it (ordered like the activation rows), without rescanning its files."""
+    from .datasets import ProbeImage, ProbeSet, ProbeSetError
+
+    rows = store.probe_images(probe_set_id)
+    if not rows:
+        raise ProbeSetError(f"Probe set {probe_set_id} is not in the store; open it (or extract a layer over it) first.")
+    meta = next((p for p in store.probe_sets() if p["probe_set_id"] == probe_set_id), {})
+    return ProbeSet(meta.get("name", probe_set_id), meta.get("source", ""),
+                    [ProbeImage(r["image_id"], r["path"], r["label"] or "") for r in rows])
+
+
+def probe_set_for(store: Store, probe_spec: str) -> ProbeSet:
+    """The probe set a spec names, registered in the store.
+
+    A stored probe-set id or name is read back from the store (so it opens where its folder
+    moved); 'demo', a folder or an image list is scanned and registered.
+    """
+    from .datasets import open_probe_set
+
+    stored = any(p["probe_set_id"] == probe_spec for p in store.probe_sets())
+    if not stored and (probe_spec == "demo" or Path(probe_spec).expanduser().exists()):
+        probe_set = open_probe_set(probe_spec, store.root)
+        store.register_probe_set(probe_set)
+        return probe_set
+    return probe_set_from_store(store, resolve_probe_set_id(store, probe_spec))
 
 
 def probe_set_name(store: Store, probe_set_id: str) -> str:

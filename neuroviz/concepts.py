@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import NeurovizError
 from .provenance import provenance_key
 
 BUILTIN_CONCEPT_SETS: dict[str, str] = {
@@ -73,6 +74,14 @@ FUNCTION_WORDS = frozenset(
     """.split()
 )
 STOPWORDS = FUNCTION_WORDS
+
+
+class ConceptSetError(NeurovizError, ValueError):
+    """A concept-set spec that names no set, or a set without concepts; the message lists the specs."""
+
+
+class ConceptSetMissing(NeurovizError, FileNotFoundError):
+    """A built-in concept set whose source is not built yet in this cache (the demo set's labels)."""
 
 
 @dataclass
@@ -232,7 +241,7 @@ def demo_labels(store_root: Path | str | None = None) -> ConceptSet:
     root = Path(store_root) if store_root is not None else _default_store_root()
     meta = demo_root(root) / "metadata.csv"
     if not meta.exists():
-        raise FileNotFoundError(
+        raise ConceptSetMissing(
             f"The demo set is not built under {root} (no {meta.name}). "
             "Run `python -m neuroviz demo-set`, or choose another concept set (imagenet, words20k)."
         )
@@ -247,7 +256,7 @@ def from_text_file(path: Path | str) -> ConceptSet:
     lines = path.read_text(encoding="utf-8").splitlines()
     concepts = dedupe([ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")])
     if not concepts:
-        raise ValueError(f"Concept file {path} has no concepts (write one concept per line).")
+        raise ConceptSetError(f"Concept file {path} has no concepts (write one concept per line).")
     return ConceptSet(path.stem, concepts, f"concepts from {path.name}", str(path.resolve()))
 
 
@@ -276,12 +285,12 @@ def load_concept_set(spec: str, store_root: Path | str | None = None) -> Concept
     if match:
         size = int(match.group(1)) * 1000
         if not 0 < size <= 100_000:
-            raise ValueError(f"'{spec}': choose between words1k and words100k.")
+            raise ConceptSetError(f"'{spec}': choose between words1k and words100k.")
         return common_words(size, store_root)
     path = Path(spec).expanduser()
     if path.is_file():
         return from_text_file(path)
-    raise ValueError(
+    raise ConceptSetError(
         f"Unknown concept set '{spec}'. Use one of {', '.join(list_concept_sets())}, "
         "'words<N>k', a path to a text file with one concept per line, or 'a+b' to combine sets."
     )

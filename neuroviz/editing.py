@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .progress import Progress
-from .datasets import ProbeImage, ProbeSet
+from .datasets import ProbeSet
 from .hooks import LayerLayout, first_tensor, resolve_layer
 from .models import ProbedModel
 from .provenance import provenance_key
@@ -335,16 +335,6 @@ class Predictions:
     @property
     def confidence(self) -> np.ndarray:
         return self.top_probs[:, 0]
-
-
-def probe_set_from_store(store: Store, probe_set_id: str) -> ProbeSet:
-    """The probe set as the store recorded it (ordered like the activation rows)."""
-    rows = store.probe_images(probe_set_id)
-    if not rows:
-        raise EditError(f"Probe set {probe_set_id} is not in the store; open it (or extract a layer over it) first.")
-    names = {p["probe_set_id"]: p for p in store.probe_sets()}
-    meta = names.get(probe_set_id, {})
-    return ProbeSet(meta.get("name", probe_set_id), meta.get("source", ""), [ProbeImage(r["image_id"], r["path"], r["label"] or "") for r in rows])
 
 
 def subset_indices(n_images: int, max_images: int | None) -> np.ndarray:

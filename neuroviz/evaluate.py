@@ -31,9 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import NeurovizError
 from .store import RunInfo, Store
 
 DEFAULT_BASELINES = ("depiction",)
+
+
+class EvaluationError(NeurovizError, ValueError):
+    """An evaluation that cannot be made on this layer's labels or probe set; the message says why."""
 
 
 @dataclass
@@ -108,7 +113,7 @@ def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[s
     if common_neurons and label_sets:
         shared = set.intersection(*(set(labels) for _, _, labels in label_sets))
         if not shared:
-            raise ValueError("The methods labelled no neuron in common; run them on the same neurons or drop --common.")
+            raise EvaluationError("The methods labelled no neuron in common; run them on the same neurons or drop --common.")
         label_sets = [(name, key, {n: labels[n] for n in shared}) for name, key, labels in label_sets]
         all_neurons = sorted(shared)
     for text in baselines:
@@ -119,7 +124,7 @@ def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[s
     images = store.probe_images(run.probe_set_id)
     held = evaluation_split([im["image_id"] for im in images], split_seed)
     if held.sum() < 3:
-        raise ValueError(f"The probe set has {len(images)} images: too few to hold out an evaluation half (need 6 or more).")
+        raise EvaluationError(f"The probe set has {len(images)} images: too few to hold out an evaluation half (need 6 or more).")
     image_emb = np.asarray(embeddings.image_embeddings(multimodal, store, run.probe_set_id), dtype=np.float32)[held]
     acts = np.asarray(store.activations(run.run_key), dtype=np.float32)[held]
 
@@ -161,49 +166,3 @@ def format_markdown(rows: Sequence[EvaluationRow]) -> str:
     if rows:
         lines.append(f"\nSimulation on {rows[0].n_eval_images} evaluation images (seeded 50/50 split of the probe set).")
     return "\n".join(lines)
-
-
-def cmd_evaluate(args) -> int:
-    from .backends.multimodal import create_multimodal, default_multimodal_for
-    from .cli import _store
-    from .catalog import find_run
-
-    store = _store(args)
-    run = find_run(store, args.model, args.probe, args.layer, args.pooling)
-    class_names = None
-    try:
-        from .models import create
-
-        model = create(run.model_spec)
-        class_names = model.class_names
-    except Exception as exc:  # the model may be a hub model without weights here; metrics that need classes are skipped
-        print(f"note: no class names ({type(exc).__name__}: {exc}); final-layer metrics skipped")
-    multimodal = create_multimodal(args.multimodal or default_multimodal_for(run.model_spec))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    baselines = [b.strip() for b in args.baseline.split(",") if b.strip()]
-    rows = evaluate_run(store, run, multimodal, class_names, methods, baselines, args.split_seed,
-                        latest_only=not args.all_label_runs, common_neurons=args.common)
-    print(f"# {run.model_spec}  {run.layer}  ({run.n_neurons} neurons); simulation with {multimodal.description}")
-    if class_names is not None and len(class_names) != run.n_neurons:
-        print(f"(final-layer metrics apply to a layer of {len(class_names)} neurons, one per class)")
-    print(format_markdown(rows))
-    if not any(r.label_key for r in rows):
-        print(f"\nNo method has labelled this layer yet: python -m neuroviz label {args.model} --probe {args.probe} --layers {args.layer}")
-    args._result = {"rows": [r.__dict__ for r in rows]}
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add ``python -m neuroviz evaluate``."""
-    p = subparsers.add_parser("evaluate", help="compare description methods on one layer (final-layer accuracy, simulation r)")
-    p.add_argument("model")
-    p.add_argument("--probe", default="demo")
-    p.add_argument("--layer", required=True)
-    p.add_argument("--pooling")
-    p.add_argument("--methods", help="comma-separated (default: every method with labels for the layer)")
-    p.add_argument("--multimodal", help="backend for simulation and text cosines (default: offline ConSE)")
-    p.add_argument("--baseline", default=",".join(DEFAULT_BASELINES), help="constant label(s) for the baseline row(s)")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--all-label-runs", action="store_true", help="every label run of a method, not only the newest")
-    p.add_argument("--common", action="store_true", help="score every row on only the neurons all methods labelled")
-    p.set_defaults(func=cmd_evaluate)

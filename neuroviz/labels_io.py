@@ -275,7 +275,7 @@ def import_labels(store: Store, path: Path | str, run: RunInfo, fmt: str | None 
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"Label file not found: {path}")
+        raise LabelFileError(f"Label file not found: {path}")
     fmt = fmt or guess_format(path)
     if fmt not in FORMATS:
         raise LabelFileError(f"Unknown label format '{fmt}'. Formats: {', '.join(FORMATS)}.")

@@ -37,7 +37,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .catalog import check_weights, sibling_run
 from .progress import Progress
 from .hooks import LayerRecorder, pool, to_batch_first
 from .models import LayerInfo, ProbedModel
@@ -238,18 +238,6 @@ class SynthesisResult:
 # planning: validate the request and resolve levels against the probe set's statistics
 
 
-def _run_for_layer(store: Store, base: RunInfo, layer: str) -> RunInfo:
-    if layer == base.layer:
-        return base
-    for run in reversed(store.find_runs(base.model_spec, base.probe_set_id, layer)):
-        if run.weights_id == base.weights_id:
-            return run
-    raise SynthesisError(
-        f"Layer '{layer}' has not been extracted over this probe set, so its neurons' observed range is unknown. "
-        f"Extract it first: `python -m neuroviz extract {base.model_spec} --layers {layer}`."
-    )
-
-
 def _scale(observed_max: float, observed_min: float) -> float:
     """The neuron's observed max when positive, else its observed range, else 1."""
     if observed_max > 0:
@@ -263,7 +251,8 @@ def plan_synthesis(model: ProbedModel | None, request: SynthesisRequest, store: 
     """Validate a request against the model and the run's statistics; resolve absolute levels.
 
     Raises SynthesisError (a ValueError) for bad requests, UnknownLayerError for unknown
-    layers. Cheap, and ``model`` may be None (layers are then checked against the extracted
+    layers, RunNotFoundError for a target layer not extracted with the run's weights and
+    WeightsChangedError when ``model`` no longer loads the run's weights. Cheap, and ``model`` may be None (layers are then checked against the extracted
     runs only): pages call it to show errors and find a cached result without loading the model.
     """
     cfg = request.config
@@ -273,11 +262,11 @@ def plan_synthesis(model: ProbedModel | None, request: SynthesisRequest, store: 
         raise SynthesisError(f"Start must be one of {', '.join(STARTS)} (got '{request.start}').")
     if cfg.steps < 1 or cfg.lr <= 0 or cfg.image_size < 16 or not 0 < cfg.tolerance < 1:
         raise SynthesisError("Need steps >= 1, lr > 0, image_size >= 16 and 0 < tolerance < 1.")
-    if model is not None and (model.weights_id != run.weights_id or model.spec != run.model_spec):
-        raise SynthesisError(
-            f"Run {run.run_key} was extracted from {run.model_spec} with weights {run.weights_id}, "
-            f"not from the given model {model.spec} ({model.weights_id}). Choose a run of this model."
-        )
+    if model is not None:
+        if model.spec != run.model_spec:
+            raise SynthesisError(f"Run {run.run_key} was extracted from {run.model_spec}, not from the given model "
+                                 f"{model.spec}. Choose a run of this model.")
+        check_weights(model, run)
     targets = request.targets
     n_levels = max(len(t.levels) for t in targets)
     if n_levels == 0 or any(len(t.levels) == 0 for t in targets):
@@ -289,7 +278,7 @@ def plan_synthesis(model: ProbedModel | None, request: SynthesisRequest, store: 
         if model is not None:
             model.layer(t.layer)  # UnknownLayerError with suggestions
             ceiling = activation_ceiling(model.module.get_submodule(t.layer))
-        trun = _run_for_layer(store, run, t.layer)
+        trun = sibling_run(store, run, t.layer)  # its observed range scales the levels
         if not 0 <= t.neuron < trun.n_neurons:
             raise SynthesisError(f"Layer {t.layer} has neurons 0..{trun.n_neurons - 1}; there is no neuron {t.neuron}.")
         if (t.layer, t.neuron) in seen:
@@ -859,30 +848,6 @@ def _levels_arg(levels: Sequence[float]) -> str:
     return ",".join(repr(float(v)) for v in levels)  # repr round-trips, so the CLI rebuilds the same key
 
 
-def parse_also(text: str) -> NeuronTarget:
-    """'LAYER:NEURON:LEVELS' (e.g. 'features.14:3:0,0,0.5,1') -> NeuronTarget."""
-    parts = text.rsplit(":", 2)
-    if len(parts) != 3:
-        raise SynthesisError(f"--and takes LAYER:NEURON:LEVELS, e.g. features.14:3:0.1 (got '{text}').")
-    layer, neuron, levels = parts
-    try:
-        index = int(neuron)
-    except ValueError:
-        raise SynthesisError(f"The neuron in '--and {text}' must be an integer.") from None
-    return NeuronTarget(layer, index, parse_levels(levels))
-
-
-def request_from_args(args) -> SynthesisRequest:
-    """The SynthesisRequest that a `synthesize` command line describes."""
-    also = [parse_also(text) for text in (args.also or [])]
-    if args.neuron2 is not None:
-        also.insert(0, NeuronTarget(args.layer2 or args.layer, args.neuron2, parse_levels(args.levels2)))
-    config = SynthesisConfig(steps=args.steps, lr=args.lr, image_size=args.image_size, tolerance=args.tolerance,
-                             diversity_weight=args.diversity_weight, tv_weight=args.tv_weight)
-    return SynthesisRequest(layer=args.layer, neuron=args.neuron, levels=parse_levels(args.levels), also=tuple(also),
-                            absolute=args.absolute, n_samples=args.samples, start=args.start, seed=args.seed, config=config)
-
-
 def cli_argv(request: SynthesisRequest, model_spec: str, run_key: str) -> list[str]:
     """The `python -m neuroviz` arguments that reproduce ``request`` exactly (same cache key),
     for background jobs. Hyperparameters the CLI does not expose must be at their defaults."""
@@ -900,91 +865,3 @@ def cli_argv(request: SynthesisRequest, model_spec: str, run_key: str) -> list[s
     for t in request.also:
         argv += ["--and", f"{t.layer}:{int(t.neuron)}:{_levels_arg(t.levels)}"]
     return argv
-
-
-def _find_or_extract_run(args, store: Store, model: ProbedModel, layers: Sequence[str]) -> RunInfo:
-    from . import datasets, extract
-
-    if args.run_key:
-        run = store.get_run(args.run_key)
-        if run is None:
-            raise SynthesisError(f"No run '{args.run_key}' in the cache {store.root}; see `python -m neuroviz cache`.")
-        return run
-    ps = datasets.open_probe_set(args.probe, store.root)
-    pooling = extract.resolve_pooling(model.layer(layers[0]), args.pooling)
-    # Any finished extraction of this layer will do, whatever its top-k: only its statistics are needed.
-    for run in reversed(store.find_runs(model.spec, ps.id, layers[0])):
-        if run.weights_id == model.weights_id and run.pooling == pooling and \
-                all(any(r.weights_id == model.weights_id for r in store.find_runs(model.spec, ps.id, l)) for l in layers):
-            return run
-    runs = extract.extract(model, ps, list(dict.fromkeys(layers)), store, pooling=args.pooling, k=args.k)
-    return runs[0]
-
-
-def cmd_synthesize(args) -> int:
-    """`python -m neuroviz synthesize`: sample the inverse set and write a PNG grid."""
-    from . import models
-    from .cli import _store, progress_for
-
-    store = _store(args)
-    if args.run_key and not args.layer:
-        run = store.get_run(args.run_key)
-        if run is None:
-            raise SynthesisError(f"No run '{args.run_key}' in the cache {store.root}; see `python -m neuroviz cache`.")
-        args.layer = run.layer
-    if not args.layer:
-        raise SynthesisError("Name the layer with --layer (list them with `python -m neuroviz layers MODEL`).")
-    request = request_from_args(args)
-    model = models.create(args.model)
-    for t in request.targets:
-        model.layer(t.layer)  # unknown layers fail before any extraction
-    run = _find_or_extract_run(args, store, model, [t.layer for t in request.targets])
-    plan_synthesis(model, request, store, run)  # a bad request fails here, before a progress bar is drawn
-    result = synthesize(model, request, store, run, progress=progress_for(args, "synthesizing", "step"),
-                        device=args.device, use_cache=not args.no_cache)
-    out = Path(args.out) if args.out else store.root / "synthesis" / f"{result.key}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    probe_rows = probe_images_at_levels(store, result.plan, args.probe_columns) if args.probe_columns else None
-    render_grid(result, probe_rows, tile=min(request.config.image_size, 160)).save(out)
-    print(("(cached) " if result.from_cache else "") + result.summary())
-    for li, name in enumerate(result.plan.level_names()):
-        errs = ", ".join(f"{e:.1%}" for e in result.errors[li].max(axis=1))
-        print(f"  level {name}: max error per sample [{errs}], diversity {result.diversity[li]:.3f}")
-    print(f"grid: {out}")
-    args._result = {"key": result.key, "png": str(out), "within": result.n_within, "total": int(result.within_tolerance.size),
-                    "summary": result.summary()}
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add `synthesize` to `python -m neuroviz`."""
-    d = SynthesisConfig()
-    p = subparsers.add_parser("synthesize", help="sample images that drive a neuron to given levels (inverse sets)")
-    p.add_argument("model", help="model spec, e.g. offline:mobilenet_v2")
-    p.add_argument("--layer", help="layer of the neuron (default: the layer of --run-key)")
-    p.add_argument("--neuron", type=int, required=True)
-    p.add_argument("--levels", default="0.25,0.5,0.75,1", help="comma-separated fractions of the observed max (or 25%%,...)")
-    p.add_argument("--absolute", action="store_true", help="levels are activation values, not fractions of the max")
-    p.add_argument("--neuron2", type=int, help="a second neuron that must hit --levels2 at the same time (intersection)")
-    p.add_argument("--layer2", help="layer of --neuron2 (default: --layer)")
-    p.add_argument("--levels2", default="0", help="levels of --neuron2, one per level of --levels, or a single one")
-    p.add_argument("--and", dest="also", action="append", metavar="LAYER:NEURON:LEVELS",
-                   help="another neuron that must hit its levels at the same time (repeatable), e.g. features.14:3:0.1")
-    p.add_argument("--samples", type=int, default=4, help="samples per level")
-    p.add_argument("--start", choices=STARTS, default="noise", help="start from noise or from the nearest probe images")
-    p.add_argument("--probe", default="demo", help="probe set giving the observed max: 'demo', a folder or a list")
-    p.add_argument("--run-key", help="use this extraction run (and its probe set) instead of --probe")
-    p.add_argument("--pooling", default="default", choices=["default", "mean", "max", "cls", "tokens_mean"])
-    p.add_argument("--k", type=int, default=50, help="top-k of the extraction, when one is needed")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--tolerance", type=float, default=d.tolerance)
-    p.add_argument("--diversity-weight", type=float, default=d.diversity_weight)
-    p.add_argument("--tv-weight", type=float, default=d.tv_weight)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--probe-columns", type=int, default=3, help="real probe images shown beside each level")
-    p.add_argument("--out", help="PNG path of the grid (default: cache/synthesis/<key>.png)")
-    p.add_argument("--no-cache", action="store_true", help="recompute even when the result is cached")
-    p.set_defaults(func=cmd_synthesize)

@@ -170,10 +170,10 @@ def start_importance(ws, method: str, config: analysis.AnalysisConfig, imp: anal
                            done_message="Importance computed.")
         return
     if st.button("Compute importance", type="primary", key="analysis_imp_run"):
-        from neuroviz import editing
+        from neuroviz import catalog
 
         bar = st.progress(0.0, text="Ablating...")
-        analysis.group_importance(load_model(ws.model_spec), ws.store, editing.probe_set_from_store(ws.store, ws.probe_set_id),
+        analysis.group_importance(load_model(ws.model_spec), ws.store, catalog.probe_set_from_store(ws.store, ws.probe_set_id),
                                   method, config, imp, layers,
                                   progress=lambda d, t, m: bar.progress(min(1.0, d / max(t, 1)), text=m))
         bar.empty()

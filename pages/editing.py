@@ -9,7 +9,7 @@ import streamlit as st
 
 from ui import context, guard, shell
 
-from neuroviz import audit, editing
+from neuroviz import audit, catalog, editing
 
 SOURCES = {"audit": "Neurons of a saved audit", "list": "A list of neurons", "saved": "A saved edit"}
 MODES = {"zero": "Set to zero", "mean": "Set to the probe-set mean"}
@@ -95,7 +95,7 @@ def edit_settings(ws, neurons, source, saved: editing.Edit | None) -> editing.Ed
 
 def evaluate(ws, edit: editing.Edit) -> None:
     model = load_model(ws.model_spec)
-    probe = editing.probe_set_from_store(ws.store, ws.probe_set_id)
+    probe = catalog.probe_set_from_store(ws.store, ws.probe_set_id)
     bar = st.progress(0.0, text="Predicting...")
 
     def progress(done: int, total: int, message: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pandas as pd
@@ -101,8 +100,6 @@ def _label_form(ws: context.Workspace) -> None:
     if not ws.runs:
         st.caption("Extract a layer first.")
         return
-    if importlib.util.find_spec("neuroviz.methods.cli") is None:
-        st.info("The labelling command (`python -m neuroviz label`) is not installed in this checkout yet.")
     methods = []
     with guard.friendly_errors("the method list"):
         methods = _method_choices()
@@ -135,8 +132,6 @@ def _label_form(ws: context.Workspace) -> None:
 
 
 def _demo_button(ws: context.Workspace) -> None:
-    if importlib.util.find_spec("neuroviz.workspace") is None:
-        return
     with st.container(border=True):
         st.markdown("**Demo workspace**: build the demo probe set, extract the demo model and label it.")
         jobs_ui.job_button(ws.store, "Build the demo", "demo", ["demo"], key="demo",

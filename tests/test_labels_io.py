@@ -21,7 +21,7 @@ from neuroviz.labels_io import (
 )
 from neuroviz.methods import MethodContext, run_method
 from neuroviz.catalog import RunNotFoundError, find_run
-from neuroviz.methods.cli import parse_neurons
+from neuroviz.cli._common import parse_neurons
 from neuroviz.store import Store
 
 MODEL = "torchvision:resnet18@random"

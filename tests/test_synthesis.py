@@ -173,6 +173,7 @@ def test_cli_writes_a_grid_and_reports_errors(tiny_workspace, tmp_path, capsys):
 
 def test_cli_argv_round_trips_the_request_and_key(tiny_workspace):
     from neuroviz.cli import build_parser
+    from neuroviz.cli.synthesize import request_from_args
 
     ws = tiny_workspace
     run = ws["runs"]["layer2"]
@@ -182,8 +183,8 @@ def test_cli_argv_round_trips_the_request_and_key(tiny_workspace):
                                                               min_steps=S.SynthesisConfig().min_steps))
     argv = S.cli_argv(req, run.model_spec, run.run_key)
     args = build_parser().parse_args(argv)
-    assert S.request_from_args(args) == req
-    assert S.plan_synthesis(None, S.request_from_args(args), ws["store"], run).key == S.plan_synthesis(ws["model"], req, ws["store"], run).key
+    assert request_from_args(args) == req
+    assert S.plan_synthesis(None, request_from_args(args), ws["store"], run).key == S.plan_synthesis(ws["model"], req, ws["store"], run).key
     with pytest.raises(ValueError, match="cannot set check_every"):
         S.cli_argv(req.with_config(check_every=3), run.model_spec, run.run_key)
 

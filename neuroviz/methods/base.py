@@ -15,10 +15,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import NeurovizError, unknown_name_message
 from ..progress import Progress
 from ..provenance import provenance_key
+from ..registry import UnknownNameError
 from ..store import LabelRow, RunInfo, Store
 
+
+class MethodError(NeurovizError, ValueError):
+    """A method cannot label as asked: an unknown hyperparameter, a bad value, or a layer,
+    neuron or input it cannot use. The message says what to change."""
 
 
 @dataclass
@@ -95,7 +101,7 @@ def register_method(cls: type[DescriptionMethod]) -> type[DescriptionMethod]:
 
 def get_method(name: str) -> DescriptionMethod:
     if name not in _REGISTRY:
-        raise KeyError(f"Unknown method '{name}'. Methods: {', '.join(sorted(_REGISTRY))}.")
+        raise UnknownNameError(unknown_name_message("method", name, _REGISTRY))
     return _REGISTRY[name]
 
 
@@ -114,7 +120,7 @@ def run_method(name: str, ctx: MethodContext, config=None, neurons: Sequence[int
     wanted = list(range(ctx.run.n_neurons)) if neurons is None else sorted(set(int(n) for n in neurons))
     for n in wanted:
         if not 0 <= n < ctx.run.n_neurons:
-            raise ValueError(f"Neuron {n} does not exist: layer {ctx.run.layer} has neurons 0..{ctx.run.n_neurons - 1}.")
+            raise MethodError(f"Neuron {n} does not exist: layer {ctx.run.layer} has neurons 0..{ctx.run.n_neurons - 1}.")
     have = set(ctx.store.labelled_neurons(key))
     todo = [n for n in wanted if n not in have]
     if todo:

@@ -62,7 +62,7 @@ import numpy as np
 
 from ..progress import Progress
 from ..store import LabelRow
-from .base import DescriptionMethod, MethodContext, register_method
+from .base import DescriptionMethod, MethodContext, MethodError, register_method
 
 
 SIMILARITY_FUNCTIONS = ("soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
@@ -112,9 +112,9 @@ class ClipDissectConfig:
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITY_FUNCTIONS:
-            raise ValueError(f"Unknown similarity '{self.similarity}'. Choose one of {', '.join(SIMILARITY_FUNCTIONS)}.")
+            raise MethodError(f"Unknown similarity '{self.similarity}'. Choose one of {', '.join(SIMILARITY_FUNCTIONS)}.")
         if self.formulation not in FORMULATIONS:
-            raise ValueError(f"Unknown formulation '{self.formulation}'. Choose one of {', '.join(FORMULATIONS)}.")
+            raise MethodError(f"Unknown formulation '{self.formulation}'. Choose one of {', '.join(FORMULATIONS)}.")
         k, alpha, lam = PAPER_PMI_DEFAULTS.get(self.similarity, PAPER_PMI_DEFAULTS["soft_wpmi"])
         if self.top_k is None:
             self.top_k = k
@@ -123,7 +123,7 @@ class ClipDissectConfig:
         if self.lam is None:
             self.lam = lam
         if self.top_k < 1 or self.n_candidates < 1:
-            raise ValueError("top_k and n_candidates must be at least 1.")
+            raise MethodError("top_k and n_candidates must be at least 1.")
 
     @property
     def uses_layer_prior(self) -> bool:
@@ -568,7 +568,7 @@ class ClipDissect(DescriptionMethod):
             return []
         concepts = list(ctx.concepts.concepts)
         if not concepts:
-            raise ValueError(f"Concept set '{ctx.concepts.name}' is empty.")
+            raise MethodError(f"Concept set '{ctx.concepts.name}' is empty.")
         report = ctx.progress
         # Both are cached in the store: only the first labelling of a probe set / concept set pays.
         image_emb = embeddings.image_embeddings(ctx.multimodal, ctx.store, ctx.run.probe_set_id, report)

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..crops import ProbeViews, exemplar_mask, masked_region
 from ..store import LabelRow, Store
-from .base import DescriptionMethod, MethodContext, register_method
+from .base import DescriptionMethod, MethodContext, MethodError, register_method
 
 NEURONS_PER_BATCH = 8  # exemplar images of this many neurons are encoded in one backend call
 
@@ -79,7 +79,7 @@ def select_exemplars(top_maps: np.ndarray | None, k: int, rank_by: str = "spatia
     spatial max); ``"pooled"`` or a layer without maps keeps the stored order.
     """
     if rank_by not in ("spatial_max", "pooled"):
-        raise ValueError(f"Unknown exemplar ranking '{rank_by}'; choose spatial_max or pooled.")
+        raise MethodError(f"Unknown exemplar ranking '{rank_by}'; choose spatial_max or pooled.")
     if top_maps is None or rank_by == "pooled":
         return np.arange(k if top_maps is None else min(k, len(top_maps)))
     peaks = top_maps.reshape(len(top_maps), -1).max(axis=1)
@@ -115,7 +115,7 @@ def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 def log_p_description_given_exemplars(exemplar_emb: np.ndarray, candidate_emb: np.ndarray, temperature: float) -> np.ndarray:
     """log p(d | E) for every candidate: softmax over candidates of the mean exemplar-text cosine."""
     if temperature <= 0:
-        raise ValueError("similarity_temperature must be positive.")
+        raise MethodError("similarity_temperature must be positive.")
     mean_sim = (np.asarray(exemplar_emb, np.float64) @ np.asarray(candidate_emb, np.float64).T).mean(axis=0)
     return log_softmax(mean_sim / temperature)
 
@@ -139,7 +139,7 @@ def description_prior(total_log_likelihood: np.ndarray, texts: Sequence[str], no
     if normalisation == "total":
         return total
     if normalisation != "per_word":
-        raise ValueError(f"Unknown prior normalisation '{normalisation}'; choose per_word or total.")
+        raise MethodError(f"Unknown prior normalisation '{normalisation}'; choose per_word or total.")
     words = np.array([max(1, len(t.split())) for t in texts], dtype=np.float64)
     return total / words
 
@@ -246,9 +246,9 @@ class MilanPMI(DescriptionMethod):
     def describe(self, ctx: MethodContext, config: MilanConfig, neurons: Sequence[int]) -> list[LabelRow]:
         """Exemplars and masks -> candidates -> p(d|E) and p(d) -> PMI ranking, for ``neurons``."""
         if config.exemplar_region not in ("grey", "crop", "full"):
-            raise ValueError(f"Unknown exemplar region '{config.exemplar_region}'; choose grey, crop or full.")
+            raise MethodError(f"Unknown exemplar region '{config.exemplar_region}'; choose grey, crop or full.")
         if ctx.concepts is None or not len(ctx.concepts):
-            raise ValueError("MILAN-style PMI needs a concept set for its candidates (e.g. imagenet or words20k).")
+            raise MethodError("MILAN-style PMI needs a concept set for its candidates (e.g. imagenet or words20k).")
         store, run = ctx.store, ctx.run
         neurons = [int(n) for n in neurons]
         progress = ctx.progress or (lambda done, total, message="": None)

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..provenance import provenance_key
 from ..store import LabelRow
-from .base import DescriptionMethod, MethodContext, register_method
+from .base import DescriptionMethod, MethodContext, MethodError, register_method
 from ..errors import NeurovizError
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -192,7 +192,7 @@ def dissect(model, layer: str, segmentation: SegmentationSet, config: NetDissect
     config = config or NetDissectConfig()
     info = model.layer(layer)
     if info.layout.kind == "vector":
-        raise ValueError(f"Network Dissection needs spatial activation maps; layer {layer} is a vector layer. "
+        raise MethodError(f"Network Dissection needs spatial activation maps; layer {layer} is a vector layer. "
                          "Choose a convolutional or token layer.")
     prep = model.preprocessing
     transform = model.transform
@@ -212,13 +212,13 @@ def dissect(model, layer: str, segmentation: SegmentationSet, config: NetDissect
                 module(x)
                 smap = spatial_map(to_batch_first(rec.outputs[layer], info.layout), info.layout)
                 if smap is None:
-                    raise ValueError(f"Layer {layer} has no square spatial map; Network Dissection cannot use it.")
+                    raise MethodError(f"Layer {layer} has no square spatial map; Network Dissection cannot use it.")
                 if neurons is not None:
                     smap = smap[:, list(neurons)]
                 if maps_file is None:
                     shape = (n, *smap.shape[1:])
                     if np.prod(shape) * 2 > MAX_MAP_BYTES:
-                        raise ValueError(f"The activation maps of {n} images would take {np.prod(shape) * 2 / 2**30:.1f} GB; "
+                        raise MethodError(f"The activation maps of {n} images would take {np.prod(shape) * 2 / 2**30:.1f} GB; "
                                          "use a smaller segmentation set or fewer neurons.")
                     maps_file = np.lib.format.open_memmap(Path(tmp) / "maps.npy", mode="w+", dtype=np.float16, shape=shape)
                 maps_file[idx[0]: idx[-1] + 1] = smap.float().numpy().astype(np.float16)
@@ -276,7 +276,7 @@ class NetDissect(DescriptionMethod):
     def segmentation_path(ctx: MethodContext, config: NetDissectConfig) -> Path:
         path = config.segmentation_set or ctx.extra.get("segmentation_set") or ""
         if not path:
-            raise ValueError("Network Dissection needs a segmentation set with per-pixel concept masks: pass "
+            raise SegmentationSetError("Network Dissection needs a segmentation set with per-pixel concept masks: pass "
                              "--segmentation-set FOLDER (or ctx.extra['segmentation_set']). Layout: images/<stem>.png "
                              "and masks/<stem>/<concept>.png; see neuroviz.methods.netdissect.")
         path = Path(path).expanduser()

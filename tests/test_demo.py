@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from neuroviz import demo_set, workspace
+from neuroviz import demo, demo_set
 from neuroviz.images import VIEW_NAMESPACE
 from neuroviz.store import DEFAULT_CACHE, Store
 
@@ -20,10 +20,10 @@ def small_demo(monkeypatch, tmp_path):
     real_build = demo_set.build_demo_set
     monkeypatch.setattr(demo_set, "build_demo_set",
                         lambda dest, progress=None: real_build(dest, sources=("skimage",), max_side=96, progress=progress))
-    monkeypatch.setattr(workspace, "DEMO_LAYERS", ["features.14", "classifier.1"])
-    monkeypatch.setattr(workspace, "DEMO_DND_LAYER", "features.14")
-    monkeypatch.setattr(workspace, "DEMO_MILAN_NEURONS", 2)
-    monkeypatch.setattr(workspace, "DEMO_CONCEPTS", "imagenet")
+    monkeypatch.setattr(demo, "DEMO_LAYERS", ["features.14", "classifier.1"])
+    monkeypatch.setattr(demo, "DEMO_DND_LAYER", "features.14")
+    monkeypatch.setattr(demo, "DEMO_MILAN_NEURONS", 2)
+    monkeypatch.setattr(demo, "DEMO_CONCEPTS", "imagenet")
     store = Store(tmp_path / "cache")
     (DEFAULT_CACHE / "models").mkdir(parents=True, exist_ok=True)
     (store.root / "models").symlink_to(DEFAULT_CACHE / "models", target_is_directory=True)
@@ -32,7 +32,7 @@ def small_demo(monkeypatch, tmp_path):
 
 def test_demo_build_runs_every_step_then_reuses_them(small_demo):
     store = small_demo
-    report = workspace.build_demo_workspace(store, dnd_neurons=1)
+    report = demo.build_demo_workspace(store, dnd_neurons=1)
     assert report["demo_set"]["by_source"] == {"skimage": report["demo_set"]["images"]} and report["demo_set"]["images"] > 10
     runs = {r.layer: r for r in store.find_runs()}
     assert set(runs) == {"features.14", "classifier.1"} and report["extraction"]["images"] == runs["features.14"].n_images
@@ -54,5 +54,5 @@ def test_demo_build_runs_every_step_then_reuses_them(small_demo):
     with pytest.MonkeyPatch.context() as mp:
         for method in methods.list_methods():
             mp.setattr(type(method), "describe", recomputed)
-        again = workspace.build_demo_workspace(store, dnd_neurons=1)
+        again = demo.build_demo_workspace(store, dnd_neurons=1)
     assert len(store.label_runs()) == n_label_runs and again["extraction"]["layers"] == report["extraction"]["layers"]

@@ -1,19 +1,17 @@
-"""The embedded offline demo workspace: `python -m neuroviz demo`.
+"""The offline demo: fills a workspace (a cache folder) with everything the pages show.
 
-Builds, from packaged weights and images only (no network): the demo probe set, the
-activations of the packaged ImageNet MobileNetV2 on a few layers, the thumbnails the pages
-draw from, and labels from every method that can run offline (CLIP-Dissect on every neuron,
-MILAN-style PMI on the first neurons of each layer, DnD on a few neurons of the last conv
-layer). Each step is cached, so a second run takes seconds.
+`python -m neuroviz demo` (neuroviz/cli/demo.py) builds, from packaged weights and images
+only (no network): the demo probe set, the activations of the packaged ImageNet MobileNetV2
+on a few layers, the thumbnails the pages draw from, and labels from every method that can
+run offline (CLIP-Dissect on every neuron, MILAN-style PMI on the first neurons of each
+layer, DnD on a few neurons of the last conv layer). Each step is cached, so a second run
+takes seconds.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-
-from .models import DEMO_MODEL
 
 DEMO_PROBE = "demo"
 DEMO_LAYERS = ["features.4", "features.9", "features.14", "features.18", "classifier.1"]
@@ -25,7 +23,8 @@ DEMO_DND_NEURONS = 24  # the layer browser's first page: every card carries all 
 DEMO_MILAN_NEURONS = 32
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """One progress line of the demo build, on stderr (stdout stays free for results)."""
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
@@ -40,11 +39,11 @@ def build_demo_workspace(store, labels: bool = True, dnd_neurons: int = DEMO_DND
     t0 = time.time()
     demo = build_demo_set(store.root / "demo", progress=bar("demo images", "img"))
     for warning in demo.warnings:
-        _say("warning: " + warning)
+        say("warning: " + warning)
     report["demo_set"] = {"images": demo.n_images, "by_source": demo.by_source, "seconds": round(time.time() - t0, 1)}
 
     t0 = time.time()
-    model = models.create(DEMO_MODEL)
+    model = models.create(models.DEMO_MODEL)
     probe = datasets.open_probe_set(DEMO_PROBE, store.root)
     runs = extract.extract(model, probe, DEMO_LAYERS, store, k=50, progress=bar("extracting MobileNetV2", "img"))
     report["extraction"] = {"layers": [r.layer for r in runs], "images": len(probe), "seconds": round(time.time() - t0, 1)}
@@ -82,21 +81,3 @@ def build_demo_workspace(store, labels: bool = True, dnd_neurons: int = DEMO_DND
         methods.run_method("dnd", ctx, neurons=list(range(dnd_neurons)))
         report[f"dnd:{run.layer}"] = round(time.time() - t0, 1)
     return report
-
-
-def cmd_demo(args) -> int:
-    from .cli import _store
-
-    store = _store(args)
-    report = build_demo_workspace(store, labels=not args.no_labels, dnd_neurons=args.dnd_neurons)
-    for step, value in report.items():
-        _say(f"{step}: {value}")
-    _say(f"ready: `streamlit run app.py` opens {DEMO_MODEL} on the demo probe set")
-    return 0
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build the offline demo workspace (demo set, MobileNetV2 activations, labels)")
-    p.add_argument("--no-labels", action="store_true", help="only the images and activations")
-    p.add_argument("--dnd-neurons", type=int, default=DEMO_DND_NEURONS, help=f"DnD labels for the first N neurons of {DEMO_DND_LAYER}")
-    p.set_defaults(func=cmd_demo)
