@@ -51,8 +51,9 @@ def configs_for(method_names: Sequence[str], params: Sequence[str]) -> dict[str,
         used.update(mine)
         try:
             configs[name] = cls(**mine)
-        except TypeError as exc:  # a value of the wrong kind that the config cannot take
-            raise MethodError(f"{method.title}: {exc}") from None
+        except TypeError as exc:  # a value of the wrong kind, e.g. top_k=abc
+            given = ", ".join(f"{k}={v!r}" for k, v in mine.items())
+            raise MethodError(f"{method.title} cannot take {given}: {exc}.") from None
     unknown = set(pairs) - used
     if unknown:
         raise MethodError(f"No chosen method has the parameter(s) {', '.join(sorted(unknown))}. "
