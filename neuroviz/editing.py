@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -132,7 +132,7 @@ def mean_values(store: Store, model_spec: str, probe_set_id: str, layer: str, ne
     return out
 
 
-def make_edit(name: str, model_spec: str, neurons: dict[str, Sequence[int]], mode: str = "zero",
+def make_edit(name: str, model_spec: str, neurons: Mapping[str, Sequence[int]], mode: str = "zero",
               store: Store | None = None, probe_set_id: str | None = None, description: str = "",
               source: dict | None = None) -> Edit:
     """Build a validated edit; ``mean`` mode reads the means from the store now, so the

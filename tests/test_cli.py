@@ -34,8 +34,8 @@ def test_top_level_help_lists_every_command_and_loads_no_torch():
                   "    runpy.run_module('neuroviz', run_name='__main__')\n"
                   "except SystemExit as exc:\n"
                   "    assert exc.code == 0, exc.code\n"
-                  "heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'open_clip', 'transformers', 'streamlit') if m in sys.modules)\n"
-                  "print('heavy modules:', heavy)\n")
+                  "heavy = ('torch', 'torchvision', 'timm', 'open_clip', 'transformers', 'streamlit')\n"
+                  "print('heavy modules:', sorted(m for m in heavy if m in sys.modules))\n")
     assert proc.returncode == 0, proc.stderr
     assert "heavy modules: []" in proc.stdout
     for command in COMMAND_NAMES:

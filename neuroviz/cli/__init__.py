@@ -27,7 +27,8 @@ _store = store_from  # until cli/study.py lands: neuroviz/study.py still imports
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (imports each command module, none of the heavy library)."""
-    parser = argparse.ArgumentParser(prog="python -m neuroviz", description="Explore and describe the neurons of vision networks.")
+    parser = argparse.ArgumentParser(prog="python -m neuroviz",
+                                     description="Explore and describe the neurons of vision networks.")
     parser.add_argument("--cache", help="cache folder (default: ./cache or $NEUROVIZ_CACHE)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -14,7 +14,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     store, model, probe_set = open_model_and_probe_set(args)
     if args.neurons or args.from_audit:
-        neurons = editing.parse_neuron_list(args.neurons) if args.neurons else load_audit(store, args.from_audit).neurons_by_layer()
+        if args.neurons:
+            neurons = editing.parse_neuron_list(args.neurons)
+        else:
+            neurons = load_audit(store, args.from_audit).neurons_by_layer()
         edit = editing.make_edit(args.name or "cli-edit", model.spec, neurons, args.mode, store, probe_set.id,
                                  source={"audit": args.from_audit} if args.from_audit else None)
         if args.save:

@@ -30,7 +30,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"(final-layer metrics apply to a layer of {len(class_names)} neurons, one per class)")
     print(format_markdown(rows))
     if not any(r.label_key for r in rows):
-        print(f"\nNo method has labelled this layer yet: python -m neuroviz label {args.model} --probe {args.probe} --layers {args.layer}")
+        print(f"\nNo method has labelled this layer yet: "
+              f"python -m neuroviz label {args.model} --probe {args.probe} --layers {args.layer}")
     args._result = {"rows": [r.__dict__ for r in rows]}
     return 0
 

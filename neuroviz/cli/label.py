@@ -92,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # refused by its config, with the list, before any work.
     p.add_argument("--similarity", help="CLIP-Dissect similarity function: soft_wpmi (default), wpmi, rank_reorder, cos, cos3")
     p.add_argument("--segmentation-set", help="folder with images/ and masks/ for netdissect")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="override a method hyperparameter (repeatable)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a method hyperparameter (repeatable)")
     p.add_argument("--preview", type=int, default=8, help="labels printed per layer")
     p.set_defaults(func=cmd_label)
