@@ -252,8 +252,9 @@ def plan_synthesis(model: ProbedModel | None, request: SynthesisRequest, store: 
 
     Raises SynthesisError (a ValueError) for bad requests, UnknownLayerError for unknown
     layers, RunNotFoundError for a target layer not extracted with the run's weights and
-    WeightsChangedError when ``model`` no longer loads the run's weights. Cheap, and ``model`` may be None (layers are then checked against the extracted
-    runs only): pages call it to show errors and find a cached result without loading the model.
+    WeightsChangedError when ``model`` no longer loads the run's weights. Cheap, and ``model``
+    may be None (layers are then checked against the extracted runs only): pages call it to
+    show errors and find a cached result without loading the model.
     """
     cfg = request.config
     if request.n_samples < 1:

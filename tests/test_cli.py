@@ -108,3 +108,38 @@ def test_method_params_override_only_what_they_name():
         configs_for(["clip_dissect"], ["nonsense=1"])
     with pytest.raises(MethodError, match="Unknown similarity"):
         configs_for(["clip_dissect"], ["similarity=bogus"])
+
+
+def test_probe_arguments_name_stored_sets_by_id_or_name_and_register_new_ones(tiny_workspace, image_folder, tmp_path):
+    """--probe of analyze, audit, edit and synthesize: the catalogue's probe_set_for."""
+    from neuroviz.catalog import probe_set_for, probe_set_from_store
+    from neuroviz.datasets import ProbeSetError
+    from neuroviz.store import Store
+
+    store, probe_set = tiny_workspace["store"], tiny_workspace["probe_set"]
+    ids = [im.image_id for im in probe_set.images]
+    assert [im.image_id for im in probe_set_for(store, probe_set.id).images] == ids  # read back, not rescanned
+    assert probe_set_for(store, probe_set.name).id == probe_set.id
+    fresh = Store(tmp_path / "cache")
+    opened = probe_set_for(fresh, str(image_folder))
+    assert opened.id == probe_set.id and [p["probe_set_id"] for p in fresh.probe_sets()] == [probe_set.id]
+    assert [im.path for im in probe_set_from_store(fresh, opened.id).images] == [im.path for im in opened.images]
+    with pytest.raises(ProbeSetError, match="Unknown probe set 'nope'"):
+        probe_set_for(fresh, "nope")
+    with pytest.raises(ProbeSetError, match="not in the store"):
+        probe_set_from_store(fresh, "0123456789")
+
+
+def test_edit_and_audit_commands_run_on_a_stored_probe_set(tiny_workspace, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "cache"
+    shutil.copytree(tiny_workspace["store"].root, root)
+    model, probe_set_id = tiny_workspace["model"].spec, tiny_workspace["probe_set"].id
+    edit = ["--cache", str(root), "edit", model, "--image-size", "64", "--probe", probe_set_id, "--max-images", "4"]
+    assert main(edit + ["--neurons", "layer4:1,2", "--name", "two", "--save"]) == 0
+    assert "n_images                 4" in capsys.readouterr().out
+    assert main(edit + ["--name", "two"]) == 0  # the saved edit, evaluated again
+    assert main(["--cache", str(root), "audit", "--list"]) == 0
+    assert main(["--cache", str(root), "audit", model]) == 2
+    assert "Give a model and a query" in capsys.readouterr().err
