@@ -61,7 +61,7 @@ def test_registry_shares_instances_and_names_everything_in_the_id():
     assert multimodal.default_multimodal_for("offline:efficientnet_lite0") == "conse:mobilenet_v2"
     assert multimodal.default_multimodal_for("offline:mobilenet_v2") == "conse"
     assert multimodal.default_multimodal_for("torchvision:resnet18@random") == "conse"
-    specs = multimodal.list_multimodal()
+    specs = multimodal.MULTIMODAL.specs()
     assert specs[:2] == ["conse", "conse:mobilenet_v2"] and "open_clip:ViT-B-32@openai" in specs
 
 
@@ -417,13 +417,13 @@ def test_openai_compatible_client_against_a_local_server(fake_openai, tmp_path, 
 
 
 def test_unknown_language_model_specs_explain_the_forms(tmp_path):
-    from neuroviz.backends.language import create_language_model, list_language_models
+    from neuroviz.backends.language import LANGUAGE_MODELS, create_language_model
 
     with pytest.raises(BackendUnavailable, match="openai:<base url>#<model>"):
         create_language_model("gpt-17", store_root=tmp_path)
     with pytest.raises(BackendUnavailable, match="gemma3-270m"):
         create_language_model(f"transformers:{tmp_path / 'nothing'}", store_root=tmp_path, record=False).log_likelihood(["x"])
-    assert list_language_models()[0] == "gemma3-270m"
+    assert LANGUAGE_MODELS.names()[0] == "gemma3-270m"
 
 
 @pytest.mark.slow
