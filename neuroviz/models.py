@@ -185,6 +185,21 @@ MODELS: Registry[ProbedModel] = Registry(
 )
 
 
+def _register_offline(name: str, load: Callable[[], nn.Module], prep: Preprocessing) -> None:
+    """Register a packaged-weights model under the plain name ``offline:<name>`` (no network needed)."""
+
+    def create(image_size: int | None = None) -> ProbedModel:
+        return ProbedModel(f"offline:{name}", load(), prep.scaled(image_size) if image_size else prep,
+                           offline_weights.imagenet_class_names(), OFFLINE_MODELS[name])
+
+    MODELS.add(f"offline:{name}", create, description=OFFLINE_MODELS[name])
+
+
+_register_offline("mobilenet_v2", offline_weights.load_mobilenet_v2, Preprocessing())
+_register_offline("efficientnet_lite0", offline_weights.load_efficientnet_lite0,
+                  Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+
+
 def _name_and_weights(argument: str) -> tuple[str, str | None]:
     name, _, weights = argument.partition("@")
     return name, weights or None
@@ -328,21 +343,6 @@ def _custom(argument: str, image_size: int | None = None) -> ProbedModel:
     prep = Preprocessing().scaled(image_size) if image_size else Preprocessing()
     spec = f"custom:{target}" + (f"@{checkpoint}" if checkpoint else "")
     return ProbedModel(spec, module.eval(), prep, None, f"user model {target}" + (f" with {checkpoint}" if checkpoint else ""))
-
-
-def _register_offline(name: str, load: Callable[[], nn.Module], prep: Preprocessing) -> None:
-    """Register a packaged-weights model under the plain name ``offline:<name>`` (no network needed)."""
-
-    def create(image_size: int | None = None) -> ProbedModel:
-        return ProbedModel(f"offline:{name}", load(), prep.scaled(image_size) if image_size else prep,
-                           offline_weights.imagenet_class_names(), OFFLINE_MODELS[name])
-
-    MODELS.add(f"offline:{name}", create, description=OFFLINE_MODELS[name])
-
-
-_register_offline("mobilenet_v2", offline_weights.load_mobilenet_v2, Preprocessing())
-_register_offline("efficientnet_lite0", offline_weights.load_efficientnet_lite0,
-                  Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
 
 
 def create(spec: str, image_size: int | None = None, checkpoint: str | None = None) -> ProbedModel:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .errors import NeurovizError, unknown_name_message
+from .errors import NeurovizError, close_names
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -112,6 +112,7 @@ class Registry(Generic[T]):
         return iter(self.entries())
 
     def __contains__(self, spec: object) -> bool:
+        """True when ``spec`` names an entry (its argument is only checked by create)."""
         return isinstance(spec, str) and self.find(spec) is not None
 
     def names(self) -> list[str]:
@@ -123,7 +124,7 @@ class Registry(Generic[T]):
         return [spec for entry in self._entries.values() for spec in entry.specs()]
 
     def find(self, spec: str) -> tuple[Entry[T], str | None] | None:
-        """The entry a spec names and its argument (None when there is none), or None."""
+        """The entry a spec names and its argument (None when the spec is the bare name), or None."""
         found = self._match(spec)
         if found is None and self.fallback is not None:
             rewritten = self.fallback(spec)
@@ -132,7 +133,7 @@ class Registry(Generic[T]):
 
     def _match(self, spec: str) -> tuple[Entry[T], str | None] | None:
         entry = self._entries.get(spec)
-        if entry is not None and (entry.argument is None or entry.argument_optional):
+        if entry is not None:
             return entry, None
         head, colon, argument = spec.partition(":")
         entry = self._entries.get(head)
@@ -144,17 +145,23 @@ class Registry(Generic[T]):
         """Like :meth:`find`, but an unknown spec raises ``self.error`` with close names."""
         found = self.find(spec)
         if found is None:
-            bare = self._entries.get(spec)
-            if bare is not None:  # an entry that takes an argument, named without one
-                raise self.error(f"The {self.kind} '{spec}' needs an argument: write {bare.usage}"
-                                 + (f", e.g. {bare.example}." if bare.example else "."))
-            message = unknown_name_message(self.kind, spec, self.names())
-            raise self.error(message + (f" {self.usage}" if self.usage else ""))
+            raise self.error(self._unknown_message(spec))
         entry, argument = found
         if entry.argument is not None and not entry.argument_optional and not argument:
-            raise self.error(f"The {self.kind} '{spec}' needs an argument after the colon: write {entry.usage}"
+            raise self.error(f"The {self.kind} '{spec}' needs an argument: write {entry.usage}"
                              + (f", e.g. {entry.example}." if entry.example else "."))
         return entry, argument
+
+    def _unknown_message(self, spec: str) -> str:
+        """'Unknown X 'spec'. Did you mean ...? Known: ...' with each entry written as its usage."""
+        usage = {name: entry.usage for name, entry in self._entries.items()}
+        takes_argument = [name for name, entry in self._entries.items() if entry.argument is not None]
+        close = close_names(spec, usage) or close_names(spec.partition(":")[0], takes_argument)
+        text = f"Unknown {self.kind} '{spec}'."
+        if close:
+            text += f" Did you mean {', '.join(usage[name] for name in close)}?"
+        text += f" Known: {', '.join(usage.values())}."
+        return text + (f" {self.usage}" if self.usage else "")
 
     def create(self, spec: str, *args: Any, **kwargs: Any) -> T:
         """Create what ``spec`` names; extra arguments go to the factory."""

@@ -1,6 +1,7 @@
-"""Interfaces of the three backend kinds (each kind's registry lives in its own module). Every backend has a stable ``id`` (part of the
-provenance key of whatever it produces) and a human ``description`` that the UI and the
-exports show next to every label it helped make.
+"""Interfaces of the three backend kinds (each kind's registry lives in its own module).
+
+Every backend has a stable ``id`` (part of the provenance key of whatever it produces) and a
+human ``description`` that the UI and the exports show next to every label it helped make.
 """
 
 from __future__ import annotations

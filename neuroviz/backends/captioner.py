@@ -219,7 +219,8 @@ def _retrieval(details: str | None, multimodal: MultimodalBackend | None, store_
 
         multimodal = create_multimodal("conse")
     config = RetrievalCaptionConfig(details=details or RetrievalCaptionConfig.details)
-    return _shared(("retrieval", config, multimodal.id, str(store_root)), lambda: RetrievalCaptioner(multimodal, config, store_root))
+    key = ("retrieval", config, multimodal.id, str(store_root))
+    return _shared(key, lambda: RetrievalCaptioner(multimodal, config, store_root))
 
 
 @CAPTIONERS.register("transformers", argument="<hub id or folder>", listing=lambda: list(KNOWN_HUB_CAPTIONERS))
@@ -228,7 +229,8 @@ def _transformers(model_id: str, multimodal: MultimodalBackend | None, store_roo
     return _shared(("transformers", model_id), lambda: TransformersCaptioner(model_id))
 
 
-def create_captioner(spec: str = "retrieval", multimodal: MultimodalBackend | None = None, store_root: Path | str | None = None) -> Captioner:
+def create_captioner(spec: str = "retrieval", multimodal: MultimodalBackend | None = None,
+                     store_root: Path | str | None = None) -> Captioner:
     """``retrieval[:<details concept set>]`` (offline) or ``transformers:<model id or dir>``.
 
     ``multimodal`` is the space retrieval captions are found in (default ``conse``);

@@ -295,7 +295,7 @@ def _conse(argument: str | None) -> MultimodalBackend:
     """ConSE (offline): a packaged ImageNet classifier's top-T classes over MiniLM; ``conse:mobilenet_v2@5``."""
     classifier, _, top_t = (argument or "").partition("@")
     if top_t and not top_t.isdigit():
-        raise BackendUnavailable(f"ConSE takes a whole number of top classes after '@', e.g. conse:mobilenet_v2@5; got '{top_t}'.")
+        raise BackendUnavailable(f"ConSE takes a whole number of top classes after '@' (conse:mobilenet_v2@5), not '{top_t}'.")
     return ConSEBackend(ConSEConfig(classifier=classifier or DEFAULT_CONSE_CLASSIFIER, top_t=int(top_t or ConSEConfig.top_t)))
 
 

@@ -2,13 +2,15 @@
 
 The command line, the demo workspace builder and the pages' jobs all create backends here,
 so a method that needs no language model never loads one and two methods share one
-multimodal backend.
+multimodal backend. :data:`CREATORS` names the backend kinds (the words a method's ``needs``
+may use) and creates each through its registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import unknown_name_message
 from ..registry import UnknownNameError
@@ -66,7 +68,7 @@ class BackendPool:
         self.store, self.choice = store, choice
         self._made: dict[str, object] = {}
 
-    def get(self, kind: str, model_spec: str) -> object:
+    def get(self, kind: str, model_spec: str) -> Any:
         """The backend of ``kind`` for labelling ``model_spec``'s neurons, created once."""
         if kind not in self._made:
             if kind not in CREATORS:
