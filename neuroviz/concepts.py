@@ -1,6 +1,6 @@
 """Concept sets: the vocabularies that description methods choose neuron labels from.
 
-Built-in sets (``load_concept_set(spec)``):
+Built-in sets (``load_concept_set(spec)``, entries of :data:`CONCEPT_SETS`):
 
 - ``imagenet``: the 1,000 ImageNet class names (torchvision's spelling; the two duplicated
   names, "crane" and "maillot", kept once);
@@ -13,7 +13,8 @@ Built-in sets (``load_concept_set(spec)``):
   cached as a text file under ``<store_root>/concepts/``;
 - ``words<N>k``: the same with N thousand words;
 - ``demo_labels``: the demo probe set's own labels (``<store_root>/demo/metadata.csv``);
-- a path to a text file: one concept per line (blank lines and ``#`` comments skipped);
+- ``file:<path>`` or just the path of a text file: one concept per line (blank lines and
+  ``#`` comments skipped);
 - ``a+b``: the union of several specs, in order, duplicates dropped.
 
 Every set has an ``id``: a hash of its concepts, so labels computed from a changed
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from .errors import NeurovizError
 from .provenance import provenance_key
+from .registry import Registry, UnknownNameError
 
 BUILTIN_CONCEPT_SETS: dict[str, str] = {
     "imagenet": "ImageNet-1k class names (torchvision spelling)",
@@ -271,31 +273,52 @@ def union(name: str, sets: list[ConceptSet]) -> ConceptSet:
     return ConceptSet(name, concepts, " + ".join(s.name for s in sets), "union")
 
 
+class UnknownConceptSetError(UnknownNameError, ValueError):
+    """A concept-set spec that names no set and no file (callers that catch ValueError still do)."""
+
+
+def _older_spelling(spec: str) -> str | None:
+    """The two spellings outside the one grammar, kept: ``words<N>k`` and a bare file path."""
+    if _WORDS_SPEC.match(spec):
+        return "words:" + spec[len("words"):]
+    return f"file:{spec}" if Path(spec).expanduser().is_file() else None
+
+
+CONCEPT_SETS: Registry[ConceptSet] = Registry(
+    "concept set", error=UnknownConceptSetError, fallback=_older_spelling,
+    usage="'words:<N>k' is also written 'words<N>k' (e.g. words20k), 'file:<path>' also as the bare path; "
+          "'a+b' combines sets.",
+)
+CONCEPT_SETS.add("imagenet", lambda store_root: imagenet_concepts(), description=BUILTIN_CONCEPT_SETS["imagenet"])
+
+
+@CONCEPT_SETS.register("words", argument="<N>k", example="words1k", listing=lambda: ["words20k"])
+def _common_words(argument: str, store_root: Path | str | None) -> ConceptSet:
+    """The N thousand most common English nouns and adjectives (wordfreq); written words20k."""
+    size = int(argument[:-1]) * 1000 if argument[:-1].isdigit() and argument.endswith("k") else 0
+    if not 0 < size <= 100_000:
+        raise UnknownConceptSetError(f"'words{argument}': choose between words1k and words100k.")
+    return common_words(size, store_root)
+
+
+CONCEPT_SETS.add("demo_labels", demo_labels, description=BUILTIN_CONCEPT_SETS["demo_labels"])
+
+
+@CONCEPT_SETS.register("file", argument="<path>")
+def _text_file(path: str, store_root: Path | str | None) -> ConceptSet:
+    """A text file with one concept per line (a bare path works too)."""
+    return from_text_file(path)
+
+
 def load_concept_set(spec: str, store_root: Path | str | None = None) -> ConceptSet:
     """Resolve a concept-set spec (see the module docstring) to a ConceptSet."""
     spec = spec.strip()
     if "+" in spec and not Path(spec).expanduser().exists():
         parts = [p for p in spec.split("+") if p.strip()]
         return union(spec, [load_concept_set(p, store_root) for p in parts])
-    if spec == "imagenet":
-        return imagenet_concepts()
-    if spec == "demo_labels":
-        return demo_labels(store_root)
-    match = _WORDS_SPEC.match(spec)
-    if match:
-        size = int(match.group(1)) * 1000
-        if not 0 < size <= 100_000:
-            raise ConceptSetError(f"'{spec}': choose between words1k and words100k.")
-        return common_words(size, store_root)
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return from_text_file(path)
-    raise ConceptSetError(
-        f"Unknown concept set '{spec}'. Use one of {', '.join(list_concept_sets())}, "
-        "'words<N>k', a path to a text file with one concept per line, or 'a+b' to combine sets."
-    )
+    return CONCEPT_SETS.create(spec, store_root)
 
 
 def list_concept_sets() -> list[str]:
-    """Names of the built-in concept sets (files and unions are accepted too)."""
-    return list(BUILTIN_CONCEPT_SETS)
+    """Concept sets to pick from (other sizes of words<N>k, files and unions are accepted too)."""
+    return CONCEPT_SETS.specs()

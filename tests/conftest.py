@@ -100,6 +100,78 @@ def make_tiny_llama(folder: Path, words, max_positions: int = 256) -> Path:
     return folder
 
 
+def make_tiny_blip(folder: Path) -> Path:
+    """A randomly initialised 1-layer BLIP with a 17-word vocabulary, saved like a hub model
+    (the transformers captioner path in about a second). Returns the model folder."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "red", "square", "the", "on", "table", "rocket"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True, model_max_length=32)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+class FakeOpenAIServer:
+    """A tiny local server that answers like the OpenAI API (and logs what it was sent)."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import threading
+
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                requests.append((self.path, dict(self.headers), body))
+                if self.path == "/v1/chat/completions":
+                    text = f"echo:{body['messages'][0]['content']}|seed={body['seed']}|t={body['temperature']}"
+                    reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+                elif self.path == "/v1/completions" and body.get("echo"):
+                    if body["model"] == "chat-only":
+                        return self._send(400, {"error": {"message": "echo is not supported"}})
+                    reply = {"choices": [{"index": i, "text": p, "logprobs": {"tokens": p.split(),
+                             "token_logprobs": [None] + [-float(len(w)) for w in p.split()[1:]]}} for i, p in enumerate(body["prompt"])]}
+                elif self.path == "/v1/completions":
+                    reply = {"choices": [{"index": 0, "text": f" continued {body['prompt']}"}]}
+                else:
+                    return self._send(404, {"error": "no such route"})
+                self._send(200, reply)
+
+            def _send(self, code, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def dashboard_env(mp: pytest.MonkeyPatch, cache_root) -> None:
     """The environment every AppTest of the dashboard runs in: this cache, bugs raise
     (``at.exception``) instead of becoming polite messages, no owner password (local: open)."""

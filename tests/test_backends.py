@@ -61,7 +61,7 @@ def test_registry_shares_instances_and_names_everything_in_the_id():
     assert multimodal.default_multimodal_for("offline:efficientnet_lite0") == "conse:mobilenet_v2"
     assert multimodal.default_multimodal_for("offline:mobilenet_v2") == "conse"
     assert multimodal.default_multimodal_for("torchvision:resnet18@random") == "conse"
-    specs = multimodal.list_multimodal()
+    specs = multimodal.MULTIMODAL.specs()
     assert specs[:2] == ["conse", "conse:mobilenet_v2"] and "open_clip:ViT-B-32@openai" in specs
 
 
@@ -188,25 +188,9 @@ def test_image_embeddings_of_unknown_probe_set_say_what_to_do(tmp_path):
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_blip_dir(tmp_path_factory):
-    """A randomly initialised 1-layer BLIP with a 17-word vocabulary, saved like a hub model."""
-    import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from tests.conftest import make_tiny_blip
 
-    folder = tmp_path_factory.mktemp("tiny_blip")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "red", "square", "the", "on", "table", "rocket"]
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True, model_max_length=32)
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-                sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
-    model.save_pretrained(folder / "model")
-    processor.save_pretrained(folder / "model")
-    return folder / "model"
+    return make_tiny_blip(tmp_path_factory.mktemp("tiny_blip"))
 
 
 def test_transformers_captioner_path_with_tiny_blip(tiny_blip_dir):
@@ -340,57 +324,10 @@ def test_record_then_replay_answers_identically(tiny_lm_dir, tmp_path):
     assert recording["recording_id"] == recorder.recording_id and recording["n_calls"] == 5
 
 
-class FakeOpenAIServer:
-    """A tiny local server that answers like the OpenAI API (and logs what it was sent)."""
-
-    def __init__(self):
-        import http.server
-        import json
-        import threading
-
-        requests = self.requests = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                requests.append((self.path, dict(self.headers), body))
-                if self.path == "/v1/chat/completions":
-                    text = f"echo:{body['messages'][0]['content']}|seed={body['seed']}|t={body['temperature']}"
-                    reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
-                elif self.path == "/v1/completions" and body.get("echo"):
-                    if body["model"] == "chat-only":
-                        return self._send(400, {"error": {"message": "echo is not supported"}})
-                    reply = {"choices": [{"index": i, "text": p, "logprobs": {"tokens": p.split(),
-                             "token_logprobs": [None] + [-float(len(w)) for w in p.split()[1:]]}} for i, p in enumerate(body["prompt"])]}
-                elif self.path == "/v1/completions":
-                    reply = {"choices": [{"index": 0, "text": f" continued {body['prompt']}"}]}
-                else:
-                    return self._send(404, {"error": "no such route"})
-                self._send(200, reply)
-
-            def _send(self, code, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture()
 def fake_openai():
+    from tests.conftest import FakeOpenAIServer
+
     server = FakeOpenAIServer()
     yield server
     server.close()
@@ -417,13 +354,13 @@ def test_openai_compatible_client_against_a_local_server(fake_openai, tmp_path, 
 
 
 def test_unknown_language_model_specs_explain_the_forms(tmp_path):
-    from neuroviz.backends.language import create_language_model, list_language_models
+    from neuroviz.backends.language import LANGUAGE_MODELS, create_language_model
 
     with pytest.raises(BackendUnavailable, match="openai:<base url>#<model>"):
         create_language_model("gpt-17", store_root=tmp_path)
     with pytest.raises(BackendUnavailable, match="gemma3-270m"):
         create_language_model(f"transformers:{tmp_path / 'nothing'}", store_root=tmp_path, record=False).log_likelihood(["x"])
-    assert list_language_models()[0] == "gemma3-270m"
+    assert LANGUAGE_MODELS.names()[0] == "gemma3-270m"
 
 
 @pytest.mark.slow

@@ -53,7 +53,7 @@ def test_open_clip_tower_tokens_use_cls_pooling():
 def test_unknown_model_and_layer_errors_suggest():
     with pytest.raises(models.ModelLoadError, match="Did you mean resnet18"):
         models.create("torchvision:resnet19")
-    with pytest.raises(models.ModelLoadError, match="Sources"):
+    with pytest.raises(models.ModelLoadError, match="Known: offline:mobilenet_v2, .*torchvision:.*timm:.*open_clip:.*custom:"):
         models.create("nosuch:thing")
     model = models.create("torchvision:resnet18@random", image_size=64)
     with pytest.raises(UnknownLayerError, match="layer4"):

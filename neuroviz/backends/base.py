@@ -1,6 +1,7 @@
-"""Interfaces of the three backend kinds. Every backend has a stable ``id`` (part of the
-provenance key of whatever it produces) and a human ``description`` that the UI and the
-exports show next to every label it helped make.
+"""Interfaces of the three backend kinds (each kind's registry lives in its own module).
+
+Every backend has a stable ``id`` (part of the provenance key of whatever it produces) and a
+human ``description`` that the UI and the exports show next to every label it helped make.
 """
 
 from __future__ import annotations
@@ -11,11 +12,17 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
 from ..errors import NeurovizError
+from ..registry import UnknownNameError
 
 
 class BackendUnavailable(NeurovizError, RuntimeError):
     """A backend that cannot be loaded here (no weights, no network); says what to use instead."""
+
+
+class UnknownBackendError(UnknownNameError, BackendUnavailable):
+    """A backend spec that names no registered backend (callers that catch BackendUnavailable still do)."""
 
 
 class MultimodalBackend(ABC):

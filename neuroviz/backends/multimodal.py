@@ -1,6 +1,6 @@
 """Multimodal backends: images and texts in one embedding space, behind one registry.
 
-Specs (``create_multimodal(spec)``):
+Specs (``create_multimodal(spec)``, entries of :data:`MULTIMODAL`):
 
 - ``conse`` / ``conse:efficientnet_lite0`` / ``conse:mobilenet_v2`` (optionally ``@T``, e.g.
   ``conse:mobilenet_v2@5``): the offline ConSE backend (Norouzi et al. 2014) built from weights
@@ -16,7 +16,6 @@ asking for a backend just to read its ``id`` (for a provenance key) costs nothin
 from __future__ import annotations
 
 import os
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import BackendUnavailable, MultimodalBackend
+from ..registry import Registry
+from .base import BackendUnavailable, MultimodalBackend, UnknownBackendError
 
 CONSE_CLASSIFIERS = {
     "efficientnet_lite0": "EfficientNet-Lite0",
@@ -33,8 +33,6 @@ CONSE_CLASSIFIERS = {
 }
 DEFAULT_CONSE_CLASSIFIER = "efficientnet_lite0"
 TEXT_ENCODER_NAME = "all-MiniLM-L6-v2"
-
-_CONSE_SPEC = re.compile(r"^conse(?::(?P<classifier>[A-Za-z0-9_]+))?(?:@(?P<top_t>\d+))?$")
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -145,7 +143,7 @@ class ConSEBackend(MultimodalBackend):
 
     def __init__(self, config: ConSEConfig = ConSEConfig()):
         if config.classifier not in CONSE_CLASSIFIERS:
-            raise BackendUnavailable(
+            raise UnknownBackendError(
                 f"ConSE has no classifier '{config.classifier}'. Choose one of: "
                 + ", ".join(f"conse:{c}" for c in CONSE_CLASSIFIERS)
             )
@@ -222,7 +220,7 @@ class OpenClipBackend(MultimodalBackend):
         known = open_clip.list_models()
         if model_name not in known and not model_name.startswith(("hf-hub:", "local-dir:")):
             close = [m for m in known if model_name.lower().split("-")[0] in m.lower()][:6]
-            raise BackendUnavailable(
+            raise UnknownBackendError(
                 f"open_clip has no model '{model_name}'"
                 + (f" (similar: {', '.join(close)})" if close else "")
                 + ". Use 'conse' for the offline backend."
@@ -288,66 +286,54 @@ class OpenClipBackend(MultimodalBackend):
 # --------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------
+MULTIMODAL: Registry[MultimodalBackend] = Registry("multimodal backend", error=UnknownBackendError)
+
+
+@MULTIMODAL.register("conse", argument="<classifier>[@<top T>]", argument_optional=True,
+                     listing=lambda: ["conse"] + [f"conse:{c}" for c in CONSE_CLASSIFIERS if c != DEFAULT_CONSE_CLASSIFIER])
+def _conse(argument: str | None) -> MultimodalBackend:
+    """ConSE (offline): a packaged ImageNet classifier's top-T classes over MiniLM; ``conse:mobilenet_v2@5``."""
+    classifier, _, top_t = (argument or "").partition("@")
+    if top_t and not top_t.isdigit():
+        raise BackendUnavailable(f"ConSE takes a whole number of top classes after '@' (conse:mobilenet_v2@5), not '{top_t}'.")
+    return ConSEBackend(ConSEConfig(classifier=classifier or DEFAULT_CONSE_CLASSIFIER, top_t=int(top_t or ConSEConfig.top_t)))
+
+
+def _open_clip_specs() -> list[str]:
+    specs = ["open_clip:ViT-B-32@random"]
+    try:
+        import open_clip
+    except ImportError:
+        return specs
+    return specs + [f"open_clip:{name}@{tag}" for name, tag in open_clip.list_pretrained()]
+
+
+@MULTIMODAL.register("open_clip", argument="<model>@<pretrained tag>|@random", example="open_clip:ViT-S-32@random",
+                     listing=_open_clip_specs)
+def _open_clip(argument: str) -> MultimodalBackend:
+    """Any open_clip model and pretrained tag (hub download), or ``@random`` weights (seed 0, no download)."""
+    name, _, tag = argument.partition("@")
+    if not tag:
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(name) if name in open_clip.list_models() else []
+        raise BackendUnavailable(
+            f"Name the weights of 'open_clip:{argument}': open_clip:{name}@<tag>"
+            + (f" with a tag from {', '.join(tags)}" if tags else "")
+            + f", or open_clip:{name}@random (no download). Offline, use 'conse'."
+        )
+    return OpenClipBackend(name, None if tag == "random" else tag)
+
+
 _instances: dict[str, MultimodalBackend] = {}
 _instances_lock = threading.Lock()
 
 
-def _build(spec: str) -> MultimodalBackend:
-    match = _CONSE_SPEC.match(spec)
-    if match:
-        classifier = match.group("classifier") or DEFAULT_CONSE_CLASSIFIER
-        top_t = int(match.group("top_t") or ConSEConfig.top_t)
-        return ConSEBackend(ConSEConfig(classifier=classifier, top_t=top_t))
-    if spec.startswith("open_clip:"):
-        rest = spec[len("open_clip:") :]
-        name, _, tag = rest.partition("@")
-        if not name:
-            raise BackendUnavailable("Write open_clip backends as 'open_clip:<model>@<pretrained tag>', e.g. open_clip:ViT-B-32@openai.")
-        if not tag:
-            import open_clip
-
-            tags = open_clip.list_pretrained_tags_by_model(name) if name in open_clip.list_models() else []
-            raise BackendUnavailable(
-                f"Name the weights of '{spec}': open_clip:{name}@<tag>"
-                + (f" with a tag from {', '.join(tags)}" if tags else "")
-                + f", or open_clip:{name}@random (no download). Offline, use 'conse'."
-            )
-        return OpenClipBackend(name, None if tag == "random" else tag)
-    raise BackendUnavailable(f"Unknown multimodal backend '{spec}'. Use one of: {', '.join(list_multimodal(include_hub=False))}, or open_clip:<model>@<tag>.")
-
-
-def _canonical_spec(spec: str) -> str:
-    spec = spec.strip()
-    match = _CONSE_SPEC.match(spec)
-    if match:
-        classifier = match.group("classifier") or DEFAULT_CONSE_CLASSIFIER
-        top_t = int(match.group("top_t") or ConSEConfig.top_t)
-        return f"conse:{classifier}@{top_t}"
-    return spec
-
-
 def create_multimodal(spec: str = "conse") -> MultimodalBackend:
-    """The backend for a spec; one shared instance per spec per process (weights load lazily)."""
-    key = _canonical_spec(spec)
+    """The backend for a spec; one shared instance per backend id per process (weights load lazily)."""
+    backend = MULTIMODAL.create(spec.strip())
     with _instances_lock:
-        backend = _instances.get(key)
-        if backend is None:
-            backend = _instances[key] = _build(key)
-        return backend
-
-
-def list_multimodal(include_hub: bool = True) -> list[str]:
-    """Offline specs first, then every open_clip (model, pretrained tag) pair open_clip knows."""
-    specs = ["conse"] + [f"conse:{c}" for c in CONSE_CLASSIFIERS if c != DEFAULT_CONSE_CLASSIFIER]
-    specs.append("open_clip:ViT-B-32@random")
-    if include_hub:
-        try:
-            import open_clip
-
-            specs += [f"open_clip:{name}@{tag}" for name, tag in open_clip.list_pretrained()]
-        except ImportError:
-            pass
-    return specs
+        return _instances.setdefault(backend.id, backend)
 
 
 def default_multimodal_for(model_spec: str | None) -> str:

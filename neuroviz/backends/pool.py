@@ -2,15 +2,20 @@
 
 The command line, the demo workspace builder and the pages' jobs all create backends here,
 so a method that needs no language model never loads one and two methods share one
-multimodal backend.
+multimodal backend. :data:`CREATORS` names the backend kinds (the words a method's ``needs``
+may use) and creates each through its registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from ..errors import unknown_name_message
+from ..registry import UnknownNameError
 from ..store import RunInfo, Store
+
 
 @dataclasses.dataclass
 class BackendChoice:
@@ -22,6 +27,40 @@ class BackendChoice:
     language_model: str = "gemma3-270m"
 
 
+def _multimodal(pool: BackendPool, model_spec: str) -> object:
+    from .multimodal import create_multimodal, default_multimodal_for
+
+    return create_multimodal(pool.choice.multimodal or default_multimodal_for(model_spec))
+
+
+def _concepts(pool: BackendPool, model_spec: str) -> object:
+    from ..concepts import load_concept_set
+
+    return load_concept_set(pool.choice.concepts, pool.store.root)
+
+
+def _captioner(pool: BackendPool, model_spec: str) -> object:
+    from .captioner import create_captioner
+
+    return create_captioner(pool.choice.captioner, multimodal=pool.get("multimodal", model_spec), store_root=pool.store.root)
+
+
+def _language_model(pool: BackendPool, model_spec: str) -> object:
+    from .language import create_language_model
+
+    return create_language_model(pool.choice.language_model, store_root=pool.store.root)
+
+
+#: How each backend kind a method may need is created (through its registry, from the choice).
+#: The keys are the kinds a method's ``needs`` may name; MethodContext has one attribute each.
+CREATORS: dict[str, Callable[[BackendPool, str], object]] = {
+    "multimodal": _multimodal,
+    "concepts": _concepts,
+    "captioner": _captioner,
+    "language_model": _language_model,
+}
+
+
 class BackendPool:
     """Creates each backend on first need, so a method that needs no LLM never loads one."""
 
@@ -29,29 +68,13 @@ class BackendPool:
         self.store, self.choice = store, choice
         self._made: dict[str, object] = {}
 
-    def get(self, kind: str, model_spec: str):
-        if kind in self._made:
-            return self._made[kind]
-        if kind == "multimodal":
-            from .multimodal import create_multimodal, default_multimodal_for
-
-            value = create_multimodal(self.choice.multimodal or default_multimodal_for(model_spec))
-        elif kind == "concepts":
-            from ..concepts import load_concept_set
-
-            value = load_concept_set(self.choice.concepts, self.store.root)
-        elif kind == "captioner":
-            from .captioner import create_captioner
-
-            value = create_captioner(self.choice.captioner, multimodal=self.get("multimodal", model_spec), store_root=self.store.root)
-        elif kind == "language_model":
-            from .language import create_language_model
-
-            value = create_language_model(self.choice.language_model, store_root=self.store.root)
-        else:
-            raise ValueError(f"Unknown backend kind '{kind}'.")
-        self._made[kind] = value
-        return value
+    def get(self, kind: str, model_spec: str) -> Any:
+        """The backend of ``kind`` for labelling ``model_spec``'s neurons, created once."""
+        if kind not in self._made:
+            if kind not in CREATORS:
+                raise UnknownNameError(unknown_name_message("backend kind", kind, CREATORS))
+            self._made[kind] = CREATORS[kind](self, model_spec)
+        return self._made[kind]
 
 
 def build_context(store: Store, run: RunInfo, needs: Sequence[str], backends: BackendPool, progress=None,

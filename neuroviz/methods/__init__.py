@@ -1,15 +1,12 @@
 """Neuron-description methods: one module per method, one common interface, one registry.
 
-Importing this package registers every method that is available in this checkout.
+Importing this package registers every method: each module's ``@register_method`` class
+adds itself to :data:`~neuroviz.methods.base.METHODS`. A new method is one module here plus
+one import line below.
 """
 
-from .base import DescriptionMethod, MethodContext, get_method, list_methods, register_method, run_method
+# Registration order is listing order (the pages show methods in it).
+from . import clip_dissect, milan, dnd, netdissect  # noqa: F401, I001  (imported to register them)
+from .base import METHODS, DescriptionMethod, MethodContext, get_method, list_methods, register_method, run_method
 
-for _name in ("clip_dissect", "milan", "dnd", "netdissect"):
-    try:
-        __import__(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _exc:  # a method module not written yet in this checkout
-        if not (_exc.name or "").endswith(_name):
-            raise
-
-__all__ = ["DescriptionMethod", "MethodContext", "get_method", "list_methods", "register_method", "run_method"]
+__all__ = ["METHODS", "DescriptionMethod", "MethodContext", "get_method", "list_methods", "register_method", "run_method"]

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import NeurovizError, unknown_name_message
+from ..errors import NeurovizError
 from ..progress import Progress
 from ..provenance import provenance_key
-from ..registry import UnknownNameError
+from ..registry import Registry
 from ..store import LabelRow, RunInfo, Store
 
 
@@ -90,23 +90,23 @@ class DescriptionMethod(ABC):
         """Labels for ``neurons`` (rank 0 = the method's answer, then candidates)."""
 
 
-_REGISTRY: dict[str, DescriptionMethod] = {}
+METHODS: Registry[DescriptionMethod] = Registry("description method")
 
 
 def register_method(cls: type[DescriptionMethod]) -> type[DescriptionMethod]:
-    """Class decorator: make a method available by its ``name``."""
-    _REGISTRY[cls.name] = cls()
+    """Class decorator: make a method available by its ``name`` (its title describes it in listings)."""
+    METHODS.add(cls.name, cls, description=cls.title)
     return cls
 
 
 def get_method(name: str) -> DescriptionMethod:
-    if name not in _REGISTRY:
-        raise UnknownNameError(unknown_name_message("method", name, _REGISTRY))
-    return _REGISTRY[name]
+    """The method registered as ``name``; an unknown name raises UnknownNameError with close names."""
+    return METHODS.create(name)
 
 
 def list_methods() -> list[DescriptionMethod]:
-    return list(_REGISTRY.values())
+    """Every registered method, in registration order (import :mod:`neuroviz.methods` to register them all)."""
+    return [entry.factory() for entry in METHODS]
 
 
 def run_method(name: str, ctx: MethodContext, config=None, neurons: Sequence[int] | None = None) -> str:
