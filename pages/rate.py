@@ -47,7 +47,7 @@ def _welcome(store, public: studies.RaterStudy) -> None:
 def _images(store, task: studies.RatingTask) -> None:
     from neuroviz import crops
 
-    run = next((r for r in data.catalog(store).runs if r.run_key == task.run_key), None)
+    run = data.catalog(store).run(task.run_key)
     if run is None:
         st.error("The images of this item are no longer in the cache. Please tell the study's owner.")
         return

@@ -52,14 +52,6 @@ class Selection:
     def available_methods(self) -> list[str]:
         return list(self.catalog.methods_by_run.get(self.run.run_key, [])) if self.run else []
 
-    def url(self, neuron: int | None = None, **extra: Any) -> str:
-        """Query string naming this selection (and ``neuron``), for links and copy/paste."""
-        from urllib.parse import urlencode
-
-        params = self.query_params(neuron)
-        params.update({k: str(v) for k, v in extra.items() if v is not None})
-        return "?" + urlencode(params)
-
     def query_params(self, neuron: int | None = None) -> dict[str, str]:
         """The URL's query parameters naming this selection (and ``neuron``)."""
         params = {"model": self.model_spec, "probe": self.probe_spec} if self.model_spec else {"probe": self.probe_spec}
@@ -235,7 +227,7 @@ def draw_sidebar(with_neuron: bool = True) -> Selection:
     sel = selection_from_state()
     cat = sel.catalog
     with st.sidebar:
-        st.markdown("### Workspace")
+        st.markdown("### Selection")
         models = [m for m in dict.fromkeys([sel.model_spec, *cat.model_specs()]) if m]
         _bound("model", sel.model_spec or None)
         st.selectbox("Model", models, key="_w_model", accept_new_options=True, on_change=_on_widget, args=("model",),
