@@ -72,7 +72,9 @@ def label_similarity(labels: pd.DataFrame, encode: Callable[[list[str]], np.ndar
     if len(texts) > MAX_EMBEDDED_LABELS:
         return None
     if encode is None:
-        from .backends.multimodal import encode_with_minilm as encode
+        from .backends.multimodal import encode_with_minilm
+
+        encode = encode_with_minilm
     return LabelSimilarity(texts, encode(texts))
 
 

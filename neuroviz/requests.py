@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .analysis import AnalysisConfig, ImportanceConfig
+from .analysis import AnalysisConfig, AnalysisError, ImportanceConfig
 from .synthesis import SynthesisConfig, SynthesisError, SynthesisRequest
 
 # The synthesis hyperparameters the `synthesize` command exposes as flags.
@@ -90,7 +90,8 @@ class SynthesizeRequest(JobRequest):
         hidden = {f.name for f in dataclasses.fields(cfg)} - set(SYNTHESIS_FLAGS)
         changed = sorted(name for name in hidden if getattr(cfg, name) != getattr(default, name))
         if changed:
-            raise SynthesisError(f"The command line cannot set {', '.join(changed)}; call neuroviz.synthesis.synthesize directly.")
+            raise SynthesisError(f"The command line cannot set {', '.join(changed)}; "
+                                 "call neuroviz.synthesis.synthesize directly.")
         r = self.request
         argv = ["synthesize", self.model, "--run-key", self.run_key, "--layer", r.layer, "--neuron", str(int(r.neuron)),
                 "--levels", _levels_arg(r.levels), "--samples", str(r.n_samples), "--start", r.start,
@@ -119,6 +120,8 @@ class AnalyzeRequest(JobRequest):
 
     def argv(self) -> list[str]:
         c, imp = self.config, self.importance
+        if c.min_calibrated is None:
+            raise AnalysisError("The command line always applies a calibrated-score floor; give min_calibrated a value (0 for none).")
         argv = ["analyze", self.model, "--probe", self.probe, "--importance", self.method, "--mode", imp.mode,
                 "--max-images", str(imp.max_images or 0), "--counting", c.counting, "--unlabelled", c.unlabelled,
                 "--min-calibrated", repr(float(c.min_calibrated))]

@@ -36,7 +36,8 @@ ADVICE = {
     "DatabaseLockedError": "A background job is writing to the cache. Wait for it on the Workspace page, then reload.",
     "ModelLoadError": "Check the model spec; offline runs need the packaged weights (see \"Offline assets\" in the README).",
     "OfflineAssetMissing": "Offline runs need the packaged weights (see \"Offline assets\" in the README).",
-    "BackendUnavailable": "Check the backend spec; offline runs need the packaged weights (see \"Offline assets\" in the README).",
+    "BackendUnavailable": "Check the backend spec; offline runs need the packaged weights "
+                          "(see \"Offline assets\" in the README).",
     "ProbeSetError": "Pick a probe set that exists: 'demo' (build it with `python -m neuroviz demo-set`) or an image folder.",
     "UnknownLayerError": "Pick a layer from the sidebar list.",
 }
