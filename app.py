@@ -18,11 +18,11 @@ if str(ROOT) not in sys.path:  # `streamlit run` from another folder still finds
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ui import auth, context, guard, shell, warmup  # noqa: E402
+from ui import auth, context, data, guard, shell, warmup  # noqa: E402
 
 st.set_page_config(page_title="neuroviz", page_icon=":material/neurology:", layout="wide")
 
-# (file, title, icon, section): pages written by other helpers appear once their file exists.
+# (file under pages/, title, icon, section), in the order of the navigation.
 OWNER_PAGES = [
     ("browser.py", "Layer browser", ":material/grid_view:", "Explore"),
     ("neuron.py", "Neuron", ":material/neurology:", "Explore"),
@@ -45,7 +45,7 @@ def rater_navigation(token: str):
 
     public = None
     with guard.friendly_errors("the study"):
-        public = study_by_token(context.get_store(), token)
+        public = study_by_token(data.get_store(), token)
     if public is None:
         return st.navigation([st.Page(auth.invalid_link_page, title="Study link", default=True)], position="hidden")
     return st.navigation([st.Page(ROOT / "pages" / "rate.py", title=public.title, icon=":material/how_to_vote:", default=True)],
@@ -56,7 +56,7 @@ def login_navigation():
     """The login form under every owner page's address, so a deep link survives logging in."""
     pages = [st.Page(auth.login_page, title="Log in", default=True)]
     pages += [st.Page(auth.login_page, title="Log in", url_path=Path(file).stem)
-              for file, *_ in OWNER_PAGES if (ROOT / "pages" / file).exists() and file != DEFAULT_PAGE]
+              for file, *_ in OWNER_PAGES if file != DEFAULT_PAGE]
     return st.navigation(pages, position="hidden")
 
 
@@ -65,21 +65,19 @@ def owner_navigation():
     sections: dict[str, list] = {}
     pages = {}
     for file, title, icon, section in OWNER_PAGES:
-        path = ROOT / "pages" / file
-        if path.exists():
-            page = st.Page(path, title=title, icon=icon, default=file == DEFAULT_PAGE)
-            pages[file] = page
-            sections.setdefault(section, []).append(page)
+        page = st.Page(ROOT / "pages" / file, title=title, icon=icon, default=file == DEFAULT_PAGE)
+        pages[file] = page
+        sections.setdefault(section, []).append(page)
     nav = st.navigation(sections)
     # A shared link that names a neuron but no page opens that neuron, not the grid.
     deep_link = "nv_last_url" not in st.session_state and nav.url_path == "" and "neuron" in st.query_params
-    ws = None
+    sel = None
     with guard.friendly_errors("the sidebar"):
-        ws = context.draw_sidebar(with_neuron=nav.url_path in NEURON_PAGES or deep_link)
+        sel = context.draw_sidebar(with_neuron=nav.url_path in NEURON_PAGES or deep_link)
     if auth.owner_access() == "granted":
         st.sidebar.button("Log out", on_click=auth.log_out, icon=":material/logout:")
-    if deep_link and ws is not None and "neuron.py" in pages:
-        st.switch_page(pages["neuron.py"], query_params=ws.query_params())
+    if deep_link and sel is not None:
+        st.switch_page(pages["neuron.py"], query_params=sel.query_params())
     return nav
 
 

@@ -254,8 +254,8 @@ def main() -> int:
 
     rows = [opt, *mcmc_rows]
     print()
-    print(f"| method | samples within 5% | wall s | CPU s | steps | mean error | max error | diversity | note |")
-    print(f"|---|---|---|---|---|---|---|---|---|")
+    print("| method | samples within 5% | wall s | CPU s | steps | mean error | max error | diversity | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.method} | {r.samples}/{args.samples} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.steps} | {_fmt(r.mean_error, '.2%')} | "
               f"{_fmt(r.max_error, '.2%')} | {_fmt(r.diversity, '.3f')} | {r.note} |")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 

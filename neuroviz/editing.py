@@ -21,28 +21,33 @@ set, the edit's neurons/mode/values), so re-evaluating an edit is instant.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .progress import Progress
 from .datasets import ProbeSet
-from .hooks import LayerLayout, first_tensor, resolve_layer
-from .models import ProbedModel
 from .provenance import provenance_key
 from .store import Store
 from .errors import NeurovizError
 
+if TYPE_CHECKING:  # torch is imported where a model runs: pages read edits without loading it
+    import torch
+
+    from .hooks import LayerLayout
+    from .models import ProbedModel
+
 CODE_VERSION = "editing-1"
 ABLATION_MODES = ("zero", "mean")
 EDIT_NAMESPACE = "edit"
+EVALUATION_NAMESPACE = "edit_evaluation"  # store records: evaluation key -> Comparison.to_record()
 TOP_CLASSES_KEPT = 5
 
 
@@ -245,6 +250,10 @@ def delete_edit(store: Store, name: str) -> None:
 
 
 def _replacer(layout: LayerLayout, neurons: torch.Tensor, values: torch.Tensor, owner: int):
+    import torch
+
+    from .hooks import first_tensor
+
     def hook(_module, _inputs, output):
         if threading.get_ident() != owner:
             return None  # another session's thread sharing the cached model: leave it unedited
@@ -293,6 +302,10 @@ def applied(model: ProbedModel, edit: Edit | None) -> Iterator[ProbedModel]:
     cached model across threads, and another session's forward pass must stay unedited.
     ``edit=None`` applies nothing (the unedited model), which keeps callers simple.
     """
+    import torch
+
+    from .hooks import resolve_layer
+
     handles = []
     try:
         if edit is not None:
@@ -364,7 +377,10 @@ def predict(model: ProbedModel, probe_set: ProbeSet, store: Store | None = None,
     subset). Models whose output is not a class-logit vector are still compared output
     index by output index (their "classes" are then output units).
     """
+    import torch
+
     from .extract import image_loader
+    from .hooks import first_tensor
 
     indices = np.asarray(indices, dtype=int) if indices is not None else subset_indices(len(probe_set), max_images)
     key = provenance_key({
@@ -468,6 +484,25 @@ class Comparison:
             return None
         return self.accuracy_before - self.accuracy_after
 
+    def to_record(self) -> dict:
+        """Everything in JSON values, for the store (see :func:`stored_comparison`)."""
+        import pandas as pd
+
+        per_class = self.per_class if isinstance(self.per_class, pd.DataFrame) else pd.DataFrame(self.per_class)
+        fields = {f: getattr(self, f) for f in ("n_images", "agreement", "mean_confidence_before", "mean_confidence_after",
+                                                 "reference_prob_after", "n_labelled", "accuracy_before", "accuracy_after")}
+        return {**fields, "per_class": json.loads(per_class.to_json(orient="records")),
+                "changed": [asdict(c) for c in self.changed]}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Comparison":
+        """The comparison :meth:`to_record` stored."""
+        import pandas as pd
+
+        fields = {k: v for k, v in record.items() if k not in ("per_class", "changed")}
+        return cls(**fields, per_class=pd.DataFrame(record["per_class"]),
+                   changed=[ChangedImage(**c) for c in record["changed"]])
+
     def summary(self) -> dict:
         """The headline numbers (JSON-friendly)."""
         return {"n_images": self.n_images, "agreement": self.agreement, "n_changed": len(self.changed),
@@ -546,4 +581,36 @@ def evaluate_edit(model: ProbedModel, edit: Edit, probe_set: ProbeSet, store: St
 
     before = predict(model, probe_set, store, None, max_images, batch_size, stage(0, "original model"))
     after = predict(model, probe_set, store, edit, max_images, batch_size, stage(n, f"with edit '{edit.name}'"))
-    return compare(before, after, probe_set, model.class_names)
+    result = compare(before, after, probe_set, model.class_names)
+    if store is not None:
+        store.put_record(EVALUATION_NAMESPACE, evaluation_key(edit, model.weights_id, probe_set.id, max_images),
+                         result.to_record())
+    return result
+
+
+def evaluation_key(edit: Edit, weights_id: str, probe_set_id: str, max_images: int | None) -> str:
+    """Names one evaluation by what the edit does (not its name), the weights and the images,
+    so the Editing page finds the result of the ``edit`` job it started without a model."""
+    return provenance_key({"code": CODE_VERSION, "edit": edit.effect_key, "weights": weights_id,
+                           "probe_set": probe_set_id, "max_images": max_images or None})
+
+
+def stored_comparison(store: Store, edit: Edit, weights_id: str, probe_set_id: str,
+                      max_images: int | None) -> Comparison | None:
+    """The comparison :func:`evaluate_edit` stored for this edit, or None when it has not run."""
+    record = store.get_record(EVALUATION_NAMESPACE, evaluation_key(edit, weights_id, probe_set_id, max_images))
+    return Comparison.from_record(record) if record else None
+
+
+def stored_controls(store: Store, edit: Edit, weights_id: str, probe_set_id: str, max_images: int | None,
+                    n_groups: int, layer_sizes: dict[str, int]) -> list[Comparison] | None:
+    """The comparisons of :func:`evaluate_controls` (the same random groups, rebuilt from the
+    layer sizes), or None when any of them has not run."""
+    out = []
+    for seed in range(n_groups):
+        control = random_counterpart(edit, layer_sizes, seed, store if edit.mode == "mean" else None)
+        found = stored_comparison(store, control, weights_id, probe_set_id, max_images)
+        if found is None:
+            return None
+        out.append(found)
+    return out

@@ -14,7 +14,6 @@ uninterrupted run would have produced.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

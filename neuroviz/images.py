@@ -12,7 +12,6 @@ never read half a file. No Streamlit here: the pages only pass the paths to ``st
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,34 @@ def recorded_view(store, preprocess_id: str) -> ViewGeometry | None:
     """The geometry :func:`record_view` kept for ``preprocess_id``, or None if none was."""
     record = store.get_record(VIEW_NAMESPACE, preprocess_id)
     return ViewGeometry(int(record["image_size"]), int(record["resize_size"])) if record else None
+
+
+# The normalisations of the probed models' registries (ImageNet; 0.5 for many timm models and
+# the offline EfficientNet-Lite; OpenAI CLIP) and their centre-crop fractions (crop / resize:
+# 224/256 = timm's 0.875, 0.9, 0.95, 0.96, none), for runs extracted before views were recorded.
+_KNOWN_NORMALISATIONS = (
+    ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+)
+_KNOWN_CROP_FRACTIONS = (0.875, 0.9, 0.95, 0.96, 1.0)
+_KNOWN_SIZES = range(16, 1025)
+
+
+def derived_view(preprocess_id: str) -> ViewGeometry | None:
+    """The geometry of a preprocessing id that no record names, found without a model: the id
+    hashes the preprocessing's sizes and normalisation, so the usual ones are tried in turn
+    (at most about 30,000 short hashes, under half a second, once per id). None when none matches."""
+    from .provenance import provenance_key
+
+    for mean, std in _KNOWN_NORMALISATIONS:
+        for fraction in _KNOWN_CROP_FRACTIONS:
+            for size in _KNOWN_SIZES:
+                for resize in {round(size / fraction), round(size * (1 / fraction))}:  # how registries and scaled() round
+                    fields = {"image_size": size, "resize_size": resize, "mean": mean, "std": std}
+                    if provenance_key(fields, length=12) == preprocess_id:
+                        return ViewGeometry(size, resize)
+    return None
 
 
 def square_view(img: Image.Image, geometry: ViewGeometry | None, size: int) -> Image.Image:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
 from .errors import NeurovizError
+from .imagenet_classes import IMAGENET_CLASSES
+
+if TYPE_CHECKING:  # torch is imported by the loaders only: the class names and paths are plain data
+    from torch import nn
 
 
 class OfflineAssetMissing(NeurovizError, FileNotFoundError):
@@ -45,14 +48,13 @@ def minilm_dir() -> Path:
 
 
 def imagenet_class_names() -> list[str]:
-    """The 1,000 ImageNet class names as torchvision ships them (no download needed)."""
-    from torchvision.models import MobileNet_V2_Weights
-
-    return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
+    """The 1,000 ImageNet class names as torchvision ships them (no download, no torch)."""
+    return list(IMAGENET_CLASSES)
 
 
 def load_mobilenet_v2() -> nn.Module:
     """torchvision MobileNetV2 with its real ImageNet weights, from the packaged file."""
+    import torch
     from torchvision.models import mobilenet_v2
 
     model = mobilenet_v2()
@@ -68,6 +70,7 @@ def load_efficientnet_lite0() -> nn.Module:
     positional; every shape is checked so that a layout change fails loudly, not silently.
     """
     import timm
+    import torch
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     source = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)

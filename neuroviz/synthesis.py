@@ -33,24 +33,27 @@ Results are cached in the store by provenance: images as ``arrays/synthesis/<key
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .catalog import check_weights, sibling_run
 from .progress import Progress
-from .hooks import LayerRecorder, pool, to_batch_first
-from .models import LayerInfo, ProbedModel
 from .provenance import provenance_key
 from .store import RunInfo, Store
 from .errors import NeurovizError
+
+if TYPE_CHECKING:  # torch is imported where the optimisation runs: pages plan and show results without it
+    import torch
+    from torch import nn
+
+    from .hooks import LayerRecorder
+    from .models import LayerInfo, ProbedModel
 
 CODE_VERSION = "synthesis-1"
 REFERENCE = (
@@ -65,8 +68,15 @@ DIVERSITY_SPACE = "cosine distance between samples in the probed model's penulti
 
 # Square root of the colour covariance of ImageNet images (Lucid's constant): optimising
 # decorrelated colour channels keeps the colours of the samples natural.
-_COLOUR_SQRT_COV = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
-_COLOUR_MATRIX = _COLOUR_SQRT_COV / _COLOUR_SQRT_COV.norm(dim=0).max()
+_COLOUR_SQRT_COV = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
+
+
+@functools.cache
+def _colour_matrix() -> torch.Tensor:
+    import torch
+
+    sqrt_cov = torch.tensor(_COLOUR_SQRT_COV)
+    return sqrt_cov / sqrt_cov.norm(dim=0).max()
 
 
 class SynthesisError(NeurovizError, ValueError):
@@ -318,6 +328,8 @@ def plan_synthesis(model: ProbedModel | None, request: SynthesisRequest, store: 
 def activation_ceiling(layer: nn.Module) -> float | None:
     """The largest value a layer can output when it ends in a bounded activation (ReLU6 in
     MobileNets, Hardtanh, sigmoid, tanh), else None: levels above it can never be reached."""
+    from torch import nn
+
     leaves = [m for m in layer.modules() if not list(m.children())]
     last = leaves[-1] if leaves else layer
     if isinstance(last, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
@@ -374,27 +386,35 @@ class FourierImage:
     @classmethod
     def noise(cls, batch: int, size: int, decay_power: float, std: float, generator: torch.Generator,
               device: torch.device) -> "FourierImage":
+        import torch
+
         shape = (batch, 3, size, size // 2 + 1, 2)
         return cls((torch.randn(shape, generator=generator) * std).to(device), size, decay_power)
 
     @classmethod
     def from_images(cls, images01: torch.Tensor, decay_power: float) -> "FourierImage":
         """Invert the parameterisation so optimisation starts exactly at the given images."""
+        import torch
+
         size = images01.shape[-1]
         logits = torch.logit(images01.clamp(0.02, 0.98))
-        channels = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_COLOUR_MATRIX.to(images01.device)), logits)
+        channels = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_colour_matrix().to(images01.device)), logits)
         spec = torch.fft.rfft2(channels, norm="ortho") / _frequency_scale(size, decay_power, images01.device)
         return cls(torch.view_as_real(spec).contiguous(), size, decay_power)
 
     def images(self) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1]."""
+        import torch
+
         spec = torch.view_as_complex(self.spectrum) * self.freq_scale
         channels = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")
-        rgb = torch.einsum("ij,bjhw->bihw", _COLOUR_MATRIX.to(channels.device), channels)
+        rgb = torch.einsum("ij,bjhw->bihw", _colour_matrix().to(channels.device), channels)
         return torch.sigmoid(rgb)
 
 
 def _frequency_scale(size: int, decay_power: float, device: torch.device) -> torch.Tensor:
+    import torch
+
     fy = torch.fft.fftfreq(size)[:, None]
     fx = torch.fft.rfftfreq(size)[None, :]
     freqs = torch.sqrt(fx * fx + fy * fy).clamp(min=1.0 / size)
@@ -404,6 +424,9 @@ def _frequency_scale(size: int, decay_power: float, device: torch.device) -> tor
 def random_transform(images: torch.Tensor, cfg: SynthesisConfig, generator: torch.Generator) -> torch.Tensor:
     """Random jitter, scale and rotation of each image: samples must excite the neuron robustly,
     not through adversarial pixel patterns that a one-pixel shift destroys."""
+    import torch
+    import torch.nn.functional as F
+
     b = images.shape[0]
     angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(cfg.rotate_degrees)
     lo, hi = cfg.scale_range
@@ -438,6 +461,8 @@ class TargetActivations:
     """
 
     def __init__(self, model: ProbedModel, targets: Sequence[ResolvedTarget], device: torch.device):
+        import torch
+
         self.model = model
         self.module = model.module
         self.targets = list(targets)
@@ -451,12 +476,18 @@ class TargetActivations:
         self.neuron_index = torch.tensor([t.neuron for t in targets], device=device)
 
     def normalise(self, images01: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
         if self.fixed_size and images01.shape[-1] != self.fixed_size:
             images01 = F.interpolate(images01, size=(self.fixed_size, self.fixed_size), mode="bilinear", align_corners=False)
         return (images01 - self.mean) / self.std
 
     def __call__(self, images01: torch.Tensor, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, targets) activations and the first target layer's batch-first output."""
+        import torch
+
+        from .hooks import LayerRecorder, pool, to_batch_first
+
         with torch.set_grad_enabled(grad), LayerRecorder(self.module, self.layers, detach=not grad) as rec:
             handles = [self.module.get_submodule(name).register_forward_hook(self._stop_when_done(rec)) for name in self.layers]
             try:
@@ -488,6 +519,8 @@ def gram_similarity(features: torch.Tensor) -> torch.Tensor:
     For deep layers with many channels and few positions, <G_i, G_j> = ||F_i^T F_j||^2 is
     computed from the positions x positions products, never forming C x C matrices.
     """
+    import torch.nn.functional as F
+
     if features.dim() == 4:
         maps = features.flatten(2).transpose(1, 2)  # (B, positions, C)
     elif features.dim() == 3:
@@ -510,6 +543,8 @@ def gram_similarity(features: torch.Tensor) -> torch.Tensor:
 def diversity_similarity(features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Mean Gram-matrix cosine similarity of samples in the same group (Lucid's diversity
     objective, to be minimised). Zero when no group holds two samples."""
+    import torch
+
     sim = gram_similarity(features)
     same = (groups[:, None] == groups[None, :]) & ~torch.eye(len(groups), dtype=torch.bool, device=features.device)
     if not same.any():
@@ -521,6 +556,10 @@ def penultimate_features(model: ProbedModel, images01: torch.Tensor, batch_size:
     """Embeddings for reporting diversity: the input of the network's last linear layer
     (pooled penultimate features of a CNN classifier), or its output where no linear layer
     takes a (B, D) input (e.g. a CLIP image tower)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
     module = model.module
     device = next(module.parameters()).device
     mean = torch.tensor(model.preprocessing.mean, device=device).view(1, 3, 1, 1)
@@ -584,6 +623,7 @@ def probe_images_at_levels(store: Store, plan: SynthesisPlan, n: int) -> list[li
 
 
 def _load_start_images(store: Store, plan: SynthesisPlan, size: int, model: ProbedModel) -> tuple[torch.Tensor, np.ndarray]:
+    import torch
     from torchvision import transforms as T
 
     from .datasets import load_rgb
@@ -614,6 +654,8 @@ def synthesize(model: ProbedModel, request: SynthesisRequest, store: Store, run:
     ``run`` is an extraction of the main neuron's layer over a probe set: it gives the
     observed max that fractional levels refer to (and the probe images for start='probe').
     """
+    import torch
+
     plan = plan_synthesis(model, request, store, run)
     if use_cache:
         cached = load_result(store, plan.key, plan)
@@ -720,6 +762,8 @@ def _restart_stuck(param: FourierImage, optimiser: torch.optim.Optimizer, acts: 
     """Re-draw samples whose off-target activation has not moved by a single bit since the last
     check: a mean-pooled ReLU that is zero everywhere (or a saturated ReLU6) has no gradient,
     so such a sample would never reach its level. Returns the bool mask of restarted samples."""
+    import torch
+
     if last_acts is None:
         return torch.zeros(len(acts), dtype=torch.bool, device=acts.device)
     off = (acts - targets).abs() / scales > cfg.tolerance
@@ -845,24 +889,3 @@ def parse_levels(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
-def _levels_arg(levels: Sequence[float]) -> str:
-    return ",".join(repr(float(v)) for v in levels)  # repr round-trips, so the CLI rebuilds the same key
-
-
-def cli_argv(request: SynthesisRequest, model_spec: str, run_key: str) -> list[str]:
-    """The `python -m neuroviz` arguments that reproduce ``request`` exactly (same cache key),
-    for background jobs. Hyperparameters the CLI does not expose must be at their defaults."""
-    cfg, default = request.config, SynthesisConfig()
-    hidden = {f.name for f in dataclasses.fields(cfg)} - {"steps", "lr", "image_size", "tolerance", "diversity_weight", "tv_weight"}
-    changed = sorted(name for name in hidden if getattr(cfg, name) != getattr(default, name))
-    if changed:
-        raise SynthesisError(f"The command line cannot set {', '.join(changed)}; call neuroviz.synthesis.synthesize directly.")
-    argv = ["synthesize", model_spec, "--run-key", run_key, "--layer", request.layer, "--neuron", str(int(request.neuron)),
-            "--levels", _levels_arg(request.levels), "--samples", str(request.n_samples), "--start", request.start,
-            "--seed", str(request.seed), "--steps", str(cfg.steps), "--lr", repr(cfg.lr), "--image-size", str(cfg.image_size),
-            "--tolerance", repr(cfg.tolerance), "--diversity-weight", repr(cfg.diversity_weight), "--tv-weight", repr(cfg.tv_weight)]
-    if request.absolute:
-        argv.append("--absolute")
-    for t in request.also:
-        argv += ["--and", f"{t.layer}:{int(t.neuron)}:{_levels_arg(t.levels)}"]
-    return argv

@@ -1,6 +1,11 @@
 """Analysis: what kinds of concept the neurons of each layer are selective for (colour,
 texture, material, object, scene, relation, uninterpretable), and how much the model needs
-each group (accuracy or confidence lost when the group is ablated)."""
+each group (accuracy or confidence lost when the group is ablated).
+
+Layers are drawn in the order they were extracted (network order when extracted together,
+as the demo and the suggested layers are): knowing the network's own order would mean
+loading the model, which pages never do. `python -m neuroviz analyze` uses the model's order.
+The ablations run as a background job (`python -m neuroviz analyze --importance ...`)."""
 
 from __future__ import annotations
 
@@ -8,10 +13,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from ui import context, guard, shell
-
 from neuroviz import analysis
 from neuroviz.lexicon import CATEGORY_ORDER, CATEGORY_TITLES
+from neuroviz.requests import AnalyzeRequest
+from ui import context, data, guard, jobs_ui, shell
 
 CATEGORY_COLOURS = {
     "colour": "#ef4444", "texture": "#f59e0b", "material": "#a16207", "object": "#3b82f6",
@@ -19,29 +24,6 @@ CATEGORY_COLOURS = {
 }
 UNLABELLED = {"exclude": "leave out (not run on them)", "uninterpretable": "count as uninterpretable"}
 COUNTING = {"head": "one category per neuron (the label's head)", "fractional": "split over every category named"}
-
-
-# the shared selection, error guard and model cache of the app (ui/)
-current_workspace = context.workspace_from_state
-friendly = guard.friendly_errors
-load_model = context.cached_model
-
-
-def _title(method: str) -> str:
-    try:
-        from ui.data import method_title
-
-        return method_title(method)
-    except ImportError:
-        return method
-
-
-def layer_order(ws) -> list[str] | None:
-    """The model's module order, so layers are drawn shallow to deep (None if it won't load)."""
-    try:
-        return [name for name, _ in load_model(ws.model_spec).module.named_modules()]
-    except Exception:  # a model that cannot load here still has its labels to analyse
-        return None
 
 
 def settings() -> analysis.AnalysisConfig:
@@ -78,7 +60,7 @@ def shares_chart(shares: pd.DataFrame, methods: list[str], side_by_side: bool):
     """Stacked bars of category shares per layer (one panel per method when side by side)."""
     df = shares[shares["method"].isin(methods)].copy()
     df["category_title"] = df["category"].map(CATEGORY_TITLES)
-    df["method_title"] = df["method"].map(_title)
+    df["method_title"] = df["method"].map(data.method_title)
     order = list(dict.fromkeys(df.sort_values("layer_index")["layer"]))
     fig = px.bar(
         df, x="layer", y="share", color="category", barmode="stack",
@@ -92,7 +74,7 @@ def shares_chart(shares: pd.DataFrame, methods: list[str], side_by_side: bool):
     return fig
 
 
-def examples(ws, shares: pd.DataFrame, method: str, config: analysis.AnalysisConfig) -> None:
+def examples(sel, shares: pd.DataFrame, method: str, config: analysis.AnalysisConfig) -> None:
     """Which labels went into which category, for one layer (to check the sorting by eye)."""
     layers = list(dict.fromkeys(shares.sort_values("layer_index")["layer"]))
     with st.expander("Labels behind the bars"):
@@ -100,15 +82,15 @@ def examples(ws, shares: pd.DataFrame, method: str, config: analysis.AnalysisCon
         layer = c1.selectbox("Layer", layers, key="analysis_example_layer")
         category = c2.selectbox("Category", list(CATEGORY_ORDER), format_func=CATEGORY_TITLES.get, key="analysis_example_cat")
         run_key = shares.loc[shares["layer"] == layer, "run_key"].iloc[0]
-        run = ws.store.get_run(run_key)
-        cats = analysis.categorize_labels(analysis.latest_labels(ws.store, run, [method]), config, store=ws.store)
+        run = sel.store.get_run(run_key)
+        cats = analysis.categorize_labels(analysis.latest_labels(sel.store, run, [method]), config, store=sel.store)
         sub = cats[cats["category"] == category]
         st.dataframe(sub[["neuron", "label", "match_kind", "terms", "weight"]].head(500), hide_index=True, width="stretch")
 
 
-def importance_settings(ws, methods: list[str], layers: list[str]) -> tuple[str, analysis.ImportanceConfig, list[str] | None]:
+def importance_settings(sel, methods: list[str], layers: list[str]) -> tuple[str, analysis.ImportanceConfig, list[str] | None]:
     c1, c2, c3, c4 = st.columns(4)
-    method = c1.selectbox("Labels of", methods, format_func=_title, key="analysis_imp_method")
+    method = c1.selectbox("Labels of", methods, format_func=data.method_title, key="analysis_imp_method")
     mode = c2.radio("Ablation", ["zero", "mean"], key="analysis_imp_mode", horizontal=True)
     max_images = c3.number_input("Images per pass (0 = all)", 0, 100_000, analysis.ImportanceConfig.max_images, 32,
                                  key="analysis_imp_images")
@@ -136,76 +118,55 @@ def importance_chart(table: pd.DataFrame):
     return fig
 
 
-def importance_section(ws, config: analysis.AnalysisConfig, methods: list[str], layers: list[str]) -> None:
+def importance_section(sel, config: analysis.AnalysisConfig, methods: list[str], layers: list[str]) -> None:
     st.subheader("Importance: what ablating each group costs")
     st.caption("Each group (the neurons of one layer whose label falls in one category) is ablated on its own; "
                "the drop in accuracy (when probe labels are class names) or the share of changed top-1 "
                "predictions is compared with an equally large random group of the same layer.")
-    method, imp, chosen = importance_settings(ws, methods, layers)
-    key = analysis.importance_key(ws.store, ws.model_spec, ws.probe_set_id, method, config, imp, chosen)
-    table = analysis.load_importance(ws.store, key)
+    method, imp, chosen = importance_settings(sel, methods, layers)
+    key = analysis.importance_key(sel.store, sel.model_spec, sel.probe_set_id, method, config, imp, chosen)
+    table = analysis.load_importance(sel.store, key)
     if table is None:
-        start_importance(ws, method, config, imp, chosen)
-        table = analysis.load_importance(ws.store, key)
-    if table is not None and len(table):
+        start_importance(sel, method, config, imp, chosen)
+    elif len(table):
         st.plotly_chart(importance_chart(table), width="stretch")
         st.dataframe(table, hide_index=True, width="stretch")
 
 
-def start_importance(ws, method: str, config: analysis.AnalysisConfig, imp: analysis.ImportanceConfig,
+def start_importance(sel: context.Selection, method: str, config: analysis.AnalysisConfig, imp: analysis.ImportanceConfig,
                      layers: list[str] | None) -> None:
-    """Run the ablations as a background job when the jobs UI exists, else here with a bar."""
-    try:
-        from ui import jobs_ui
-    except ImportError:
-        jobs_ui = None
-    if jobs_ui is not None:
-        argv = ["analyze", ws.model_spec, "--probe", jobs_ui.probe_cli_arg(ws), "--importance", method,
-                "--mode", imp.mode, "--max-images", str(imp.max_images or 0), "--counting", config.counting,
-                "--unlabelled", config.unlabelled, "--min-calibrated", str(config.min_calibrated)]
-        argv += ["--fallback"] if config.embedding_fallback else []
-        argv += ["--no-random"] if not imp.random_baseline else []
-        argv += ["--layers", ",".join(layers)] if layers else []
-        jobs_ui.job_button(ws.store, "Compute importance", "importance", argv, key="analysis_importance",
-                           done_message="Importance computed.")
-        return
-    if st.button("Compute importance", type="primary", key="analysis_imp_run"):
-        from neuroviz import catalog
-
-        bar = st.progress(0.0, text="Ablating...")
-        analysis.group_importance(load_model(ws.model_spec), ws.store, catalog.probe_set_from_store(ws.store, ws.probe_set_id),
-                                  method, config, imp, layers,
-                                  progress=lambda d, t, m: bar.progress(min(1.0, d / max(t, 1)), text=m))
-        bar.empty()
+    """The button that runs the ablations as a background job (they run the model)."""
+    request = AnalyzeRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), method, config, imp, tuple(layers or ()))
+    jobs_ui.job_button(sel.store, "Compute importance", request, key="analysis_importance", done_message="Importance computed.")
 
 
 def body() -> None:
     st.title("Analysis")
-    ws = current_workspace()
+    sel = context.selection_from_state()
     st.caption("What the neurons of each layer are selective for, from their labels (MILAN's analysis): "
                "shares of colour, texture, material, object, scene, relation and uninterpretable neurons.")
-    if not ws.probe_set_id or not ws.model_spec:
+    if not sel.probe_set_id or not sel.model_spec:
         st.info("No runs yet: extract some layers on the Workspace page first.")
         return
     config = settings()
     try:
-        shares = analysis.category_shares(ws.store, ws.model_spec, ws.probe_set_id, config, layer_order=layer_order(ws))
+        shares = analysis.category_shares(sel.store, sel.model_spec, sel.probe_set_id, config)
     except analysis.AnalysisError as exc:
         st.info(str(exc))
         return
     methods = sorted(shares["method"].unique())
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-    shown = c1.multiselect("Methods", methods, default=methods[:1], format_func=_title, key="analysis_methods")
+    shown = c1.multiselect("Methods", methods, default=methods[:1], format_func=data.method_title, key="analysis_methods")
     side = c2.toggle("Side by side", value=True, key="analysis_side")
     if shown:
         st.plotly_chart(shares_chart(shares, shown, side), width="stretch")
-        examples(ws, shares, shown[0], config)
+        examples(sel, shares, shown[0], config)
     else:
         st.caption("Pick at least one method.")
     layers = list(dict.fromkeys(shares.sort_values("layer_index")["layer"]))
-    importance_section(ws, config, methods, layers)
+    importance_section(sel, config, methods, layers)
 
 
 shell.owner_page()  # the backstop that makes app.py decide who may see this page
-with friendly("the analysis page"):
+with guard.friendly_errors("the analysis page"):
     body()

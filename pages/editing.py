@@ -1,5 +1,9 @@
 """Editing: ablate chosen neurons (from an audit or a list), compare the model's
-predictions before and after, and keep the edit under a name (the weights are never touched)."""
+predictions before and after, and keep the edit under a name (the weights are never touched).
+
+The prediction passes run as a background job (`python -m neuroviz edit ...`), which stores
+each comparison in the cache; the page draws the stored comparison of the current settings.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +11,24 @@ import time
 
 import streamlit as st
 
-from ui import context, guard, shell
-
-from neuroviz import audit, catalog, editing
+from neuroviz import audit, editing, images
+from neuroviz.requests import EditRequest
+from ui import cards, context, guard, jobs_ui, shell
 
 SOURCES = {"audit": "Neurons of a saved audit", "list": "A list of neurons", "saved": "A saved edit"}
 MODES = {"zero": "Set to zero", "mean": "Set to the probe-set mean"}
 GRID = 24
 THUMB = 128
-RESULT_KEY = "editing_result"
 
 
-# the shared selection, error guard and model cache of the app (ui/)
-current_workspace = context.workspace_from_state
-friendly = guard.friendly_errors
-load_model = context.cached_model
-
-
-def choose_neurons(ws) -> tuple[dict[str, list[int]], dict | None, editing.Edit | None]:
+def choose_neurons(sel: context.Selection) -> tuple[dict[str, list[int]], dict | None, editing.Edit | None]:
     """The neurons to ablate, where they came from, and the saved edit when one was picked."""
     default = st.session_state.pop("editing_source", None)
     if default:
         st.session_state["editing_source_radio"] = default
     source = st.radio("Neurons", list(SOURCES), format_func=SOURCES.get, horizontal=True, key="editing_source_radio")
     if source == "audit":
-        saved = audit.list_audits(ws.store, ws.model_spec)
+        saved = audit.list_audits(sel.store, sel.model_spec)
         if not saved:
             st.info("No saved audits of this model: search on the Audit page and save one, or type a list.")
             return {}, None, None
@@ -41,7 +38,7 @@ def choose_neurons(ws) -> tuple[dict[str, list[int]], dict | None, editing.Edit 
             st.session_state["editing_audit_choice"] = wanted
         names = {a["id"]: f"'{a['query']}' · {a['n_hits']} hit{'s' if a['n_hits'] != 1 else ''}" for a in saved}
         chosen = st.selectbox("Audit", ids, format_func=names.get, key="editing_audit_choice")
-        result = audit.load_audit(ws.store, chosen)
+        result = audit.load_audit(sel.store, chosen)
         scores = sorted({h.match_score for h in result.hits})
         floor = 0.0
         if len(scores) > 1:
@@ -59,10 +56,10 @@ def choose_neurons(ws) -> tuple[dict[str, list[int]], dict | None, editing.Edit 
                            "match": round(h.match_score, 3)} for h in kept], hide_index=True)
         return neurons, {"audit": chosen, "query": result.query}, None
     if source == "list":
-        start = f"{ws.layer}:{ws.neuron if ws.neuron is not None else 0}" if ws.layer else ""
+        start = f"{sel.layer}:{sel.neuron if sel.neuron is not None else 0}" if sel.layer else ""
         text = st.text_area("LAYER:N,N,... (one layer per line or separated by ';')", value=start, key="editing_list")
         return editing.parse_neuron_list(text), None, None
-    edits = editing.list_edits(ws.store, ws.model_spec)
+    edits = editing.list_edits(sel.store, sel.model_spec)
     if not edits:
         st.info("No saved edits of this model yet.")
         return {}, None, None
@@ -73,7 +70,7 @@ def choose_neurons(ws) -> tuple[dict[str, list[int]], dict | None, editing.Edit 
     return edit.neurons, edit.source, edit
 
 
-def edit_settings(ws, neurons, source, saved: editing.Edit | None) -> editing.Edit | None:
+def edit_settings(sel: context.Selection, neurons, source, saved: editing.Edit | None) -> editing.Edit | None:
     c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
     mode = c1.radio("Ablation", list(MODES), format_func=MODES.get, key="editing_mode", horizontal=True,
                     index=list(MODES).index(saved.mode) if saved else 0,
@@ -90,31 +87,35 @@ def edit_settings(ws, neurons, source, saved: editing.Edit | None) -> editing.Ed
         return None
     if saved is not None and mode == saved.mode and name == saved.name:
         return saved
-    return editing.make_edit(name, ws.model_spec, neurons, mode, ws.store, ws.probe_set_id, source=source)
+    return editing.make_edit(name, sel.model_spec, neurons, mode, sel.store, sel.probe_set_id, source=source)
 
 
-def evaluate(ws, edit: editing.Edit) -> None:
-    model = load_model(ws.model_spec)
-    probe = catalog.probe_set_from_store(ws.store, ws.probe_set_id)
-    bar = st.progress(0.0, text="Predicting...")
-
-    def progress(done: int, total: int, message: str) -> None:
-        bar.progress(min(1.0, done / max(total, 1)), text=message)
-
+def evaluation(sel: context.Selection, edit: editing.Edit) -> None:
+    """The stored before/after comparison of ``edit`` under the current settings, or the
+    button that starts the `edit` job computing it (a model runs there, never here)."""
     max_images = int(st.session_state.get("editing_max_images") or 0) or None
-    result = editing.evaluate_edit(model, edit, probe, ws.store, max_images, progress=progress)
     n_controls = int(st.session_state.get("editing_controls") or 0)
-    controls = editing.evaluate_controls(model, edit, probe, ws.store, n_controls, max_images, progress) if n_controls else []
-    bar.empty()
-    st.session_state[RESULT_KEY] = {"edit": edit.to_record(), "comparison": result, "probe_set_id": ws.probe_set_id,
-                                    "controls": controls}
+    weights = sel.run.weights_id
+    comparison = editing.stored_comparison(sel.store, edit, weights, sel.probe_set_id, max_images)
+    controls: list[editing.Comparison] | None = []
+    if n_controls:
+        sizes = {r.layer: r.n_neurons for r in sel.catalog.runs_for(sel.model_spec)}
+        controls = editing.stored_controls(sel.store, edit, weights, sel.probe_set_id, max_images, n_controls, sizes) \
+            if all(layer in sizes for layer in edit.neurons) else None
+    if comparison is not None and controls is not None:
+        draw_comparison(sel, edit, comparison, controls)
+        return
+    request = EditRequest.of(sel.model_spec, sel.probe_set_id, edit.name, edit.neurons, edit.mode, max_images, n_controls)
+    key = f"editing_{editing.evaluation_key(edit, weights, sel.probe_set_id, max_images)}_{n_controls}"
+    jobs_ui.job_button(sel.store, "Evaluate before / after", request, key=key,
+                       done_message="Evaluated; the comparison is shown above.")
 
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def draw_comparison(ws, edit: editing.Edit, cmp: editing.Comparison, controls=()) -> None:
+def draw_comparison(sel: context.Selection, edit: editing.Edit, cmp: editing.Comparison, controls=()) -> None:
     st.subheader(f"Effect of '{edit.name}' ({edit.n_neurons} neuron{'s' if edit.n_neurons != 1 else ''}, {edit.mode})")
     c1, c2, c3, c4 = st.columns(4)
     if cmp.accuracy_before is not None:
@@ -133,10 +134,10 @@ def draw_comparison(ws, edit: editing.Edit, cmp: editing.Comparison, controls=()
                      column_config={"share of random groups with less effect": st.column_config.NumberColumn(format="percent")})
     with st.expander("Per class", expanded=False):
         st.dataframe(cmp.per_class, hide_index=True, width="stretch")
-    changed_grid(ws, cmp)
+    changed_grid(sel, cmp)
 
 
-def changed_grid(ws, cmp: editing.Comparison) -> None:
+def changed_grid(sel: context.Selection, cmp: editing.Comparison) -> None:
     """Before/after pictures of the images whose top class changed, most confident first."""
     if not cmp.changed:
         st.info("No image changed its top class.")
@@ -148,26 +149,13 @@ def changed_grid(ws, cmp: editing.Comparison) -> None:
     for start in range(0, len(shown), cols_per_row):
         cols = st.columns(cols_per_row, gap="small")
         for col, ch in zip(cols, shown[start:start + cols_per_row]):
-            col.image(_thumb(ws, ch.path), width="stretch")
+            cards.show_image(images.thumbnail(sel.store.root, ch.path, THUMB), col, width="stretch")
             col.caption(f"{ch.before_class} ({ch.before_confidence:.2f}) → **{ch.after_class}** ({ch.after_confidence:.2f})"
                         + (f" · label: {ch.label}" if ch.label else ""))
 
 
-def _thumb(ws, path: str):
-    try:
-        from neuroviz.images import thumbnail
-
-        return str(thumbnail(ws.store.root, path, THUMB))
-    except ImportError:
-        from neuroviz.datasets import load_rgb
-
-        img = load_rgb(path)
-        img.thumbnail((THUMB, THUMB))
-        return img
-
-
-def saved_edits(ws) -> None:
-    edits = editing.list_edits(ws.store, ws.model_spec)
+def saved_edits(sel: context.Selection) -> None:
+    edits = editing.list_edits(sel.store, sel.model_spec)
     with st.expander(f"Saved edits of this model ({len(edits)})"):
         if not edits:
             st.caption("None yet.")
@@ -176,22 +164,22 @@ def saved_edits(ws) -> None:
             layers = ", ".join(f"{layer}: {len(ns)}" for layer, ns in e.neurons.items())
             c1.markdown(f"**{e.name}** · {e.mode} · {layers} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}")
             if c2.button("Delete", key=f"editing_del_{e.name}", icon=":material/delete:"):
-                editing.delete_edit(ws.store, e.name)
+                editing.delete_edit(sel.store, e.name)
                 st.rerun()
 
 
 def body() -> None:
     st.title("Editing")
-    ws = current_workspace()
+    sel = context.selection_from_state()
     st.caption("Switch neurons off and see which predictions change, as MILAN did by removing the neurons "
                "whose descriptions mention text. Edits are forward hooks: the weights never change.")
-    if not ws.probe_set_id or not ws.model_spec:
+    if sel.run is None:
         st.info("No runs yet: extract some layers on the Workspace page first.")
         return
     edit, problem = None, None
     try:
-        neurons, source, saved = choose_neurons(ws)
-        edit = edit_settings(ws, neurons, source, saved)
+        neurons, source, saved = choose_neurons(sel)
+        edit = edit_settings(sel, neurons, source, saved)
     except editing.EditError as exc:  # a bad name or list: say so, keep the rest of the page
         problem = str(exc)
     if problem:
@@ -199,18 +187,13 @@ def body() -> None:
     elif edit is None:
         st.caption("Choose at least one neuron.")
     else:
-        c1, c2 = st.columns([1, 1])
-        if c1.button("Evaluate before / after", type="primary", icon=":material/play_arrow:", key="editing_run"):
-            evaluate(ws, edit)
-        if c2.button("Save edit", icon=":material/save:", key="editing_save"):
-            editing.save_edit(ws.store, edit)
+        if st.button("Save edit", icon=":material/save:", key="editing_save"):
+            editing.save_edit(sel.store, edit)
             st.toast(f"Saved edit '{edit.name}'")
-    saved_edits(ws)
-    result = st.session_state.get(RESULT_KEY)
-    if result and result["probe_set_id"] == ws.probe_set_id and result["edit"]["model_spec"] == ws.model_spec:
-        draw_comparison(ws, editing.Edit.from_record(result["edit"]), result["comparison"], result.get("controls", []))
+        evaluation(sel, edit)
+    saved_edits(sel)
 
 
 shell.owner_page()  # the backstop that makes app.py decide who may see this page
-with friendly("the editing page"):
+with guard.friendly_errors("the editing page"):
     body()

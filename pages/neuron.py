@@ -1,6 +1,7 @@
-"""One neuron: top images (with heatmaps, DnD crops or MILAN masks), the activation
-distribution with samples from every part of it, low-activation contrast images, every
-method's label with its candidates, and on-demand Describe-and-Dissect."""
+"""One neuron: top images (plain, as heatmaps, or with any method's overlay such as DnD's
+crops or MILAN's masks), the activation distribution with samples from every part of it,
+low-activation contrast images, every method's label with its candidates, and on-demand
+Describe-and-Dissect."""
 
 from __future__ import annotations
 
@@ -10,36 +11,47 @@ import numpy as np
 import streamlit as st
 
 from neuroviz import images
+from neuroviz.methods import list_methods
+from neuroviz.methods.base import HeatmapOverlay, Overlay
+from neuroviz.requests import LabelRequest
 from ui import cards, context, data, guard, jobs_ui, shell
 
-OVERLAYS = {"none": "Images", "heatmap": "Heatmaps", "crops": "DnD crops", "masks": "MILAN masks"}
+NO_OVERLAY = "none"
 QUANTILE_EDGES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 SAMPLES_PER_BIN = 6
 THUMB = images.GRID_SIZE
-PAGES_DIR = Path(__file__).resolve().parent
 
 
-def _nav(ws: context.Workspace, neuron: int) -> None:
-    run = ws.run
+def overlays() -> dict[str, tuple[str | None, Overlay]]:
+    """key -> (method that offers it, overlay): the heatmap, then every method's overlays."""
+    found: dict[str, tuple[str | None, Overlay]] = {HeatmapOverlay.key: (None, HeatmapOverlay())}
+    for method in list_methods():
+        for overlay in method.overlays():
+            found[overlay.key] = (method.name, overlay)
+    return found
+
+
+def _nav(sel: context.Selection, neuron: int) -> None:
+    run = sel.run
     c1, c2, c3, c4 = st.columns([1, 2, 1, 3], vertical_alignment="bottom")
     c1.button("Previous", icon=":material/chevron_left:", disabled=neuron <= 0, key="neuron_prev",
               on_click=context.select, kwargs={"neuron": neuron - 1})
     with c2:
-        context.neuron_input(ws)
+        context.neuron_input(sel)
     c3.button("Next", icon=":material/chevron_right:", disabled=neuron >= run.n_neurons - 1, key="neuron_next",
               on_click=context.select, kwargs={"neuron": neuron + 1})
     with c4:
         st.page_link("pages/browser.py", label="Back to the layer browser", icon=":material/grid_view:")
 
 
-def _labels(ws: context.Workspace, neuron: int) -> None:
-    labels = data.run_labels(ws.store, ws.run.run_key)
+def _labels(sel: context.Selection, neuron: int) -> None:
+    labels = data.run_labels(sel.store, sel.run.run_key)
     mine = labels[labels["neuron"] == neuron] if not labels.empty else labels
     st.subheader("Labels")
-    if not ws.available_methods:
+    if not sel.available_methods:
         st.info("No method has labelled this layer yet: start one on the Workspace page.")
         return
-    shown = [m for m in ws.methods] or ws.available_methods
+    shown = [m for m in sel.methods] or sel.available_methods
     cols = st.columns(min(len(shown), 4))
     for i, method in enumerate(shown):
         rows = mine[mine["method"] == method].sort_values("rank") if not mine.empty else mine
@@ -65,67 +77,50 @@ def _labels(ws: context.Workspace, neuron: int) -> None:
                     st.json(extra, expanded=False)
 
 
-def _maps_and_threshold(ws: context.Workspace, neuron: int):
-    maps = ws.store.top_maps(ws.run.run_key, neuron)
-    threshold = None
-    if maps is not None:
-        labels = data.run_labels(ws.store, ws.run.run_key)
-        milan = labels[(labels["method"] == "milan") & (labels["neuron"] == neuron) & (labels["rank"] == 0)] if not labels.empty else labels
-        if not milan.empty:
-            threshold = data.label_extra(milan.iloc[0]).get("mask_threshold")
-        if threshold is None:
-            # MILAN's rule: the top 1% of the neuron's map values; estimated from its top maps
-            threshold = float(np.quantile(maps, 0.99 if maps.size >= 100 else 0.9))
-    return maps, threshold
+def _answer_extra(sel: context.Selection, method: str | None, neuron: int) -> dict:
+    """The details of ``method``'s answer for this neuron ({} without a method or a label)."""
+    labels = data.run_labels(sel.store, sel.run.run_key)
+    if method is None or labels.empty:
+        return {}
+    mine = labels[(labels["method"] == method) & (labels["neuron"] == neuron) & (labels["rank"] == 0)]
+    return data.label_extra(mine.iloc[0]) if not mine.empty else {}
 
 
-def _top_images(ws: context.Workspace, neuron: int) -> None:
-    from neuroviz import crops
-
-    run = ws.run
+def _top_images(sel: context.Selection, neuron: int) -> None:
+    run = sel.run
     st.subheader("Top images")
+    choices = overlays()
+    titles = {NO_OVERLAY: "Images", **{key: overlay.title for key, (_, overlay) in choices.items()}}
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-    overlay = c1.segmented_control("Show", list(OVERLAYS), format_func=OVERLAYS.get, default="none", key="neuron_overlay")
-    overlay = overlay or "none"
+    picked = c1.segmented_control("Show", list(titles), format_func=titles.get, default=NO_OVERLAY, key="neuron_overlay")
     k_options = sorted({min(8, run.k), min(16, run.k), run.k})
     k = c2.selectbox("Images", k_options, index=k_options.index(min(16, run.k)), key="neuron_k")
-    rows = data.top_rows(ws.store, run.run_key, neuron, k)
-    geometry = cards.run_geometry(ws.store, run)
-    if overlay != "none" and not cards.geometry_known(ws.store, run):
-        cards.learn_geometry_in_background(ws.store, run)
-        st.caption("Maps are aligned assuming the usual ImageNet crop (224 of 256) until the model's own crop "
-                   "is known (being read in the background).")
-    maps, threshold = _maps_and_threshold(ws, neuron) if overlay != "none" else (None, None)
-    if overlay != "none" and maps is None:
+    rows = data.top_rows(sel.store, run.run_key, neuron, k)
+    geometry = cards.run_geometry(sel.store, run)
+    method, overlay = choices.get(picked or NO_OVERLAY, (None, None))
+    maps = sel.store.top_maps(run.run_key, neuron) if overlay is not None else None
+    if overlay is not None and maps is None:
         st.info(f"Layer {run.layer} has no spatial maps (a vector layer), so there is nothing to overlay.")
-        overlay = "none"
+        overlay = None
+    if overlay is not None and not cards.geometry_known(sel.store, run):
+        st.caption(cards.UNKNOWN_GEOMETRY_NOTE)
+    settings = overlay.settings(maps, run, _answer_extra(sel, method, neuron)) if overlay is not None else {}
     paths, captions = [], []
-    vmax = float(maps.max()) if maps is not None else 1.0
-    vmin = min(0.0, float(maps.min())) if maps is not None else 0.0
     for row in rows:
         captions.append(f"#{row['rank'] + 1} · {row['activation']:.3g}" + (f" · {Path(row['label']).name}" if row["label"] else ""))
-        src = row["path"]
+        src, i = row["path"], row["rank"]
         if src is None:
             paths.append(None)
-            continue
-        i = row["rank"]
-        if overlay == "none" or i >= len(maps):
-            paths.append(images.thumbnail(ws.store.root, src, THUMB, geometry))
-            continue
-        amap = np.asarray(maps[i], dtype=np.float32)
-        key = {"run": run.run_key, "neuron": neuron, "rank": i, "range": [vmin, vmax], "thr": threshold}
-        if overlay == "heatmap":
-            draw = lambda v, a=amap: crops.heatmap_overlay(v, a, 0.5, (vmin, vmax))  # noqa: E731
-        elif overlay == "crops":
-            draw = lambda v, a=amap: crops.draw_boxes(v, crops.otsu_crops(a, v.size))  # noqa: E731
+        elif overlay is None or i >= len(maps):
+            paths.append(images.thumbnail(sel.store.root, src, THUMB, geometry))
         else:
-            draw = lambda v, a=amap: crops.mask_overlay(v, crops.exemplar_mask(a, threshold, v.size))  # noqa: E731
-        paths.append(images.annotated_view(ws.store.root, src, THUMB, geometry, overlay, key, draw))
+            amap = np.asarray(maps[i], dtype=np.float32)
+            key = {"run": run.run_key, "neuron": neuron, "rank": i, **settings}
+            paths.append(images.annotated_view(sel.store.root, src, THUMB, geometry, overlay.key, key,
+                                               lambda view, a=amap: overlay.draw(view, a, settings)))
     cards.image_grid(paths, captions, cols=8)
-    if overlay == "masks":
-        st.caption(f"MILAN exemplar masks: the map above {threshold:.3g} (the neuron's top 1% of map values).")
-    elif overlay == "crops":
-        st.caption("DnD step 1: Otsu threshold of the upsampled map, boxes of its regions (at most 4, IoU rules of the paper).")
+    if overlay is not None and overlay.caption(settings):
+        st.caption(overlay.caption(settings))
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
@@ -137,7 +132,7 @@ def _histogram_figure(root: str, run_key: str, k: int, neuron: int):
     """
     import plotly.graph_objects as go
 
-    store = context.get_store(root)
+    store = data.get_store(root)
     counts, edges = store.histogram(run_key, neuron)
     acts = cards.activation_column(store, run_key, neuron)
     centres = (edges[:-1] + edges[1:]) / 2
@@ -155,15 +150,15 @@ def _histogram_figure(root: str, run_key: str, k: int, neuron: int):
     return fig
 
 
-def _distribution(ws: context.Workspace, neuron: int) -> None:
-    run = ws.run
+def _distribution(sel: context.Selection, neuron: int) -> None:
+    run = sel.run
     st.subheader("Activation distribution")
-    acts = cards.activation_column(ws.store, run.run_key, neuron)
-    fig = _histogram_figure(str(ws.store.root), run.run_key, run.k, neuron)
+    acts = cards.activation_column(sel.store, run.run_key, neuron)
+    fig = _histogram_figure(str(sel.store.root), run.run_key, run.k, neuron)
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False}, key=f"hist_{run.run_key}_{neuron}")
 
-    files = data.run_files(ws.store, run.run_key)
-    geometry = cards.run_geometry(ws.store, run)
+    files = data.run_files(sel.store, run.run_key)
+    geometry = cards.run_geometry(sel.store, run)
     order = np.argsort(acts, kind="stable")
     n = len(order)
     st.markdown("**Samples across the distribution** (random images from each quantile bin, lowest first)")
@@ -177,56 +172,52 @@ def _distribution(ws: context.Workspace, neuron: int) -> None:
         paths = [files.paths[int(i)] for i in pick]
         c1, c2 = st.columns([1, 5], vertical_alignment="center")
         c1.caption(f"q{int(lo * 100)}–q{int(hi * 100)}\n\n{acts[pick[0]]:.3g} … {acts[pick[-1]]:.3g}")
-        cards.show_image(images.mosaic(ws.store.root, paths, tile=96, cols=SAMPLES_PER_BIN, geometry=geometry,
+        cards.show_image(images.mosaic(sel.store.root, paths, tile=96, cols=SAMPLES_PER_BIN, geometry=geometry,
                                        content_ids=[files.image_ids[int(i)] for i in pick]), c2)
     st.markdown("**Lowest activations** (contrast: what this neuron does *not* respond to)")
     low = [int(i) for i in order[: min(8, n)]]
-    cards.image_grid(cards.thumb_paths(ws.store, run, low, THUMB, geometry),
+    cards.image_grid(cards.thumb_paths(sel.store, run, low, THUMB, geometry),
                      [f"{acts[i]:.3g}" + (f" · {Path(files.labels[i]).name}" if files.labels[i] else "") for i in low], cols=8)
 
 
-def _on_demand(ws: context.Workspace, neuron: int) -> None:
+def _on_demand(sel: context.Selection, neuron: int) -> None:
     st.subheader("More descriptions")
     c1, c2 = st.columns(2)
     with c1.container(border=True):
         st.markdown("**Describe-and-Dissect** for this neuron")
         st.caption("Slow (captioner + language model per neuron), so it runs on demand as a background job.")
-        have = "dnd" in ws.available_methods and not data.run_labels(ws.store, ws.run.run_key).query(
+        have = "dnd" in sel.available_methods and not data.run_labels(sel.store, sel.run.run_key).query(
             "method == 'dnd' and neuron == @neuron").empty
-        argv = ["label", ws.model_spec, "--probe", jobs_ui.probe_cli_arg(ws), "--layers", ws.layer,
-                "--methods", "dnd", "--neurons", str(neuron)]
-        jobs_ui.job_button(ws.store, "Run DnD again" if have else "Run DnD now", "label", argv,
-                           key=f"dnd_{ws.run.run_key}_{neuron}", done_message="DnD finished; its label is shown above.")
+        request = LabelRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), (sel.layer,), ("dnd",), str(neuron))
+        jobs_ui.job_button(sel.store, "Run DnD again" if have else "Run DnD now", request,
+                           key=f"dnd_{sel.run.run_key}_{neuron}", done_message="DnD finished; its label is shown above.")
     with c2.container(border=True):
         st.markdown("**Synthesis**")
-        if (PAGES_DIR / "synthesize.py").exists():
-            st.caption("Generate images that drive this neuron (inverse sets / feature visualisation).")
-            st.page_link("pages/synthesize.py", label="Open in Synthesise", icon=":material/auto_awesome:",
-                         query_params=ws.query_params(neuron))
-        else:
-            st.caption("The synthesis page is not installed in this checkout.")
+        st.caption("Generate images that drive this neuron (inverse sets / feature visualisation).")
+        st.page_link("pages/synthesize.py", label="Open in Synthesise", icon=":material/auto_awesome:",
+                     query_params=sel.query_params(neuron))
 
 
 def body() -> None:
-    ws = context.workspace_from_state()
-    if ws.run is None:
+    sel = context.selection_from_state()
+    if sel.run is None:
         st.title("Neuron")
         guard.empty_cache_notice()
         return
-    if ws.neuron is None:  # the page always names one neuron, in the URL too
+    if sel.neuron is None:  # the page always names one neuron, in the URL too
         context.select(neuron=0)
-        ws = context.workspace_from_state()
-        context.write_url(ws)
-    neuron = ws.neuron
+        sel = context.selection_from_state()
+        context.write_url(sel)
+    neuron = sel.neuron
     cards.inject_css()
     st.title(f"Neuron {neuron}")
-    st.caption(f"{ws.model_spec} · **{ws.layer}** · {ws.run.n_neurons} neurons · probe set {ws.probe_spec} "
-               f"({ws.run.n_images} images) · the address bar names this neuron: copy it to share")
-    _nav(ws, neuron)
-    _labels(ws, neuron)
-    _top_images(ws, neuron)
-    _distribution(ws, neuron)
-    _on_demand(ws, neuron)
+    st.caption(f"{sel.model_spec} · **{sel.layer}** · {sel.run.n_neurons} neurons · probe set {sel.probe_spec} "
+               f"({sel.run.n_images} images) · the address bar names this neuron: copy it to share")
+    _nav(sel, neuron)
+    _labels(sel, neuron)
+    _top_images(sel, neuron)
+    _distribution(sel, neuron)
+    _on_demand(sel, neuron)
 
 
 shell.owner_page(with_neuron=True)

@@ -13,7 +13,7 @@ import streamlit as st
 
 from neuroviz import images
 from neuroviz import study as studies
-from ui import auth, cards, context, data, guard, shell
+from ui import auth, cards, data, guard, shell
 
 CLOSE_UPS = 5
 RATER_PARAM = "rater"
@@ -47,7 +47,7 @@ def _welcome(store, public: studies.RaterStudy) -> None:
 def _images(store, task: studies.RatingTask) -> None:
     from neuroviz import crops
 
-    run = next((r for r in data.catalog(store).runs if r.run_key == task.run_key), None)
+    run = data.catalog(store).run(task.run_key)
     if run is None:
         st.error("The images of this item are no longer in the cache. Please tell the study's owner.")
         return
@@ -106,7 +106,7 @@ def _question(store, public: studies.RaterStudy, rater_id: str, task: studies.Ra
 
 
 def body() -> None:
-    store = context.get_store()
+    store = data.get_store()
     token = auth.study_token()
     public = studies.study_by_token(store, token) if token else None
     if public is None:

@@ -77,9 +77,9 @@ def _score_table(scores) -> pd.DataFrame:
 
 
 def body() -> None:
-    ws = context.workspace_from_state()
+    sel = context.selection_from_state()
     st.title("Study results")
-    all_studies = studies.list_studies(ws.store)
+    all_studies = studies.list_studies(sel.store)
     if not all_studies:
         st.info("No studies yet: create one on the Study setup page.")
         return
@@ -93,7 +93,7 @@ def body() -> None:
     study_id = c1.selectbox("Study", ids, format_func=names.get, key="results_study")
     exclude = c2.toggle("Leave out raters who failed gold items", value=True, key="results_exclude",
                         help=f"A rater counts only with at least {studies.MIN_GOLD_ACCURACY:.0%} of gold items right.")
-    results = studies.study_results(ws.store, study_id, exclude_failed_gold=exclude)
+    results = studies.study_results(sel.store, study_id, exclude_failed_gold=exclude)
     s = results.study
     st.caption(f"Methods: {', '.join(data.method_title(m) for m in s.methods)} · {s.n_items - s.n_gold} items + "
                f"{s.n_gold} gold · {s.raters_per_item} raters per item · {'open' if s.is_open else 'closed'}")
@@ -139,7 +139,7 @@ def body() -> None:
     d1, d2 = st.columns(2)
     d1.download_button("Scores (CSV)", studies.results_csv(results), file_name=f"{study_id}-scores.csv", mime="text/csv",
                        icon=":material/download:")
-    d2.download_button("Every vote, de-blinded (CSV)", studies.votes_csv(ws.store, study_id), file_name=f"{study_id}-votes.csv",
+    d2.download_button("Every vote, de-blinded (CSV)", studies.votes_csv(sel.store, study_id), file_name=f"{study_id}-votes.csv",
                        mime="text/csv", icon=":material/download:")
 
 

@@ -56,15 +56,15 @@ def _existing(store) -> None:
                 st.caption(f"{len(s.skipped)} requested items were skipped (a method had no label for them).")
 
 
-def _create(ws: context.Workspace) -> None:
+def _create(sel: context.Selection) -> None:
     st.subheader("New study")
-    runs = {r.layer: r for r in ws.runs}
+    runs = {r.layer: r for r in sel.runs}
     if not runs:
         guard.empty_cache_notice()
         return
-    layers = st.multiselect("Layers", list(runs), default=[ws.layer] if ws.layer in runs else list(runs)[:1], key="study_layers")
+    layers = st.multiselect("Layers", list(runs), default=[sel.layer] if sel.layer in runs else list(runs)[:1], key="study_layers")
     run_keys = [runs[l].run_key for l in layers]
-    counts = studies.labelled_methods(ws.store, run_keys) if run_keys else {}
+    counts = studies.labelled_methods(sel.store, run_keys) if run_keys else {}
     if len(counts) < 2:
         st.info("A study compares at least two methods: these layers have labels from "
                 f"{len(counts)} ({', '.join(data.method_title(m) for m in counts) or 'none'}). Label them on the Workspace page.")
@@ -77,7 +77,7 @@ def _create(ws: context.Workspace) -> None:
                              format_func=lambda m: f"{data.method_title(m)} ({counts[m]} neurons labelled)")
     how = st.radio("Neurons", list(SELECTIONS), format_func=SELECTIONS.get, horizontal=True, key="study_how")
     with st.form("new_study"):
-        name = st.text_input("Study name (only you see it)", value=f"{ws.model_spec.split(':')[-1]} {', '.join(layers)}")
+        name = st.text_input("Study name (only you see it)", value=f"{sel.model_spec.split(':')[-1]} {', '.join(layers)}")
         title = st.text_input("Title raters see", value=studies.DEFAULT_PUBLIC_TITLE)
         if how == "random":
             per_layer = st.number_input("Neurons per layer (random, among those every method labelled)", 1, 1000, 10)
@@ -97,14 +97,14 @@ def _create(ws: context.Workspace) -> None:
         st.error("Choose at least two methods.")
         return
     if how == "random":
-        items = studies.choose_items(ws.store, run_keys, methods, per_layer=int(per_layer), seed=int(seed))
+        items = studies.choose_items(sel.store, run_keys, methods, per_layer=int(per_layer), seed=int(seed))
     else:
         pairs = parse_neuron_list(listed, {l: runs[l] for l in layers}, layers[0] if layers else None)
         if not pairs:
             st.error("List at least one neuron, e.g. 0,3,5.")
             return
         items = [(runs[layer].run_key, n) for layer, n in pairs]
-    created = studies.create_study(ws.store, name, items, methods, raters_per_item=int(raters), gold_items=int(gold),
+    created = studies.create_study(sel.store, name, items, methods, raters_per_item=int(raters), gold_items=int(gold),
                                    seed=int(seed), n_images=int(n_images), public_title=title)
     st.success(f"Created '{created.name}' with {created.n_items - created.n_gold} items and {created.n_gold} gold items. "
                "Send raters this link:")
@@ -117,7 +117,7 @@ def _create(ws: context.Workspace) -> None:
 
 
 def body() -> None:
-    ws = context.workspace_from_state()
+    sel = context.selection_from_state()
     st.title("Study setup")
     st.caption("Raters see a neuron's top images and the labels as A, B, C… in a random order stored per rater "
                "and item, never the method names; they pick the best, 'none fits' or 'uninterpretable', and may rate "
@@ -125,10 +125,10 @@ def body() -> None:
     left, right = st.columns([1, 1], gap="large")
     with left:
         with guard.friendly_errors("the study form"):
-            _create(ws)
+            _create(sel)
     with right:
         with guard.friendly_errors("the study list"):
-            _existing(ws.store)
+            _existing(sel.store)
 
 
 shell.owner_page()

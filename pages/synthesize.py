@@ -18,7 +18,8 @@ import pandas as pd
 import streamlit as st
 
 from neuroviz import synthesis
-from neuroviz.hooks import UnknownLayerError
+from neuroviz.errors import NeurovizError
+from neuroviz.requests import SynthesizeRequest
 from ui import cards, context, guard, jobs_ui, shell
 
 DEFAULT_LEVELS_TEXT = "25, 50, 75, 100"
@@ -36,11 +37,11 @@ def _percent_text(levels: tuple[float, ...]) -> str:
     return ", ".join(f"{100 * v:g}" for v in levels)
 
 
-def intersection_targets(ws: context.Workspace, neuron: int) -> tuple[synthesis.NeuronTarget, ...]:
+def intersection_targets(sel: context.Selection, neuron: int) -> tuple[synthesis.NeuronTarget, ...]:
     """Other neurons that must hit their own levels at the same time (a table the user edits)."""
-    layers = [r.layer for r in ws.runs]
-    run = ws.run
-    default = pd.DataFrame([{"layer": ws.layer, "neuron": (neuron + 1) % run.n_neurons, "levels (%)": "0"}])
+    layers = [r.layer for r in sel.runs]
+    run = sel.run
+    default = pd.DataFrame([{"layer": sel.layer, "neuron": (neuron + 1) % run.n_neurons, "levels (%)": "0"}])
     table = st.data_editor(
         default, num_rows="dynamic", key="syn_also", hide_index=True, width="stretch",
         column_config={
@@ -80,19 +81,19 @@ def advanced_settings() -> tuple[synthesis.SynthesisConfig, int]:
     return config, int(seed)
 
 
-def request_controls(ws: context.Workspace) -> synthesis.SynthesisRequest:
+def request_controls(sel: context.Selection) -> synthesis.SynthesisRequest:
     """Neuron, levels, samples, start, intersection and settings -> a SynthesisRequest."""
     c1, c2, c3, c4 = st.columns([1, 2, 1, 2])
     with c1:
-        neuron = context.neuron_input(ws)
+        neuron = context.neuron_input(sel)
     levels_text = c2.text_input("Levels (% of the observed max)", DEFAULT_LEVELS_TEXT, key="syn_levels",
                                 help="Comma-separated, e.g. 25, 50, 75, 100. Up to 400 % is allowed.")
     n_samples = c3.number_input("Samples per level", 1, 16, 4, key="syn_samples")
     start = c4.radio("Start from", list(STARTS), format_func=STARTS.get, key="syn_start", horizontal=True)
     intersect = st.toggle("Intersection: other neurons must hit their levels too", key="syn_intersect")
-    also = intersection_targets(ws, neuron) if intersect else ()
+    also = intersection_targets(sel, neuron) if intersect else ()
     config, seed = advanced_settings()
-    return synthesis.SynthesisRequest(layer=ws.layer, neuron=int(neuron), levels=parse_percent_levels(levels_text), also=also,
+    return synthesis.SynthesisRequest(layer=sel.layer, neuron=int(neuron), levels=parse_percent_levels(levels_text), also=also,
                                       n_samples=int(n_samples), start=start, seed=seed, config=config)
 
 
@@ -114,10 +115,10 @@ def _caption(result: synthesis.SynthesisResult, li: int, si: int) -> str:
     return f"a = {achieved} · error {error:.1%} {mark}"
 
 
-def show_result(ws: context.Workspace, result: synthesis.SynthesisResult, n_real: int) -> None:
+def show_result(sel: context.Selection, result: synthesis.SynthesisResult, n_real: int) -> None:
     """Samples per level, each with its achieved activation, beside the real probe images at that level."""
     (st.success if result.within_tolerance.all() else st.warning)(result.summary())
-    real = synthesis.probe_images_at_levels(ws.store, result.plan, n_real) if n_real else []
+    real = synthesis.probe_images_at_levels(sel.store, result.plan, n_real) if n_real else []
     n = result.images.shape[1]
     for li, name in enumerate(result.plan.level_names()):
         targets = " / ".join(f"{t.levels[li]:.4g}" for t in result.plan.targets)
@@ -129,7 +130,7 @@ def show_result(ws: context.Workspace, result: synthesis.SynthesisResult, n_real
         for si in range(n):
             cols[si].image(result.images[li, si], caption=_caption(result, li, si), width="stretch")
         if real:
-            paths = cards.thumb_paths(ws.store, ws.run, [row["idx"] for row in real[li]], size=TILE)
+            paths = cards.thumb_paths(sel.store, sel.run, [row["idx"] for row in real[li]], size=TILE)
             for col, row, path in zip(cols[n:], real[li], paths):
                 achieved = " / ".join(f"{v:.3g}" for v in row["achieved"])
                 cards.show_image(path, where=col, caption=f"real · a = {achieved}", width="stretch")
@@ -147,28 +148,27 @@ def show_result(ws: context.Workspace, result: synthesis.SynthesisResult, n_real
 
 
 def body() -> None:
-    ws = context.workspace_from_state()
+    sel = context.selection_from_state()
     st.title("Synthesise: inverse sets")
     st.caption("Images that drive a neuron to a chosen level, not only to its maximum (Hada & Carreira-Perpiñán): "
                "many diverse samples per level, found by optimisation with a naturalness prior and a diversity term.")
-    if ws.run is None:
+    if sel.run is None:
         guard.empty_cache_notice()
         return
-    request = request_controls(ws)
+    request = request_controls(sel)
     try:
-        plan = synthesis.plan_synthesis(None, request, ws.store, ws.run)
-    except (ValueError, UnknownLayerError) as exc:
+        plan = synthesis.plan_synthesis(None, request, sel.store, sel.run)
+    except NeurovizError as exc:
         st.error(str(exc).strip("'\""))
         return
     st.dataframe(plan_table(plan), hide_index=True, width="stretch")
     n_real = st.slider("Real probe images shown per level", 0, 8, 3, key="syn_real")
-    result = synthesis.load_result(ws.store, plan.key, plan)
+    result = synthesis.load_result(sel.store, plan.key, plan)
     if result is not None:
-        show_result(ws, result, n_real)
+        show_result(sel, result, n_real)
         return
-    argv = synthesis.cli_argv(request, ws.model_spec, ws.run.run_key)
-    jobs_ui.job_button(ws.store, "Synthesise", "synthesize", argv, key=f"syn_{plan.key}",
-                       done_message="Synthesis finished; loading the samples...")
+    jobs_ui.job_button(sel.store, "Synthesise", SynthesizeRequest(request, sel.model_spec, sel.run.run_key),
+                       key=f"syn_{plan.key}", done_message="Synthesis finished; loading the samples...")
 
 
 shell.owner_page(with_neuron=True)

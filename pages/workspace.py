@@ -7,14 +7,15 @@ import time
 import pandas as pd
 import streamlit as st
 
+from neuroviz import jobs
+from neuroviz.requests import DemoRequest, ExtractRequest, LabelRequest, LayersRequest
 from ui import context, data, guard, jobs_ui, shell
 
 POOLINGS = ["default", "mean", "max", "cls", "tokens_mean"]
 
 
-@st.cache_data(show_spinner="Loading the method registry (first time only)...")
 def _method_choices() -> list[tuple[str, str, bool]]:
-    """(name, title, per_neuron) of every registered method (importing them loads torch once)."""
+    """(name, title, per_neuron) of every registered method."""
     from neuroviz.methods import list_methods
 
     return [(m.name, m.title or m.name, bool(m.per_neuron)) for m in list_methods()]
@@ -22,23 +23,22 @@ def _method_choices() -> list[tuple[str, str, bool]]:
 
 @st.cache_data(show_spinner=False)
 def _concept_sets() -> list[str]:
-    try:
-        from neuroviz.concepts import list_concept_sets
+    from neuroviz.concepts import list_concept_sets
 
-        return list_concept_sets()
-    except ImportError:
-        return ["words20k"]
+    return list_concept_sets()
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def _model_layers(spec: str) -> tuple[list[str], list[str]]:
-    """(all hookable layer names, suggested layers) of a model spec."""
-    model = context.cached_model(spec)
-    return [layer.name for layer in model.layers()], list(model.suggested_layers())
+def _model_layers(sel: context.Selection, model: str) -> None:
+    """The model's layers as `python -m neuroviz layers` lists them, from a background job:
+    loading a model takes seconds (and torch, which pages never import)."""
+    job = jobs_ui.job_button(sel.store, "List the model's layers", LayersRequest(model), key=f"layers_{model}",
+                             done_message="The model's layers (* = suggested, the default when none is typed):")
+    if job is not None and job.status == "done":
+        st.code(jobs.job_log(sel.store, job.job_id, tail=2000), language=None)
 
 
-def _cache_overview(ws: context.Workspace) -> None:
-    cat = ws.catalog
+def _cache_overview(sel: context.Selection) -> None:
+    cat = sel.catalog
     st.subheader("What is cached")
     if not cat.runs:
         guard.empty_cache_notice()
@@ -62,52 +62,40 @@ def _cache_overview(ws: context.Workspace) -> None:
             st.dataframe(labels, hide_index=True, width="stretch")
 
 
-def _extract_form(ws: context.Workspace) -> None:
+def _extract_form(sel: context.Selection) -> None:
     st.subheader("Extract activations")
-    model = st.text_input("Model", value=ws.model_spec, key="ws_extract_model",
+    model = st.text_input("Model", value=sel.model_spec, key="ws_extract_model", placeholder="e.g. offline:mobilenet_v2",
                           help="offline:mobilenet_v2 (real ImageNet weights, offline), offline:efficientnet_lite0, "
                                "torchvision:resnet18@random, timm:..., open_clip:ViT-B-32@random, custom:pkg.mod:factory")
-    probe = st.text_input("Probe set", value=jobs_ui.probe_cli_arg(ws), key="ws_extract_probe",
+    probe = st.text_input("Probe set", value=jobs_ui.probe_cli_arg(sel), key="ws_extract_probe",
                           help="'demo', an image folder (searched recursively), or a .txt/.csv list of image paths")
-    layers: list[str] = []
-    suggested: list[str] = []
-    if st.toggle("Choose layers from the model's list (loads the model)", key="ws_load_layers"):
-        with guard.friendly_errors("the model's layers"):
-            all_layers, suggested = _model_layers(model)
-            layers = st.multiselect("Layers", all_layers, default=[l for l in suggested if l in all_layers],
-                                    key=f"ws_layers_{model}")
-    else:
-        typed = st.text_input("Layers (comma-separated; empty = the model's suggested layers)", key="ws_layers_typed",
-                              placeholder="e.g. features.14,features.18")
-        layers = [l.strip() for l in typed.split(",") if l.strip()]
+    typed = st.text_input("Layers (comma-separated; empty = the model's suggested layers)", key="ws_layers_typed",
+                          placeholder="e.g. features.14,features.18")
+    layers = tuple(l.strip() for l in typed.split(",") if l.strip())
+    if model.strip():
+        with st.expander("The model's layers"):
+            _model_layers(sel, model.strip())
     c1, c2, c3 = st.columns(3)
     pooling = c1.selectbox("Pooling", POOLINGS, key="ws_pooling")
     k = c2.number_input("Top images kept per neuron", 10, 500, 50, step=10, key="ws_k")
     batch = c3.number_input("Batch size", 1, 512, 32, key="ws_batch")
-    argv = ["extract", model.strip(), "--probe", probe.strip(), "--pooling", pooling, "--k", str(int(k)),
-            "--batch-size", str(int(batch))]
-    if layers:
-        argv += ["--layers", ",".join(layers)]
     if not model.strip() or not probe.strip():
         st.warning("Give a model spec and a probe set.")
         return
-    jobs_ui.job_button(ws.store, "Start extraction", "extract", argv, key="extract",
+    request = ExtractRequest(model.strip(), probe.strip(), layers, pooling, int(k), int(batch))
+    jobs_ui.job_button(sel.store, "Start extraction", request, key="extract",
                        done_message="Extraction finished: pick the layer in the sidebar.")
 
 
-def _label_form(ws: context.Workspace) -> None:
+def _label_form(sel: context.Selection) -> None:
     st.subheader("Label neurons")
-    if not ws.runs:
+    if not sel.runs:
         st.caption("Extract a layer first.")
         return
-    methods = []
-    with guard.friendly_errors("the method list"):
-        methods = _method_choices()
-    if not methods:
-        return
+    methods = _method_choices()
     titles = {n: t for n, t, _ in methods}
     slow = {n for n, _, per in methods if per}
-    layers = st.multiselect("Layers", [r.layer for r in ws.runs], default=[ws.layer] if ws.layer else [], key="ws_label_layers")
+    layers = st.multiselect("Layers", [r.layer for r in sel.runs], default=[sel.layer] if sel.layer else [], key="ws_label_layers")
     chosen = st.multiselect("Methods", [n for n, _, _ in methods], default=[n for n, _, _ in methods if n not in slow][:2],
                             format_func=lambda n: titles[n] + (" (slow: per neuron)" if n in slow else ""), key="ws_label_methods")
     neurons = st.text_input("Neurons (empty = all; slow methods are best run on a few, e.g. 0-15)", key="ws_label_neurons")
@@ -118,45 +106,40 @@ def _label_form(ws: context.Workspace) -> None:
     if not layers or not chosen:
         st.caption("Pick at least one layer and one method.")
         return
-    argv = ["label", ws.model_spec, "--probe", jobs_ui.probe_cli_arg(ws), "--layers", ",".join(layers),
-            "--methods", ",".join(chosen)]
-    if neurons.strip():
-        argv += ["--neurons", neurons.strip().replace(" ", "")]
-    if concepts:
-        argv += ["--concepts", concepts]
     if slow & set(chosen) and not neurons.strip():
         st.warning(f"{', '.join(titles[m] for m in slow & set(chosen))} takes seconds per neuron; "
                    "labelling a whole layer may take hours.")
-    jobs_ui.job_button(ws.store, "Start labelling", "label", argv, key="label",
+    request = LabelRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), tuple(layers), tuple(chosen), neurons, concepts or None)
+    jobs_ui.job_button(sel.store, "Start labelling", request, key="label",
                        done_message="Labelling finished: the labels are on the browser and neuron pages.")
 
 
-def _demo_button(ws: context.Workspace) -> None:
+def _demo_button(sel: context.Selection) -> None:
     with st.container(border=True):
         st.markdown("**Demo workspace**: build the demo probe set, extract the demo model and label it.")
-        jobs_ui.job_button(ws.store, "Build the demo", "demo", ["demo"], key="demo",
+        jobs_ui.job_button(sel.store, "Build the demo", DemoRequest(), key="demo",
                            done_message="The demo is ready: open the Layer browser.")
 
 
 def body() -> None:
-    ws = context.workspace_from_state()
+    sel = context.selection_from_state()
     st.title("Workspace & jobs")
-    st.caption(f"Cache folder: `{ws.store.root}`")
+    st.caption(f"Cache folder: `{sel.store.root}`")
     left, right = st.columns([3, 2], gap="large")
     with left:
-        _cache_overview(ws)
-        if not ws.catalog.runs:
-            _demo_button(ws)
+        _cache_overview(sel)
+        if not sel.catalog.runs:
+            _demo_button(sel)
         tab_extract, tab_label = st.tabs(["Extract", "Label"])
         with tab_extract:
-            _extract_form(ws)
+            _extract_form(sel)
         with tab_label:
-            _label_form(ws)
+            _label_form(sel)
     with right:
         st.subheader("Jobs")
         st.caption("Jobs run in their own processes; closing the browser does not stop them. "
                    "A cancelled or interrupted job resumes when started again.")
-        jobs_ui.jobs_panel(ws.store)
+        jobs_ui.jobs_panel(sel.store)
 
 
 shell.owner_page()

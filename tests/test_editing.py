@@ -200,7 +200,52 @@ def test_label_mapping_uses_the_head_noun():
     assert editing.map_labels_to_classes(["lemon"], None) == [None]
 
 
-def test_editing_page_evaluates_and_saves_an_edit(workspace, monkeypatch):
+def test_evaluations_are_stored_and_found_without_the_model(workspace):
+    """The Editing page shows an `edit` job's result: every comparison (and each random
+    group's) is stored by what the edit does, the weights and the images, never by name."""
+    store, probed, ps = workspace["store"], workspace["model"], workspace["probe_set"]
+    edit = editing.make_edit("stored", probed.spec, {"layer4": [1, 5, 9]}, "mean", store, ps.id)
+    assert editing.stored_comparison(store, edit, probed.weights_id, ps.id, 7) is None
+    cmp = editing.evaluate_edit(probed, edit, ps, store, max_images=7)
+    renamed = editing.make_edit("another name", probed.spec, {"layer4": [9, 5, 1]}, "mean", store, ps.id)
+    found = editing.stored_comparison(store, renamed, probed.weights_id, ps.id, 7)
+    assert found.summary() == cmp.summary() and found.changed == cmp.changed
+    assert found.per_class.to_dict("records") == cmp.per_class.to_dict("records")
+    assert editing.stored_comparison(store, edit, probed.weights_id, ps.id, None) is None  # other images
+    assert editing.stored_comparison(store, edit, "other-weights", ps.id, 7) is None
+    sizes = {"layer4": 512}
+    assert editing.stored_controls(store, edit, probed.weights_id, ps.id, 7, 2, sizes) is None
+    controls = editing.evaluate_controls(probed, edit, ps, store, n_groups=2, max_images=7)
+    again = editing.stored_controls(store, edit, probed.weights_id, ps.id, 7, 2, sizes)
+    assert [c.summary() for c in again] == [c.summary() for c in controls]
+
+
+def _wait_for(store, job_id: str):
+    import time
+
+    from neuroviz import jobs
+
+    deadline = time.time() + 300
+    while not (job := jobs.read_job(store, job_id)).finished and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.status == "done", jobs.job_log(store, job_id)
+    return job
+
+
+def _start_evaluation(at, store, model_spec: str):
+    """Click the page's evaluate button; the `edit` job it started, once finished."""
+    from neuroviz import jobs
+
+    before = {j.job_id for j in jobs.list_jobs(store)}
+    (start,) = [b for b in at.button if b.key and b.key.startswith("start_editing_")]
+    start.click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    (job,) = [j for j in jobs.list_jobs(store) if j.job_id not in before]
+    assert job.kind == "edit" and job.argv[:2] == ["edit", model_spec]
+    return _wait_for(store, job.job_id)
+
+
+def test_editing_page_evaluates_as_a_job_and_saves_an_edit(workspace, monkeypatch):
     from tests.conftest import dashboard_env, open_page
 
     store = workspace["store"]
@@ -209,7 +254,10 @@ def test_editing_page_evaluates_and_saves_an_edit(workspace, monkeypatch):
     at.radio(key="editing_source_radio").set_value("list").run()
     at.text_area(key="editing_list").input("layer4:" + ",".join(map(str, range(0, 512, 2)))).run()
     at.number_input(key="editing_max_images").set_value(10).run()
-    at.button(key="editing_run").click().run()
+    assert not at.metric, "nothing is evaluated before the button"
+    job = _start_evaluation(at, store, workspace["model"].spec)
+    assert "--neurons" in job.argv and job.argv[job.argv.index("--max-images") + 1] == "10"
+    at.run()  # the job's comparison is in the store now
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Accuracy"] == "n/a" and metrics["Same top-1 as before"].endswith("%")
@@ -218,7 +266,10 @@ def test_editing_page_evaluates_and_saves_an_edit(workspace, monkeypatch):
 
     assert control_tables() == []  # no controls asked for
     at.number_input(key="editing_controls").set_value(2).run()
-    at.button(key="editing_run").click().run()
+    assert not at.metric, "the random groups are not evaluated yet"
+    job = _start_evaluation(at, store, workspace["model"].spec)
+    assert job.argv[job.argv.index("--random-groups") + 1] == "2"
+    at.run()
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     (table,) = control_tables()
     assert list(table["measure"][:2]) == ["images changed", "agreement"] and (table["random max"] >= table["random min"]).all()

@@ -159,6 +159,24 @@ def test_browser_agreement_filter_and_sort(dash):
     assert card_neurons(at)[:3] == best[:3]
 
 
+def test_browser_agreement_by_meaning(dash):
+    """Agreement by meaning embeds the labels with the library's MiniLM: it can only find more
+    agreeing neurons than equal text does (equal texts have cosine 1)."""
+    def matching() -> int:
+        (caption,) = [c.value for c in at.caption if "neurons match" in c.value]
+        return int(caption.split()[0])
+
+    at = app(layer="layer2")
+    at.run()
+    at.selectbox(key="browser_agree").set_value("agree").run()
+    by_text = matching()
+    at.toggle(key="browser_meaning").set_value(True).run()
+    assert_clean(at)
+    at.slider(key="browser_threshold").set_value(0.5).run()
+    assert_clean(at)
+    assert 0 < by_text <= matching()
+
+
 def test_sidebar_layer_choice_changes_the_grid_and_url(dash):
     at = app()
     at.run()

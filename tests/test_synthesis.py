@@ -171,9 +171,10 @@ def test_cli_writes_a_grid_and_reports_errors(tiny_workspace, tmp_path, capsys):
     assert "there is no neuron 9999" in capsys.readouterr().err
 
 
-def test_cli_argv_round_trips_the_request_and_key(tiny_workspace):
+def test_job_request_round_trips_the_request_and_key(tiny_workspace):
     from neuroviz.cli import build_parser
     from neuroviz.cli.synthesize import request_from_args
+    from neuroviz.requests import SynthesizeRequest
 
     ws = tiny_workspace
     run = ws["runs"]["layer2"]
@@ -181,12 +182,12 @@ def test_cli_argv_round_trips_the_request_and_key(tiny_workspace):
                    also=(S.NeuronTarget("layer4", 2, (0.25,)),), config=dict(lr=0.013))
     req = dataclasses.replace(req, config=dataclasses.replace(req.config, check_every=S.SynthesisConfig().check_every,
                                                               min_steps=S.SynthesisConfig().min_steps))
-    argv = S.cli_argv(req, run.model_spec, run.run_key)
+    argv = SynthesizeRequest(req, run.model_spec, run.run_key).argv()
     args = build_parser().parse_args(argv)
     assert request_from_args(args) == req
     assert S.plan_synthesis(None, request_from_args(args), ws["store"], run).key == S.plan_synthesis(ws["model"], req, ws["store"], run).key
     with pytest.raises(ValueError, match="cannot set check_every"):
-        S.cli_argv(req.with_config(check_every=3), run.model_spec, run.run_key)
+        SynthesizeRequest(req.with_config(check_every=3), run.model_spec, run.run_key).argv()
 
 
 # -- the page ----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ or opening the database more than once.
 from __future__ import annotations
 
 import html
-import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -16,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from neuroviz import images
@@ -25,85 +23,40 @@ from ui import data
 
 MOSAIC_IMAGES = 9
 MOSAIC_TILE = images.CARD_TILE
-_prerender_lock = threading.Lock()  # guards the sets of started background threads
+_prerender_lock = threading.Lock()  # guards the set of started prerender threads
 
 
 # -- the model's view of the probe images --------------------------------------------------------
-def run_geometry(store: Store, run: RunInfo) -> images.ViewGeometry:
-    """How the run's model cropped its inputs; the ImageNet default (224 of 256) until known.
+UNKNOWN_GEOMETRY_NOTE = ("Maps are aligned assuming the usual ImageNet crop (224 of 256): this run was extracted "
+                         "before neuroviz recorded each model's crop, and its preprocessing is not a usual one. "
+                         "Extract the layer again to align them exactly.")
 
-    The geometry is learnt once per preprocessing id (see :func:`learn_geometry`) and kept as
-    a small record, so pages never load a model just to draw a picture.
+
+def run_geometry(store: Store, run: RunInfo) -> images.ViewGeometry:
+    """How the run's model cropped its inputs, so pictures show what the model saw.
+
+    Extraction records it (``images.record_view``); for older runs it is derived from the
+    preprocessing id without a model (``images.derived_view``); else the ImageNet default.
     """
-    return _recorded_view(str(store.root), data.db_version(store), run.preprocess_id) or images.IMAGENET_VIEW
+    return _view(str(store.root), data.db_version(store), run.preprocess_id) or images.IMAGENET_VIEW
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
-def _recorded_view(root: str, version: tuple, preprocess_id: str) -> images.ViewGeometry | None:
-    return images.recorded_view(data._store_for(root), preprocess_id)
+def _view(root: str, version: tuple, preprocess_id: str) -> images.ViewGeometry | None:
+    return images.recorded_view(data.get_store(root), preprocess_id) or _derived_view(preprocess_id)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _derived_view(preprocess_id: str) -> images.ViewGeometry | None:
+    return images.derived_view(preprocess_id)  # a pure function of the id: computed once per process
 
 
 def geometry_known(store: Store, run: RunInfo) -> bool:
-    return _recorded_view(str(store.root), data.db_version(store), run.preprocess_id) is not None
-
-
-def learn_geometry(store: Store, run: RunInfo, model=None) -> images.ViewGeometry | None:
-    """Load the run's model once to find its exact crop (image and resize sizes) and record it:
-    for caches extracted before extraction recorded it (see ``images.record_view``).
-
-    Runs extracted at a custom image size are matched by trying the usual sizes: the stored
-    preprocess id is a hash, so the only way back is to recompute it.
-    """
-    if model is None:
-        from neuroviz.models import create
-
-        model = create(run.model_spec)
-    base = model.preprocessing
-    candidates = [base] + [base.scaled(s) for s in (32, 48, 64, 96, 112, 128, 160, 192, 224, 240, 256, 288, 299, 320, 336, 384, 448, 512)]
-    for prep in candidates:
-        if prep.id == run.preprocess_id:
-            return images.record_view(store, prep)
-    return None
-
-
-_learning: set[str] = set()
-
-
-def learn_geometry_in_background(store: Store, run: RunInfo) -> bool:
-    """Start :func:`learn_geometry` in a thread (once per preprocessing), so a page never
-    waits seconds for a model load; pictures use the ImageNet crop until it is known, which
-    is exact for ImageNet-style models and close for most others. Returns whether started."""
-    with _prerender_lock:
-        if run.preprocess_id in _learning:
-            return False
-        _learning.add(run.preprocess_id)
-
-    def work() -> None:
-        try:
-            learn_geometry(store, run)
-        except Exception:  # a model that cannot load here: keep the default crop
-            logging.getLogger("neuroviz.ui").info("could not learn the crop of %s", run.model_spec, exc_info=True)
-
-    threading.Thread(target=work, name=f"geometry-{run.preprocess_id}", daemon=True).start()
-    return True
+    """Whether :func:`run_geometry` is the run's own crop rather than the ImageNet guess."""
+    return _view(str(store.root), data.db_version(store), run.preprocess_id) is not None
 
 
 # -- labels -------------------------------------------------------------------------------------
-def top_labels(labels: pd.DataFrame, methods: Sequence[str]) -> dict[int, dict[str, dict]]:
-    """neuron -> method -> {label, score, calibrated, backend} of each method's answer (rank 0)."""
-    if labels.empty:
-        return {}
-    top = labels[(labels["rank"] == 0) & labels["method"].isin(list(methods))]
-    out: dict[int, dict[str, dict]] = {}
-    for row in top.itertuples(index=False):
-        out.setdefault(int(row.neuron), {})[row.method] = {
-            "label": str(row.label), "score": float(row.score),
-            "calibrated": None if row.calibrated is None or (isinstance(row.calibrated, float) and math.isnan(row.calibrated)) else float(row.calibrated),
-            "backend": str(row.backend or ""),
-        }
-    return out
-
-
 def format_score(score: float | None) -> str:
     if score is None or (isinstance(score, float) and not math.isfinite(score)):
         return "–"
@@ -140,27 +93,6 @@ CARD_CSS = """
 
 def inject_css() -> None:
     st.html(CARD_CSS)
-
-
-def normalised(text: str) -> str:
-    return " ".join(str(text).lower().replace("_", " ").split())
-
-
-def agreement(entries: dict[str, dict], methods: Sequence[str], similar: dict[tuple[str, str], float] | None = None,
-              threshold: float = 0.8) -> bool | None:
-    """Whether the methods gave the same answer: equal text, or (with ``similar``, a cosine
-    per pair of normalised labels) every pair above ``threshold``. None with < 2 labels."""
-    labels = [normalised(entries[m]["label"]) for m in methods if m in entries]
-    if len(labels) < 2:
-        return None
-    for i in range(len(labels)):
-        for j in range(i + 1, len(labels)):
-            a, b = labels[i], labels[j]
-            if a == b:
-                continue
-            if similar is None or similar.get((a, b), similar.get((b, a), 0.0)) < threshold:
-                return False
-    return True
 
 
 # -- pictures -------------------------------------------------------------------------------------

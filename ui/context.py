@@ -6,22 +6,19 @@ One source of truth lives in ``st.session_state["nv_selection"]``. The sidebar w
 (a deep link, a card link) and rewritten after every run, so the address bar always names
 what is on screen and a copied URL opens exactly that neuron.
 
-Pages call :func:`workspace_from_state` and never touch these keys themselves.
+Pages call :func:`selection_from_state` and never touch these keys themselves.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-from neuroviz.store import DEFAULT_CACHE, RunInfo, Store
+from neuroviz.store import RunInfo, Store
 from ui import data
 
-DEMO_MODEL = "offline:mobilenet_v2"
 DEMO_PROBE = "demo"
 QUERY_KEYS = ("model", "probe", "layer", "neuron")
 _STATE = "nv_selection"
@@ -29,11 +26,12 @@ _LAST_URL = "nv_last_url"
 
 
 @dataclass
-class Workspace:
-    """What the user is looking at: resolved against the cache, ready to draw."""
+class Selection:
+    """What the user is looking at (model, probe set, layer, neuron, methods), resolved
+    against the cache, ready to draw."""
 
     store: Store
-    model_spec: str
+    model_spec: str  # "" while the cache holds no run
     probe_spec: str  # what the user typed/chose: "demo", a probe set id or name, or a folder
     probe_set_id: str | None  # the probe set of the cached runs (None when nothing is extracted)
     layer: str | None
@@ -54,47 +52,15 @@ class Workspace:
     def available_methods(self) -> list[str]:
         return list(self.catalog.methods_by_run.get(self.run.run_key, [])) if self.run else []
 
-    def url(self, neuron: int | None = None, **extra: Any) -> str:
-        """Query string naming this selection (and ``neuron``), for links and copy/paste."""
-        from urllib.parse import urlencode
-
-        params = self.query_params(neuron)
-        params.update({k: str(v) for k, v in extra.items() if v is not None})
-        return "?" + urlencode(params)
-
     def query_params(self, neuron: int | None = None) -> dict[str, str]:
-        params = {"model": self.model_spec, "probe": self.probe_spec}
+        """The URL's query parameters naming this selection (and ``neuron``)."""
+        params = {"model": self.model_spec, "probe": self.probe_spec} if self.model_spec else {"probe": self.probe_spec}
         if self.layer:
             params["layer"] = self.layer
         n = self.neuron if neuron is None else neuron
         if n is not None:
             params["neuron"] = str(int(n))
         return params
-
-
-# -- cached resources -----------------------------------------------------------------------
-def cache_root() -> Path:
-    """The cache folder: $NEUROVIZ_CACHE when set (read now, not at import), else ./cache."""
-    env = os.environ.get("NEUROVIZ_CACHE")
-    return Path(env) if env else DEFAULT_CACHE
-
-
-@st.cache_resource(show_spinner=False)
-def _store(root: str) -> Store:
-    return Store(root)
-
-
-def get_store(root: str | Path | None = None) -> Store:
-    """The Store of the cache folder, shared by every session (it holds no open connection)."""
-    return _store(str(root or cache_root()))
-
-
-@st.cache_resource(show_spinner="Loading the model (first use only)...", max_entries=3)
-def cached_model(spec: str):
-    """A ProbedModel, created once per process: loading weights takes seconds."""
-    from neuroviz import models
-
-    return models.create(spec)
 
 
 # -- selection state ------------------------------------------------------------------------
@@ -141,12 +107,12 @@ def _read_url_if_changed() -> None:
     st.session_state[_LAST_URL] = {k: v for k, v in current.items() if v is not None}
 
 
-def write_url(ws: Workspace, with_neuron: bool = True) -> None:
+def write_url(sel: Selection, with_neuron: bool = True) -> None:
     """Make the address bar name the current selection (other query keys are kept).
 
     Pages that do not show one neuron leave it out, so reloading them does not jump to it.
     """
-    wanted = ws.query_params()
+    wanted = sel.query_params()
     if not with_neuron:
         wanted.pop("neuron", None)
     try:
@@ -187,16 +153,18 @@ def probe_label(cat: data.Catalog, probe_set_id: str) -> str:
 
 
 def default_model(cat: data.Catalog) -> str:
-    """The demo model when it has runs, else the model of the newest run, else the demo model."""
-    specs = cat.model_specs()
-    if DEMO_MODEL in specs or not specs:
-        return DEMO_MODEL
-    return cat.runs[-1].model_spec
+    """The model of the demo probe set's runs (the demo workspace's model), else the model
+    of the newest run, else "" (nothing extracted yet)."""
+    demo = [p["probe_set_id"] for p in cat.probe_sets if p["name"] == DEMO_PROBE]
+    on_demo = [r.model_spec for r in cat.runs if r.probe_set_id in demo]
+    if on_demo:
+        return on_demo[0]
+    return cat.runs[-1].model_spec if cat.runs else ""
 
 
-def workspace_from_state() -> Workspace:
+def selection_from_state() -> Selection:
     """The current selection, resolved against the cache. Safe to call many times per run."""
-    store = get_store()
+    store = data.get_store()
     _read_url_if_changed()
     sel = _selection()
     cat = data.catalog(store)
@@ -214,7 +182,7 @@ def workspace_from_state() -> Workspace:
         neuron = None
     have = cat.methods_by_run.get(run.run_key, []) if run else []
     methods = [m for m in (sel["methods"] if sel["methods"] is not None else have) if m in have]
-    return Workspace(store, model_spec, probe_spec, probe_set_id, layer, run, neuron, methods, cat)
+    return Selection(store, model_spec, probe_spec, probe_set_id, layer, run, neuron, methods, cat)
 
 
 def select(**changes: Any) -> None:
@@ -254,43 +222,43 @@ def _on_widget(key: str) -> None:
         sel["neuron"] = None
 
 
-def draw_sidebar(with_neuron: bool = True) -> Workspace:
-    """Model, probe set, layer and methods pickers in the sidebar; returns the workspace."""
-    ws = workspace_from_state()
-    cat = ws.catalog
+def draw_sidebar(with_neuron: bool = True) -> Selection:
+    """Model, probe set, layer and methods pickers in the sidebar; returns the selection."""
+    sel = selection_from_state()
+    cat = sel.catalog
     with st.sidebar:
-        st.markdown("### Workspace")
-        models = list(dict.fromkeys([ws.model_spec, *cat.model_specs(), DEMO_MODEL]))
-        _bound("model", ws.model_spec)
+        st.markdown("### Selection")
+        models = [m for m in dict.fromkeys([sel.model_spec, *cat.model_specs()]) if m]
+        _bound("model", sel.model_spec or None)
         st.selectbox("Model", models, key="_w_model", accept_new_options=True, on_change=_on_widget, args=("model",),
                      help="A model spec such as offline:mobilenet_v2 or torchvision:resnet18@random. "
                           "Type a new one to extract it on the Workspace page.")
-        probe_ids = list(dict.fromkeys(r.probe_set_id for r in cat.runs_for(ws.model_spec)))
-        probe_opts = list(dict.fromkeys([probe_label(cat, p) for p in probe_ids] + [ws.probe_spec]))
-        _bound("probe", ws.probe_spec)
+        probe_ids = list(dict.fromkeys(r.probe_set_id for r in cat.runs_for(sel.model_spec)))
+        probe_opts = list(dict.fromkeys([probe_label(cat, p) for p in probe_ids] + [sel.probe_spec]))
+        _bound("probe", sel.probe_spec)
         if st.session_state.get("_w_probe") not in probe_opts:
-            st.session_state["_w_probe"] = ws.probe_spec
+            st.session_state["_w_probe"] = sel.probe_spec
         st.selectbox("Probe set", probe_opts, key="_w_probe", on_change=_on_widget, args=("probe",),
                      format_func=lambda p: _probe_caption(cat, p),
                      help="Probe sets this model was extracted over. Extract over a new image folder on the Workspace page.")
-        layers = [r.layer for r in ws.runs]
+        layers = [r.layer for r in sel.runs]
         if layers:
             if st.session_state.get("_w_layer") not in layers:
-                st.session_state["_w_layer"] = ws.layer
+                st.session_state["_w_layer"] = sel.layer
             st.selectbox("Layer", layers, key="_w_layer", on_change=_on_widget, args=("layer",),
-                         format_func=lambda name: _layer_caption(ws, name))
+                         format_func=lambda name: _layer_caption(sel, name))
         else:
             st.caption("No layer of this model is extracted over this probe set yet.")
-        have = ws.available_methods
+        have = sel.available_methods
         if have:
-            wanted = [m for m in ws.methods if m in have]
+            wanted = [m for m in sel.methods if m in have]
             if st.session_state.get("_w_methods") is None or not set(st.session_state["_w_methods"]) <= set(have):
                 st.session_state["_w_methods"] = wanted
             st.multiselect("Methods shown", have, key="_w_methods", format_func=data.method_title,
                            on_change=_on_widget, args=("methods",))
-    ws = workspace_from_state()
-    write_url(ws, with_neuron=with_neuron)
-    return ws
+    sel = selection_from_state()
+    write_url(sel, with_neuron=with_neuron)
+    return sel
 
 
 def _probe_caption(cat: data.Catalog, label: str) -> str:
@@ -300,25 +268,25 @@ def _probe_caption(cat: data.Catalog, label: str) -> str:
     return label
 
 
-def _layer_caption(ws: Workspace, name: str) -> str:
-    run = next((r for r in ws.runs if r.layer == name), None)
+def _layer_caption(sel: Selection, name: str) -> str:
+    run = next((r for r in sel.runs if r.layer == name), None)
     if run is None:
         return name
-    n_methods = len(ws.catalog.methods_by_run.get(run.run_key, []))
+    n_methods = len(sel.catalog.methods_by_run.get(run.run_key, []))
     return f"{name} · {run.n_neurons} neurons" + (f" · {n_methods} methods" if n_methods else "")
 
 
-def neuron_input(ws: Workspace, label: str = "Neuron", container: Any = None) -> int | None:
+def neuron_input(sel: Selection, label: str = "Neuron", container: Any = None) -> int | None:
     """A number input bound to the selected neuron (the URL follows it)."""
-    if ws.run is None:
+    if sel.run is None:
         return None
     where = container or st
-    wkey = _bound("neuron", ws.neuron if ws.neuron is not None else 0)
+    wkey = _bound("neuron", sel.neuron if sel.neuron is not None else 0)
     current = st.session_state.get(wkey)
-    if not isinstance(current, int) or not 0 <= current < ws.run.n_neurons:
-        st.session_state[wkey] = ws.neuron if ws.neuron is not None else 0
-    value = where.number_input(label, min_value=0, max_value=ws.run.n_neurons - 1, step=1, key=wkey,
-                               on_change=_on_neuron_widget, help=f"0..{ws.run.n_neurons - 1} in layer {ws.layer}")
+    if not isinstance(current, int) or not 0 <= current < sel.run.n_neurons:
+        st.session_state[wkey] = sel.neuron if sel.neuron is not None else 0
+    value = where.number_input(label, min_value=0, max_value=sel.run.n_neurons - 1, step=1, key=wkey,
+                               on_change=_on_neuron_widget, help=f"0..{sel.run.n_neurons - 1} in layer {sel.layer}")
     return int(value)
 
 

@@ -13,35 +13,45 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neuroviz.store import RunInfo, Store, _run_info
+from neuroviz.store import DEFAULT_CACHE, RunInfo, Store, _run_info
 
-#: Display names of the methods known at the time of writing; the registry's titles win
-#: when the method modules are already imported (importing them pulls in torch, which a
-#: page should not pay for just to print a name).
-METHOD_TITLES = {
-    "clip_dissect": "CLIP-Dissect",
-    "milan": "MILAN-style PMI",
-    "dnd": "Describe-and-Dissect",
-    "netdissect": "Network Dissection",
-    "synthesis": "Inverse-set synthesis",
-}
+IMPORTED_PREFIX = "imported:"  # labels stored by `python -m neuroviz import` (see neuroviz.labels_io)
 
 
 def method_title(name: str) -> str:
-    """A readable name for a method key, without importing the method modules."""
-    import sys
+    """A readable name for a method key: the registry's title, "Imported (file)" for
+    imported labels, else the key itself (a method this checkout does not have)."""
+    from neuroviz.methods import get_method
 
-    if "neuroviz.methods.base" in sys.modules:
-        from neuroviz.methods.base import _REGISTRY
+    if name.startswith(IMPORTED_PREFIX):
+        return f"Imported ({name[len(IMPORTED_PREFIX):]})"
+    try:
+        return get_method(name).title or name
+    except KeyError:
+        return name
 
-        if name in _REGISTRY and _REGISTRY[name].title:
-            return _REGISTRY[name].title
-    return METHOD_TITLES.get(name, name)
+
+# -- the store ---------------------------------------------------------------------------------
+def cache_root() -> Path:
+    """The cache folder: $NEUROVIZ_CACHE when set (read now, not at import), else ./cache."""
+    env = os.environ.get("NEUROVIZ_CACHE")
+    return Path(env) if env else DEFAULT_CACHE
+
+
+@st.cache_resource(show_spinner=False)
+def _store(root: str) -> Store:
+    return Store(root)
+
+
+def get_store(root: str | Path | None = None) -> Store:
+    """The Store of the cache folder, shared by every session (it holds no open connection)."""
+    return _store(str(root or cache_root()))
 
 
 _VERSION_TTL = 0.25  # seconds a fingerprint is reused: one page run stats the files once
@@ -96,8 +106,6 @@ class Catalog:
 
 
 def _store_for(root: str) -> Store:
-    from ui.context import get_store
-
     return get_store(root)
 
 
@@ -205,18 +213,6 @@ def neuron_stats(store: Store, run_key: str) -> pd.DataFrame:
 def run_files(store: Store, run_key: str) -> ProbeFiles:
     """Paths, labels and ids of the run's probe images (index = row in activations)."""
     return run_tables(store, run_key).files
-
-
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _probe_files(root: str, version: tuple, probe_set_id: str) -> ProbeFiles:
-    rows = _store_for(root).query("SELECT path, label, image_id FROM probe_images WHERE probe_set_id = ? ORDER BY idx",
-                                  [probe_set_id])
-    return _files_from(rows)
-
-
-def probe_files(store: Store, probe_set_id: str) -> ProbeFiles:
-    """Paths, labels and ids of every image of a probe set (index = row in activations)."""
-    return _probe_files(str(store.root), db_version(store), probe_set_id)
 
 
 def top_rows(store: Store, run_key: str, neuron: int, k: int | None = None) -> list[dict]:

@@ -1,9 +1,11 @@
-"""Page bodies never show a traceback: known errors become messages that say what to do.
+"""Page bodies never show a traceback: errors a user can cause become messages that say what to do.
 
-``with friendly_errors():`` wraps a page body. Errors a user can cause (a locked cache, a
-model that will not load, a bad probe folder, an unknown layer, a bad value) become
-``st.error``/``st.warning`` with the library's own explanation. Anything else is a bug: it
-is logged with its traceback on the server and the page shows a short apology. Tests set
+``with friendly_errors():`` wraps a page body. Every user-facing error of the library derives
+from :class:`neuroviz.errors.NeurovizError` (a locked cache, a model that will not load, a bad
+probe folder, an unknown layer, a bad value), and problems of the cache folder on disk are
+OSErrors (a missing file, no permission, a full disk): both become ``st.error`` with the
+library's own explanation plus advice for the common kinds. Anything else is a bug: it is
+logged with its traceback on the server and the page shows a short apology. Tests set
 NEUROVIZ_UI_RAISE=1 so that bugs surface as AppTest exceptions instead of being hidden.
 """
 
@@ -17,42 +19,34 @@ from collections.abc import Iterator
 
 import streamlit as st
 
+from neuroviz.errors import NeurovizError
+
 log = logging.getLogger("neuroviz.ui")
+
+USER_ERRORS = (NeurovizError, OSError)
 
 EMPTY_CACHE_MESSAGE = (
     "No runs yet: start an extraction on the **Workspace** page, or run `python -m neuroviz demo` "
     "in a terminal to build the demo set, extract the demo model and label it."
 )
 
-
-def _known() -> tuple[type[BaseException], ...]:
-    """The library's user-facing error types (imported lazily: some pull in torch)."""
-    from neuroviz.db import DatabaseLockedError
-    from neuroviz.datasets import ProbeSetError
-    from neuroviz.hooks import UnknownLayerError
-
-    known: list[type[BaseException]] = [DatabaseLockedError, ProbeSetError, UnknownLayerError, ValueError,
-                                        FileNotFoundError, PermissionError]
-    for module, name in (("neuroviz.models", "ModelLoadError"), ("neuroviz.extract", "ExtractionError"),
-                         ("neuroviz.backends.base", "BackendUnavailable"), ("neuroviz.offline_weights", "OfflineAssetMissing")):
-        import sys
-
-        mod = sys.modules.get(module)  # only types whose module is loaded can have been raised
-        if mod is not None and hasattr(mod, name):
-            known.append(getattr(mod, name))
-    return tuple(known)
+# Advice by error type, matched by class name along the error's class hierarchy, so that the
+# modules defining them (some import torch) need not be imported here.
+ADVICE = {
+    "DatabaseLockedError": "A background job is writing to the cache. Wait for it on the Workspace page, then reload.",
+    "ModelLoadError": "Check the model spec; offline runs need the packaged weights (see \"Offline assets\" in the README).",
+    "OfflineAssetMissing": "Offline runs need the packaged weights (see \"Offline assets\" in the README).",
+    "BackendUnavailable": "Check the backend spec; offline runs need the packaged weights "
+                          "(see \"Offline assets\" in the README).",
+    "ProbeSetError": "Pick a probe set that exists: 'demo' (build it with `python -m neuroviz demo-set`) or an image folder.",
+    "UnknownLayerError": "Pick a layer from the sidebar list.",
+}
 
 
 def _advice(exc: BaseException) -> str:
-    name = type(exc).__name__
-    if name == "DatabaseLockedError":
-        return "A background job is writing to the cache. Wait for it on the Workspace page, then reload."
-    if name in ("ModelLoadError", "OfflineAssetMissing", "BackendUnavailable"):
-        return "Check the model or backend spec; offline runs need the packaged weights (see OFFLINE.md in the README)."
-    if name == "ProbeSetError":
-        return "Pick a probe set that exists: 'demo' (build it with `python -m neuroviz demo-set`) or an image folder."
-    if name == "UnknownLayerError":
-        return "Pick a layer from the sidebar list."
+    for cls in type(exc).__mro__:
+        if cls.__name__ in ADVICE:
+            return ADVICE[cls.__name__]
     return ""
 
 
@@ -66,7 +60,7 @@ def friendly_errors(what: str = "this page") -> Iterator[None]:
     started = time.perf_counter()
     try:
         yield
-    except _known() as exc:
+    except USER_ERRORS as exc:
         text = str(exc).strip("'\"") or type(exc).__name__
         advice = _advice(exc)
         st.error(f"Could not show {what}: {text}" + (f"\n\n{advice}" if advice else ""))

@@ -12,6 +12,7 @@ import time
 import streamlit as st
 
 from neuroviz import jobs
+from neuroviz.requests import JobRequest
 from neuroviz.store import Store
 from ui import context
 
@@ -19,18 +20,18 @@ STATUS_ICON = {"queued": ":material/schedule:", "running": ":material/progress_a
                "failed": ":material/error:", "cancelled": ":material/cancel:", "interrupted": ":material/warning:"}
 
 
-def probe_cli_arg(ws: context.Workspace) -> str:
+def probe_cli_arg(sel: context.Selection) -> str:
     """What the CLI's --probe needs to reopen this probe set: 'demo', a folder or a list file."""
-    ps = ws.catalog.probe_set(ws.probe_set_id) if ws.probe_set_id else None
+    ps = sel.catalog.probe_set(sel.probe_set_id) if sel.probe_set_id else None
     if ps is None:
-        return ws.probe_spec
+        return sel.probe_spec
     source = str(ps.get("source") or "")
     if source.startswith("demo:") or ps.get("name") == "demo":
         return "demo"
     for prefix in ("folder:", "list:"):
         if source.startswith(prefix):
             return source[len(prefix):]
-    return ws.probe_spec
+    return sel.probe_spec
 
 
 def command_line(argv: list[str]) -> str:
@@ -39,14 +40,7 @@ def command_line(argv: list[str]) -> str:
     return "python -m neuroviz " + " ".join(shlex.quote(a) for a in argv)
 
 
-def start(store: Store, kind: str, argv: list[str]) -> jobs.JobRecord:
-    """Start a job and remember it for this session (the Workspace page lists all jobs)."""
-    job = jobs.start_job(store, kind, argv)
-    st.session_state.setdefault("nv_my_jobs", []).insert(0, job.job_id)
-    return job
-
-
-def draw_job(store: Store, job: jobs.JobRecord, key: str, show_log: bool = True) -> None:
+def draw_job(store: Store, job: jobs.JobRecord, key: str) -> None:
     """One job: status, progress bar, message, cancel button, error and log."""
     icon = STATUS_ICON.get(job.status, "")
     title = f"{icon} **{job.kind}** `{job.job_id}` · {job.status}"
@@ -61,7 +55,7 @@ def draw_job(store: Store, job: jobs.JobRecord, key: str, show_log: bool = True)
         st.error(f"The job failed: {job.error or 'see the log'}")
     elif job.status in ("cancelled", "interrupted"):
         st.warning(job.message or job.status)
-    if show_log and (job.status == "failed" or not job.finished):
+    if job.status == "failed" or not job.finished:
         log = jobs.job_log(store, job.job_id, tail=15)
         if log:
             with st.expander("Log (last lines)"):
@@ -69,37 +63,38 @@ def draw_job(store: Store, job: jobs.JobRecord, key: str, show_log: bool = True)
 
 
 @st.fragment(run_every=1.0)
-def _poll(store: Store, job_id: str, key: str, done_message: str) -> None:
+def _poll(store: Store, job_id: str, key: str) -> None:
     job = jobs.read_job(store, job_id)
     if job is None:
         st.warning("The job record disappeared (was the cache cleared?).")
         return
     draw_job(store, job, key)
     if job.finished:
-        st.session_state[f"nv_job_done::{key}"] = job_id
         st.rerun(scope="app")  # one full rerun: new labels/runs show, polling stops
 
 
-def job_button(store: Store, label: str, kind: str, argv: list[str], key: str, done_message: str = "Done.") -> None:
-    """A button that starts ``python -m neuroviz <argv>`` and then shows its live progress."""
+def job_button(store: Store, label: str, request: JobRequest, key: str, done_message: str = "Done.") -> jobs.JobRecord | None:
+    """A button that starts ``python -m neuroviz <request.argv()>`` and then shows its live
+    progress; returns this button's latest job (None before the first click)."""
     state = f"nv_job::{key}"
     job_id = st.session_state.get(state)
     job = jobs.read_job(store, job_id) if job_id else None
     running = job is not None and not job.finished
     if st.button(label, key=f"start_{key}", disabled=running, type="primary"):
         with st.spinner("Starting..."):
-            job = start(store, kind, argv)
+            job = jobs.start_job(store, request.kind, request.argv())
         st.session_state[state] = job.job_id
         running = True
-    st.caption(f"`{command_line(argv)}`")
+    st.caption(f"`{command_line(request.argv())}`")
     if job is None:
-        return
+        return None
     if running:
-        _poll(store, job.job_id, key, done_message)
+        _poll(store, job.job_id, key)
     elif job.status == "done":
         st.success(done_message)
     else:
         draw_job(store, job, key)
+    return job
 
 
 @st.fragment(run_every=1.0)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
+from neuroviz.study import StudyError
+
 
 def parse_neuron_list(text: str, layers: dict[str, object], default_layer: str | None) -> list[tuple[str, int]]:
     """'layer4:3,5,10-12; layer2:7' or '3,5,7' (the current layer) -> [(layer, neuron)].
 
-    Raises ValueError naming the bad part, so the page can say exactly what to fix.
+    Raises StudyError (a ValueError) naming the bad part, so the page says exactly what to fix.
     """
     out: list[tuple[str, int]] = []
     for part in [p.strip() for p in text.replace("\n", ";").split(";") if p.strip()]:
@@ -17,7 +19,7 @@ def parse_neuron_list(text: str, layers: dict[str, object], default_layer: str |
         else:
             layer, numbers = default_layer, part
         if layer not in layers:
-            raise ValueError(f"Unknown layer '{layer}' in '{part}'; extracted layers: {', '.join(layers)}.")
+            raise StudyError(f"Unknown layer '{layer}' in '{part}'; extracted layers: {', '.join(layers)}.")
         for chunk in [c.strip() for c in numbers.split(",") if c.strip()]:
             try:
                 if "-" in chunk:
@@ -26,7 +28,7 @@ def parse_neuron_list(text: str, layers: dict[str, object], default_layer: str |
                 else:
                     out.append((layer, int(chunk)))
             except ValueError:
-                raise ValueError(f"'{chunk}' is not a neuron number or a range like 3-7.") from None
+                raise StudyError(f"'{chunk}' is not a neuron number or a range like 3-7.") from None
     return out
 
 

@@ -5,6 +5,11 @@ labels: ``LabelRow(neuron, rank, label, score, calibrated, extra)``. Its hyperpa
 live in one dataclass with the paper's defaults. The label key hashes the run, the method,
 its hyperparameters, the backends' ids and the concept set, so no label is computed twice
 and a changed input never serves a stale label.
+
+A method may also say how it looks at a neuron's activation maps (DnD's crops, MILAN's
+exemplar masks): :meth:`DescriptionMethod.overlays` returns :class:`Overlay` objects, and
+the neuron page offers every registered method's overlays, so a new method with an overlay
+touches no page.
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import NeurovizError
 from ..progress import Progress
 from ..provenance import provenance_key
 from ..registry import Registry
 from ..store import LabelRow, RunInfo, Store
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
 
 
 class MethodError(NeurovizError, ValueError):
@@ -63,6 +72,48 @@ class MethodContext:
         return "; ".join(f"{k}: {getattr(self, k).description}" for k in needs if getattr(self, k) is not None)
 
 
+class Overlay(ABC):
+    """One way to draw a neuron's activation maps over its top images (the model's view).
+
+    ``settings`` turns the neuron's maps (and its label's details from the overlay's method)
+    into the few numbers the pictures depend on; they also key the cached pictures, so they
+    must be JSON values. ``draw`` paints one image; ``caption`` says what the grid shows.
+    """
+
+    key: str = ""  # unique over every method's overlays, e.g. "crops"
+    title: str = ""  # the neuron page's name for it, e.g. "DnD crops"
+
+    def settings(self, maps: np.ndarray, run: RunInfo, extra: dict) -> dict:
+        """Per-neuron parameters from its top-k ``maps`` (k, h, w) and ``extra`` (the details of
+        the method's answer for this neuron, {} when it has none)."""
+        return {}
+
+    @abstractmethod
+    def draw(self, view: Image.Image, activation_map: np.ndarray, settings: dict) -> Image.Image:
+        """``view`` (one top image as the model saw it) with this overlay of ``activation_map``."""
+
+    def caption(self, settings: dict) -> str:
+        """One line under the grid saying what the overlay shows."""
+        return ""
+
+
+class HeatmapOverlay(Overlay):
+    """The map itself, blended over the image, on one colour scale for all the neuron's top
+    images (0, or the lowest value, to the highest value of its top maps): every neuron has it."""
+
+    key = "heatmap"
+    title = "Heatmaps"
+
+    def settings(self, maps: np.ndarray, run: RunInfo, extra: dict) -> dict:
+        return {"range": [min(0.0, float(maps.min())), float(maps.max())]}
+
+    def draw(self, view: Image.Image, activation_map: np.ndarray, settings: dict) -> Image.Image:
+        from ..crops import heatmap_overlay
+
+        low, high = settings["range"]
+        return heatmap_overlay(view, activation_map, 0.5, (low, high))
+
+
 class DescriptionMethod(ABC):
     """One description method. Subclasses set the class attributes and implement describe()."""
 
@@ -88,6 +139,10 @@ class DescriptionMethod(ABC):
     @abstractmethod
     def describe(self, ctx: MethodContext, config, neurons: Sequence[int]) -> list[LabelRow]:
         """Labels for ``neurons`` (rank 0 = the method's answer, then candidates)."""
+
+    def overlays(self) -> list[Overlay]:
+        """How this method draws a neuron's maps on its top images (none unless it says)."""
+        return []
 
 
 METHODS: Registry[DescriptionMethod] = Registry("description method")

@@ -30,16 +30,18 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..crops import Box, ProbeViews, otsu_crops
-from ..hooks import LayerRecorder, pool, to_batch_first
+from ..crops import Box, ProbeViews, draw_boxes, otsu_crops
 from ..store import LabelRow
-from .base import DescriptionMethod, MethodContext, register_method
+from .base import DescriptionMethod, MethodContext, Overlay, register_method
 from .milan import captions_of
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -264,6 +266,9 @@ class DescribeAndDissect(DescriptionMethod):
     per_neuron = True
     code_version = "2"  # 2: LM calls stop at the end of the answer line and reuse the prompt head
 
+    def overlays(self) -> list[Overlay]:
+        return [CropOverlay()]
+
     def describe(self, ctx: MethodContext, config: DnDConfig, neurons: Sequence[int]) -> list[LabelRow]:
         """Run the three steps for each neuron (slow: ~15 language-model calls per neuron)."""
         store, run = ctx.store, ctx.run
@@ -351,6 +356,10 @@ def neuron_activations(model, layer: str, pooling: str, neuron: int, images: Seq
     Images are normalised with the model's mean/std after resizing to its input square, so
     an exact model view gives the activation the run stored for that image.
     """
+    import torch  # here, not at the top: the pages import this module (overlays) and never run a model
+
+    from ..hooks import LayerRecorder, pool, to_batch_first
+
     prep = model.preprocessing
     layout = model.layer(layer).layout
     out = []
@@ -378,3 +387,18 @@ def _model_input(image: Image.Image, prep) -> torch.Tensor:
 def _score_dict(s: CandidateScore) -> dict:
     return {"concept": s.concept, "score": s.score, "concept_rank": s.concept_rank, "similarity": s.similarity,
             "activation_score": s.activation_score, "retrieved_image_idx": s.image_idx, "ranks": s.ranks}
+
+
+class CropOverlay(Overlay):
+    """DnD's step 1 on the neuron page: the crop boxes it would cut from each top image."""
+
+    key = "crops"
+    title = "DnD crops"
+
+    def draw(self, view: Image.Image, activation_map: np.ndarray, settings: dict) -> Image.Image:
+        cfg = DnDConfig()
+        return draw_boxes(view, otsu_crops(activation_map, view.size, cfg.max_crops_per_image, cfg.max_mutual_iou,
+                                           cfg.max_full_iou))
+
+    def caption(self, settings: dict) -> str:
+        return "DnD step 1: Otsu threshold of the upsampled map, boxes of its regions (at most 4, IoU rules of the paper)."

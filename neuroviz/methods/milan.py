@@ -43,10 +43,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
-from ..crops import ProbeViews, exemplar_mask, masked_region
-from ..store import LabelRow, Store
-from .base import DescriptionMethod, MethodContext, MethodError, register_method
+from ..crops import ProbeViews, exemplar_mask, mask_overlay, masked_region
+from ..store import LabelRow, RunInfo, Store
+from .base import DescriptionMethod, MethodContext, MethodError, Overlay, register_method
 
 NEURONS_PER_BATCH = 8  # exemplar images of this many neurons are encoded in one backend call
 
@@ -103,6 +104,27 @@ def spatial_quantile_threshold(top_maps: np.ndarray, n_images: int, quantile: fl
     m = math.ceil(round((1.0 - quantile) * n_images * maps.shape[1] * maps.shape[2], 6))
     m = min(max(m, 1), len(cells))
     return float(cells[m - 1])
+
+
+class ExemplarMaskOverlay(Overlay):
+    """MILAN's exemplar regions on the neuron page: each top image dimmed outside the part of
+    its map above the neuron's mask threshold (the one its label used, else MILAN's rule)."""
+
+    key = "masks"
+    title = "MILAN masks"
+
+    def settings(self, maps: np.ndarray, run: RunInfo, extra: dict) -> dict:
+        threshold = extra.get("mask_threshold")
+        if threshold is None:
+            threshold = spatial_quantile_threshold(maps, run.n_images, MilanConfig.mask_quantile)
+        return {"threshold": float(threshold)}
+
+    def draw(self, view: Image.Image, activation_map: np.ndarray, settings: dict) -> Image.Image:
+        return mask_overlay(view, exemplar_mask(activation_map, settings["threshold"], view.size))
+
+    def caption(self, settings: dict) -> str:
+        top = 100 * (1 - MilanConfig.mask_quantile)
+        return f"MILAN exemplar masks: the map above {settings['threshold']:.3g} (the neuron's top {top:g}% of map values)."
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -242,6 +264,9 @@ class MilanPMI(DescriptionMethod):
     needs = ("multimodal", "captioner", "language_model", "concepts")
     config_class = MilanConfig
     code_version = "1"
+
+    def overlays(self) -> list[Overlay]:
+        return [ExemplarMaskOverlay()]
 
     def describe(self, ctx: MethodContext, config: MilanConfig, neurons: Sequence[int]) -> list[LabelRow]:
         """Exemplars and masks -> candidates -> p(d|E) and p(d) -> PMI ranking, for ``neurons``."""
