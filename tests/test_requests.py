@@ -34,7 +34,7 @@ def test_label_request():
 
 
 def test_synthesize_request_round_trips_the_request():
-    from neuroviz.synthesis import request_from_args
+    from neuroviz.cli.synthesize import request_from_args
 
     request = SynthesisRequest(layer="layer2", neuron=3, levels=(1 / 3, 0.9), also=(NeuronTarget("layer4", 2, (0.25,)),),
                                n_samples=3, start="probe", seed=5, config=SynthesisConfig(steps=16, lr=0.013, image_size=64))
@@ -46,7 +46,7 @@ def test_synthesize_request_round_trips_the_request():
 
 
 def test_analyze_request_round_trips_both_configs():
-    from neuroviz.analysis import cli_analysis_config, cli_importance_config
+    from neuroviz.cli.analyze import analysis_config as cli_analysis_config, importance_config as cli_importance_config
 
     config = AnalysisConfig(counting="fractional", unlabelled="uninterpretable", min_calibrated=0.35, embedding_fallback=True)
     importance = ImportanceConfig(mode="mean", max_images=64, random_baseline=False)
