@@ -284,13 +284,14 @@ def test_twenty_concurrent_raters_lose_no_vote(workspace):
     assert st.study_progress(store, study.study_id).n_votes == 20
 
 
-HOLD_DB = """
-import sys, time, duckdb
-con = duckdb.connect(sys.argv[1])
+HOLD_WRITE_LOCK = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN IMMEDIATE")  # the study store's one write lock, as a long writer holds it
 print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
 released = time.time()
-con.close()
+con.execute("COMMIT")
 print(released, flush=True)
 """
 
@@ -300,7 +301,7 @@ def test_vote_waits_for_another_process_holding_the_database(workspace):
     study = _new_study(workspace, name="cross process", gold_items=0, per_layer=1)
     rater = st.register_rater(store, study.study_id, "Lee").rater_id
     task = st.next_item(store, study.study_id, rater)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_DB, str(st.studies_path(store)), "1.0"],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(st.studies_path(store)), "1.0"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -311,6 +312,28 @@ def test_vote_waits_for_another_process_holding_the_database(workspace):
         holder.wait(timeout=30)
     assert holder.returncode == 0
     assert voted_at >= released_at  # it waited for the other process instead of failing
+    assert st.study_progress(store, study.study_id).n_votes == 1
+
+
+def test_a_wait_past_the_timeout_is_a_clear_error_and_loses_nothing(workspace):
+    store = workspace["store"]
+    study = _new_study(workspace, name="busy", gold_items=0, per_layer=1)
+    rater = st.register_rater(store, study.study_id, "Max").rater_id
+    task = st.next_item(store, study.study_id, rater)
+    impatient = Store(store.root, lock_timeout=0.2)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(st.studies_path(store)), "3.0"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(st.StudiesBusyError) as caught:
+            st.submit_vote(impatient, study.study_id, rater, task.item_id, "A")
+        assert st.study_progress(impatient, study.study_id).n_votes == 0  # readers are never blocked
+    finally:
+        holder.wait(timeout=30)
+    message = str(caught.value)
+    assert "try again" in message and str(store.root) not in message and str(holder.pid) not in message
+    assert "studies.sqlite" not in message and "locked" not in message.lower()
+    st.submit_vote(impatient, study.study_id, rater, task.item_id, "A")  # once the writer is gone
     assert st.study_progress(store, study.study_id).n_votes == 1
 
 

@@ -24,7 +24,7 @@ PLUGINS = [
     "neuroviz.evaluate",
     "neuroviz.synthesis",
     "neuroviz.analysis",
-    "neuroviz.study",
+    "neuroviz.cli.study",
 ]
 
 
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         if hasattr(module, "register_cli"):
             module.register_cli(sub)
+        elif hasattr(module, "register"):  # command modules of this package
+            module.register(sub)
     return parser
 
 
