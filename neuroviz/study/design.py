@@ -347,8 +347,7 @@ def create_study(store: Store, name: str, items: Sequence[StudyItem | tuple[str,
               "notes": notes}
     study = storage.StudyRow(study_id, name.strip(), public_title, secrets.token_urlsafe(18), tuple(methods),
                              raters_per_item, n_images, seed, True, config, time.time(), len(rows), len(golds))
-    with storage.writing(store) as tables:
-        tables.insert_study(study, rows)
+    storage.write(store, lambda tables: tables.insert_study(study, rows))
     return get_study(store, study_id)
 
 
@@ -366,17 +365,21 @@ def list_studies(store: Store) -> list[Study]:
 
 def delete_study(store: Store, study_id: str) -> None:
     """Remove a study with its items, raters, orders, votes and ratings."""
-    with storage.writing(store) as tables:
+    def delete(tables: storage.StudyTables) -> None:
         require_study(tables, study_id)
         tables.delete_study(study_id)
+
+    storage.write(store, delete)
 
 
 def set_study_open(store: Store, study_id: str, is_open: bool) -> Study:
     """Close a study to stop new votes (e.g. when its link leaked), or reopen it."""
-    with storage.writing(store) as tables:
+    def update(tables: storage.StudyTables) -> Study:
         require_study(tables, study_id)
         tables.set_open(study_id, bool(is_open))
         return require_study(tables, study_id)
+
+    return storage.write(store, update)
 
 
 def study_items(store: Store, study_id: str):

@@ -131,15 +131,18 @@ def study_by_token(store: Store, token: str) -> RaterStudy | None:
 def register_rater(store: Store, study_id: str, name: str | None = None) -> Rater:
     """Register a rater (or return the one already registered under that name in this study,
     so a returning rater continues where they left off). No name: a random id is the name."""
-    name = " ".join((name or "").split())[:80]
-    with storage.writing(store) as tables:
+    label = " ".join((name or "").split())[:80]
+
+    def register(tables: storage.StudyTables) -> Rater:
         require_study(tables, study_id)
-        existing = tables.rater_named(study_id, name) if name else None
+        existing = tables.rater_named(study_id, label) if label else None
         if existing:
-            return Rater(study_id, existing, name)
+            return Rater(study_id, existing, label)
         rater_id = f"r-{secrets.token_hex(5)}"
-        tables.insert_rater(study_id, rater_id, name or rater_id, time.time())
-        return Rater(study_id, rater_id, name or rater_id)
+        tables.insert_rater(study_id, rater_id, label or rater_id, time.time())
+        return Rater(study_id, rater_id, label or rater_id)
+
+    return storage.write(store, register)
 
 
 def _require_rater(tables: storage.StudyTables, study_id: str, rater_id: str) -> None:
@@ -182,9 +185,9 @@ def _choose_item(tables: storage.StudyTables, study: Study, rater_id: str) -> in
     """Which item this rater sees next (see next_item), or None when they answered all."""
     items = tables.item_kinds(study.study_id)
     voted = set(tables.voted_pairs(study.study_id))
-    claims = tables.assignments(study.study_id)
+    claims = tables.claims(study.study_id)
     mine = {i for r, i in voted if r == rater_id}
-    pending = sorted((a.assigned_at, a.item_id) for a in claims if a.rater_id == rater_id and a.item_id not in mine)
+    pending = sorted((t, i) for r, i, t in claims if r == rater_id and i not in mine)
     if pending:
         return pending[0][1]
     gold = sorted(i for i, g in items if g and i not in mine)
@@ -197,8 +200,7 @@ def _choose_item(tables: storage.StudyTables, study: Study, rater_id: str) -> in
         return min(gold, key=lambda i: _rank_key(study.seed, rater_id, i))
     now = time.time()
     fill: Counter[int] = Counter(i for r, i in voted if r != rater_id)
-    fill.update(a.item_id for a in claims if a.rater_id != rater_id and (a.rater_id, a.item_id) not in voted
-                and now - a.assigned_at < CLAIM_SECONDS)
+    fill.update(i for r, i, t in claims if r != rater_id and (r, i) not in voted and now - t < CLAIM_SECONDS)
     return min(regular, key=lambda i: (fill[i] >= study.raters_per_item, _rank_key(study.seed, rater_id, i)))
 
 
@@ -210,8 +212,7 @@ def next_item(store: Store, study_id: str, rater_id: str) -> RatingTask | None:
     ``raters_per_item`` (counting others' unanswered claims younger than CLAIM_SECONDS), each
     rater in their own random order. Option letters are drawn once per (rater, item) and stored.
     """
-    # One write transaction: two raters asking at once never both take the last free slot.
-    with storage.writing(store) as tables:
+    def choose(tables: storage.StudyTables) -> RatingTask | None:
         study = require_study(tables, study_id)
         _require_rater(tables, study_id, rater_id)
         if not study.is_open:
@@ -219,14 +220,19 @@ def next_item(store: Store, study_id: str, rater_id: str) -> RatingTask | None:
         item_id = _choose_item(tables, study, rater_id)
         return None if item_id is None else _task(tables, study, rater_id, item_id)
 
+    # One write transaction: two raters asking at once never both take the last free slot.
+    return storage.write(store, choose)
+
 
 def task_for(store: Store, study_id: str, rater_id: str, item_id: int) -> RatingTask:
     """One given item for this rater (e.g. to go back and change an answer), with their
     previous choice and ratings filled in; same stored letter order as before."""
-    with storage.writing(store) as tables:
+    def show(tables: storage.StudyTables) -> RatingTask:
         study = require_study(tables, study_id)
         _require_rater(tables, study_id, rater_id)
         return _task(tables, study, rater_id, item_id)
+
+    return storage.write(store, show)
 
 
 def task_images(store: Store, task: RatingTask) -> list[str]:
@@ -277,7 +283,7 @@ def submit_vote(store: Store, study_id: str, rater_id: str, item_id: int, choice
     plus optional 1-5 ratings per letter. Idempotent per (study, rater, item): resubmitting
     replaces the earlier answer and ratings. Letters map to methods here, from the stored order.
     The answer is durable and visible to every reader when this returns."""
-    with storage.writing(store) as tables:
+    def vote(tables: storage.StudyTables) -> VoteReceipt:
         study = require_study(tables, study_id)
         _require_rater(tables, study_id, rater_id)
         if not study.is_open:
@@ -289,5 +295,6 @@ def submit_vote(store: Store, study_id: str, rater_id: str, item_id: int, choice
         letter, key = _parse_choice(str(choice).strip(), letters)
         rating_rows = _parse_ratings(ratings, letters)
         replaced = tables.save_vote(study_id, storage.VoteRow(rater_id, item_id, letter, key, time.time()), rating_rows)
-        done = tables.count_votes(study_id, rater_id)
-    return VoteReceipt(item_id, letter, replaced, done, study.n_items)
+        return VoteReceipt(item_id, letter, replaced, tables.count_votes(study_id, rater_id), study.n_items)
+
+    return storage.write(store, vote)
