@@ -270,8 +270,10 @@ def main() -> None:
             print(f"{args.raters} raters as {mode}, {args.votes} votes each: SQLite store ...", flush=True)
             rows.append(measure("sqlite (this version)", "new", study, None, workdir, mode, args.raters, args.votes))
             if old is not None:
-                print(f"{args.raters} raters as {mode}, {args.old_votes} votes each: DuckDB store of {OLD_COMMIT} ...", flush=True)
-                rows.append(measure(f"duckdb ({OLD_COMMIT})", "old", old, old_source, workdir, mode, args.raters, args.old_votes))
+                print(f"{args.raters} raters as {mode}, {args.old_votes} votes each: DuckDB store of {OLD_COMMIT} ...",
+                      flush=True)
+                rows.append(measure(f"duckdb ({OLD_COMMIT})", "old", old, old_source, workdir, mode, args.raters,
+                                    args.old_votes))
     print_table(rows)
     new_rows = [r for r in rows if r.label.startswith("sqlite")]
     for r in rows:

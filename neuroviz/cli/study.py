@@ -7,8 +7,20 @@ from pathlib import Path
 
 from .. import catalog
 from ..store import Store
-from ..study import (StudyError, StudyResults, create_study, delete_study, choose_items, labelled_methods, list_studies,
-                     results_csv, set_study_open, study_progress, study_results, votes_csv)
+from ..study import (
+    StudyError,
+    StudyResults,
+    choose_items,
+    create_study,
+    delete_study,
+    labelled_methods,
+    list_studies,
+    results_csv,
+    set_study_open,
+    study_progress,
+    study_results,
+    votes_csv,
+)
 from ._common import store_from
 
 

@@ -26,14 +26,55 @@ Typical use (owner side, then rater side)::
     print(results_csv(results)); print(votes_csv(store, study.study_id))
 """
 
-from .design import (DEFAULT_PUBLIC_TITLE, NONE_FITS, SPECIAL_CHOICES, UNINTERPRETABLE, GoldItem, SkippedItem, Study,
-                     StudyError, StudyItem, choose_gold_items, choose_items, create_study, delete_study, get_study,
-                     labelled_methods, list_studies, set_study_open, study_items)
+from .design import (
+                     DEFAULT_PUBLIC_TITLE,
+                     NONE_FITS,
+                     SPECIAL_CHOICES,
+                     UNINTERPRETABLE,
+                     GoldItem,
+                     SkippedItem,
+                     Study,
+                     StudyError,
+                     StudyItem,
+                     choose_gold_items,
+                     choose_items,
+                     create_study,
+                     delete_study,
+                     get_study,
+                     labelled_methods,
+                     list_studies,
+                     set_study_open,
+                     study_items,
+)
 from .export import results_csv, votes_csv
-from .rating import (CHOICE_TITLES, INSTRUCTIONS, RATING_SCALE, Rater, RaterStudy, RatingOption, RatingTask, VoteReceipt,
-                     next_item, rater_progress, register_rater, study_by_token, submit_vote, task_for, task_images)
-from .results import (MIN_GOLD_ACCURACY, LayerScores, MethodScore, RaterProgress, RaterSummary, StudyProgress,
-                      StudyResults, study_progress, study_results)
+from .rating import (
+                     CHOICE_TITLES,
+                     INSTRUCTIONS,
+                     RATING_SCALE,
+                     Rater,
+                     RaterStudy,
+                     RatingOption,
+                     RatingTask,
+                     VoteReceipt,
+                     next_item,
+                     rater_progress,
+                     register_rater,
+                     study_by_token,
+                     submit_vote,
+                     task_for,
+                     task_images,
+)
+from .results import (
+                     MIN_GOLD_ACCURACY,
+                     LayerScores,
+                     MethodScore,
+                     RaterProgress,
+                     RaterSummary,
+                     StudyProgress,
+                     StudyResults,
+                     study_progress,
+                     study_results,
+)
 from .statistics import fleiss_kappa, mean_interval, mean_sem, wilson_interval
 from .storage import StudiesBusyError, studies_path
 

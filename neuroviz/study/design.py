@@ -113,7 +113,8 @@ def require_study(tables: storage.StudyTables, study_id: str) -> Study:
     row = tables.study(study_id)
     if row is None:
         known = tables.recent_study_ids()
-        hint = f"Known studies: {', '.join(known)}." if known else "No study exists yet; create one with `python -m neuroviz study create`."
+        hint = (f"Known studies: {', '.join(known)}." if known
+                else "No study exists yet; create one with `python -m neuroviz study create`.")
         raise StudyError(f"No study '{study_id}'. {hint}")
     return Study.from_row(row)
 
@@ -266,54 +267,62 @@ def _check_neuron(run: RunInfo, neuron: int, what: str = "Neuron") -> None:
         raise StudyError(f"{what} {neuron} is out of range for run {run.run_key} ({run.n_neurons} neurons).")
 
 
-def create_study(store: Store, name: str, items: Sequence[StudyItem | tuple[str, int]], methods: Sequence[str],
-                 raters_per_item: int = 3, gold_items: int | Sequence[GoldItem] = 2, seed: int = 0,
-                 n_images: int = 10, public_title: str = DEFAULT_PUBLIC_TITLE) -> Study:
-    """Create a blind study comparing ``methods`` on ``items`` and return it (with its token).
+def _run(store: Store, runs: dict[str, RunInfo], run_key: str) -> RunInfo:
+    """The run of ``run_key``, looked up once per study."""
+    if run_key not in runs:
+        runs[run_key] = _require_run(store, run_key)
+    return runs[run_key]
 
-    Items given as (run_key, neuron) or with empty ``item_labels`` get each method's current
-    top label, captured now. Items lacking a label from any method are skipped and listed in
-    ``study.skipped``. ``gold_items`` is a count to build automatically (see
-    choose_gold_items) or explicit GoldItems; gold items are excluded from method scores.
-    """
-    methods = list(dict.fromkeys(methods))
-    _check_request(name, methods, raters_per_item, n_images)
 
-    runs: dict[str, RunInfo] = {}
+_Kept = tuple[str, int, dict[str, str], dict[str, str]]  # run key, neuron, method -> label, method -> label key
+
+
+def _item_labels(store: Store, captured: dict[str, dict[int, dict[str, tuple[str, str]]]], run_key: str, neuron: int,
+                 given: dict[str, str], methods: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(method -> label, method -> label key) of an item: the labels given, else each method's top label now."""
+    if given:
+        return {m: str(t).strip() for m, t in given.items() if m in methods and t and str(t).strip()}, {}
+    if run_key not in captured:
+        captured[run_key] = _captured_labels(store, run_key, methods)
+    found = captured[run_key].get(neuron, {})
+    return {m: found[m][0] for m in methods if m in found}, {m: found[m][1] for m in methods if m in found}
+
+
+def _regular_items(store: Store, items: Sequence[StudyItem | tuple[str, int]], methods: Sequence[str],
+                   runs: dict[str, RunInfo]) -> tuple[list[_Kept], list[SkippedItem]]:
+    """The requested items with a label from every method, and those skipped for lacking one."""
     captured: dict[str, dict[int, dict[str, tuple[str, str]]]] = {}
-    kept: list[tuple[str, int, dict[str, str], dict[str, str]]] = []
+    kept: list[_Kept] = []
     skipped: list[SkippedItem] = []
     seen: set[tuple[str, int]] = set()
     for item in items:
-        run_key, neuron, given = (item.run_key, item.neuron, dict(item.item_labels)) if isinstance(item, StudyItem) else (item[0], int(item[1]), {})
+        if isinstance(item, StudyItem):
+            run_key, neuron, given = item.run_key, item.neuron, dict(item.item_labels)
+        else:
+            run_key, neuron, given = item[0], int(item[1]), {}
         if (run_key, neuron) in seen:
             continue
         seen.add((run_key, neuron))
-        if run_key not in runs:
-            runs[run_key] = _require_run(store, run_key)
-        _check_neuron(runs[run_key], neuron)
-        if not given:
-            if run_key not in captured:
-                captured[run_key] = _captured_labels(store, run_key, methods)
-            found = captured[run_key].get(neuron, {})
-            given = {m: found[m][0] for m in methods if m in found}
-            keys = {m: found[m][1] for m in methods if m in found}
-        else:
-            given = {m: str(t).strip() for m, t in given.items() if m in methods and t and str(t).strip()}
-            keys = {}
-        missing = tuple(m for m in methods if m not in given)
+        _check_neuron(_run(store, runs, run_key), neuron)
+        labels, keys = _item_labels(store, captured, run_key, neuron, given, methods)
+        missing = tuple(m for m in methods if m not in labels)
         if missing:
             skipped.append(SkippedItem(run_key, neuron, missing))
-            continue
-        kept.append((run_key, neuron, {m: given[m] for m in methods}, keys))
+        else:
+            kept.append((run_key, neuron, {m: labels[m] for m in methods}, keys))
     if not kept:
         raise StudyError(
             f"None of the {len(seen)} items has a label from every method ({', '.join(methods)}). "
             "Run the missing methods on these neurons first, or choose items with choose_items().")
+    return kept, skipped
 
+
+def _gold_items(store: Store, gold_items: int | Sequence[GoldItem], n_options: int, seed: int, n_images: int,
+                runs: dict[str, RunInfo], kept: list[_Kept]) -> tuple[list[GoldItem], list[str]]:
+    """The gold items (built from probe labels for a count), checked, and notes for the owner."""
     notes: list[str] = []
     if isinstance(gold_items, int):
-        golds = choose_gold_items(store, list(runs), gold_items, n_options=len(methods), seed=seed,
+        golds = choose_gold_items(store, list(runs), gold_items, n_options=n_options, seed=seed,
                                   n_images=n_images, exclude=[(r, n) for r, n, _, _ in kept])
         if len(golds) < gold_items:
             notes.append(f"Only {len(golds)} of {gold_items} gold items could be built: the probe set's labels "
@@ -321,13 +330,15 @@ def create_study(store: Store, name: str, items: Sequence[StudyItem | tuple[str,
     else:
         golds = list(gold_items)
     for gold in golds:
-        if gold.run_key not in runs:
-            runs[gold.run_key] = _require_run(store, gold.run_key)
-        _check_neuron(runs[gold.run_key], gold.neuron, "Gold neuron")
+        _check_neuron(_run(store, runs, gold.run_key), gold.neuron, "Gold neuron")
         if len(gold.decoys) < 1:
             raise StudyError(f"Gold item {gold.run_key}/{gold.neuron} needs at least one decoy label.")
+    return golds, notes
 
-    # Shuffled ids, so a gold item cannot be told apart by its id.
+
+def _item_rows(kept: list[_Kept], golds: list[GoldItem], methods: Sequence[str], runs: dict[str, RunInfo],
+               seed: int) -> list[storage.ItemRow]:
+    """The stored items, under shuffled ids so that a gold item cannot be told apart by its id."""
     ids = list(range(len(kept) + len(golds)))
     seeded_rng(seed, "item ids").shuffle(ids)
     rows: list[storage.ItemRow] = []
@@ -340,11 +351,30 @@ def create_study(store: Store, name: str, items: Sequence[StudyItem | tuple[str,
         options = [{"key": "gold", "label": gold.correct_label, "methods": []}]
         options += [{"key": f"decoy{i}", "label": d, "methods": []} for i, d in enumerate(gold.decoys)]
         rows.append(storage.ItemRow(item_id, gold.run_key, run.model_spec, run.layer, gold.neuron, True, {}, {}, options))
+    return rows
+
+
+def create_study(store: Store, name: str, items: Sequence[StudyItem | tuple[str, int]], methods: Sequence[str],
+                 raters_per_item: int = 3, gold_items: int | Sequence[GoldItem] = 2, seed: int = 0,
+                 n_images: int = 10, public_title: str = DEFAULT_PUBLIC_TITLE) -> Study:
+    """Create a blind study comparing ``methods`` on ``items`` and return it (with its token).
+
+    Items given as (run_key, neuron) or with empty ``item_labels`` get each method's current
+    top label, captured now. Items lacking a label from any method are skipped and listed in
+    ``study.skipped``. ``gold_items`` is a count to build automatically (see
+    choose_gold_items) or explicit GoldItems; gold items are excluded from method scores.
+    """
+    methods = list(dict.fromkeys(methods))
+    _check_request(name, methods, raters_per_item, n_images)
+    runs: dict[str, RunInfo] = {}
+    kept, skipped = _regular_items(store, items, methods, runs)
+    golds, notes = _gold_items(store, gold_items, len(methods), seed, n_images, runs, kept)
+    rows = _item_rows(kept, golds, methods, runs, seed)
 
     # Random, not derived from the name: the id reaches rater pages, the owner's name must not.
     study_id = f"s-{secrets.token_hex(4)}"
-    config = {"skipped": [{"run_key": s.run_key, "neuron": s.neuron, "missing_methods": list(s.missing_methods)} for s in skipped],
-              "notes": notes}
+    config = {"skipped": [{"run_key": s.run_key, "neuron": s.neuron, "missing_methods": list(s.missing_methods)}
+                          for s in skipped], "notes": notes}
     study = storage.StudyRow(study_id, name.strip(), public_title, secrets.token_urlsafe(18), tuple(methods),
                              raters_per_item, n_images, seed, True, config, time.time(), len(rows), len(golds))
     storage.write(store, lambda tables: tables.insert_study(study, rows))

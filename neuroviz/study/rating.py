@@ -100,11 +100,6 @@ class RatingTask:
     previous_choice: str | None = None
     previous_ratings: dict[str, int] | None = None
 
-    @property
-    def letters(self) -> tuple[str, ...]:
-        """The option letters in the order shown."""
-        return tuple(o.letter for o in self.options)
-
 
 @dataclass(frozen=True)
 class VoteReceipt:

@@ -173,7 +173,8 @@ def _scores(snap: StudySnapshot, votes: list[storage.VoteRow], confidence: float
     for name in (*methods, *SPECIAL_CHOICES):
         low, high = wilson_interval(wins[name], n, confidence)
         mean, r_low, r_high = mean_interval(ratings[name], confidence) if name in methods else (None, None, None)
-        out.append(MethodScore(name, n, wins[name], wins[name] / n if n else 0.0, low, high, mean, r_low, r_high, len(ratings[name])))
+        out.append(MethodScore(name, n, wins[name], wins[name] / n if n else 0.0, low, high, mean, r_low, r_high,
+                               len(ratings[name])))
     return tuple(out)
 
 
