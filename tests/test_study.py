@@ -491,3 +491,29 @@ def test_cli_create_list_results_export(workspace, capsys, tmp_path):
     assert "win_rate" in results_file.read_text()
     assert cli.main(["--cache", root, "study", "results", "no-such-study"]) == 2
     assert "No study 'no-such-study'" in capsys.readouterr().err
+
+
+def test_cli_finds_runs_through_the_catalogue(workspace, tmp_path, capsys):
+    from neuroviz import cli
+
+    root = tmp_path / "cache"
+    shutil.copytree(workspace["store"].root, root)
+    store = Store(root)
+    layer2 = workspace["runs"]["layer2"]
+    model = "torchvision:resnet18@random"
+    base = ["--cache", str(root), "study", "create", "catalogue", "--model", model, "--methods", ",".join(METHODS),
+            "--per-layer", "2", "--gold", "0"]
+    assert cli.main(base + ["--layers", "layer2,layer9"]) == 2
+    err = capsys.readouterr().err
+    assert "layer9" in err and "layer2" in err and "python -m neuroviz extract" in err
+
+    # The same layer extracted over a second probe set: the command asks which one.
+    with store.connect() as con:
+        con.execute("INSERT INTO runs SELECT 'other-run', model_spec, weights_id, layer, pooling, 'other-probes', "
+                    "preprocess_id, k, code_version, n_images, n_neurons, map_shape, layer_kind, created_at + 1 "
+                    "FROM runs WHERE run_key = ?", [layer2.run_key])
+    assert cli.main(base + ["--layers", "layer2"]) == 2
+    assert "several probe sets" in capsys.readouterr().err
+    assert cli.main(base + ["--layers", "layer2", "--probe", layer2.probe_set_id]) == 0
+    study_id = capsys.readouterr().out.split()[1].rstrip(":")
+    assert set(st.study_items(store, study_id)["run_key"]) == {layer2.run_key}
