@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,13 +177,11 @@ def _task(tables: storage.StudyTables, study: Study, rater_id: str, item_id: int
 
 def _choose_item(tables: storage.StudyTables, study: Study, rater_id: str) -> int | None:
     """Which item this rater sees next (see next_item), or None when they answered all."""
+    pending = tables.first_unanswered(study.study_id, rater_id)
+    if pending is not None:
+        return pending
     items = tables.item_kinds(study.study_id)
-    voted = set(tables.voted_pairs(study.study_id))
-    claims = tables.claims(study.study_id)
-    mine = {i for r, i in voted if r == rater_id}
-    pending = sorted((t, i) for r, i, t in claims if r == rater_id and i not in mine)
-    if pending:
-        return pending[0][1]
+    mine = tables.answered_items(study.study_id, rater_id)
     gold = sorted(i for i, g in items if g and i not in mine)
     regular = [i for i, g in items if not g and i not in mine]
     if not gold and not regular:
@@ -193,10 +190,8 @@ def _choose_item(tables: storage.StudyTables, study: Study, rater_id: str) -> in
     positions = _gold_positions(study.seed, rater_id, study.n_gold, len(items))
     if gold and (not regular or (gold_done < len(positions) and len(mine) >= positions[gold_done])):
         return min(gold, key=lambda i: _rank_key(study.seed, rater_id, i))
-    now = time.time()
-    fill: Counter[int] = Counter(i for r, i in voted if r != rater_id)
-    fill.update(i for r, i, t in claims if r != rater_id and (r, i) not in voted and now - t < CLAIM_SECONDS)
-    return min(regular, key=lambda i: (fill[i] >= study.raters_per_item, _rank_key(study.seed, rater_id, i)))
+    fill = tables.others_on_items(study.study_id, rater_id, time.time() - CLAIM_SECONDS)
+    return min(regular, key=lambda i: (fill.get(i, 0) >= study.raters_per_item, _rank_key(study.seed, rater_id, i)))
 
 
 def next_item(store: Store, study_id: str, rater_id: str) -> RatingTask | None:

@@ -278,10 +278,24 @@ class StudyTables:
                           (study_id, assignment.rater_id, assignment.item_id, json.dumps(assignment.order),
                            assignment.assigned_at))
 
-    def claims(self, study_id: str) -> list[tuple[str, int, float]]:
-        """(rater, item, when shown) of every item shown so far: what choosing the next item needs."""
-        return [(r, i, t) for r, i, t in self._all(
-            "SELECT rater_id, item_id, assigned_at FROM assignments WHERE study_id = ?", (study_id,))]
+    def first_unanswered(self, study_id: str, rater_id: str) -> int | None:
+        """The item shown to a rater longest ago that they have not answered, or None."""
+        row = self._one("SELECT a.item_id FROM assignments a WHERE a.study_id = ? AND a.rater_id = ? AND NOT EXISTS "
+                        "(SELECT 1 FROM votes v WHERE v.study_id = a.study_id AND v.rater_id = a.rater_id "
+                        "AND v.item_id = a.item_id) ORDER BY a.assigned_at, a.item_id LIMIT 1", (study_id, rater_id))
+        return row[0] if row else None
+
+    def others_on_items(self, study_id: str, rater_id: str, claimed_since: float) -> dict[int, int]:
+        """item -> how many other raters answered it or were shown it since ``claimed_since``
+        without answering yet: how close each item is to its raters_per_item."""
+        return dict(self._all(
+            "SELECT item_id, count(*) FROM ("
+            " SELECT item_id FROM votes WHERE study_id = ? AND rater_id != ?"
+            " UNION ALL"
+            " SELECT a.item_id FROM assignments a WHERE a.study_id = ? AND a.rater_id != ? AND a.assigned_at > ?"
+            " AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.study_id = a.study_id AND v.rater_id = a.rater_id"
+            " AND v.item_id = a.item_id)"
+            ") GROUP BY item_id", (study_id, rater_id, study_id, rater_id, claimed_since)))
 
     def assignments(self, study_id: str) -> list[Assignment]:
         """Every (rater, item) shown so far."""
@@ -301,9 +315,9 @@ class StudyTables:
             "SELECT rater_id, item_id, choice_letter, choice_key, submitted_at FROM votes WHERE study_id = ? "
             "ORDER BY submitted_at, rowid", (study_id,))]
 
-    def voted_pairs(self, study_id: str) -> list[tuple[str, int]]:
-        """(rater, item) of every answer: what choosing the next item needs."""
-        return [(r, i) for r, i in self._all("SELECT rater_id, item_id FROM votes WHERE study_id = ?", (study_id,))]
+    def answered_items(self, study_id: str, rater_id: str) -> set[int]:
+        """The items a rater answered."""
+        return {r[0] for r in self._all("SELECT item_id FROM votes WHERE study_id = ? AND rater_id = ?", (study_id, rater_id))}
 
     def count_votes(self, study_id: str, rater_id: str) -> int:
         """How many items a rater answered."""
