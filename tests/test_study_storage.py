@@ -256,3 +256,17 @@ def test_studies_of_an_older_version_are_copied_over_once(workspace):
                             "from neuroviz.store import Store; print(len(st.list_studies(Store(sys.argv[1]))))",
                             str(store.root), str(ROOT)], capture_output=True, text=True, check=True)
     assert fresh.stdout.strip() == "0"
+
+
+def test_an_unreadable_old_file_is_a_clear_error_and_an_empty_one_is_skipped(workspace):
+    store = workspace["store"]
+    (store.root / "studies.duckdb").write_bytes(b"")
+    assert st.list_studies(store) == []  # nothing to copy
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{st.studies_path(store)}{suffix}").unlink(missing_ok=True)
+    (store.root / "studies.duckdb").write_bytes(b"not a database" * 100)
+    with pytest.raises(storage.StudiesMigrationError, match="move studies.duckdb out of the workspace") as caught:
+        st.list_studies(store)
+    assert str(store.root) not in str(caught.value)
+    (store.root / "studies.duckdb").unlink()
+    assert st.list_studies(store) == []  # nothing was half-copied: the next open starts clean

@@ -412,12 +412,14 @@ def _copy_legacy(con: sqlite3.Connection, legacy: Path) -> None:
     """Copy every table of an older version's studies.duckdb (same tables and columns)."""
     import duckdb
 
+    if legacy.stat().st_size == 0:  # created and never written: nothing to copy
+        return
     try:
         old = duckdb.connect(str(legacy), read_only=True)
     except duckdb.Error as exc:
-        raise StudiesMigrationError(
-            "The studies of an older neuroviz version could not be read, so they were not copied yet "
-            f"({type(exc).__name__}). Stop any older neuroviz server or command on this workspace and try again.") from None
+        reason = ("an older neuroviz process still has it open: stop it and try again" if "lock" in str(exc).lower()
+                  else f"it is not a readable DuckDB file: move {LEGACY_FILE} out of the workspace to start without them")
+        raise StudiesMigrationError(f"The studies of an older neuroviz version were not copied yet: {reason}.") from None
     try:
         present = {r[0] for r in old.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         for table in _TABLES:
