@@ -85,10 +85,32 @@ def _fresh_row(path: Path, sql: str, params: tuple) -> tuple | None:
         con.close()
 
 
+def _check_as_they_come(lines: queue.Queue, path: Path, study_id: str) -> tuple[list, list, int, dict]:
+    """Check every acknowledgement the raters print, as it arrives, with a fresh connection:
+    (exit codes, errors, items shown, (rater, item) -> letter voted)."""
+    exits, errors, shown, voted = [], [], 0, {}
+    while len(exits) < N_PROCESSES:
+        event = lines.get(timeout=300)
+        if "exit" in event:
+            exits.append(event["exit"])
+        elif "error" in event:
+            errors.append(event["error"])
+        elif "shown" in event:  # next_item returned: its assignment must be there for everyone
+            shown += 1
+            assert _fresh_row(path, "SELECT order_json FROM assignments WHERE study_id = ? AND rater_id = ? AND item_id = ?",
+                              (study_id, event["rater"], event["shown"])) is not None, event
+        else:  # submit_vote returned: the vote must be there for everyone
+            key = (event["rater"], event["voted"])
+            voted[key] = event["letter"]
+            row = _fresh_row(path, "SELECT choice_letter FROM votes WHERE study_id = ? AND rater_id = ? AND item_id = ?",
+                             (study_id, *key))
+            assert row == (event["letter"],), event
+    return exits, errors, shown, voted
+
+
 def test_many_processes_voting_at_once_lose_nothing_and_every_ack_is_visible_at_once(workspace):
     store = workspace["store"]
     study = _study(workspace)
-    path = st.studies_path(store)
     workers = [subprocess.Popen([sys.executable, "-c", RATER_PROCESS, str(store.root), study.study_id, f"proc {i}", str(ROOT)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(N_PROCESSES)]
     lines: queue.Queue = queue.Queue()
@@ -100,29 +122,12 @@ def test_many_processes_voting_at_once_lose_nothing_and_every_ack_is_visible_at_
 
     try:
         raters = [json.loads(w.stdout.readline())["ready"] for w in workers]
-        readers = [threading.Thread(target=pump, args=(w,), daemon=True) for w in workers]
-        for reader in readers:
-            reader.start()
+        for w in workers:
+            threading.Thread(target=pump, args=(w,), daemon=True).start()
         for w in workers:
             w.stdin.write("go\n")
             w.stdin.flush()
-        exits, errors, shown, voted = [], [], 0, {}
-        while len(exits) < N_PROCESSES:
-            event = lines.get(timeout=300)
-            if "exit" in event:
-                exits.append(event["exit"])
-            elif "error" in event:
-                errors.append(event["error"])
-            elif "shown" in event:  # next_item returned: its assignment must be there for everyone
-                shown += 1
-                assert _fresh_row(path, "SELECT order_json FROM assignments WHERE study_id = ? AND rater_id = ? AND item_id = ?",
-                                  (study.study_id, event["rater"], event["shown"])) is not None, event
-            else:  # submit_vote returned: the vote must be there for everyone
-                key = (event["rater"], event["voted"])
-                voted[key] = event["letter"]
-                row = _fresh_row(path, "SELECT choice_letter FROM votes WHERE study_id = ? AND rater_id = ? AND item_id = ?",
-                                 (study.study_id, *key))
-                assert row == (event["letter"],), event
+        exits, errors, shown, voted = _check_as_they_come(lines, st.studies_path(store), study.study_id)
     finally:
         for w in workers:
             if w.poll() is None:
@@ -196,7 +201,8 @@ def _write_old_studies(root: Path, run_key: str) -> None:
     options = [{"key": "o0", "label": "red circle", "methods": ["alpha_method"]},
                {"key": "o1", "label": "blue sky", "methods": ["beta_method"]}]
     gold = [{"key": "gold", "label": "dog face", "methods": []}, {"key": "decoy0", "label": "wheel", "methods": []}]
-    third = [{"key": "o0", "label": "grass", "methods": ["alpha_method"]}, {"key": "o1", "label": "water", "methods": ["beta_method"]}]
+    third = [{"key": "o0", "label": "grass", "methods": ["alpha_method"]},
+             {"key": "o1", "label": "water", "methods": ["beta_method"]}]
     con = duckdb.connect(str(root / "studies.duckdb"))
     con.execute(OLD_SCHEMA)
     con.execute("INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -234,8 +240,10 @@ def test_studies_of_an_older_version_are_copied_over_once(workspace):
     votes = list(csv.DictReader(io.StringIO(st.votes_csv(store, "s-old"))))
     assert len(votes) == 1
     vote = votes[0]
-    assert (vote["rater_name"], vote["choice_letter"], vote["choice"], vote["chosen_label"]) == ("Ada", "B", "alpha_method", "red circle")
-    assert (vote["rating_alpha_method"], vote["rating_beta_method"], vote["shown_order"]) == ("5", "2", "A=beta_method;B=alpha_method")
+    assert (vote["rater_name"], vote["choice_letter"], vote["choice"], vote["chosen_label"]) == \
+        ("Ada", "B", "alpha_method", "red circle")
+    assert (vote["rating_alpha_method"], vote["rating_beta_method"], vote["shown_order"]) == \
+        ("5", "2", "A=beta_method;B=alpha_method")
     assert vote["seconds_on_item"] == "10.0"
     results = st.study_results(store, "s-old")
     assert results.score("alpha_method").wins == 1 and results.score("alpha_method").mean_rating == 5
@@ -252,9 +260,9 @@ def test_studies_of_an_older_version_are_copied_over_once(workspace):
     assert (store.root / "studies.duckdb").read_bytes() == old_bytes
     st.delete_study(store, "s-old")
     assert _in_new_thread(lambda: st.list_studies(store)) == []
-    fresh = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); from neuroviz import study as st; "
-                            "from neuroviz.store import Store; print(len(st.list_studies(Store(sys.argv[1]))))",
-                            str(store.root), str(ROOT)], capture_output=True, text=True, check=True)
+    count = ("import sys; sys.path.insert(0, sys.argv[2]); from neuroviz import study as st; "
+             "from neuroviz.store import Store; print(len(st.list_studies(Store(sys.argv[1]))))")
+    fresh = subprocess.run([sys.executable, "-c", count, str(store.root), str(ROOT)], capture_output=True, text=True, check=True)
     assert fresh.stdout.strip() == "0"
 
 
