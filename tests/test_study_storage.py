@@ -157,16 +157,18 @@ def test_a_wiped_study_file_is_noticed_by_open_connections(workspace):
     assert [s.study_id for s in _in_new_thread(lambda: st.list_studies(store))] == [again.study_id]
 
 
-def test_writes_are_durable_and_the_file_is_in_wal_mode(workspace):
+def test_the_store_is_in_wal_mode_and_syncs_every_commit(workspace):
     store = workspace["store"]
     study = _study(workspace, per_layer=1)
     con = sqlite3.connect(str(st.studies_path(store)))
     try:
-        assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # stored in the file
         assert con.execute("SELECT count(*) FROM study_items WHERE study_id = ?", (study.study_id,)).fetchone() == (2,)
     finally:
         con.close()
-    assert storage.SCHEMA_VERSION >= 1
+    # synchronous is a setting of each connection: the library's own must sync the WAL on every commit.
+    library_con = storage._connection(st.studies_path(store), store.lock_timeout)
+    assert library_con.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
 
 
 # -- migration from studies.duckdb ------------------------------------------------------------------
