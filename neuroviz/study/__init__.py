@@ -76,13 +76,13 @@ from .results import (
                      study_results,
 )
 from .statistics import fleiss_kappa, mean_interval, mean_sem, wilson_interval
-from .storage import StudiesBusyError, studies_path
+from .storage import StudiesBusyError, StudiesMigrationError, studies_path
 
 __all__ = [
     "CHOICE_TITLES", "DEFAULT_PUBLIC_TITLE", "INSTRUCTIONS", "MIN_GOLD_ACCURACY", "NONE_FITS", "RATING_SCALE",
     "SPECIAL_CHOICES", "UNINTERPRETABLE",
     "GoldItem", "LayerScores", "MethodScore", "Rater", "RaterProgress", "RaterStudy", "RaterSummary", "RatingOption",
-    "RatingTask", "SkippedItem", "StudiesBusyError", "Study", "StudyError", "StudyItem", "StudyProgress", "StudyResults",
+    "RatingTask", "SkippedItem", "StudiesBusyError", "StudiesMigrationError", "Study", "StudyError", "StudyItem", "StudyProgress", "StudyResults",
     "VoteReceipt",
     "choose_gold_items", "choose_items", "create_study", "delete_study", "fleiss_kappa", "get_study", "labelled_methods",
     "list_studies", "mean_interval", "mean_sem", "next_item", "rater_progress", "register_rater", "results_csv",
