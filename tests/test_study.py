@@ -206,7 +206,11 @@ def test_votes_are_idempotent_and_validated(workspace):
     store = workspace["store"]
     study = _new_study(workspace, name="idempotent", gold_items=0)
     rater = st.register_rater(store, study.study_id, "Kim").rater_id
-    task = st.next_item(store, study.study_id, rater)
+    # An item with three distinct labels (A, B, C): rater ids are random, so next_item could
+    # start on the shared-label neuron, which has only A and B.
+    three = next(i for i, row in _owner_items(store, study.study_id).items() if row.neuron != SHARED_NEURON)
+    task = st.task_for(store, study.study_id, rater, three)
+    assert len(task.options) == 3
     receipt = st.submit_vote(store, study.study_id, rater, task.item_id, "A", {"A": 2, "B": 3})
     assert not receipt.replaced and (receipt.done, receipt.total) == (1, study.n_items)
     receipt = st.submit_vote(store, study.study_id, rater, task.item_id, "b", {"C": 5})
