@@ -108,23 +108,27 @@ def make_study(mod: ModuleType, store, n_items: int) -> str:
 
 
 def load_old_storage(workdir: Path) -> ModuleType | None:
-    """neuroviz/study.py of OLD_COMMIT as the module neuroviz._study_old, or None if unavailable."""
+    """neuroviz/study.py of OLD_COMMIT as a temporary module, with the neuroviz/db.py it used
+    (also from OLD_COMMIT, so it loads after db.py is gone); None if unavailable."""
     try:
-        source = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:neuroviz/study.py"], check=True,
-                                capture_output=True, text=True).stdout
-        path = workdir / "study_old.py"
-        path.write_text(source)
-        return _import_old(path)
-    except Exception as exc:  # no git history, or the modules it imports are gone
+        for name in ("study", "db"):
+            source = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:neuroviz/{name}.py"], check=True,
+                                    capture_output=True, text=True).stdout
+            (workdir / f"{name}_old.py").write_text(source.replace("from . import db", "from . import _db_old as db"))
+        return _import_old(workdir / "study_old.py")
+    except Exception as exc:  # no git history, or the modules it imports changed too much
         print(f"(old storage not available: {type(exc).__name__}: {exc})")
         return None
 
 
 def _import_old(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("neuroviz._study_old", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    """Import study_old.py (and db_old.py beside it) as modules of the neuroviz package."""
+    module = None
+    for name in ("db", "study"):
+        spec = importlib.util.spec_from_file_location(f"neuroviz._{name}_old", path.with_name(f"{name}_old.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
     return module
 
 
