@@ -1,7 +1,7 @@
 """Benchmark of the study store (issue 10): run with `.venv/bin/python benchmarks/bench_votes.py`.
 
 20 raters vote at once through the library, 30 votes each (next_item, then submit_vote, no
-pause between votes: the worst case), first as threads of one process (as Streamlit
+pause between votes by default: the worst case; ``--think S`` pauses like a person), first as threads of one process (as Streamlit
 sessions are), then as separate processes. Prints per-vote (submit_vote) p50/p95/max, the
 next_item times, lost votes (acknowledged vs stored) and lock errors (retried, as a caller
 would), against the targets: vote p95 <= 100 ms, 0 lost, 0 lock errors.
@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -70,13 +71,17 @@ def _retrying(run: RaterRun, fn, times: list[float]):
     raise RuntimeError(f"still locked after {MAX_RETRIES} tries")
 
 
-def rate(mod: ModuleType, store, study_id: str, rater_id: str, n_votes: int, start: threading.Barrier | None) -> RaterRun:
-    """One rater: n_votes times next_item then submit_vote, as fast as the library allows."""
+def rate(mod: ModuleType, store, study_id: str, rater_id: str, n_votes: int, start: threading.Barrier | None,
+         think: float = 0.0) -> RaterRun:
+    """One rater: n_votes times next_item then submit_vote, pausing a random 0..2*think s
+    between votes (0: as fast as the library allows)."""
     run = RaterRun()
+    pauses = random.Random(rater_id)
     if start is not None:
         start.wait()
     try:
         for i in range(n_votes):
+            time.sleep(pauses.uniform(0, 2 * think))
             task = _retrying(run, lambda: mod.next_item(store, study_id, rater_id), run.next_s)
             if task is None:
                 break
@@ -141,13 +146,13 @@ def _module(kind: str, old_source: str | None) -> ModuleType:
 
 
 # -- the two modes ---------------------------------------------------------------------------------
-def run_threads(mod: ModuleType, store, study_id: str, raters: int, votes: int) -> list[RaterRun]:
+def run_threads(mod: ModuleType, store, study_id: str, raters: int, votes: int, think: float) -> list[RaterRun]:
     ids = [mod.register_rater(store, study_id, f"thread {i}").rater_id for i in range(raters)]
     start = threading.Barrier(raters)
     results: list[RaterRun] = [RaterRun()] * raters
 
     def work(i: int) -> None:
-        results[i] = rate(mod, store, study_id, ids[i], votes, start)
+        results[i] = rate(mod, store, study_id, ids[i], votes, start, think)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(raters)]
     for t in threads:
@@ -157,8 +162,9 @@ def run_threads(mod: ModuleType, store, study_id: str, raters: int, votes: int) 
     return results
 
 
-def run_processes(kind: str, old_source: str | None, store, study_id: str, raters: int, votes: int) -> list[RaterRun]:
-    cmd = [sys.executable, __file__, "--worker", kind, str(store.root), study_id, str(votes)]
+def run_processes(kind: str, old_source: str | None, store, study_id: str, raters: int, votes: int,
+                  think: float) -> list[RaterRun]:
+    cmd = [sys.executable, __file__, "--worker", kind, str(store.root), study_id, str(votes), "--think", str(think)]
     if old_source:
         cmd += ["--old-source", old_source]
     workers = [subprocess.Popen(cmd + ["--name", f"process {i}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -183,7 +189,7 @@ def worker(args: argparse.Namespace) -> None:
     rater = mod.register_rater(store, args.study_id, args.name).rater_id
     print("ready", flush=True)
     sys.stdin.readline()
-    run = rate(mod, store, args.study_id, rater, args.votes, None)
+    run = rate(mod, store, args.study_id, rater, args.votes, None, args.think)
     print(json.dumps(run.__dict__), flush=True)
 
 
@@ -221,14 +227,14 @@ def summarise(label: str, mode: str, mod: ModuleType, store, study_id: str, runs
 
 
 def measure(label: str, kind: str, mod: ModuleType, old_source: str | None, workdir: Path, mode: str,
-            raters: int, votes: int) -> Summary:
+            raters: int, votes: int, think: float) -> Summary:
     store = make_workspace(workdir / f"{kind}-{mode}", votes)
     study_id = make_study(mod, store, votes)
     start = time.perf_counter()
     if mode == "threads":
-        runs = run_threads(mod, store, study_id, raters, votes)
+        runs = run_threads(mod, store, study_id, raters, votes, think)
     else:
-        runs = run_processes(kind, old_source, store, study_id, raters, votes)
+        runs = run_processes(kind, old_source, store, study_id, raters, votes, think)
     return summarise(label, mode, mod, store, study_id, runs, time.perf_counter() - start)
 
 
@@ -250,6 +256,8 @@ def main() -> None:
     parser.add_argument("--old", action="store_true", help=f"also run the DuckDB storage of {OLD_COMMIT}")
     parser.add_argument("--old-votes", type=int, default=5, help="votes per rater for the old storage")
     parser.add_argument("--modes", default="threads,processes")
+    parser.add_argument("--think", type=float, default=0.0,
+                        help="mean pause in seconds between a rater's votes (default 0: back to back, the worst case)")
     parser.add_argument("--worker", choices=["new", "old"], help=argparse.SUPPRESS)
     parser.add_argument("root", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("study_id", nargs="?", help=argparse.SUPPRESS)
@@ -272,12 +280,13 @@ def main() -> None:
         old_source = str(workdir / "study_old.py") if old else None
         for mode in modes:
             print(f"{args.raters} raters as {mode}, {args.votes} votes each: SQLite store ...", flush=True)
-            rows.append(measure("sqlite (this version)", "new", study, None, workdir, mode, args.raters, args.votes))
+            rows.append(measure("sqlite (this version)", "new", study, None, workdir, mode, args.raters, args.votes,
+                                args.think))
             if old is not None:
                 print(f"{args.raters} raters as {mode}, {args.old_votes} votes each: DuckDB store of {OLD_COMMIT} ...",
                       flush=True)
                 rows.append(measure(f"duckdb ({OLD_COMMIT})", "old", old, old_source, workdir, mode, args.raters,
-                                    args.old_votes))
+                                    args.old_votes, args.think))
     print_table(rows)
     new_rows = [r for r in rows if r.label.startswith("sqlite")]
     for r in rows:
