@@ -198,3 +198,33 @@ def probed_model_for(store: Store, run: RunInfo) -> ProbedModel:
     model = create(run.model_spec, image_size=view.image_size if view else None)
     check_weights(model, run)
     return model
+
+
+def newest_runs_by_layer(store: Store, model_spec: str, layers: Sequence[str] | None = None,
+                         probe_spec: str | None = None) -> list[RunInfo]:
+    """The newest run of each layer of a model (every extracted layer, or ``layers``).
+
+    Over ``probe_spec`` when given; otherwise over the probe set each layer was extracted
+    on, and an error naming them when a layer was extracted over several.
+    """
+    if probe_spec:
+        return runs_for(store, model_spec, probe_spec, layers)
+    by_layer: dict[str, dict[str, RunInfo]] = {}  # layer -> probe set id -> newest run, layers in extraction order
+    for run in sorted((r for spec in model_specs(store, model_spec) for r in store.find_runs(spec)),
+                      key=lambda r: r.created_at):
+        by_layer.setdefault(run.layer, {})[run.probe_set_id] = run
+    if not by_layer and not layers:
+        raise RunNotFoundError(f"No extracted runs of {model_spec} in the cache; "
+                               f"extract them first: python -m neuroviz extract {model_spec}")
+    wanted = [layer for layer in by_layer if layer in layers] if layers else list(by_layer)
+    missing = [layer for layer in (layers or []) if layer not in by_layer]
+    if missing:
+        raise RunNotFoundError(f"No extracted run of {model_spec} for layer(s) {', '.join(missing)}; extracted layers: "
+                               f"{', '.join(sorted(by_layer)) or 'none'}. Extract them first: "
+                               f"python -m neuroviz extract {model_spec} --layers {','.join(missing)}")
+    for layer in wanted:
+        if len(by_layer[layer]) > 1:
+            names = ", ".join(probe_set_name(store, p) for p in sorted(by_layer[layer]))
+            raise RunNotFoundError(f"Layer {layer} of {model_spec} was extracted over several probe sets ({names}); "
+                                   "name the probe set (--probe).")
+    return [next(iter(by_layer[layer].values())) for layer in wanted]

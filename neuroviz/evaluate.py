@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import NeurovizError
 from .store import RunInfo, Store
+from .study.statistics import mean_sem
 
 DEFAULT_BASELINES = ("depiction",)
 
@@ -72,13 +73,6 @@ def pearson_columns(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     denom = np.sqrt((a * a).sum(axis=0) * (p * p).sum(axis=0))
     num = (a * p).sum(axis=0)
     return np.where(denom > 1e-12, num / np.where(denom > 1e-12, denom, 1.0), 0.0)
-
-
-def _mean_sem(values: np.ndarray) -> tuple[float | None, float | None]:
-    if not len(values):
-        return None, None
-    sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
-    return float(values.mean()), sem
 
 
 def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[str] | None = None,
@@ -139,7 +133,7 @@ def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[s
         label_rows = np.array([row_of[labels[n]] for n in neurons], dtype=np.int64)
         predicted = np.asarray(multimodal.similarity(image_emb, text_emb[label_rows]), dtype=np.float32)
         r = pearson_columns(acts[:, neurons], predicted)
-        mean_r, sem_r = _mean_sem(r)
+        mean_r, sem_r = mean_sem(r)
         row = EvaluationRow(name, key, len(neurons), simulation_correlation=mean_r, simulation_sem=sem_r,
                             n_eval_images=int(held.sum()))
         if final_layer:

@@ -206,7 +206,11 @@ def test_votes_are_idempotent_and_validated(workspace):
     store = workspace["store"]
     study = _new_study(workspace, name="idempotent", gold_items=0)
     rater = st.register_rater(store, study.study_id, "Kim").rater_id
-    task = st.next_item(store, study.study_id, rater)
+    # An item with three distinct labels (A, B, C): rater ids are random, so next_item could
+    # start on the shared-label neuron, which has only A and B.
+    three = next(i for i, row in _owner_items(store, study.study_id).items() if row.neuron != SHARED_NEURON)
+    task = st.task_for(store, study.study_id, rater, three)
+    assert len(task.options) == 3
     receipt = st.submit_vote(store, study.study_id, rater, task.item_id, "A", {"A": 2, "B": 3})
     assert not receipt.replaced and (receipt.done, receipt.total) == (1, study.n_items)
     receipt = st.submit_vote(store, study.study_id, rater, task.item_id, "b", {"C": 5})
@@ -284,13 +288,14 @@ def test_twenty_concurrent_raters_lose_no_vote(workspace):
     assert st.study_progress(store, study.study_id).n_votes == 20
 
 
-HOLD_DB = """
-import sys, time, duckdb
-con = duckdb.connect(sys.argv[1])
+HOLD_WRITE_LOCK = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN IMMEDIATE")  # the study store's one write lock, as a long writer holds it
 print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
 released = time.time()
-con.close()
+con.execute("COMMIT")
 print(released, flush=True)
 """
 
@@ -300,7 +305,7 @@ def test_vote_waits_for_another_process_holding_the_database(workspace):
     study = _new_study(workspace, name="cross process", gold_items=0, per_layer=1)
     rater = st.register_rater(store, study.study_id, "Lee").rater_id
     task = st.next_item(store, study.study_id, rater)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_DB, str(st.studies_path(store)), "1.0"],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(st.studies_path(store)), "1.0"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -311,6 +316,28 @@ def test_vote_waits_for_another_process_holding_the_database(workspace):
         holder.wait(timeout=30)
     assert holder.returncode == 0
     assert voted_at >= released_at  # it waited for the other process instead of failing
+    assert st.study_progress(store, study.study_id).n_votes == 1
+
+
+def test_a_wait_past_the_timeout_is_a_clear_error_and_loses_nothing(workspace):
+    store = workspace["store"]
+    study = _new_study(workspace, name="busy", gold_items=0, per_layer=1)
+    rater = st.register_rater(store, study.study_id, "Max").rater_id
+    task = st.next_item(store, study.study_id, rater)
+    impatient = Store(store.root, lock_timeout=0.2)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(st.studies_path(store)), "3.0"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(st.StudiesBusyError) as caught:
+            st.submit_vote(impatient, study.study_id, rater, task.item_id, "A")
+        assert st.study_progress(impatient, study.study_id).n_votes == 0  # readers are never blocked
+    finally:
+        holder.wait(timeout=30)
+    message = str(caught.value)
+    assert "try again" in message and str(store.root) not in message and str(holder.pid) not in message
+    assert "studies.sqlite" not in message and "locked" not in message.lower()
+    st.submit_vote(impatient, study.study_id, rater, task.item_id, "A")  # once the writer is gone
     assert st.study_progress(store, study.study_id).n_votes == 1
 
 
@@ -468,3 +495,29 @@ def test_cli_create_list_results_export(workspace, capsys, tmp_path):
     assert "win_rate" in results_file.read_text()
     assert cli.main(["--cache", root, "study", "results", "no-such-study"]) == 2
     assert "No study 'no-such-study'" in capsys.readouterr().err
+
+
+def test_cli_finds_runs_through_the_catalogue(workspace, tmp_path, capsys):
+    from neuroviz import cli
+
+    root = tmp_path / "cache"
+    shutil.copytree(workspace["store"].root, root)
+    store = Store(root)
+    layer2 = workspace["runs"]["layer2"]
+    model = "torchvision:resnet18@random"
+    base = ["--cache", str(root), "study", "create", "catalogue", "--model", model, "--methods", ",".join(METHODS),
+            "--per-layer", "2", "--gold", "0"]
+    assert cli.main(base + ["--layers", "layer2,layer9"]) == 2
+    err = capsys.readouterr().err
+    assert "layer9" in err and "layer2" in err and "python -m neuroviz extract" in err
+
+    # The same layer extracted over a second probe set: the command asks which one.
+    with store.connect() as con:
+        con.execute("INSERT INTO runs SELECT 'other-run', model_spec, weights_id, layer, pooling, 'other-probes', "
+                    "preprocess_id, k, code_version, n_images, n_neurons, map_shape, layer_kind, created_at + 1 "
+                    "FROM runs WHERE run_key = ?", [layer2.run_key])
+    assert cli.main(base + ["--layers", "layer2"]) == 2
+    assert "several probe sets" in capsys.readouterr().err
+    assert cli.main(base + ["--layers", "layer2", "--probe", layer2.probe_set_id]) == 0
+    study_id = capsys.readouterr().out.split()[1].rstrip(":")
+    assert set(st.study_items(store, study_id)["run_key"]) == {layer2.run_key}

@@ -22,8 +22,6 @@ from ._common import store_from
 COMMANDS = ("models", "layers", "demo_set", "extract", "cache", "jobs", "demo", "label", "labels", "export", "import_",
             "evaluate", "synthesize", "analyze", "audit", "edit", "study")
 
-_store = store_from  # until cli/study.py lands: neuroviz/study.py still imports this name
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (imports each command module, none of the heavy library)."""
@@ -34,11 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMANDS:
-        if name == "study":  # until cli/study.py lands
-            from ..study import register_cli
-
-            register_cli(subparsers)
-            continue
         importlib.import_module(f"{__name__}.{name}").register(subparsers)
     return parser
 
