@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
+DEMO_MODEL = "offline:mobilenet_v2"  # the packaged ImageNet MobileNetV2 (neuroviz.offline_weights)
 DEMO_PROBE = "demo"
 DEMO_LAYERS = ["features.4", "features.9", "features.14", "features.18", "classifier.1"]
 DEMO_CONCEPTS = "words20k"
@@ -43,7 +44,7 @@ def build_demo_workspace(store, labels: bool = True, dnd_neurons: int = DEMO_DND
     report["demo_set"] = {"images": demo.n_images, "by_source": demo.by_source, "seconds": round(time.time() - t0, 1)}
 
     t0 = time.time()
-    model = models.create(models.DEMO_MODEL)
+    model = models.create(DEMO_MODEL)
     probe = datasets.open_probe_set(DEMO_PROBE, store.root)
     runs = extract.extract(model, probe, DEMO_LAYERS, store, k=50, progress=bar("extracting MobileNetV2", "img"))
     report["extraction"] = {"layers": [r.layer for r in runs], "images": len(probe), "seconds": round(time.time() - t0, 1)}

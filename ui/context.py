@@ -16,10 +16,10 @@ from typing import Any
 
 import streamlit as st
 
+from neuroviz.demo import DEMO_MODEL, DEMO_PROBE
 from neuroviz.store import RunInfo, Store
 from ui import data
 
-DEMO_PROBE = "demo"
 QUERY_KEYS = ("model", "probe", "layer", "neuron")
 _STATE = "nv_selection"
 _LAST_URL = "nv_last_url"
@@ -153,13 +153,11 @@ def probe_label(cat: data.Catalog, probe_set_id: str) -> str:
 
 
 def default_model(cat: data.Catalog) -> str:
-    """The model of the demo probe set's runs (the demo workspace's model), else the model
-    of the newest run, else "" (nothing extracted yet)."""
-    demo = [p["probe_set_id"] for p in cat.probe_sets if p["name"] == DEMO_PROBE]
-    on_demo = [r.model_spec for r in cat.runs if r.probe_set_id in demo]
-    if on_demo:
-        return on_demo[0]
-    return cat.runs[-1].model_spec if cat.runs else ""
+    """The demo model when it has runs or nothing is extracted yet, else the model of the newest run."""
+    specs = cat.model_specs()
+    if DEMO_MODEL in specs or not specs:
+        return DEMO_MODEL
+    return cat.runs[-1].model_spec
 
 
 def selection_from_state() -> Selection:
