@@ -12,7 +12,7 @@ Built-in sets (``load_concept_set(spec)``):
   words, tokens with digits or punctuation and words under 3 letters are dropped. The list is
   cached as a text file under ``<store_root>/concepts/``;
 - ``words<N>k``: the same with N thousand words;
-- ``demo_labels``: the demo probe set's own labels (``<store_root>/demo/metadata.csv``);
+- ``demo_labels``: the demo probe set's own labels (``metadata.csv`` of the workspace's demo set);
 - a path to a text file: one concept per line (blank lines and ``#`` comments skipped);
 - ``a+b``: the union of several specs, in order, duplicates dropped.
 
@@ -209,8 +209,12 @@ def common_words(size: int = 20_000, store_root: Path | str | None = None) -> Co
     name = f"words{size // 1000}k" if size % 1000 == 0 else f"words{size}"
     wordfreq_version = importlib.metadata.version("wordfreq")
     cache_key = provenance_key({"config": config, "wordfreq": wordfreq_version, "filter": word_filter_name()}, 12)
+    from .store import CacheLayout, SharedCache
+
     root = Path(store_root) if store_root is not None else _default_store_root()
-    path = root / "concepts" / f"{name}-{cache_key}.txt"
+    file_name = f"{name}-{cache_key}.txt"
+    shared = SharedCache.default()
+    path = shared.adopt(shared.concepts_dir() / file_name, CacheLayout(root).legacy_concepts_dir() / file_name)
     if path.exists():
         words = [w for w in path.read_text(encoding="utf-8").splitlines() if w]
     else:
@@ -227,10 +231,10 @@ def common_words(size: int = 20_000, store_root: Path | str | None = None) -> Co
 
 def demo_labels(store_root: Path | str | None = None) -> ConceptSet:
     """The demo probe set's labels, in first-seen order (its own ground-truth vocabulary)."""
-    from .datasets import demo_root
+    from .store import CacheLayout
 
     root = Path(store_root) if store_root is not None else _default_store_root()
-    meta = demo_root(root) / "metadata.csv"
+    meta = CacheLayout(root).demo_dir() / "metadata.csv"
     if not meta.exists():
         raise FileNotFoundError(
             f"The demo set is not built under {root} (no {meta.name}). "

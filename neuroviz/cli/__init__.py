@@ -64,7 +64,7 @@ def cmd_demo_set(args) -> int:
 
     st = _store(args)
     bar = progress_for(args, "demo set", "img")
-    report = build_demo_set(st.root / "demo", force=args.force, progress=bar)
+    report = build_demo_set(st.demo_dir(), force=args.force, progress=bar)
     print(f"demo set: {report.n_images} images in {report.root} by source {report.by_source}; skipped {report.skipped}")
     for w in report.warnings:
         print("warning:", w)
