@@ -607,11 +607,18 @@ class Store(CacheLayout):
             "part": [part] * len(rows)})
         self._write_label_meta(label_key, run_key, method, json.dumps(backends, sort_keys=True),
                                json.dumps(hyperparams, sort_keys=True, default=str), concept_set_id, time.time())
-        if not replace_neurons:  # every older part is dead now: drop the files
-            for old in self._label_parts(folder, live=False):
-                if _part_id(old) < part:
-                    old.unlink(missing_ok=True)
+        self._drop_dead_label_parts(folder)
         self._committed()
+
+    def _drop_dead_label_parts(self, folder: Path) -> None:
+        """Delete the parts older than a full part that has existed for DEAD_PART_GRACE seconds:
+        dead, and no reader that listed them while they were live can still be reading."""
+        parts = self._label_parts(folder, live=False)
+        old_enough = f"{time.time_ns() - int(DEAD_PART_GRACE * 1e9):020d}"
+        cutoff = max((_part_id(p) for p in parts if p.name.startswith("full-") and _part_id(p) < old_enough), default="")
+        for part in parts:
+            if _part_id(part) < cutoff:
+                part.unlink(missing_ok=True)
 
     def _write_label_meta(self, label_key: str, run_key: str, method: str, backends_json: str, hyperparams_json: str,
                           concept_set_id: str | None, created_at: float) -> None:
@@ -744,6 +751,7 @@ class Store(CacheLayout):
 
 
 MAX_PARTS = 16  # append-only caches merge their parts beyond this many
+DEAD_PART_GRACE = 60.0  # seconds a dead label part stays on disk for readers that listed it
 
 
 def _json_lines(path: Path) -> list[dict]:
