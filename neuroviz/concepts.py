@@ -22,6 +22,7 @@ vocabulary never share a cache entry with the old one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.metadata
 import re
@@ -221,10 +222,8 @@ def common_words(size: int = 20_000, store_root: Path | str | None = None) -> Co
         words = compute_common_words(config)
         from .files import atomic_write_text
 
-        try:
+        with contextlib.suppress(OSError):  # a read-only cache only costs a recomputation next time
             atomic_write_text(path, "\n".join(words) + "\n")
-        except OSError:
-            pass  # a read-only cache only costs a recomputation next time
     description = f"{len(words):,} most common English nouns and adjectives (wordfreq {wordfreq_version}, {word_filter_name()})"
     return ConceptSet(name, words, description, f"wordfreq:{wordfreq_version}:{word_filter_name()}")
 

@@ -164,7 +164,7 @@ class StoreSnapshot:
 
 def histograms(acts: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-neuron histograms over each neuron's own [min, max], all neurons in one pass."""
-    n_images, n_neurons = acts.shape
+    n_neurons = acts.shape[1]
     width = np.where(hi > lo, hi - lo, 1e-6).astype(np.float64)
     edges = lo[:, None] + width[:, None] * np.linspace(0.0, 1.0, bins + 1)[None, :]
     bin_idx = np.clip(((acts - lo) / width * bins).astype(np.int64), 0, bins - 1)  # the max falls in the last bin
@@ -631,7 +631,7 @@ class Store(CacheLayout):
         """DataFrame of labels for a run: neuron, method, rank, label, score, calibrated, backend, label_key, extra_json."""
         folders = [self.label_dir(m["label_key"]) for m in self._label_metas() if m.get("run_key") == run_key
                    and (method is None or m.get("method") == method) and (label_key is None or m["label_key"] == label_key)]
-        where, params = ["run_key = ?"], [run_key]
+        where, params = ["run_key = ?"], [run_key]  # type: list[str], list[Any]
         if neuron is not None:
             where.append("neuron = ?")
             params.append(int(neuron))
@@ -674,8 +674,8 @@ class Store(CacheLayout):
 
     def list_records(self, namespace: str) -> list[tuple[str, Any, float]]:
         """(key, value, created_at) of a namespace, newest first."""
-        records = [_read_json(p) for p in self.records_dir(namespace).glob("*.json")]
-        records = sorted((r for r in records if r), key=lambda r: r["created_at"], reverse=True)
+        found = [_read_json(p) for p in self.records_dir(namespace).glob("*.json")]
+        records: list[dict] = sorted((r for r in found if r), key=lambda r: r["created_at"], reverse=True)
         return [(r["key"], r["value"], r["created_at"]) for r in records]
 
     def delete_record(self, namespace: str, key: str) -> None:
@@ -756,7 +756,7 @@ DEAD_PART_GRACE = 60.0  # seconds a dead label part stays on disk for readers th
 
 def _json_lines(path: Path) -> list[dict]:
     """The complete lines of an append-only JSON-lines log (a torn last line is skipped)."""
-    out = []
+    out: list[dict] = []
     try:
         text = path.read_text(encoding="utf-8")
     except OSError:

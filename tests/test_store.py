@@ -124,7 +124,7 @@ def test_results_are_files_with_a_commit_point_and_read_back(tmp_path, monkeypat
     store = Store(tmp_path / "c")
     ps = fake_probe_set()
     before = store.version()
-    conv, fc = fill(store, ps)
+    conv, _ = fill(store, ps)
     assert store.version() != before
     run_dir = store.run_dir(conv.run_key)
     assert {p.name for p in run_dir.iterdir()} == {"run.json", "topk.parquet", "stats.parquet", "acts.npy", "maps.npy", "hist.npz"}
@@ -166,7 +166,7 @@ def test_empty_and_unknown_reads_are_typed_and_empty(tmp_path):
     assert store.get_run("../../etc") is None and store.probe_images("../x") == []
     labels = store.labels("nope")
     assert labels.empty and str(labels["neuron"].dtype) == "int32"
-    assert store.label_runs().empty and list(store.label_runs().columns)[0] == "label_key"
+    assert store.label_runs().empty and next(iter(store.label_runs().columns)) == "label_key"
     assert store.top_images("nope", 0) == [] and store.neuron_stats("nope").empty
     assert store.labelled_neurons("nope") == [] and store.log_likelihoods("model") == {}
 

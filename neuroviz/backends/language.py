@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import BackendUnavailable, Generation, LanguageModel
 from ..errors import NeurovizError
+from .base import BackendUnavailable, Generation, LanguageModel
 
 GEMMA_SPEC = "gemma3-270m"
 GEMMA_HF_DIRNAME = "gemma3-270m-hf"
@@ -256,7 +256,7 @@ def load_gemma(store_root: Path | str):
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are plain float32 now; the GGUF quantiser record only blocks save_pretrained.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.config.__dict__.pop("quantization_config", None)
     _save_atomically(model, tokenizer, saved, note=f"dequantised from {gguf.name}")
     return model, tokenizer
@@ -436,7 +436,7 @@ class RecordingLM(LanguageModel):
         self.record_log_likelihoods(texts, values)
         return values
 
-    def record_log_likelihoods(self, texts: Sequence[str], values: Sequence[float]) -> None:
+    def record_log_likelihoods(self, texts: Sequence[str], values: Sequence[float] | np.ndarray) -> None:
         """Record scores obtained elsewhere (e.g. from the score cache) so replay has them too."""
         self._write([{"kind": "loglik", "request_key": _request_key("loglik", self.inner.id, t), "model_id": self.inner.id,
                       "prompt": t, "response": None, "loglik": float(v), "seed": None, "temperature": None,
