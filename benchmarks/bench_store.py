@@ -12,7 +12,8 @@ writer process runs finish_run and save_labels in a loop", and prints both side 
 with their ratio. ``--old`` adds the same measurements for the store before the file layout
 (``git show 0f23bae:neuroviz/store.py``: one DuckDB file, a read-write connection per
 operation), whose readers wait for the writer's lock. Last, the cold read of a run's tables
-in a fresh process (imports excluded, the first DuckDB cursor included).
+in a fresh process (imports excluded, as a page process has them; the first DuckDB
+connection and cursor included).
 """
 
 from __future__ import annotations
@@ -177,12 +178,13 @@ def measure(kind: str, root: Path, run_keys: list[str], args) -> dict:
                 out, _ = proc.communicate(timeout=600)
                 writes += int(out.strip() or 0)
     times["_writes"] = writes
+    times["_parts"] = len(list(root.glob("labels/dnd-0/*.parquet")))
     return times
 
 
 def cold_run_tables(root: Path, run_key: str, repeats: int = 3) -> list[float]:
     """A fresh process reads a run's tables: first read (cursor included) and the next one."""
-    code = ("import sys, time\nfrom neuroviz.store import Store\ns = Store(sys.argv[1])\n"
+    code = ("import sys, time\nimport duckdb, pandas\nfrom neuroviz.store import Store\ns = Store(sys.argv[1])\n"
             "t = time.perf_counter(); s.run_tables(sys.argv[2]); a = time.perf_counter() - t\n"
             "t = time.perf_counter(); s.run_tables(sys.argv[2]); b = time.perf_counter() - t\n"
             "print(a * 1000, b * 1000)")
@@ -195,7 +197,8 @@ def cold_run_tables(root: Path, run_key: str, repeats: int = 3) -> list[float]:
 
 
 def summarise(label: str, times: dict) -> None:
-    print(f"\n{label} (writer iterations while measuring: {times['_writes']})")
+    parts = f"; the per-neuron key ended with {times['_parts']} part files" if times["_parts"] else ""
+    print(f"\n{label} (writer iterations while measuring: {times['_writes']}{parts})")
     print(f"{'read':28s} {'alone p50':>10s} {'p95':>8s} {'writing p50':>12s} {'p95':>8s} {'max':>8s} {'p50 ratio':>10s}")
     for name, t in times.items():
         if name.startswith("_"):

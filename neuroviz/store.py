@@ -270,8 +270,19 @@ def new_part_id() -> str:
     return f"{time.time_ns():020d}-{secrets.token_hex(4)}"
 
 
-def _part_id(path: Path) -> str:
-    return path.stem.split("-", 1)[1]
+def _part_key(path: Path) -> tuple[str, str]:
+    """(kind, id) of a part file: ``part-<id>``, ``full-<id>``, ``merged-<newest input id>-<random>``."""
+    kind, rest = path.stem.split("-", 1)
+    return kind, "-".join(rest.split("-")[:2])
+
+
+def _part_files(folder: Path) -> list[tuple[str, str, Path]]:
+    """(kind, id, path) of every committed part file in ``folder`` (temporary files excluded)."""
+    try:
+        paths = [p for p in folder.iterdir() if p.suffix == ".parquet" and p.name.startswith(("part-", "full-", "merged-"))]
+    except OSError:
+        return []
+    return [(*_part_key(p), p) for p in paths]
 
 
 # --------------------------------------------------------------------------------------
@@ -555,28 +566,31 @@ class Store(CacheLayout):
         return RunTables(self.labels(run_key), self.top_k(run_key), self.neuron_stats(run_key), files)
 
     # -- labels -------------------------------------------------------------------------
-    def _label_parts(self, folder: Path, live: bool = True) -> list[Path]:
-        """The parts of one label key; ``live``: only the newest full part and the parts after it."""
-        try:
-            names = [p for p in folder.iterdir() if p.suffix == ".parquet" and p.name.startswith(("part-", "full-"))]
-        except OSError:
-            return []
-        cutoff = max((_part_id(p) for p in names if p.name.startswith("full-")), default="") if live else ""
-        return sorted(p for p in names if _part_id(p) >= cutoff)
+    def _label_parts(self, folder: Path) -> list[Path]:
+        """The live parts of one label key: the newest merged part unless a full part came
+        after it, then the newest full part and every part after it."""
+        files = _part_files(folder)
+        merged = max((f for f in files if f[0] == "merged"), key=lambda f: f[1], default=None)
+        floor = merged[1] if merged else ""
+        rest = [f for f in files if f[0] != "merged" and f[1] > floor]
+        cutoff = max((f[1] for f in rest if f[0] == "full"), default="")
+        live = [f[2] for f in rest if f[1] >= cutoff]
+        return sorted(live + ([merged[2]] if merged and not cutoff else []))
 
     def _label_metas(self) -> list[dict]:
         metas = [_read_json(p) for p in self.labels_dir().glob("*/meta.json")]
         return [m for m in metas if m]
 
-    def _resolved_labels(self, folders: Iterable[Path], sql: str, params: Sequence[Any] = ()) -> Any:
+    def _resolved_labels(self, folders: Iterable[Path], sql: str, params: Sequence[Any] = (), neuron: int | None = None) -> Any:
         """Run ``sql`` over ``resolved``: the live parts of ``folders`` where, per (label key,
-        neuron), the newest part wins."""
+        neuron), the newest part wins (only ``neuron``'s rows when given: read less)."""
         folders = list(folders)
+        where, first = ("WHERE neuron = ? ", [int(neuron)]) if neuron is not None else ("", [])
 
         def read():
             files = [p for folder in folders for p in self._label_parts(folder)]
-            resolved = "WITH resolved AS (SELECT * FROM {src} QUALIFY part = max(part) OVER (PARTITION BY label_key, neuron)) "
-            return _query("labels", files, resolved + sql, params)
+            resolved = f"WITH resolved AS (SELECT * FROM {{src}} {where}QUALIFY part = max(part) OVER (PARTITION BY label_key, neuron)) "
+            return _query("labels", files, resolved + sql, [*first, *params])
 
         return _retrying(read)
 
@@ -607,18 +621,34 @@ class Store(CacheLayout):
             "part": [part] * len(rows)})
         self._write_label_meta(label_key, run_key, method, json.dumps(backends, sort_keys=True),
                                json.dumps(hyperparams, sort_keys=True, default=str), concept_set_id, time.time())
-        self._drop_dead_label_parts(folder)
+        self._merge_label_parts(folder)
         self._committed()
 
-    def _drop_dead_label_parts(self, folder: Path) -> None:
-        """Delete the parts older than a full part that has existed for DEAD_PART_GRACE seconds:
-        dead, and no reader that listed them while they were live can still be reading."""
-        parts = self._label_parts(folder, live=False)
-        old_enough = f"{time.time_ns() - int(DEAD_PART_GRACE * 1e9):020d}"
-        cutoff = max((_part_id(p) for p in parts if p.name.startswith("full-") and _part_id(p) < old_enough), default="")
-        for part in parts:
-            if _part_id(part) < cutoff:
-                part.unlink(missing_ok=True)
+    def _merge_label_parts(self, folder: Path) -> None:
+        """Once a key has more than MAX_PARTS files, merge those older than PART_GRACE into one.
+
+        The merged part holds the resolved rows (each keeps its part id, so per-neuron
+        resolution is unchanged) and stands for every file up to its newest input: a file that
+        old was committed long before this listing, so none is left out. The inputs are
+        deleted; a reader that listed one just before reads again.
+        """
+        files = _part_files(folder)
+        old_enough = f"{time.time_ns() - int(PART_GRACE * 1e9):020d}"
+        inputs = [f for f in files if f[1] < old_enough]
+        if len(files) <= MAX_PARTS or len(inputs) < 2:
+            return
+        newest = max(f[1] for f in inputs)
+        live = [p for p in self._label_parts(folder) if _part_key(p)[1] <= newest]
+        try:
+            rows = _query("labels", live, "SELECT * FROM {src} QUALIFY part = max(part) OVER (PARTITION BY label_key, neuron)")
+        except Exception as exc:
+            if _vanished(exc):
+                return  # another process merged them first
+            raise
+        _write_parquet(folder / f"merged-{newest}-{secrets.token_hex(4)}.parquet", "labels",
+                       {c: rows[c].tolist() for c in TABLES["labels"]})
+        for _, _, path in inputs:
+            path.unlink(missing_ok=True)
 
     def _write_label_meta(self, label_key: str, run_key: str, method: str, backends_json: str, hyperparams_json: str,
                           concept_set_id: str | None, created_at: float) -> None:
@@ -631,14 +661,9 @@ class Store(CacheLayout):
         """DataFrame of labels for a run: neuron, method, rank, label, score, calibrated, backend, label_key, extra_json."""
         folders = [self.label_dir(m["label_key"]) for m in self._label_metas() if m.get("run_key") == run_key
                    and (method is None or m.get("method") == method) and (label_key is None or m["label_key"] == label_key)]
-        where, params = ["run_key = ?"], [run_key]  # type: list[str], list[Any]
-        if neuron is not None:
-            where.append("neuron = ?")
-            params.append(int(neuron))
-        if top_only:
-            where.append("rank = 0")
-        return self._resolved_labels(folders, f"SELECT {LABEL_COLUMNS} FROM resolved WHERE {' AND '.join(where)} "
-                                              "ORDER BY neuron, method, rank, label_key", params)
+        where = "run_key = ?" + (" AND rank = 0" if top_only else "")
+        return self._resolved_labels(folders, f"SELECT {LABEL_COLUMNS} FROM resolved WHERE {where} ORDER BY neuron, method, rank, label_key",
+                                     [run_key], neuron=neuron)
 
     def label_runs(self, run_key: str | None = None):
         """DataFrame of label runs (oldest first): label_key, run_key, method, backends_json,
@@ -751,7 +776,7 @@ class Store(CacheLayout):
 
 
 MAX_PARTS = 16  # append-only caches merge their parts beyond this many
-DEAD_PART_GRACE = 60.0  # seconds a dead label part stays on disk for readers that listed it
+PART_GRACE = 60.0  # seconds after which a label part is surely committed and may be merged
 
 
 def _json_lines(path: Path) -> list[dict]:

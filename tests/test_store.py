@@ -148,14 +148,22 @@ def test_results_are_files_with_a_commit_point_and_read_back(tmp_path, monkeypat
     assert tables.files.image_ids == tuple(im.image_id for im in ps.images)
     assert store.summary() == {"probe_sets": 1, "probe_images": len(ps), "runs": 2, "topk": 6 * 4 * 2, "neuron_stats": 12,
                                "label_runs": 3, "labels": 12 + 2 + 1, "records": 2}
-    # a full save replaces every neuron of its key; the dead parts go once readers are done with them
+    # a full save replaces every neuron of its key
     store.save_labels("odd/key with spaces", conv.run_key, "dnd", {}, {}, None, [LabelRow(2, 0, "fresh", 1.0)], "llm")
     assert store.labelled_neurons("odd/key with spaces") == [2]
-    monkeypatch.setattr(store_module, "DEAD_PART_GRACE", 0.0)
-    store.save_labels("odd/key with spaces", conv.run_key, "dnd", {}, {}, None, [LabelRow(3, 0, "newer", 1.0)], "llm",
+    # many saves of one key are merged into one part, resolved as before
+    monkeypatch.setattr(store_module, "PART_GRACE", 0.0)
+    monkeypatch.setattr(store_module, "MAX_PARTS", 3)
+    for n in (3, 4, 3, 5):
+        store.save_labels("odd/key with spaces", conv.run_key, "dnd", {}, {}, None, [LabelRow(n, 0, f"n{n} again", 1.0)], "llm",
+                          replace_neurons=True)
+    assert len(list(store.label_dir("odd/key with spaces").glob("*.parquet"))) <= 3
+    labels = store.labels(conv.run_key, method="dnd")
+    assert dict(zip(labels["neuron"], labels["label"])) == {2: "fresh", 3: "n3 again", 4: "n4 again", 5: "n5 again"}
+    store.save_labels("odd/key with spaces", conv.run_key, "dnd", {}, {}, None, [LabelRow(1, 0, "alone", 1.0)], "llm")
+    store.save_labels("odd/key with spaces", conv.run_key, "dnd", {}, {}, None, [LabelRow(6, 0, "and me", 1.0)], "llm",
                       replace_neurons=True)
-    assert len(list(store.label_dir("odd/key with spaces").glob("*.parquet"))) == 2  # the last full part and the new one
-    assert store.labelled_neurons("odd/key with spaces") == [2, 3]
+    assert store.labelled_neurons("odd/key with spaces") == [1, 6]  # a full save after a merge still cuts everything before it
     store.delete_record("edit", "my edit / v2")
     assert store.get_record("edit", "my edit / v2") is None and store.list_records("edit") == []
 
