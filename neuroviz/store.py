@@ -25,6 +25,8 @@ Layout under the workspace root (``CacheLayout`` names every path)::
                                      method, rank, label, score, calibrated, backend,
                                      extra_json, part. Per neuron the newest part wins.
                        full-<id>.parquet  a save that replaced every neuron: older parts are dead
+                       merged-<id>-<random>.parquet  the resolved rows of every part up to <id>
+                                     (written once a key has many parts; its inputs deleted)
     records/<namespace>/<key>.json   small key-value records (audits, edits, synthesis, views)
     llm/calls/<recording_id>/<writer>.jsonl  every call of a recorded language model, one
                                      JSON line each, appended (a torn last line is ignored)
@@ -37,10 +39,16 @@ Layout under the workspace root (``CacheLayout`` names every path)::
     synthesis/                       PNG grids written by ``python -m neuroviz synthesize``
     tmp/                             scratch space of long methods (NetDissect)
     generation                       rewritten after every commit: ``Store.version()``
+    studies.*                        the rater studies' own database (neuroviz.study): the
+                                     small mutable state, one writer
     neuroviz.duckdb                  the cache before this layout; migrated once on first
-                                     open (``migrated.json`` marks it done), then unused
+                                     open (``migrated.json`` marks it done, ``.migration.lock``
+                                     lets one process do it), then unused
+    models/, concepts/               Gemma and word lists saved before the shared cache:
+                                     adopted from there (hard links) on first use
 
 Part ids are ``<time_ns>-<random>``, so they sort by age and two writers never collide.
+Column types of every Parquet table are in ``TABLES`` below.
 Everything that does not depend on the workspace (the dequantised Gemma, concept word lists,
 text embeddings, image embeddings by content hash) lives in the shared cache
 (:class:`SharedCache`, ``store.shared``), so a second workspace computes none of it again.
@@ -371,6 +379,9 @@ class CacheLayout:
 
     def migration_marker(self) -> Path:
         return self.root / "migrated.json"
+
+    def migration_lock_path(self) -> Path:
+        return self.root / ".migration.lock"
 
 
 class Store(CacheLayout):

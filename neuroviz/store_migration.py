@@ -39,7 +39,7 @@ def migrate_legacy_cache(store: Store) -> None:
 
 @contextlib.contextmanager
 def _migration_lock(store: Store) -> Iterator[None]:
-    with open(store.root / ".migration.lock", "a+") as fh:
+    with open(store.migration_lock_path(), "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -227,13 +227,13 @@ def _gemma_version() -> str:
 def gemma_dir(store_root: Path | str) -> Path:
     """Where the dequantised Gemma is saved: the shared cache, which adopts a workspace's
     copy from before there was one (``<store_root>/models/``) rather than dequantise again."""
-    from ..store import Store
+    from ..store import CacheLayout, SharedCache
 
-    store = Store(store_root)
-    target = store.shared.model_dir(GEMMA_HF_DIRNAME)
-    legacy = store.legacy_models_dir() / GEMMA_HF_DIRNAME
+    shared = SharedCache.default()
+    target = shared.model_dir(GEMMA_HF_DIRNAME)
+    legacy = CacheLayout(store_root).legacy_models_dir() / GEMMA_HF_DIRNAME
     if not (target / "READY").exists() and (legacy / "READY").exists():
-        return store.shared.adopt(target, legacy)
+        return shared.adopt(target, legacy)
     return target
 
 
