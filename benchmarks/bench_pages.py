@@ -42,14 +42,16 @@ PAGES = {"browser": ("pages/browser.py", "the layer browser"), "neuron": ("pages
 
 
 def prepare_workspace(source: Path | None, out: Path) -> dict:
-    """Copy an existing cache (runs + database) or build the tiny one; make sure it has labels."""
+    """Copy an existing cache's results or build the tiny one; make sure it has labels."""
     from neuroviz.store import Store
 
-    if source is not None and (source / "neuroviz.duckdb").exists():
+    if source is not None and (source / "runs").exists():
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / "neuroviz.duckdb", out / "neuroviz.duckdb")
-        if (source / "runs").exists():
-            shutil.copytree(source / "runs", out / "runs", ignore=shutil.ignore_patterns("partial"))
+        for name in ("runs", "probesets", "labels", "records", "neuroviz.duckdb", "migrated.json"):  # results, not pictures
+            if (source / name).is_dir():
+                shutil.copytree(source / name, out / name, ignore=shutil.ignore_patterns("partial"))
+            elif (source / name).exists():
+                shutil.copy2(source / name, out / name)
         store = Store(out)
         runs = store.find_runs()
         if runs:

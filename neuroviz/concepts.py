@@ -12,7 +12,7 @@ Built-in sets (``load_concept_set(spec)``, entries of :data:`CONCEPT_SETS`):
   words, tokens with digits or punctuation and words under 3 letters are dropped. The list is
   cached as a text file under ``<store_root>/concepts/``;
 - ``words<N>k``: the same with N thousand words;
-- ``demo_labels``: the demo probe set's own labels (``<store_root>/demo/metadata.csv``);
+- ``demo_labels``: the demo probe set's own labels (``metadata.csv`` of the workspace's demo set);
 - ``file:<path>`` or just the path of a text file: one concept per line (blank lines and
   ``#`` comments skipped);
 - ``a+b``: the union of several specs, in order, duplicates dropped.
@@ -23,6 +23,7 @@ vocabulary never share a cache entry with the old one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.metadata
 import re
@@ -220,28 +221,30 @@ def common_words(size: int = 20_000, store_root: Path | str | None = None) -> Co
     name = f"words{size // 1000}k" if size % 1000 == 0 else f"words{size}"
     wordfreq_version = importlib.metadata.version("wordfreq")
     cache_key = provenance_key({"config": config, "wordfreq": wordfreq_version, "filter": word_filter_name()}, 12)
+    from .store import CacheLayout, SharedCache
+
     root = Path(store_root) if store_root is not None else _default_store_root()
-    path = root / "concepts" / f"{name}-{cache_key}.txt"
+    file_name = f"{name}-{cache_key}.txt"
+    shared = SharedCache.default()
+    path = shared.adopt(shared.concepts_dir() / file_name, CacheLayout(root).legacy_concepts_dir() / file_name)
     if path.exists():
         words = [w for w in path.read_text(encoding="utf-8").splitlines() if w]
     else:
         words = compute_common_words(config)
         from .files import atomic_write_text
 
-        try:
+        with contextlib.suppress(OSError):  # a read-only cache only costs a recomputation next time
             atomic_write_text(path, "\n".join(words) + "\n")
-        except OSError:
-            pass  # a read-only cache only costs a recomputation next time
     description = f"{len(words):,} most common English nouns and adjectives (wordfreq {wordfreq_version}, {word_filter_name()})"
     return ConceptSet(name, words, description, f"wordfreq:{wordfreq_version}:{word_filter_name()}")
 
 
 def demo_labels(store_root: Path | str | None = None) -> ConceptSet:
     """The demo probe set's labels, in first-seen order (its own ground-truth vocabulary)."""
-    from .datasets import demo_root
+    from .store import CacheLayout
 
     root = Path(store_root) if store_root is not None else _default_store_root()
-    meta = demo_root(root) / "metadata.csv"
+    meta = CacheLayout(root).demo_dir() / "metadata.csv"
     if not meta.exists():
         raise ConceptSetMissing(
             f"The demo set is not built under {root} (no {meta.name}). "

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from .progress import Progress
 from .files import atomic_write_json
 from .provenance import hash_bytes, provenance_key
+from .store import CacheLayout
 from .errors import NeurovizError
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -125,7 +126,7 @@ def _scan(name: str, source: str, entries: list[tuple[Path, str]], cache_dir: Pa
     memo: dict[str, list] = {}
     memo_path = None
     if cache_dir is not None:
-        memo_path = Path(cache_dir) / "probesets" / f"scan-{provenance_key(source)}.json"
+        memo_path = CacheLayout(cache_dir).scan_memo_path(provenance_key(source))
         if memo_path.exists():
             try:
                 memo = json.loads(memo_path.read_text())
@@ -199,13 +200,9 @@ def from_list(list_file: str | Path, cache_dir: Path | None = None, progress: Pr
     return _scan(list_file.stem, f"list:{list_file.resolve()}", entries, cache_dir, progress)
 
 
-def demo_root(cache_dir: Path) -> Path:
-    return Path(cache_dir) / "demo"
-
-
 def from_demo(cache_dir: Path, progress: Progress | None = None) -> ProbeSet:
     """The embedded demo set built by ``python -m neuroviz demo-set`` (labels from metadata.csv)."""
-    root = demo_root(cache_dir)
+    root = CacheLayout(cache_dir).demo_dir()
     meta = root / "metadata.csv"
     if not meta.exists():
         raise ProbeSetError("The demo set is not built yet. Run `python -m neuroviz demo-set` (the README's setup does it).")

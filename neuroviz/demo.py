@@ -38,7 +38,7 @@ def build_demo_workspace(store, labels: bool = True, dnd_neurons: int = DEMO_DND
     bar = progress_factory or (lambda desc, unit="it": TqdmProgress(desc, unit))
     report: dict = {}
     t0 = time.time()
-    demo = build_demo_set(store.root / "demo", progress=bar("demo images", "img"))
+    demo = build_demo_set(store.demo_dir(), progress=bar("demo images", "img"))
     for warning in demo.warnings:
         say("warning: " + warning)
     report["demo_set"] = {"images": demo.n_images, "by_source": demo.by_source, "seconds": round(time.time() - t0, 1)}

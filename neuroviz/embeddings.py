@@ -1,14 +1,17 @@
-"""Image and text embeddings under a multimodal backend, cached in the store by provenance.
+"""Image and text embeddings under a multimodal backend, cached by provenance.
 
-Image embeddings of a probe set are named by (backend id, probe set id); text embeddings by
-(backend id, hash of the exact text list). Change the backend, a single image or a single
-concept and the key changes, so a stale embedding is never served. Long image runs save
-chunks as they go and resume from them after an interruption.
+Neither depends on the workspace, so both live in the shared cache
+(:class:`neuroviz.store.SharedCache`): image embeddings one vector per image content hash
+(image id) and backend, so a subset or a reordering of already-embedded images costs
+nothing; text embeddings per (backend id, hash of the exact text list). A probe set's
+matrix in its row order is also kept in the workspace (``arrays/image_emb/``) for a fast
+read. Change the backend, a single image or a single concept and the key changes, so a stale
+embedding is never served. Long image runs save each chunk as a part as they go, so an
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +20,7 @@ import numpy as np
 from .backends.base import MultimodalBackend
 from .concepts import ConceptSet
 from .datasets import load_rgb
+from .files import atomic_save_npy
 from .progress import Progress
 from .provenance import provenance_key
 from .store import Store
@@ -30,6 +34,11 @@ def image_embeddings_key(backend: MultimodalBackend, probe_set_id: str) -> str:
     return provenance_key({"kind": "image_emb", "backend": backend.id, "probe_set": probe_set_id, "code": EMBEDDINGS_CODE_VERSION})
 
 
+def image_backend_key(backend: MultimodalBackend) -> str:
+    """The shared cache's folder for one backend's image embeddings."""
+    return provenance_key({"kind": "image_emb", "backend": backend.id, "code": EMBEDDINGS_CODE_VERSION})
+
+
 def image_embeddings(
     backend: MultimodalBackend,
     store: Store,
@@ -39,7 +48,8 @@ def image_embeddings(
 ) -> np.ndarray:
     """(n_images, D) L2-normalised embeddings in the probe set's idx order (rows of activations).
 
-    Computed once per (backend, probe set) and then read from ``arrays/image_emb/``.
+    Read from the workspace's ``arrays/image_emb/`` when there; else every image the shared
+    cache already has is read from it and only the others are embedded.
     """
     key = image_embeddings_key(backend, probe_set_id)
     cached = store.load_array("image_emb", key)
@@ -53,45 +63,33 @@ def image_embeddings(
             f"Probe set '{probe_set_id}' is not in this store. Open it first (e.g. run an extraction on it, "
             "or `python -m neuroviz extract ...`), then compute its embeddings."
         )
-    paths = [r["path"] for r in rows]
-    partial_kind = f"image_emb_partial/{key}"
-    chunks: list[np.ndarray] = []
-    total = len(paths)
+    ids = [r["image_id"] for r in rows]
+    backend_key = image_backend_key(backend)
+    found = store.shared.image_embeddings(backend_key, ids)
+    missing = [i for i, image_id in enumerate(ids) if image_id not in found]
+    total = len(ids)
+    if progress and found:
+        progress(total - len(missing), total, "image embeddings (cached)")
     # Decoding the next chunk's images overlaps with encoding this one (PNG decoding is not free).
+    chunks = [missing[start : start + IMAGE_CHUNK] for start in range(0, len(missing), IMAGE_CHUNK)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        starts = list(range(0, total, IMAGE_CHUNK))
-        pending, pending_start = None, -1
-        for start in starts:
-            chunk_id = f"{start:08d}"
-            done = store.load_array(partial_kind, chunk_id)
-            if done is not None:
-                chunks.append(done)
-                if progress:
-                    progress(min(start + IMAGE_CHUNK, total), total, "image embeddings (resumed)")
-                continue
-            if pending is not None and pending_start == start:
-                images = pending.result()
-            else:
-                images = _load_all(paths[start : start + IMAGE_CHUNK])
-            pending = None
-            next_start = start + IMAGE_CHUNK
-            if next_start < total:
-                pending_start = next_start
-                pending = pool.submit(_load_all, paths[next_start : next_start + IMAGE_CHUNK])
+        pending = pool.submit(_load_all, [rows[i]["path"] for i in chunks[0]]) if chunks else None
+        for c, chunk in enumerate(chunks):
+            images = pending.result() if pending is not None else []
+            pending = pool.submit(_load_all, [rows[i]["path"] for i in chunks[c + 1]]) if c + 1 < len(chunks) else None
             parts = []
             for b in range(0, len(images), batch_size):
                 parts.append(backend.encode_images(images[b : b + batch_size], batch_size=batch_size))
                 if progress:
-                    progress(min(start + b + batch_size, total), total, f"image embeddings ({backend.id})")
-            chunk = np.concatenate(parts).astype(np.float32)
-            store.save_array(partial_kind, chunk_id, chunk)
-            chunks.append(chunk)
-    emb = np.concatenate(chunks).astype(np.float32)
-    if emb.shape[0] != total:
-        raise RuntimeError(f"Embedded {emb.shape[0]} images for a probe set of {total}.")
-    store.save_array("image_emb", key, emb)
-    shutil.rmtree(store.array_path(partial_kind, "x").parent, ignore_errors=True)
-    return emb
+                    done = total - len(missing) + c * IMAGE_CHUNK + min(b + batch_size, len(images))
+                    progress(done, total, f"image embeddings ({backend.id})")
+            emb = np.concatenate(parts).astype(np.float32)
+            chunk_ids = [ids[i] for i in chunk]
+            store.shared.add_image_embeddings(backend_key, chunk_ids, emb)  # a finished chunk survives an interruption
+            found.update(zip(chunk_ids, emb))
+    matrix = np.stack([found[image_id] for image_id in ids]).astype(np.float32)
+    store.save_array("image_emb", key, matrix)
+    return matrix
 
 
 def _load_all(paths: Sequence[str]):
@@ -118,12 +116,13 @@ def text_embeddings(
     progress: Progress | None = None,
     batch_size: int = 256,
 ) -> np.ndarray:
-    """(n_texts, D) L2-normalised embeddings, one row per text in order; cached in ``arrays/text_emb/``."""
+    """(n_texts, D) L2-normalised embeddings, one row per text in order; cached in the shared cache."""
     texts = _texts_of(texts_or_concept_set)
     key = text_embeddings_key(backend, texts)
-    cached = store.load_array("text_emb", key)
-    if cached is not None:
-        return cached
+    shared = store.shared
+    path = shared.adopt(shared.text_embeddings_path(key), store.array_path("text_emb", key))
+    if path.exists():
+        return np.load(path)
     parts = []
     for start in range(0, len(texts), batch_size):
         parts.append(backend.encode_texts(texts[start : start + batch_size], batch_size=batch_size))
@@ -133,5 +132,5 @@ def text_embeddings(
         emb = np.concatenate(parts).astype(np.float32)
     else:
         emb = backend.encode_texts([]).astype(np.float32)
-    store.save_array("text_emb", key, emb)
+    atomic_save_npy(shared.text_embeddings_path(key), emb)
     return emb

@@ -215,7 +215,7 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
         if cached is not None:
             done[name] = cached
         else:
-            plans.append(_LayerPlan(info, pooling_l, key, k_eff, store.run_dir(key) / "partial"))
+            plans.append(_LayerPlan(info, pooling_l, key, k_eff, store.partial_dir(key)))
     if not plans:
         if progress:
             progress(n_images, n_images, "all layers cached")

@@ -2,7 +2,7 @@
 
 A layer-browser page shows 24 neurons x 9 top images; decoding 216 full-size probe images on
 every rerun would cost seconds. Each neuron's mosaic (and each thumbnail or overlay) is
-therefore rendered once into ``store.root / "thumbs"`` under a name that hashes everything
+therefore rendered once into the cache's ``thumbs/`` folder under a name that hashes everything
 it depends on (the run, the neuron, the source files and their modification times, the
 geometry and size), so a changed input gets a new file and a stale picture is never shown.
 Files are written through a temporary name and renamed, so concurrent sessions and jobs
@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw
 
 from .files import atomic_open
 from .provenance import provenance_key
+from .store import CacheLayout
 
-THUMBS_DIR = "thumbs"
 MOSAIC_BACKGROUND = (245, 245, 245)
 JPEG_QUALITY = 85
 CARD_TILE = 80  # tile side of the layer browser's card mosaics
@@ -104,7 +104,7 @@ def square_view(img: Image.Image, geometry: ViewGeometry | None, size: int) -> I
 
 
 def thumbs_dir(cache_root: Path | str) -> Path:
-    return Path(cache_root) / THUMBS_DIR
+    return CacheLayout(cache_root).thumbs_dir()
 
 
 def _file_stamp(path: str | Path) -> tuple[str, int, int]:

@@ -47,7 +47,7 @@ class JobRecord:
 
 
 def jobs_dir(store: Store) -> Path:
-    return store.root / "jobs"
+    return store.jobs_dir()
 
 
 def _path(store: Store, job_id: str) -> Path:

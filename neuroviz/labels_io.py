@@ -87,10 +87,7 @@ def collect_labels(store: Store, run: RunInfo, method: str, label_key: str | Non
         )
     meta = runs.iloc[-1]
     key = str(meta["label_key"])
-    df = store.query_df(
-        "SELECT neuron, rank, label, score, calibrated, backend, extra_json FROM labels WHERE label_key = ? ORDER BY neuron, rank",
-        [key],
-    )
+    df = store.labels(run.run_key, label_key=key)
     rows = [
         LabelRow(int(r.neuron), int(r.rank), str(r.label), _float(r.score), _float(r.calibrated),
                  json.loads(r.extra_json) if isinstance(r.extra_json, str) and r.extra_json else None)

@@ -1,64 +1,102 @@
-"""The cache: every SQL statement and the file layout of ``cache/`` live here.
+"""The cache of one workspace: every table, every file and every path under ``cache/``.
 
-Layout under the cache root::
+Results that jobs produce are immutable files, written under a temporary name and renamed
+(:mod:`neuroviz.files`), and read in place by DuckDB through one in-memory connection per
+process (a cursor per call). No reader ever takes a lock and no process opens a database
+file read-write for results, so a page reads while an extraction and a labelling job write.
+Each result has a commit file written last: until it appears the result does not exist, so
+a job killed at any moment leaves the old state or the new one, never half of one.
 
-    neuroviz.duckdb          runs, probe sets, top-k, neuron stats, label runs, labels
-    runs/<run_key>/          acts.npy (images x neurons, float32), maps.npy (neurons x k x h x w,
-                             float16, only for each neuron's top-k images), hist.npz,
-                             partial/ (resumable chunks of an unfinished extraction)
-    arrays/<kind>/<key>.npy  other dense artefacts (embeddings, ...), keyed by provenance
-    jobs/<job_id>.json       progress records of background jobs
-    demo/                    the embedded demo probe set
+Layout under the workspace root (``CacheLayout`` names every path)::
 
-Every artefact is keyed by its provenance; nothing is updated in place, so a stale
-artefact cannot be served. Connections are short-lived (see :mod:`neuroviz.db`).
+    runs/<run_key>/run.json          the commit point of a run: RunInfo (written last)
+                   topk.parquet      neuron, rank, image_idx, image_id, activation (sorted by neuron, rank)
+                   stats.parquet     neuron, mean, std, min, max, q99, q995
+                   acts.npy          images x neurons, float32
+                   maps.npy          neurons x k x h x w, float16 (each neuron's top-k images only)
+                   hist.npz          per-neuron histograms (counts, edges)
+                   partial/          resumable chunks of an unfinished extraction
+    probesets/<probe_set_id>/meta.json    name, source, sizes, skipped files (written last)
+                             images.parquet  idx, image_id, path, label
+    probesets/scan-<key>.json        memo of image checks per (path, size, mtime) of a source
+    labels/<label_key>/meta.json     run_key, method, backends_json, hyperparams_json,
+                                     concept_set_id, created_at (written after each save)
+                       part-<id>.parquet  one save_labels call: label_key, run_key, neuron,
+                                     method, rank, label, score, calibrated, backend,
+                                     extra_json, part. Per neuron the newest part wins.
+                       full-<id>.parquet  a save that replaced every neuron: older parts are dead
+                       merged-<id>-<random>.parquet  the resolved rows of every part up to <id>
+                                     (written once a key has many parts; its inputs deleted)
+    records/<namespace>/<key>.json   small key-value records (audits, edits, synthesis, views)
+    llm/calls/<recording_id>/<writer>.jsonl  every call of a recorded language model, one
+                                     JSON line each, appended (a torn last line is ignored)
+    llm/loglik/<model>/part-<id>.parquet  text, loglik: the one log-likelihood cache
+    arrays/<kind>/<key>.npy          other dense artefacts keyed by provenance (image
+                                     embeddings of a probe set, priors, predictions, ...)
+    thumbs/                          rendered thumbnails and mosaics (neuroviz.images)
+    jobs/<job_id>.json, .log         background job records (neuroviz.jobs)
+    demo/, downloads/                the demo probe set and the packages it was cut from
+    synthesis/                       PNG grids written by ``python -m neuroviz synthesize``
+    tmp/                             scratch space of long methods (NetDissect)
+    generation                       rewritten after every commit: ``Store.version()``
+    studies.*                        the rater studies' own database (neuroviz.study): the
+                                     small mutable state, one writer
+    neuroviz.duckdb                  the cache before this layout; migrated once on first
+                                     open (``migrated.json`` marks it done, ``.migration.lock``
+                                     lets one process do it), then unused
+    models/, concepts/               Gemma and word lists saved before the shared cache:
+                                     adopted from there (hard links) on first use
+
+Part ids are ``<time_ns>-<random>``, so they sort by age and two writers never collide.
+Column types of every Parquet table are in ``TABLES`` below.
+Everything that does not depend on the workspace (the dequantised Gemma, concept word lists,
+text embeddings, image embeddings by content hash) lives in the shared cache
+(:class:`SharedCache`, ``store.shared``), so a second workspace computes none of it again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
+import shutil
+import threading
 import time
-from collections.abc import Iterable, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import db
-from .files import atomic_save_npy, atomic_savez
+from .errors import NeurovizError
+from .files import atomic_open, atomic_save_npy, atomic_savez, atomic_write_json, atomic_write_text
 
 DEFAULT_CACHE = Path(os.environ.get("NEUROVIZ_CACHE", Path(__file__).resolve().parent.parent / "cache"))
+SHARED_CACHE_ENV = "NEUROVIZ_SHARED_CACHE"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS probe_sets (
-    probe_set_id VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR, n_images INTEGER,
-    n_skipped INTEGER, skipped_json VARCHAR, created_at DOUBLE);
-CREATE TABLE IF NOT EXISTS probe_images (
-    probe_set_id VARCHAR, idx INTEGER, image_id VARCHAR, path VARCHAR, label VARCHAR,
-    PRIMARY KEY (probe_set_id, idx));
-CREATE TABLE IF NOT EXISTS runs (
-    run_key VARCHAR PRIMARY KEY, model_spec VARCHAR, weights_id VARCHAR, layer VARCHAR,
-    pooling VARCHAR, probe_set_id VARCHAR, preprocess_id VARCHAR, k INTEGER,
-    code_version VARCHAR, n_images INTEGER, n_neurons INTEGER, map_shape VARCHAR,
-    layer_kind VARCHAR, created_at DOUBLE);
-CREATE TABLE IF NOT EXISTS topk (
-    run_key VARCHAR, neuron INTEGER, rank INTEGER, image_idx INTEGER, image_id VARCHAR,
-    activation FLOAT);
-CREATE TABLE IF NOT EXISTS neuron_stats (
-    run_key VARCHAR, neuron INTEGER, mean FLOAT, std FLOAT, min FLOAT, max FLOAT,
-    q99 FLOAT, q995 FLOAT);
-CREATE TABLE IF NOT EXISTS label_runs (
-    label_key VARCHAR PRIMARY KEY, run_key VARCHAR, method VARCHAR, backends_json VARCHAR,
-    hyperparams_json VARCHAR, concept_set_id VARCHAR, n_neurons INTEGER, created_at DOUBLE);
-CREATE TABLE IF NOT EXISTS labels (
-    label_key VARCHAR, run_key VARCHAR, neuron INTEGER, method VARCHAR, rank INTEGER,
-    label VARCHAR, score DOUBLE, calibrated DOUBLE, backend VARCHAR, extra_json VARCHAR);
-CREATE TABLE IF NOT EXISTS kv (
-    namespace VARCHAR, key VARCHAR, value_json VARCHAR, created_at DOUBLE,
-    PRIMARY KEY (namespace, key));
-"""
+#: Column types of every table, as DuckDB reads them from the Parquet files.
+TABLES: dict[str, dict[str, str]] = {
+    "probe_images": {"idx": "INTEGER", "image_id": "VARCHAR", "path": "VARCHAR", "label": "VARCHAR"},
+    "topk": {"neuron": "INTEGER", "rank": "INTEGER", "image_idx": "INTEGER", "image_id": "VARCHAR", "activation": "FLOAT"},
+    "neuron_stats": {"neuron": "INTEGER", "mean": "FLOAT", "std": "FLOAT", "min": "FLOAT", "max": "FLOAT",
+                     "q99": "FLOAT", "q995": "FLOAT"},
+    "labels": {"label_key": "VARCHAR", "run_key": "VARCHAR", "neuron": "INTEGER", "method": "VARCHAR", "rank": "INTEGER",
+               "label": "VARCHAR", "score": "DOUBLE", "calibrated": "DOUBLE", "backend": "VARCHAR",
+               "extra_json": "VARCHAR", "part": "VARCHAR"},
+    "log_likelihoods": {"text": "VARCHAR", "loglik": "DOUBLE"},
+}
+LABEL_RUN_COLUMNS = ("label_key", "run_key", "method", "backends_json", "hyperparams_json", "concept_set_id",
+                     "n_neurons", "created_at")
+PROBE_SET_COLUMNS = ("probe_set_id", "name", "source", "n_images", "n_skipped", "created_at")
+LABEL_COLUMNS = "neuron, method, rank, label, score, calibrated, backend, label_key, extra_json"
+TOPK_ROW_GROUP = 8192  # rows per Parquet row group: one neuron's top-k reads one group
+
+
+class LegacyCacheLockedError(NeurovizError, RuntimeError):
+    """The cache from before the file layout is held by another process, so it cannot be migrated."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +131,48 @@ class LabelRow:
     extra: dict | None = None
 
 
+@dataclass(frozen=True)
+class TopK:
+    """A run's top-k table as arrays: image index and activation per (neuron, rank)."""
+
+    image_idx: np.ndarray  # (n_neurons, k) int
+    activation: np.ndarray  # (n_neurons, k) float32
+
+
+@dataclass(frozen=True)
+class ProbeFiles:
+    """A probe set's images in activation-row order: paths, labels and ids as plain lists."""
+
+    paths: tuple[str, ...]
+    labels: tuple[str, ...]
+    image_ids: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class RunTables:
+    """Everything the pages read about one run: labels, top-k, statistics, probe files."""
+
+    labels: Any  # DataFrame as Store.labels returns it
+    top: TopK
+    stats: Any  # DataFrame as Store.neuron_stats returns it
+    files: ProbeFiles
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """What the cache holds, in one read: runs, probe sets and label runs (oldest first)."""
+
+    runs: tuple[RunInfo, ...] = ()
+    probe_sets: tuple[dict, ...] = ()
+    label_runs: tuple[dict, ...] = ()
+
+
 def histograms(acts: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-neuron histograms over each neuron's own [min, max], all neurons in one pass."""
-    n_images, n_neurons = acts.shape
+    n_neurons = acts.shape[1]
     width = np.where(hi > lo, hi - lo, 1e-6).astype(np.float64)
     edges = lo[:, None] + width[:, None] * np.linspace(0.0, 1.0, bins + 1)[None, :]
     bin_idx = np.clip(((acts - lo) / width * bins).astype(np.int64), 0, bins - 1)  # the max falls in the last bin
@@ -104,36 +181,246 @@ def histograms(acts: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> t
     return counts, edges.astype(np.float32)
 
 
-class Store:
-    """The cache of one workspace. Cheap to construct; holds no open connection."""
+# --------------------------------------------------------------------------------------
+# Reading: one in-memory DuckDB per process, a cursor per call
+# --------------------------------------------------------------------------------------
+_duck: Any = None
+_duck_pid = 0
+_duck_lock = threading.Lock()
 
-    def __init__(self, root: Path | str = DEFAULT_CACHE, lock_timeout: float = 30.0):
+
+def _cursor():
+    """A fresh cursor on this process's in-memory DuckDB (created on first use, again after a fork)."""
+    global _duck, _duck_pid
+    with _duck_lock:
+        if _duck is None or _duck_pid != os.getpid():
+            import duckdb
+
+            _duck, _duck_pid = duckdb.connect(":memory:"), os.getpid()
+        return _duck.cursor()
+
+
+def _source(table: str, files: Sequence[Path]) -> tuple[str, list]:
+    """SQL for the rows of ``files`` (an empty, typed relation when there are none) and its parameter."""
+    if files:
+        return "read_parquet(?)", [[str(f) for f in files]]
+    columns = ", ".join(f"CAST(NULL AS {kind}) AS \"{name}\"" for name, kind in TABLES[table].items())
+    return f"(SELECT {columns} LIMIT 0)", []
+
+
+def _vanished(exc: Exception) -> bool:
+    text = str(exc)
+    return isinstance(exc, FileNotFoundError) or "No files found" in text or "No such file" in text
+
+
+def _retrying(read: Callable[[], Any], attempts: int = 4) -> Any:
+    """Run a read that lists files first, again if a file vanished in between (a compaction)."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except Exception as exc:
+            if attempt == attempts - 1 or not _vanished(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _query(table: str, files: Sequence[Path], sql: str, params: Sequence[Any] = (), frame: bool = True):
+    """Run ``sql`` with ``{src}`` standing for the rows of ``files``; a DataFrame or a row list."""
+    src, src_params = _source(table, files)
+    cur = _cursor()
+    try:
+        result = cur.execute(sql.format(src=src), [*src_params, *params])
+        return result.df() if frame else result.fetchall()
+    finally:
+        cur.close()
+
+
+def _write_parquet(path: Path, table: str, columns: dict[str, Any], row_group_size: int | None = None) -> None:
+    """Write ``columns`` as ``table``'s Parquet file, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kinds = {"INTEGER": pa.int32(), "VARCHAR": pa.string(), "FLOAT": pa.float32(), "DOUBLE": pa.float64(), "BIGINT": pa.int64()}
+    schema = pa.schema([(name, kinds[kind]) for name, kind in TABLES[table].items()])
+    arrays = [pa.array(_plain(columns[name]), type=schema.field(name).type, from_pandas=True) for name in schema.names]
+    with atomic_open(path, "wb", suffix=".tmp.parquet") as fh:
+        pq.write_table(pa.Table.from_arrays(arrays, schema=schema), fh, row_group_size=row_group_size)
+
+
+def _plain(values: Any) -> Any:
+    return values.tolist() if isinstance(values, np.ndarray) and values.dtype == object else values
+
+
+def _read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def safe_name(key: str) -> str:
+    """A file name for any key: itself when plain, else percent-encoded (long keys hashed)."""
+    if _SAFE_NAME.fullmatch(key):
+        return key
+    quoted = urllib.parse.quote(key, safe="-_~").replace(".", "%2E")
+    if len(quoted) <= 150:
+        return quoted
+    from .provenance import provenance_key
+
+    return quoted[:100] + "~" + provenance_key(key, 24)
+
+
+def new_part_id() -> str:
+    """``<time_ns>-<random>``: sorts by age, unique across processes."""
+    return f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+
+
+def _part_key(path: Path) -> tuple[str, str]:
+    """(kind, id) of a part file: ``part-<id>``, ``full-<id>``, ``merged-<newest input id>-<random>``."""
+    kind, rest = path.stem.split("-", 1)
+    return kind, "-".join(rest.split("-")[:2])
+
+
+def _part_files(folder: Path) -> list[tuple[str, str, Path]]:
+    """(kind, id, path) of every committed part file in ``folder`` (temporary files excluded)."""
+    try:
+        paths = [p for p in folder.iterdir() if p.suffix == ".parquet" and p.name.startswith(("part-", "full-", "merged-"))]
+    except OSError:
+        return []
+    return [(*_part_key(p), p) for p in paths]
+
+
+# --------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------
+class CacheLayout:
+    """Every path under a workspace cache, by name (no I/O: cheap to build from a root)."""
+
+    LEGACY_DB = "neuroviz.duckdb"
+
+    def __init__(self, root: Path | str):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.root / "neuroviz.duckdb"
-        self.lock_timeout = lock_timeout
-        self._schema_ready = False
 
-    # -- connections ------------------------------------------------------------------
-    def connect(self):
-        """A short-lived connection (context manager) with the schema in place."""
-        return _SchemaConnection(self)
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        with self.connect() as con:
-            return con.execute(sql, list(params)).fetchall()
-
-    def query_df(self, sql: str, params: Sequence[Any] = ()):
-        with self.connect() as con:
-            return con.execute(sql, list(params)).df()
-
-    # -- paths ------------------------------------------------------------------------
     def run_dir(self, run_key: str) -> Path:
-        return self.root / "runs" / run_key
+        return self.runs_dir() / run_key
+
+    def partial_dir(self, run_key: str) -> Path:
+        """Resumable chunks of an unfinished extraction (deleted when the run is finished)."""
+        return self.run_dir(run_key) / "partial"
+
+    def probe_sets_dir(self) -> Path:
+        return self.root / "probesets"
+
+    def probe_set_dir(self, probe_set_id: str) -> Path:
+        return self.probe_sets_dir() / probe_set_id
+
+    def scan_memo_path(self, source_key: str) -> Path:
+        """Where :mod:`neuroviz.datasets` remembers image checks of one source."""
+        return self.probe_sets_dir() / f"scan-{source_key}.json"
+
+    def labels_dir(self) -> Path:
+        return self.root / "labels"
+
+    def label_dir(self, label_key: str) -> Path:
+        return self.labels_dir() / safe_name(label_key)
+
+    def records_dir(self, namespace: str) -> Path:
+        return self.root / "records" / safe_name(namespace)
+
+    def llm_calls_dir(self, recording_id: str) -> Path:
+        return self.root / "llm" / "calls" / safe_name(recording_id)
+
+    def log_likelihood_dir(self, model_id: str) -> Path:
+        from .provenance import provenance_key
+
+        return self.root / "llm" / "loglik" / provenance_key(model_id)
 
     def array_path(self, kind: str, key: str) -> Path:
         return self.root / "arrays" / kind / f"{key}.npy"
 
+    def thumbs_dir(self) -> Path:
+        return self.root / "thumbs"
+
+    def jobs_dir(self) -> Path:
+        return self.root / "jobs"
+
+    def demo_dir(self) -> Path:
+        """The demo probe set (its downloads sit beside it, in ``downloads/``)."""
+        return self.root / "demo"
+
+    def synthesis_dir(self) -> Path:
+        return self.root / "synthesis"
+
+    def scratch_dir(self) -> Path:
+        """Scratch space for long methods; created on demand."""
+        path = self.root / "tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def legacy_models_dir(self) -> Path:
+        """Where models were saved before the shared cache (adopted from there once)."""
+        return self.root / "models"
+
+    def legacy_concepts_dir(self) -> Path:
+        """Where word lists were saved before the shared cache (adopted from there once)."""
+        return self.root / "concepts"
+
+    def generation_path(self) -> Path:
+        return self.root / "generation"
+
+    def legacy_db_path(self) -> Path:
+        return self.root / self.LEGACY_DB
+
+    def migration_marker(self) -> Path:
+        return self.root / "migrated.json"
+
+    def migration_lock_path(self) -> Path:
+        return self.root / ".migration.lock"
+
+
+class Store(CacheLayout):
+    """The cache of one workspace. Cheap to construct; holds no open file.
+
+    ``shared`` is the cache of what does not depend on the workspace (default: the user's
+    cache directory, or ``$NEUROVIZ_SHARED_CACHE``). ``lock_timeout`` bounds how long the
+    one-time migration of an old cache waits for another process to release it.
+    """
+
+    def __init__(self, root: Path | str = DEFAULT_CACHE, lock_timeout: float = 30.0, shared: SharedCache | None = None):
+        super().__init__(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock_timeout = lock_timeout
+        self._shared = shared
+        if self.legacy_db_path().exists() and not self.migration_marker().exists():
+            from .store_migration import migrate_legacy_cache
+
+            migrate_legacy_cache(self)
+
+    @property
+    def shared(self) -> SharedCache:
+        if self._shared is None:
+            self._shared = SharedCache.default()
+        return self._shared
+
+    # -- versions ---------------------------------------------------------------------
+    def version(self) -> tuple:
+        """A fingerprint that changes on every commit (one stat call): cache keys for the pages."""
+        try:
+            s = os.stat(self.generation_path())
+        except OSError:
+            return (0, 0)
+        return (s.st_mtime_ns, s.st_ino)
+
+    def _committed(self) -> None:
+        atomic_write_text(self.generation_path(), new_part_id())
+
+    # -- dense arrays ------------------------------------------------------------------
     def save_array(self, kind: str, key: str, array: np.ndarray) -> Path:
         path = self.array_path(kind, key)
         atomic_save_npy(path, array)
@@ -152,55 +439,67 @@ class Store:
         Known probe sets keep their id (it hashes the images' contents), but files that moved
         (a renamed folder, a copied cache) get their new paths, so pages keep finding them.
         """
-        with self.connect() as con:
-            if con.execute("SELECT 1 FROM probe_sets WHERE probe_set_id = ?", [ps.id]).fetchone():
-                stored = con.execute("SELECT idx, image_id, path FROM probe_images WHERE probe_set_id = ? ORDER BY idx",
-                                     [ps.id]).fetchall()
-                moved = [(im.path, ps.id, i) for (i, image_id, path), im in zip(stored, ps.images)
-                         if image_id == im.image_id and path != im.path]
-                if moved:
-                    con.executemany("UPDATE probe_images SET path = ? WHERE probe_set_id = ? AND idx = ?", moved)
+        folder = self.probe_set_dir(ps.id)
+        meta_path = folder / "meta.json"
+        if meta_path.exists():
+            stored = self.probe_images(ps.id)
+            if [r["image_id"] for r in stored] == [im.image_id for im in ps.images] and \
+                    all(r["path"] == im.path for r, im in zip(stored, ps.images)):
                 return
-            con.execute("BEGIN")
-            con.execute(
-                "INSERT INTO probe_sets VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [ps.id, ps.name, ps.source, len(ps), ps.n_skipped, json.dumps(ps.skipped), time.time()],
-            )
-            con.executemany(
-                "INSERT INTO probe_images VALUES (?, ?, ?, ?, ?)",
-                [(ps.id, i, im.image_id, im.path, im.label) for i, im in enumerate(ps.images)],
-            )
-            con.execute("COMMIT")
+            paths = [im.path if r["image_id"] == im.image_id else r["path"] for r, im in zip(stored, ps.images)]
+            self._write_probe_images(folder, [r["image_id"] for r in stored], paths, [r["label"] for r in stored])
+            self._committed()
+            return
+        self._write_probe_images(folder, [im.image_id for im in ps.images], [im.path for im in ps.images],
+                                 [im.label for im in ps.images])
+        atomic_write_json(meta_path, {"probe_set_id": ps.id, "name": ps.name, "source": ps.source, "n_images": len(ps),
+                                      "n_skipped": ps.n_skipped, "skipped": ps.skipped, "created_at": time.time()})
+        self._committed()
+
+    def _write_probe_images(self, folder: Path, image_ids: Sequence[str], paths: Sequence[str], labels: Sequence[str | None]) -> None:
+        _write_parquet(folder / "images.parquet", "probe_images", {
+            "idx": np.arange(len(image_ids), dtype=np.int32), "image_id": list(image_ids), "path": list(paths),
+            "label": list(labels)})
 
     def probe_sets(self) -> list[dict]:
-        rows = self.query("SELECT probe_set_id, name, source, n_images, n_skipped, created_at FROM probe_sets ORDER BY created_at")
-        return [dict(zip(("probe_set_id", "name", "source", "n_images", "n_skipped", "created_at"), r)) for r in rows]
+        """Every registered probe set (oldest first): id, name, source, sizes, created_at."""
+        metas = [_read_json(p) for p in self.probe_sets_dir().glob("*/meta.json")]
+        rows = [{c: m.get(c) for c in PROBE_SET_COLUMNS} for m in metas if m]
+        return sorted(rows, key=lambda r: r["created_at"] or 0.0)
 
     def probe_images(self, probe_set_id: str) -> list[dict]:
-        rows = self.query(
-            "SELECT idx, image_id, path, label FROM probe_images WHERE probe_set_id = ? ORDER BY idx", [probe_set_id]
-        )
+        """A probe set's images in idx order (idx = row of the activations): idx, image_id, path, label."""
+        path = self.probe_set_dir(probe_set_id) / "images.parquet"
+        if not _SAFE_NAME.fullmatch(probe_set_id) or not path.exists():
+            return []
+        rows = _query("probe_images", [path], "SELECT idx, image_id, path, label FROM {src} ORDER BY idx", frame=False)
         return [dict(zip(("idx", "image_id", "path", "label"), r)) for r in rows]
+
+    def probe_files(self, probe_set_id: str) -> ProbeFiles:
+        """A probe set's paths, labels and ids as tuples (index = row in activations)."""
+        rows = self.probe_images(probe_set_id)
+        return ProbeFiles(tuple(r["path"] for r in rows), tuple(r["label"] or "" for r in rows),
+                          tuple(r["image_id"] for r in rows))
 
     # -- activation runs ----------------------------------------------------------------
     def get_run(self, run_key: str) -> RunInfo | None:
-        rows = self.query("SELECT * FROM runs WHERE run_key = ?", [run_key])
-        return _run_info(rows[0]) if rows else None
+        if not _SAFE_NAME.fullmatch(run_key):
+            return None
+        return _run_info(_read_json(self.run_dir(run_key) / "run.json"))
 
     def find_runs(self, model_spec: str | None = None, probe_set_id: str | None = None, layer: str | None = None) -> list[RunInfo]:
-        sql, params = "SELECT * FROM runs WHERE 1=1", []
-        for col, val in (("model_spec", model_spec), ("probe_set_id", probe_set_id), ("layer", layer)):
-            if val is not None:
-                sql += f" AND {col} = ?"
-                params.append(val)
-        return [_run_info(r) for r in self.query(sql + " ORDER BY created_at", params)]
+        """Finished runs (oldest first), optionally of one model, probe set or layer."""
+        runs = [r for r in (_run_info(_read_json(p)) for p in self.runs_dir().glob("*/run.json")) if r is not None]
+        runs = [r for r in runs if (model_spec is None or r.model_spec == model_spec)
+                and (probe_set_id is None or r.probe_set_id == probe_set_id) and (layer is None or r.layer == layer)]
+        return sorted(runs, key=lambda r: r.created_at)
 
     def finish_run(self, info: RunInfo, acts: np.ndarray, top_values: np.ndarray, top_indices: np.ndarray,
                    image_ids: Sequence[str], maps: np.ndarray | None, hist_bins: int = 50) -> None:
-        """Store a finished extraction: arrays first, then the rows that make it visible.
+        """Store a finished extraction: arrays and tables first, ``run.json`` last.
 
-        The ``runs`` row is written last, in the same transaction as top-k and stats, so a
-        crash in between leaves nothing half-visible.
+        Until ``run.json`` appears the run does not exist, so a crash in between leaves
+        nothing half-visible and the extraction resumes from its partial chunks.
         """
         run_dir = self.run_dir(info.run_key)
         atomic_save_npy(run_dir / "acts.npy", acts.astype(np.float32, copy=False))
@@ -211,35 +510,22 @@ class Store:
         counts, edges = histograms(acts, lo, hi, hist_bins)
         atomic_savez(run_dir / "hist.npz", counts=counts, edges=edges)
         n_neurons, k = top_indices.shape
-        neuron_col = np.repeat(np.arange(n_neurons), k)
-        rank_col = np.tile(np.arange(k), n_neurons)
-        idx_col = top_indices.reshape(-1)
-        ids = np.asarray(image_ids, dtype=object)
-        import pandas as pd
+        idx_col = top_indices.reshape(-1).astype(np.int32)
+        _write_parquet(run_dir / "topk.parquet", "topk", {
+            "neuron": np.repeat(np.arange(n_neurons, dtype=np.int32), k), "rank": np.tile(np.arange(k, dtype=np.int32), n_neurons),
+            "image_idx": idx_col, "image_id": np.asarray(image_ids, dtype=object)[idx_col].tolist(),
+            "activation": top_values.reshape(-1).astype(np.float32)}, row_group_size=TOPK_ROW_GROUP)
+        _write_parquet(run_dir / "stats.parquet", "neuron_stats", {
+            "neuron": np.arange(n_neurons, dtype=np.int32), "mean": acts.mean(0), "std": acts.std(0), "min": lo, "max": hi,
+            "q99": qs[0], "q995": qs[1]})
+        self._commit_run(info, time.time())
 
-        topk_df = pd.DataFrame({
-            "run_key": info.run_key, "neuron": neuron_col.astype(np.int32), "rank": rank_col.astype(np.int32),
-            "image_idx": idx_col.astype(np.int32), "image_id": ids[idx_col], "activation": top_values.reshape(-1).astype(np.float32),
-        })
-        stats_df = pd.DataFrame({
-            "run_key": info.run_key, "neuron": np.arange(n_neurons, dtype=np.int32), "mean": acts.mean(0), "std": acts.std(0),
-            "min": lo, "max": hi, "q99": qs[0], "q995": qs[1],
-        })
+    def _commit_run(self, info: RunInfo, created_at: float) -> None:
         row = asdict(info)
-        row["map_shape"] = json.dumps(list(info.map_shape)) if info.map_shape else None
-        row["created_at"] = time.time()
-        with self.connect() as con:
-            con.execute("BEGIN")
-            con.execute("DELETE FROM topk WHERE run_key = ?", [info.run_key])
-            con.execute("DELETE FROM neuron_stats WHERE run_key = ?", [info.run_key])
-            con.execute("DELETE FROM runs WHERE run_key = ?", [info.run_key])
-            con.register("topk_df", topk_df)
-            con.execute("INSERT INTO topk SELECT * FROM topk_df ORDER BY neuron, rank")
-            con.register("stats_df", stats_df)
-            con.execute("INSERT INTO neuron_stats SELECT * FROM stats_df")
-            cols = list(row)
-            con.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", [row[c] for c in cols])
-            con.execute("COMMIT")
+        row["map_shape"] = list(info.map_shape) if info.map_shape else None
+        row["created_at"] = created_at
+        atomic_write_json(self.run_dir(info.run_key) / "run.json", row)
+        self._committed()
 
     def activations(self, run_key: str, mmap: bool = True) -> np.ndarray:
         """Pooled activations, images x neurons (memory-mapped by default)."""
@@ -252,132 +538,381 @@ class Store:
             return None
         return np.asarray(np.load(path, mmap_mode="r")[neuron], dtype=np.float32)
 
+    def _run_table(self, run_key: str, name: str) -> list[Path]:
+        path = self.run_dir(run_key) / f"{name}.parquet"
+        return [path] if _SAFE_NAME.fullmatch(run_key) and path.exists() else []
+
     def top_images(self, run_key: str, neuron: int, k: int = 16) -> list[dict]:
         """One neuron's top-k images: rank, image index in the probe set, id, activation."""
-        rows = self.query(
-            "SELECT rank, image_idx, image_id, activation FROM topk WHERE run_key = ? AND neuron = ? AND rank < ? ORDER BY rank",
-            [run_key, neuron, k],
-        )
+        rows = _query("topk", self._run_table(run_key, "topk"),
+                      "SELECT rank, image_idx, image_id, activation FROM {src} WHERE neuron = ? AND rank < ? ORDER BY rank",
+                      [int(neuron), int(k)], frame=False)
         return [dict(zip(("rank", "image_idx", "image_id", "activation"), r)) for r in rows]
 
     def top_indices(self, run_key: str) -> np.ndarray:
         """neurons x k matrix of top image indices (for vectorised methods)."""
-        df = self.query_df("SELECT neuron, rank, image_idx FROM topk WHERE run_key = ? ORDER BY neuron, rank", [run_key])
-        info = self.get_run(run_key)
-        assert info is not None
-        return df["image_idx"].to_numpy().reshape(info.n_neurons, -1)
+        return self.top_k(run_key).image_idx
+
+    def top_k(self, run_key: str) -> TopK:
+        """Every neuron's top images of a run as (neurons x k) arrays."""
+        top = _query("topk", self._run_table(run_key, "topk"), "SELECT neuron, image_idx, activation FROM {src} ORDER BY neuron, rank")
+        n_neurons = int(top["neuron"].max()) + 1 if len(top) else 0
+        k = len(top) // n_neurons if n_neurons else 0
+        return TopK(top["image_idx"].to_numpy(dtype=np.int64).reshape(n_neurons, k),
+                    top["activation"].to_numpy(dtype=np.float32).reshape(n_neurons, k))
 
     def neuron_stats(self, run_key: str):
         """DataFrame: neuron, mean, std, min, max, q99, q995."""
-        return self.query_df(
-            "SELECT neuron, mean, std, min, max, q99, q995 FROM neuron_stats WHERE run_key = ? ORDER BY neuron", [run_key]
-        )
+        return _query("neuron_stats", self._run_table(run_key, "stats"),
+                      "SELECT neuron, mean, std, min, max, q99, q995 FROM {src} ORDER BY neuron")
 
     def histogram(self, run_key: str, neuron: int) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self.run_dir(run_key) / "hist.npz") as h:
             return h["counts"][neuron], h["edges"][neuron]
 
+    def run_tables(self, run_key: str) -> RunTables:
+        """Labels, top-k, statistics and probe files of a run: what a page reads about it."""
+        info = self.get_run(run_key)
+        files = self.probe_files(info.probe_set_id) if info is not None else ProbeFiles((), (), ())
+        return RunTables(self.labels(run_key), self.top_k(run_key), self.neuron_stats(run_key), files)
+
     # -- labels -------------------------------------------------------------------------
-    def has_labels(self, label_key: str) -> bool:
-        return bool(self.query("SELECT 1 FROM label_runs WHERE label_key = ?", [label_key]))
+    def _label_parts(self, folder: Path) -> list[Path]:
+        """The live parts of one label key: the newest merged part unless a full part came
+        after it, then the newest full part and every part after it."""
+        files = _part_files(folder)
+        merged = max((f for f in files if f[0] == "merged"), key=lambda f: f[1], default=None)
+        floor = merged[1] if merged else ""
+        rest = [f for f in files if f[0] != "merged" and f[1] > floor]
+        cutoff = max((f[1] for f in rest if f[0] == "full"), default="")
+        live = [f[2] for f in rest if f[1] >= cutoff]
+        return sorted(live + ([merged[2]] if merged and not cutoff else []))
+
+    def _label_metas(self) -> list[dict]:
+        metas = [_read_json(p) for p in self.labels_dir().glob("*/meta.json")]
+        return [m for m in metas if m]
+
+    def _resolved_labels(self, folders: Iterable[Path], sql: str, params: Sequence[Any] = (), neuron: int | None = None) -> Any:
+        """Run ``sql`` over ``resolved``: the live parts of ``folders`` where, per (label key,
+        neuron), the newest part wins (only ``neuron``'s rows when given: read less)."""
+        folders = list(folders)
+        where, first = ("WHERE neuron = ? ", [int(neuron)]) if neuron is not None else ("", [])
+
+        def read():
+            files = [p for folder in folders for p in self._label_parts(folder)]
+            resolved = f"WITH resolved AS (SELECT * FROM {{src}} {where}QUALIFY part = max(part) OVER (PARTITION BY label_key, neuron)) "
+            return _query("labels", files, resolved + sql, [*first, *params])
+
+        return _retrying(read)
 
     def labelled_neurons(self, label_key: str) -> list[int]:
         """Neurons that already have labels under ``label_key``."""
-        return [r[0] for r in self.query("SELECT DISTINCT neuron FROM labels WHERE label_key = ?", [label_key])]
+        df = self._resolved_labels([self.label_dir(label_key)], "SELECT DISTINCT neuron FROM resolved ORDER BY neuron")
+        return [int(n) for n in df["neuron"]]
 
     def save_labels(self, label_key: str, run_key: str, method: str, backends: dict, hyperparams: dict,
                     concept_set_id: str | None, rows: Iterable[LabelRow], backend_name: str, replace_neurons: bool = False) -> None:
         """Store a method's labels for a run; with replace_neurons, only the given neurons'
-        labels are replaced and the others under the same key are kept (on-demand methods)."""
-        rows = list(rows)
-        neurons = sorted({r.neuron for r in rows})
-        with self.connect() as con:
-            con.execute("BEGIN")
-            if not replace_neurons:
-                con.execute("DELETE FROM labels WHERE label_key = ?", [label_key])
-            elif neurons:
-                con.execute(f"DELETE FROM labels WHERE label_key = ? AND neuron IN ({', '.join('?' * len(neurons))})", [label_key, *neurons])
-            con.executemany(
-                "INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(label_key, run_key, r.neuron, method, r.rank, r.label, float(r.score),
-                  None if r.calibrated is None else float(r.calibrated), backend_name,
-                  json.dumps(r.extra, default=str) if r.extra else None) for r in rows],
-            )
-            count = con.execute("SELECT count(DISTINCT neuron) FROM labels WHERE label_key = ?", [label_key]).fetchone()[0]
-            con.execute("DELETE FROM label_runs WHERE label_key = ?", [label_key])
-            con.execute(
-                "INSERT INTO label_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [label_key, run_key, method, json.dumps(backends, sort_keys=True), json.dumps(hyperparams, sort_keys=True, default=str),
-                 concept_set_id, count, time.time()],
-            )
-            con.execute("COMMIT")
+        labels are replaced and the others under the same key are kept (on-demand methods).
 
-    def labels(self, run_key: str, neuron: int | None = None, method: str | None = None, top_only: bool = False):
-        """DataFrame of labels for a run: neuron, method, rank, label, score, calibrated, backend, label_key."""
-        sql = "SELECT neuron, method, rank, label, score, calibrated, backend, label_key, extra_json FROM labels WHERE run_key = ?"
-        params: list[Any] = [run_key]
-        if neuron is not None:
-            sql += " AND neuron = ?"
-            params.append(neuron)
-        if method is not None:
-            sql += " AND method = ?"
-            params.append(method)
-        if top_only:
-            sql += " AND rank = 0"
-        return self.query_df(sql + " ORDER BY neuron, method, rank", params)
+        Each call writes one immutable part, so processes labelling different neurons of one
+        key at once lose nothing; ``meta.json`` is rewritten after the part.
+        """
+        rows = list(rows)
+        folder = self.label_dir(label_key)
+        part = new_part_id()
+        path = folder / f"{'part' if replace_neurons else 'full'}-{part}.parquet"
+        _write_parquet(path, "labels", {
+            "label_key": [label_key] * len(rows), "run_key": [run_key] * len(rows), "neuron": [int(r.neuron) for r in rows],
+            "method": [method] * len(rows), "rank": [int(r.rank) for r in rows], "label": [r.label for r in rows],
+            "score": [float(r.score) for r in rows],
+            "calibrated": [None if r.calibrated is None else float(r.calibrated) for r in rows],
+            "backend": [backend_name] * len(rows),
+            "extra_json": [json.dumps(r.extra, default=str) if r.extra else None for r in rows],
+            "part": [part] * len(rows)})
+        self._write_label_meta(label_key, run_key, method, json.dumps(backends, sort_keys=True),
+                               json.dumps(hyperparams, sort_keys=True, default=str), concept_set_id, time.time())
+        self._merge_label_parts(folder)
+        self._committed()
+
+    def _merge_label_parts(self, folder: Path) -> None:
+        """Once a key has more than MAX_PARTS files, merge those older than PART_GRACE into one.
+
+        The merged part holds the resolved rows (each keeps its part id, so per-neuron
+        resolution is unchanged) and stands for every file up to its newest input: a file that
+        old was committed long before this listing, so none is left out. The inputs are
+        deleted; a reader that listed one just before reads again.
+        """
+        files = _part_files(folder)
+        old_enough = f"{time.time_ns() - int(PART_GRACE * 1e9):020d}"
+        inputs = [f for f in files if f[1] < old_enough]
+        if len(files) <= MAX_PARTS or len(inputs) < 2:
+            return
+        newest = max(f[1] for f in inputs)
+        live = [p for p in self._label_parts(folder) if _part_key(p)[1] <= newest]
+        try:
+            rows = _query("labels", live, "SELECT * FROM {src} QUALIFY part = max(part) OVER (PARTITION BY label_key, neuron)")
+        except Exception as exc:
+            if _vanished(exc):
+                return  # another process merged them first
+            raise
+        _write_parquet(folder / f"merged-{newest}-{secrets.token_hex(4)}.parquet", "labels",
+                       {c: rows[c].tolist() for c in TABLES["labels"]})
+        for _, _, path in inputs:
+            path.unlink(missing_ok=True)
+
+    def _write_label_meta(self, label_key: str, run_key: str, method: str, backends_json: str, hyperparams_json: str,
+                          concept_set_id: str | None, created_at: float) -> None:
+        atomic_write_json(self.label_dir(label_key) / "meta.json", {
+            "label_key": label_key, "run_key": run_key, "method": method, "backends_json": backends_json,
+            "hyperparams_json": hyperparams_json, "concept_set_id": concept_set_id, "created_at": created_at})
+
+    def labels(self, run_key: str, neuron: int | None = None, method: str | None = None, top_only: bool = False,
+               label_key: str | None = None):
+        """DataFrame of labels for a run: neuron, method, rank, label, score, calibrated, backend, label_key, extra_json."""
+        folders = [self.label_dir(m["label_key"]) for m in self._label_metas() if m.get("run_key") == run_key
+                   and (method is None or m.get("method") == method) and (label_key is None or m["label_key"] == label_key)]
+        where = "run_key = ?" + (" AND rank = 0" if top_only else "")
+        return self._resolved_labels(folders, f"SELECT {LABEL_COLUMNS} FROM resolved WHERE {where} ORDER BY neuron, method, rank, label_key",
+                                     [run_key], neuron=neuron)
 
     def label_runs(self, run_key: str | None = None):
-        sql = "SELECT * FROM label_runs" + (" WHERE run_key = ?" if run_key else "") + " ORDER BY created_at"
-        return self.query_df(sql, [run_key] if run_key else [])
+        """DataFrame of label runs (oldest first): label_key, run_key, method, backends_json,
+        hyperparams_json, concept_set_id, n_neurons, created_at."""
+        import pandas as pd
+
+        rows = self._label_run_rows(run_key)
+        frame = pd.DataFrame(rows, columns=list(LABEL_RUN_COLUMNS))
+        return frame.astype({"n_neurons": "int32", "created_at": "float64"})
+
+    def _label_run_rows(self, run_key: str | None = None) -> list[dict]:
+        """label_runs rows as dicts, with n_neurons counted from the live parts."""
+        metas = [m for m in self._label_metas() if run_key is None or m.get("run_key") == run_key]
+        if not metas:
+            return []
+        counts = self._resolved_labels([self.label_dir(m["label_key"]) for m in metas],
+                                       "SELECT label_key, count(DISTINCT neuron) FROM resolved GROUP BY label_key")
+        n_by_key = dict(zip(counts.iloc[:, 0], counts.iloc[:, 1]))
+        rows = [{**{c: m.get(c) for c in LABEL_RUN_COLUMNS}, "n_neurons": int(n_by_key.get(m["label_key"], 0))} for m in metas]
+        return sorted(rows, key=lambda r: r["created_at"] or 0.0)
 
     # -- small key-value records (audits, edits, synthesis manifests) --------------------
+    def _record_path(self, namespace: str, key: str) -> Path:
+        return self.records_dir(namespace) / f"{safe_name(key)}.json"
+
     def put_record(self, namespace: str, key: str, value: Any) -> None:
-        with self.connect() as con:
-            con.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?)", [namespace, key, json.dumps(value, default=str), time.time()])
+        atomic_write_json(self._record_path(namespace, key), {"key": key, "value": value, "created_at": time.time()})
+        self._committed()
 
     def get_record(self, namespace: str, key: str) -> Any | None:
-        rows = self.query("SELECT value_json FROM kv WHERE namespace = ? AND key = ?", [namespace, key])
-        return json.loads(rows[0][0]) if rows else None
+        record = _read_json(self._record_path(namespace, key))
+        return record["value"] if record else None
 
     def list_records(self, namespace: str) -> list[tuple[str, Any, float]]:
-        rows = self.query("SELECT key, value_json, created_at FROM kv WHERE namespace = ? ORDER BY created_at DESC", [namespace])
-        return [(k, json.loads(v), t) for k, v, t in rows]
+        """(key, value, created_at) of a namespace, newest first."""
+        found = [_read_json(p) for p in self.records_dir(namespace).glob("*.json")]
+        records: list[dict] = sorted((r for r in found if r), key=lambda r: r["created_at"], reverse=True)
+        return [(r["key"], r["value"], r["created_at"]) for r in records]
 
     def delete_record(self, namespace: str, key: str) -> None:
-        with self.connect() as con:
-            con.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", [namespace, key])
+        self._record_path(namespace, key).unlink(missing_ok=True)
+        self._committed()
 
-    # -- overview -------------------------------------------------------------------------
-    def summary(self) -> dict[str, int]:
-        """Row counts of every table, for `python -m neuroviz cache`."""
-        out = {}
-        with self.connect() as con:
-            for table in ("probe_sets", "probe_images", "runs", "topk", "neuron_stats", "label_runs", "labels", "kv"):
-                out[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    # -- language-model calls and the log-likelihood cache -------------------------------
+    def append_llm_calls(self, recording_id: str, writer_id: str, calls: Sequence[dict]) -> None:
+        """Append calls of one recording writer (one process's wrapper) to its own log file."""
+        path = self.llm_calls_dir(recording_id) / f"{writer_id}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(c, default=str) + "\n" for c in calls)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+
+    def llm_calls(self, recording_id: str) -> list[dict]:
+        """The recorded calls of one recording, in call order (seq, then writer)."""
+        calls = []
+        for path in sorted(self.llm_calls_dir(recording_id).glob("*.jsonl")):
+            calls.extend(_json_lines(path))
+        return sorted(calls, key=lambda c: c.get("seq", 0))
+
+    def llm_call_counts(self) -> dict[str, int]:
+        """Number of recorded calls per recording id."""
+        out: dict[str, int] = {}
+        for folder in (self.root / "llm" / "calls").glob("*"):
+            calls = [c for path in folder.glob("*.jsonl") for c in _json_lines(path)]
+            if calls:
+                out[str(calls[0].get("recording_id", urllib.parse.unquote(folder.name)))] = len(calls)
         return out
 
+    def log_likelihoods(self, model_id: str) -> dict[str, float]:
+        """Every text scored so far under ``model_id`` -> its total log-likelihood."""
+        folder = self.log_likelihood_dir(model_id)
 
-class _SchemaConnection:
-    """Context manager: a short-lived connection, creating the schema on first use."""
+        def read():
+            files = sorted(folder.glob("part-*.parquet"))
+            return _query("log_likelihoods", files, "SELECT text, loglik FROM {src}", frame=False)
 
-    def __init__(self, store: Store):
-        self.store = store
-        self._cm = db.connect(store.db_path, timeout=store.lock_timeout)
+        return {t: float(v) for t, v in _retrying(read)}
 
-    def __enter__(self):
-        con = self._cm.__enter__()
-        if not self.store._schema_ready:
-            con.execute(_SCHEMA)
-            self.store._schema_ready = True
-        return con
+    def add_log_likelihoods(self, model_id: str, scores: dict[str, float]) -> None:
+        """Append newly scored texts as one part (parts are merged once there are many)."""
+        if not scores:
+            return
+        folder = self.log_likelihood_dir(model_id)
+        _write_parquet(folder / f"part-{new_part_id()}.parquet", "log_likelihoods",
+                       {"text": list(scores), "loglik": [float(v) for v in scores.values()]})
+        parts = sorted(folder.glob("part-*.parquet"))
+        if len(parts) > MAX_PARTS:
+            merged = _query("log_likelihoods", parts, "SELECT text, any_value(loglik) AS loglik FROM {src} GROUP BY text")
+            _write_parquet(folder / f"part-{new_part_id()}.parquet", "log_likelihoods",
+                           {"text": merged["text"].tolist(), "loglik": merged["loglik"].tolist()})
+            for p in parts:
+                p.unlink(missing_ok=True)
 
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
+    # -- overview -------------------------------------------------------------------------
+    def snapshot(self) -> StoreSnapshot:
+        """Runs, probe sets and label runs in one read (what the sidebar and catalogue need)."""
+        return StoreSnapshot(tuple(self.find_runs()), tuple(self.probe_sets()), tuple(self._label_run_rows()))
+
+    def summary(self) -> dict[str, int]:
+        """Row counts of every table, for `python -m neuroviz cache`."""
+        runs = self.find_runs()
+        probe_sets = self.probe_sets()
+        label_runs = self._label_run_rows()
+        n_labels = int(self._resolved_labels([self.label_dir(r["label_key"]) for r in label_runs],
+                                             "SELECT count(*) FROM resolved").iloc[0, 0])
+        return {"probe_sets": len(probe_sets), "probe_images": sum(int(p["n_images"] or 0) for p in probe_sets),
+                "runs": len(runs), "topk": sum(r.n_neurons * min(r.k, r.n_images) for r in runs),
+                "neuron_stats": sum(r.n_neurons for r in runs), "label_runs": len(label_runs), "labels": n_labels,
+                "records": sum(1 for _ in (self.root / "records").glob("*/*.json"))}
 
 
-def _run_info(row: tuple) -> RunInfo:
-    (run_key, model_spec, weights_id, layer, pooling, probe_set_id, preprocess_id, k, code_version,
-     n_images, n_neurons, map_shape, layer_kind, created_at) = row
-    shape = tuple(json.loads(map_shape)) if map_shape else None
-    return RunInfo(run_key, model_spec, weights_id, layer, pooling, probe_set_id, preprocess_id, k, code_version,
-                   n_images, n_neurons, shape, layer_kind, created_at)
+MAX_PARTS = 16  # append-only caches merge their parts beyond this many
+PART_GRACE = 60.0  # seconds after which a label part is surely committed and may be merged
+
+
+def _json_lines(path: Path) -> list[dict]:
+    """The complete lines of an append-only JSON-lines log (a torn last line is skipped)."""
+    out: list[dict] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _run_info(row: dict | None) -> RunInfo | None:
+    if not row:
+        return None
+    values = dict(row)
+    values["map_shape"] = tuple(values["map_shape"]) if values.get("map_shape") else None
+    return RunInfo(**values)
+
+
+# --------------------------------------------------------------------------------------
+# The shared cache: what does not depend on the workspace
+# --------------------------------------------------------------------------------------
+class SharedCache:
+    """Models and embeddings shared by every workspace of a user.
+
+    Layout under the root (``$NEUROVIZ_SHARED_CACHE``, else ``$XDG_CACHE_HOME/neuroviz``,
+    else ``~/.cache/neuroviz``)::
+
+        models/<name>/                   e.g. the dequantised Gemma (gemma3-270m-hf, READY last)
+        concepts/<name>-<key>.txt        word lists (words20k, ...)
+        text_emb/<key>.npy               text embeddings by (backend, text list)
+        image_emb/<backend key>/part-<id>.npz  image_ids + embeddings by image content hash
+
+    Every file is written atomically; image-embedding parts are append-only and merged
+    once there are many, so a reader never waits for a writer.
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    @classmethod
+    def default(cls) -> SharedCache:
+        env = os.environ.get(SHARED_CACHE_ENV)
+        if env:
+            return cls(Path(env).expanduser())
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return cls(Path(base) / "neuroviz")
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    def concepts_dir(self) -> Path:
+        return self.root / "concepts"
+
+    def text_embeddings_path(self, key: str) -> Path:
+        return self.root / "text_emb" / f"{key}.npy"
+
+    def image_embeddings_dir(self, backend_key: str) -> Path:
+        return self.root / "image_emb" / backend_key
+
+    def adopt(self, target: Path, legacy: Path) -> Path:
+        """``target`` if it exists; else ``legacy`` (a workspace's copy from before the shared
+        cache) linked or copied into ``target``; ``legacy`` itself if that fails."""
+        if target.exists() or not legacy.exists():
+            return target
+        try:
+            if legacy.is_dir():
+                from .files import atomic_directory
+
+                with atomic_directory(target) as tmp:
+                    shutil.copytree(legacy, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(legacy, target)  # the same immutable bytes, no copy
+                except OSError:
+                    with atomic_open(target, "wb") as fh, open(legacy, "rb") as src:
+                        shutil.copyfileobj(src, fh)
+        except OSError:
+            return legacy
+        return target
+
+    def image_embeddings(self, backend_key: str, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The embeddings of ``image_ids`` already in the cache (image id -> vector)."""
+        wanted = set(image_ids)
+
+        def read() -> dict[str, np.ndarray]:
+            found: dict[str, np.ndarray] = {}
+            for path in sorted(self.image_embeddings_dir(backend_key).glob("part-*.npz")):
+                with np.load(path) as part:
+                    ids, emb = part["image_ids"], part["embeddings"]
+                for i, image_id in enumerate(ids.tolist()):
+                    if image_id in wanted:
+                        found[image_id] = emb[i]
+            return found
+
+        return _retrying(read)
+
+    def add_image_embeddings(self, backend_key: str, image_ids: Sequence[str], embeddings: np.ndarray) -> None:
+        """Append embeddings as one part; merge the parts once there are many."""
+        if not len(image_ids):
+            return
+        folder = self.image_embeddings_dir(backend_key)
+        atomic_savez(folder / f"part-{new_part_id()}.npz", image_ids=np.asarray(image_ids, dtype=str),
+                     embeddings=np.asarray(embeddings, dtype=np.float32))
+        parts = sorted(folder.glob("part-*.npz"))
+        if len(parts) > MAX_PARTS:
+            ids: dict[str, np.ndarray] = {}
+            for path in parts:
+                with np.load(path) as part:
+                    ids.update(zip(part["image_ids"].tolist(), part["embeddings"]))
+            atomic_savez(folder / f"part-{new_part_id()}.npz", image_ids=np.asarray(list(ids), dtype=str),
+                         embeddings=np.stack(list(ids.values())).astype(np.float32))
+            for path in parts:
+                path.unlink(missing_ok=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

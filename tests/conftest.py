@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,10 @@ from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The shared cache (models, embeddings) of the whole test session: never the user's own.
+_SHARED_CACHE = tempfile.mkdtemp(prefix="neuroviz-shared-test-")
+os.environ["NEUROVIZ_SHARED_CACHE"] = _SHARED_CACHE
+atexit.register(shutil.rmtree, _SHARED_CACHE, True)
 
 APP_PATH = Path(__file__).resolve().parent.parent / "app.py"
 SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse", "immunohistochemistry")

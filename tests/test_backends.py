@@ -113,8 +113,15 @@ class CountingConSE(ConSEBackend):
         return super().encode_texts(texts, batch_size)
 
 
-def test_image_embeddings_are_cached_in_probe_set_order(tiny_workspace):
-    store, ps = tiny_workspace["store"], tiny_workspace["probe_set"]
+def private_shared(store, tmp_path):
+    """The same workspace with a shared cache of its own, so counts do not depend on other tests."""
+    from neuroviz.store import SharedCache, Store
+
+    return Store(store.root, shared=SharedCache(tmp_path / "shared"))
+
+
+def test_image_embeddings_are_cached_in_probe_set_order(tiny_workspace, tmp_path):
+    store, ps = private_shared(tiny_workspace["store"], tmp_path), tiny_workspace["probe_set"]
     backend = CountingConSE()
     seen = []
     emb = embeddings.image_embeddings(backend, store, ps.id, progress=lambda d, t, m: seen.append((d, t)), batch_size=16)
@@ -136,8 +143,8 @@ def test_image_embeddings_are_cached_in_probe_set_order(tiny_workspace):
     np.testing.assert_array_equal(again, emb)
 
 
-def test_interrupted_image_embeddings_resume_from_saved_chunks(tiny_workspace, monkeypatch):
-    store, ps = tiny_workspace["store"], tiny_workspace["probe_set"]
+def test_interrupted_image_embeddings_resume_from_saved_chunks(tiny_workspace, monkeypatch, tmp_path):
+    store, ps = private_shared(tiny_workspace["store"], tmp_path), tiny_workspace["probe_set"]
     monkeypatch.setattr(embeddings, "IMAGE_CHUNK", 16)
 
     class InterruptedConSE(CountingConSE):
@@ -156,14 +163,15 @@ def test_interrupted_image_embeddings_resume_from_saved_chunks(tiny_workspace, m
     rows = sorted(store.probe_images(ps.id), key=lambda r: r["idx"])
     direct = resumed.encode_images([load_rgb(rows[0]["path"]), load_rgb(rows[-1]["path"])])  # saved chunk, resumed chunk
     np.testing.assert_allclose(emb[[0, -1]], direct, atol=1e-5)
-    assert not (store.root / "arrays" / "image_emb_partial" / embeddings.image_embeddings_key(resumed, ps.id)).exists()
+    ids = [r["image_id"] for r in rows]
+    assert len(store.shared.image_embeddings(embeddings.image_backend_key(resumed), ids)) == len(ps)  # every chunk kept
 
 
 def test_text_embeddings_cached_by_backend_and_text_list(tmp_path):
     from neuroviz.concepts import from_texts
     from neuroviz.store import Store
 
-    store = Store(tmp_path)
+    store = private_shared(Store(tmp_path), tmp_path)
     backend = CountingConSE()
     concept_set = from_texts("few", ["cat", "dog", "rocket"])
     first = embeddings.text_embeddings(backend, store, concept_set)
@@ -365,16 +373,16 @@ def test_unknown_language_model_specs_explain_the_forms(tmp_path):
 
 @pytest.mark.slow
 def test_packaged_gemma_scores_and_generates():
-    """The real offline LM. It is dequantised once into the workspace cache (as the app does on
+    """The real offline LM. It is dequantised once into the shared cache (as the app does on
     first use), so later runs load the saved copy in seconds."""
-    from neuroviz.backends.language import GEMMA_HF_DIRNAME, create_language_model
+    from neuroviz.backends.language import create_language_model, gemma_dir
     from neuroviz.store import DEFAULT_CACHE
 
     lm = create_language_model("gemma3-270m", store_root=DEFAULT_CACHE, record=False)
     assert lm.id.startswith("gemma3-270m") and "offline" in lm.description
     scores = lm.log_likelihood(["a photo of a cat", "cat of photo a a", "a photo of a dog"])
     assert scores[0] > scores[1] and scores[2] > scores[1]  # word order matters to a real LM
-    assert (DEFAULT_CACHE / "models" / GEMMA_HF_DIRNAME / "READY").exists()
+    assert (gemma_dir(DEFAULT_CACHE) / "READY").exists()
     text = lm.generate("The capital of France is", max_new_tokens=6, temperature=0.0)
     assert text.strip() and text == lm.generate("The capital of France is", max_new_tokens=6, temperature=0.0, seed=9)
     # DnD's few-shot prompts: stopping at the end of the answer line keeps the answer

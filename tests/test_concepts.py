@@ -23,8 +23,10 @@ def test_words20k_size_filter_and_plural_dedup(tmp_path):
     assert not words & {"the", "and", "of", "because", "three"}  # function and number words
     assert all(len(w) >= 3 and w.replace("-", "").isalpha() for w in words)
     assert "dogs" not in words and "cars" not in words  # plural of a kept word
-    # cached as a text file under the store root; a second load reads it back identically
-    files = list((tmp_path / "concepts").glob("words20k-*.txt"))
+    # cached as a text file in the shared cache; a second load reads it back identically
+    from neuroviz.store import SharedCache
+
+    files = list(SharedCache.default().concepts_dir().glob("words20k-*.txt"))
     assert len(files) == 1
     again = concepts.load_concept_set("words20k", store_root=tmp_path)
     assert again.concepts == cs.concepts and again.id == cs.id

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from neuroviz import datasets, extract, models
-from neuroviz.db import DatabaseLockedError
 from neuroviz.hooks import UnknownLayerError
 from neuroviz.store import Store
 
@@ -190,10 +189,12 @@ def _compare_stores(a: Store, b: Store) -> None:
         rb = runs_b[layer]
         assert ra.run_key == rb.run_key
         np.testing.assert_array_equal(np.asarray(a.activations(ra.run_key)), np.asarray(b.activations(rb.run_key)))
-        ta = a.query_df("SELECT neuron, rank, image_idx, activation FROM topk WHERE run_key = ? ORDER BY neuron, rank", [ra.run_key])
-        tb = b.query_df("SELECT neuron, rank, image_idx, activation FROM topk WHERE run_key = ? ORDER BY neuron, rank", [rb.run_key])
-        assert len(ta) == ra.n_neurons * ra.k  # no row lost or duplicated
-        assert ta.equals(tb)
+        ta, tb = a.top_k(ra.run_key), b.top_k(rb.run_key)
+        assert ta.image_idx.shape == (ra.n_neurons, ra.k)  # no row lost or duplicated
+        np.testing.assert_array_equal(ta.image_idx, tb.image_idx)
+        np.testing.assert_array_equal(ta.activation, tb.activation)
+        assert [a.top_images(ra.run_key, n, ra.k) for n in range(ra.n_neurons)] == \
+            [b.top_images(rb.run_key, n, rb.k) for n in range(rb.n_neurons)]
         np.testing.assert_array_equal(np.load(a.run_dir(ra.run_key) / "maps.npy"), np.load(b.run_dir(rb.run_key) / "maps.npy"))
 
 
@@ -229,18 +230,25 @@ def test_kill_9_mid_extraction_then_rerun_resumes(tmp_path, image_folder):
     _compare_stores(Store(tmp_path / "full"), Store(cache))
 
 
-def test_locked_database_waits_then_reports_clearly(tmp_path):
-    store = Store(tmp_path / "c", lock_timeout=0.5)
-    store.summary()  # create the schema
+def test_old_cache_held_by_another_process_waits_then_reports_clearly(tmp_path):
+    """A cache from before the file layout is migrated on first open; while an old process
+    holds its database the store waits, then says what to do (no DuckDB traceback)."""
+    import duckdb
+
+    from neuroviz.store import LegacyCacheLockedError
+
+    old = tmp_path / "c" / "neuroviz.duckdb"
+    old.parent.mkdir()
+    duckdb.connect(str(old)).close()
     holder = subprocess.Popen([sys.executable, "-c", (
         "import duckdb, sys, time; con = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(3)"),
-        str(store.db_path)], stdout=subprocess.PIPE, text=True)
+        str(old)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(DatabaseLockedError, match=r"in use by process \d+"):
-        store.summary()
-    patient = Store(tmp_path / "c", lock_timeout=30)
+    with pytest.raises(LegacyCacheLockedError, match="another process holds that file"):
+        Store(tmp_path / "c", lock_timeout=0.5)
     started = time.time()
-    assert patient.summary()["runs"] == 0  # waited for the holder to exit, then worked
+    patient = Store(tmp_path / "c", lock_timeout=30)
+    assert patient.summary()["runs"] == 0  # waited for the holder to exit, then migrated
     assert time.time() - started > 0.5
     holder.wait()
 

@@ -131,10 +131,24 @@ def planted(tiny_workspace, tmp_path_factory):
 
 
 def loglik_calls(store, recording_id: str) -> int:
-    return store.query("SELECT count(*) FROM llm_calls WHERE recording_id = ? AND kind = 'loglik'", [recording_id])[0][0]
+    return sum(call["kind"] == "loglik" for call in store.llm_calls(recording_id))
 
 
-def test_milan_describes_planted_neurons_and_scores_each_string_once(planted):
+class CountScored:
+    """Counts the texts a language model really scores (not those read from the cache)."""
+
+    def __init__(self, lm, monkeypatch):
+        self.texts: list[str] = []
+        score = lm.log_likelihood
+
+        def counting(texts, *args, **kwargs):
+            self.texts += list(texts)
+            return score(texts, *args, **kwargs)
+
+        monkeypatch.setattr(lm, "log_likelihood", counting)
+
+
+def test_milan_describes_planted_neurons_and_scores_each_string_once(planted, monkeypatch):
     from neuroviz.methods import MethodContext, run_method
 
     store, run = planted["store"], planted["run"]
@@ -156,16 +170,19 @@ def test_milan_describes_planted_neurons_and_scores_each_string_once(planted):
     backends = json.loads(store.label_runs(run.run_key).set_index("label_key").loc[key, "backends_json"])
     assert backends["language_model"] == planted["backends"]["language_model"].id
 
-    # Another lambda is another label run, but every candidate's p(d) comes from the cache.
-    recording = planted["backends"]["language_model"].recording_id
+    # Another lambda is another label run, but every candidate's p(d) comes from the cache
+    # (and the recording still gets every score, so the run replays completely).
+    lm = planted["backends"]["language_model"]
+    recording = lm.recording_id
     calls = loglik_calls(store, recording)
     assert calls > 0
+    scored_by_model = CountScored(lm.inner, monkeypatch)
     run_method("milan", ctx, config=MilanConfig(k=1, n_concept_candidates=5, pmi_lambda=1.0))
-    assert loglik_calls(store, recording) == calls
+    assert scored_by_model.texts == [] and loglik_calls(store, recording) == 2 * calls
     scored, context = list(labels["label"][:2]), MilanConfig().prior_context
-    lm = planted["backends"]["language_model"]
     values = conditional_log_likelihood(store, lm, scored, context)
-    assert loglik_calls(store, recording) == calls
+    assert scored_by_model.texts == []
+    monkeypatch.undo()
     direct = lm.inner.log_likelihood([f"{context} {d}" for d in scored]) - lm.inner.log_likelihood([context])[0]
     assert values == pytest.approx(direct, abs=1e-4)
 

@@ -44,10 +44,10 @@ def workspace(tiny_workspace, tmp_path_factory):
     # other tests share the session workspace and may have added labels or runs (another
     # pooling, DnD labels) before this copy was taken: keep exactly the two runs used here
     keep = [r.run_key for r in runs.values()]
-    with store.connect() as con:
-        con.execute("DELETE FROM labels")
-        con.execute("DELETE FROM label_runs")
-        con.execute(f"DELETE FROM runs WHERE run_key NOT IN ({', '.join('?' * len(keep))})", keep)
+    shutil.rmtree(store.labels_dir(), ignore_errors=True)
+    for other in store.find_runs():
+        if other.run_key not in keep:
+            shutil.rmtree(store.run_dir(other.run_key))
     for run in runs.values():
         for i, method in enumerate(METHODS):
             neurons = [n for n in LABELLED_NEURONS if not (method == "gamma_method" and n >= 8)]
@@ -119,8 +119,7 @@ def test_create_captures_labels_skips_incomplete_and_builds_gold(workspace):
     # ...but a new study picks the newest label run up.
     fresh = st.create_study(store, "after relabel", [(layer2, 0)], METHODS, gold_items=0)
     assert st.study_items(store, fresh.study_id).iloc[0]["labels"]["alpha_method"] == "a completely new label"
-    store.query("DELETE FROM labels WHERE label_key = ?", [f"alpha_method-{layer2}-v2"])
-    store.query("DELETE FROM label_runs WHERE label_key = ?", [f"alpha_method-{layer2}-v2"])
+    shutil.rmtree(store.label_dir(f"alpha_method-{layer2}-v2"))
 
 
 def test_create_rejects_bad_requests_clearly(workspace):

@@ -1,17 +1,15 @@
 """Cached reads of the store for the pages.
 
-Opening a DuckDB connection costs ~50 ms on the target machine, so a page that asked the
-store five questions would already miss its 150 ms budget. These functions batch the
-questions a page needs into one connection and cache the answer with ``st.cache_data``,
-keyed by the database file's version (its size and modification time): reads never change
-it, any write does, so a finished job shows up on the next rerun and nothing stale stays.
+The store answers every question (:class:`neuroviz.store.Store`); these functions only keep
+its answers for the pages with Streamlit's caches, keyed by ``Store.version()`` (one stat of
+a file rewritten after every commit), so a finished job shows up on the next rerun and
+nothing stale stays.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neuroviz.store import DEFAULT_CACHE, RunInfo, Store, _run_info
+from neuroviz.store import DEFAULT_CACHE, ProbeFiles, RunInfo, RunTables, Store, TopK
 
 IMPORTED_PREFIX = "imported:"  # labels stored by `python -m neuroviz import` (see neuroviz.labels_io)
 
@@ -54,31 +52,9 @@ def get_store(root: str | Path | None = None) -> Store:
     return _store(str(root or cache_root()))
 
 
-_VERSION_TTL = 0.25  # seconds a fingerprint is reused: one page run stats the files once
-_versions: dict[str, tuple[float, tuple]] = {}
-
-
 def db_version(store: Store) -> tuple:
-    """A cheap fingerprint of the database files: changes whenever anything is written.
-
-    Reused for a quarter of a second, so the dozens of cached reads of one page run cost
-    one pair of stat calls; a job finishing is still seen on the next rerun.
-    """
-    key = str(store.db_path)
-    now = time.monotonic()
-    hit = _versions.get(key)
-    if hit is not None and now - hit[0] < _VERSION_TTL:
-        return hit[1]
-    out = []
-    for path in (store.db_path, store.db_path.with_suffix(".duckdb.wal")):
-        try:
-            s = os.stat(path)
-            out.append((s.st_size, s.st_mtime_ns))
-        except OSError:
-            out.append(None)
-    version = tuple(out)
-    _versions[key] = (now, version)
-    return version
+    """The store's version: changes whenever a result is committed (cache key of every read here)."""
+    return store.version()
 
 
 @dataclass(frozen=True)
@@ -110,85 +86,27 @@ def _store_for(root: str) -> Store:
 
 
 # The read-only tables below are shared between sessions without copying
-# (st.cache_resource): pages never modify them in place. Keyed by the database version,
+# (st.cache_resource): pages never modify them in place. Keyed by the store's version,
 # so a write makes the next read fresh; max_entries bounds the memory.
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _catalog(root: str, version: tuple) -> Catalog:
-    store = _store_for(root)
-    with store.connect() as con:
-        runs = tuple(_run_info(r) for r in con.execute("SELECT * FROM runs ORDER BY created_at").fetchall())
-        ps_cols = ("probe_set_id", "name", "source", "n_images", "n_skipped", "created_at")
-        probe_sets = tuple(dict(zip(ps_cols, r)) for r in con.execute(
-            f"SELECT {', '.join(ps_cols)} FROM probe_sets ORDER BY created_at").fetchall())
-        lr_cols = ("label_key", "run_key", "method", "backends_json", "hyperparams_json", "concept_set_id", "n_neurons", "created_at")
-        label_runs = tuple(dict(zip(lr_cols, r)) for r in con.execute(
-            f"SELECT {', '.join(lr_cols)} FROM label_runs ORDER BY created_at").fetchall())
+    snap = _store_for(root).snapshot()
     methods: dict[str, list[str]] = {}
-    for lr in label_runs:
+    for lr in snap.label_runs:
         methods.setdefault(lr["run_key"], [])
         if lr["method"] not in methods[lr["run_key"]]:
             methods[lr["run_key"]].append(lr["method"])
-    return Catalog(runs, probe_sets, label_runs, {k: sorted(v) for k, v in methods.items()})
+    return Catalog(snap.runs, snap.probe_sets, snap.label_runs, {k: sorted(v) for k, v in methods.items()})
 
 
 def catalog(store: Store) -> Catalog:
-    """Runs, probe sets and label runs of the store (cached until the database changes)."""
+    """Runs, probe sets and label runs of the store (cached until the store changes)."""
     return _catalog(str(store.root), db_version(store))
-
-
-@dataclass(frozen=True)
-class TopK:
-    """A run's top-k table as arrays: image index and activation per (neuron, rank)."""
-
-    image_idx: np.ndarray  # (n_neurons, k) int
-    activation: np.ndarray  # (n_neurons, k) float32
-
-
-@dataclass(frozen=True)
-class ProbeFiles:
-    """A probe set's images in activation-row order: paths, labels and ids as plain lists."""
-
-    paths: tuple[str, ...]
-    labels: tuple[str, ...]
-    image_ids: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-@dataclass(frozen=True)
-class RunTables:
-    """Everything the pages read about one run, fetched through one connection."""
-
-    labels: pd.DataFrame
-    top: TopK
-    stats: pd.DataFrame
-    files: ProbeFiles
-
-
-def _files_from(rows: list[tuple]) -> ProbeFiles:
-    return ProbeFiles(tuple(r[0] for r in rows), tuple(r[1] or "" for r in rows), tuple(r[2] for r in rows))
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _run_tables(root: str, version: tuple, run_key: str) -> RunTables:
-    store = _store_for(root)
-    with store.connect() as con:
-        labels = con.execute(
-            "SELECT neuron, method, rank, label, score, calibrated, backend, label_key, extra_json FROM labels "
-            "WHERE run_key = ? ORDER BY neuron, method, rank", [run_key]).df()
-        top = con.execute("SELECT neuron, image_idx, activation FROM topk WHERE run_key = ? ORDER BY neuron, rank",
-                          [run_key]).df()
-        stats = con.execute("SELECT neuron, mean, std, min, max, q99, q995 FROM neuron_stats WHERE run_key = ? "
-                            "ORDER BY neuron", [run_key]).df()
-        files = _files_from(con.execute(
-            "SELECT p.path, p.label, p.image_id FROM probe_images p JOIN runs r ON p.probe_set_id = r.probe_set_id "
-            "WHERE r.run_key = ? ORDER BY p.idx", [run_key]).fetchall())
-    n_neurons = int(top["neuron"].max()) + 1 if len(top) else 0
-    k = len(top) // n_neurons if n_neurons else 0
-    table = TopK(top["image_idx"].to_numpy(dtype=np.int64).reshape(n_neurons, k),
-                 top["activation"].to_numpy(dtype=np.float32).reshape(n_neurons, k))
-    return RunTables(labels, table, stats, files)
+    return _store_for(root).run_tables(run_key)
 
 
 def run_tables(store: Store, run_key: str) -> RunTables:

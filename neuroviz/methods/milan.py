@@ -149,9 +149,11 @@ def conditional_log_likelihood(store: Store, language_model, texts: Sequence[str
     string from its first token mostly measures how well it opens a document; conditioning on
     a short description context asks how likely d is as a description.
     """
+    from ..backends.language import cached_log_likelihood
+
     if not context:
-        return cached_log_likelihood(store, language_model, texts)
-    values = cached_log_likelihood(store, language_model, [f"{context} {t}" for t in texts] + [context])
+        return cached_log_likelihood(language_model, store, texts)
+    values = cached_log_likelihood(language_model, store, [f"{context} {t}" for t in texts] + [context])
     return values[:-1] - values[-1]
 
 
@@ -169,42 +171,6 @@ def description_prior(total_log_likelihood: np.ndarray, texts: Sequence[str], no
 def pmi_scores(log_p_d_given_e: np.ndarray, log_p_d: np.ndarray, pmi_lambda: float) -> np.ndarray:
     """MILAN's objective: log p(d|E) - lambda * log p(d)."""
     return np.asarray(log_p_d_given_e, np.float64) - pmi_lambda * np.asarray(log_p_d, np.float64)
-
-
-# -- language-model prior, cached per string ----------------------------------------------------
-
-_LOGLIK_TABLE = """CREATE TABLE IF NOT EXISTS lm_log_likelihood (
-    lm_id VARCHAR, text VARCHAR, log_likelihood DOUBLE, PRIMARY KEY (lm_id, text))"""
-
-
-def cached_log_likelihood(store: Store, language_model, texts: Sequence[str]) -> np.ndarray:
-    """Total log p(text) under ``language_model``, each unique string scored once ever.
-
-    Language-model calls are the slow part of PMI; scores live in the store keyed by the
-    model's id, so later runs (other layers, other configs) reuse them.
-    """
-    unique = list(dict.fromkeys(texts))
-    known: dict[str, float] = {}
-    with store.connect() as con:
-        con.execute(_LOGLIK_TABLE)
-        for start in range(0, len(unique), 500):
-            part = unique[start:start + 500]
-            rows = con.execute(
-                f"SELECT text, log_likelihood FROM lm_log_likelihood WHERE lm_id = ? AND text IN ({', '.join('?' * len(part))})",
-                [language_model.id, *part],
-            ).fetchall()
-            known.update({t: float(v) for t, v in rows})
-    missing = [t for t in unique if t not in known]
-    if missing:
-        values = np.asarray(language_model.log_likelihood(missing), dtype=np.float64)
-        if values.shape != (len(missing),):
-            raise ValueError(f"Language model {language_model.id} returned {values.shape} scores for {len(missing)} texts.")
-        known.update(dict(zip(missing, values.tolist())))
-        with store.connect() as con:
-            con.execute(_LOGLIK_TABLE)
-            con.executemany("INSERT OR REPLACE INTO lm_log_likelihood VALUES (?, ?, ?)",
-                            [(language_model.id, t, float(v)) for t, v in zip(missing, values)])
-    return np.array([known[t] for t in texts], dtype=np.float64)
 
 
 # -- the method ---------------------------------------------------------------------------------

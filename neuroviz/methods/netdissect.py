@@ -294,8 +294,7 @@ class NetDissect(DescriptionMethod):
         seg = load_segmentation_set(self.segmentation_path(ctx, config))
         model = ctx.probed_model()
         neurons = [int(n) for n in neurons]
-        scratch = ctx.store.root / "tmp"
-        scratch.mkdir(parents=True, exist_ok=True)
+        scratch = ctx.store.scratch_dir()
         result = dissect(model, ctx.run.layer, seg, config, neurons, ctx.progress, scratch)
         m = min(config.n_candidates, len(result.concepts))
         rows: list[LabelRow] = []
