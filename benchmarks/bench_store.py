@@ -111,7 +111,7 @@ def build(root: Path, kind: str, n_images: int, n_neurons: int, k: int, n_runs: 
     return keys
 
 
-def writer(root: Path, kind: str, seconds: float, n_images: int, n_neurons: int, k: int) -> None:
+def writer(root: Path, kind: str, seconds: float, n_images: int, n_neurons: int, k: int, run_key: str) -> None:
     """Loop finish_run (a new run each time) and save_labels (a full key and one neuron's part)."""
     from neuroviz.store import LabelRow, RunInfo
 
@@ -125,9 +125,9 @@ def writer(root: Path, kind: str, seconds: float, n_images: int, n_neurons: int,
         info = RunInfo(f"writer{g:04d}", "bench:writer", "w", f"w{g}", "mean", ps_id, "pre", k, "1", n_images, n_neurons,
                        (7, 7), "conv", 0.0)
         store.finish_run(info, *arrays[:3], ids, arrays[3])
-        store.save_labels("writer-full", "run00", "writer", {}, {}, None,
+        store.save_labels("writer-full", run_key, "writer", {}, {}, None,
                           [LabelRow(n, 0, f"w{g}", 1.0) for n in range(n_neurons)], "bench")
-        store.save_labels("dnd-0", "run00", "dnd", {"b": "dnd"}, {"m": 2}, None, [LabelRow(g % n_neurons, 0, f"w{g}", 1.0)],
+        store.save_labels("dnd-0", run_key, "dnd", {"b": "dnd"}, {"m": 2}, None, [LabelRow(g % n_neurons, 0, f"w{g}", 1.0)],
                           "bench", replace_neurons=True)
     print(g, flush=True)
 
@@ -165,7 +165,7 @@ def measure(kind: str, root: Path, run_keys: list[str], args) -> dict:
             if phase == "writing":
                 proc = subprocess.Popen([sys.executable, __file__, "--writer", str(root), "--kind", kind,
                                          "--seconds", str(args.block_seconds), "--images", str(args.images),
-                                         "--neurons", str(args.neurons), "--k", str(args.k)],
+                                         "--neurons", str(args.neurons), "--k", str(args.k), "--run", run_keys[0]],
                                         stdout=subprocess.PIPE, text=True, cwd=REPO)
                 time.sleep(1.0)  # past its imports: writing now
             deadline = time.monotonic() + (args.block_seconds - 1.5 if proc else args.block_seconds / 2)
@@ -178,7 +178,7 @@ def measure(kind: str, root: Path, run_keys: list[str], args) -> dict:
                 out, _ = proc.communicate(timeout=600)
                 writes += int(out.strip() or 0)
     times["_writes"] = writes
-    times["_parts"] = len(list(root.glob("labels/dnd-0/*.parquet")))
+    times["_parts"] = len(list(root.glob("labels/dnd-0/*.parquet")))  # the per-neuron key the writer grows
     return times
 
 
@@ -221,9 +221,10 @@ def main() -> None:
     parser.add_argument("--writer", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--kind", default="new", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=5.0, help=argparse.SUPPRESS)
+    parser.add_argument("--run", default="run00", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.writer:
-        writer(args.writer, args.kind, args.seconds, args.images, args.neurons, args.k)
+        writer(args.writer, args.kind, args.seconds, args.images, args.neurons, args.k, args.run)
         return
     kinds = ["new"] + (["old"] if args.old and old_store_class() is not None else [])
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:

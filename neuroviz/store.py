@@ -690,11 +690,26 @@ class Store(CacheLayout):
         metas = [m for m in self._label_metas() if run_key is None or m.get("run_key") == run_key]
         if not metas:
             return []
-        counts = self._resolved_labels([self.label_dir(m["label_key"]) for m in metas],
-                                       "SELECT label_key, count(DISTINCT neuron) FROM resolved GROUP BY label_key")
-        n_by_key = dict(zip(counts.iloc[:, 0], counts.iloc[:, 1]))
-        rows = [{**{c: m.get(c) for c in LABEL_RUN_COLUMNS}, "n_neurons": int(n_by_key.get(m["label_key"], 0))} for m in metas]
+        rows = [{**{c: m.get(c) for c in LABEL_RUN_COLUMNS}, "n_neurons": n}
+                for m, n in zip(metas, self._neuron_counts([m["label_key"] for m in metas]))]
         return sorted(rows, key=lambda r: r["created_at"] or 0.0)
+
+    def _neuron_counts(self, label_keys: list[str]) -> list[int]:
+        """Labelled neurons per key. Part files never change and their names are never reused,
+        so a count is remembered by the names of the parts it was made from."""
+        def read() -> list[int]:
+            names = {key: tuple(str(p) for p in self._label_parts(self.label_dir(key))) for key in label_keys}
+            todo = [key for key in label_keys if names[key] not in _neuron_count_memo]
+            if todo:
+                counts = _query("labels", [Path(p) for key in todo for p in names[key]],
+                                "SELECT label_key, count(DISTINCT neuron) FROM {src} GROUP BY label_key")
+                found = dict(zip(counts.iloc[:, 0], counts.iloc[:, 1]))
+                if len(_neuron_count_memo) > 4096:
+                    _neuron_count_memo.clear()
+                _neuron_count_memo.update({names[key]: int(found.get(key, 0)) for key in todo})
+            return [_neuron_count_memo[names[key]] for key in label_keys]
+
+        return _retrying(read)
 
     # -- small key-value records (audits, edits, synthesis manifests) --------------------
     def _record_path(self, namespace: str, key: str) -> Path:
@@ -786,6 +801,7 @@ class Store(CacheLayout):
                 "records": sum(1 for _ in (self.root / "records").glob("*/*.json"))}
 
 
+_neuron_count_memo: dict[tuple[str, ...], int] = {}
 MAX_PARTS = 16  # append-only caches merge their parts beyond this many
 PART_GRACE = 60.0  # seconds after which a label part is surely committed and may be merged
 
