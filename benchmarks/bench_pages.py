@@ -110,7 +110,7 @@ def measure(page: str, workspace: dict, repeats: int) -> dict:
     at.query_params.update({"model": workspace["model"], "layer": workspace["layer"], "neuron": "3"})
     at.switch_page(path)
     results: dict = {"script": [], "body": []}
-    for i in range(repeats + 1):
+    for _i in range(repeats + 1):
         with ScriptTimer() as timer:
             at.run()
         if at.exception:

@@ -39,8 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from neuroviz import datasets, extract, models, synthesis  # noqa: E402
-from neuroviz.store import Store  # noqa: E402
+from neuroviz import datasets, extract, models, synthesis
+from neuroviz.store import Store
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry",
                   "camera", "coins", "horse", "page", "text", "moon", "brick", "grass", "gravel", "retina", "cat", "colorwheel")

@@ -86,7 +86,8 @@ def rate(mod: ModuleType, store, study_id: str, rater_id: str, n_votes: int, sta
             if task is None:
                 break
             choice = "ABC"[i % len(task.options)]
-            _retrying(run, lambda: mod.submit_vote(store, study_id, rater_id, task.item_id, choice, {choice: 4}), run.vote_s)
+            _retrying(run, lambda task=task, choice=choice: mod.submit_vote(store, study_id, rater_id, task.item_id, choice, {choice: 4}),
+                      run.vote_s)
             run.acknowledged += 1
     except Exception as exc:
         run.errors.append(f"{type(exc).__name__}: {exc}")

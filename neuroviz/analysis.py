@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .progress import Progress
+from .errors import NeurovizError
 from .lexicon import CATEGORY_ORDER, CONTENT_CATEGORIES, UNINTERPRETABLE_LABELS, Lexicon, default_lexicon
+from .progress import Progress
 from .provenance import provenance_key
 from .store import RunInfo, Store
-from .errors import NeurovizError
 
 COUNTING_MODES = ("head", "fractional")
 
@@ -312,7 +312,7 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
     rng = np.random.default_rng(importance.seed)
     rows = []
     for run, category, neurons in plan:
-        def measure(ids: list[int], tag: str) -> editing.Comparison:
+        def measure(ids: list[int], tag: str, run=run, category=category) -> editing.Comparison:
             edit = editing.make_edit(f"{tag} {run.layer} {category}"[:80].replace("/", " ").replace("\\", " "), model.spec, {run.layer: ids},
                                      importance.mode, store, probe_set.id)
             after = editing.predict(model, probe_set, store, edit, None, importance.batch_size,

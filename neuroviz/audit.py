@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .progress import Progress
+from .errors import NeurovizError
 from .lexicon import singular, tokens
+from .progress import Progress
 from .provenance import provenance_key
 from .store import Store
-from .errors import NeurovizError
 
 AUDIT_NAMESPACE = "audit"
 
@@ -99,7 +99,7 @@ class Audit:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Audit":
+    def from_dict(cls, data: dict) -> Audit:
         """Inverse of :meth:`to_dict`."""
         data = dict(data)
         data["options"] = AuditOptions(**data.get("options", {}))

@@ -89,7 +89,7 @@ def probe_set_name(store: Store, probe_set_id: str) -> str:
 
 def same_model(spec: str, other: str) -> bool:
     """True when two model specs name the same model ('x' and 'x@DEFAULT' do)."""
-    return spec == other or spec.split("@", 1)[0] == other.split("@", 1)[0] and "@" not in spec
+    return spec == other or (spec.split("@", 1)[0] == other.split("@", 1)[0] and "@" not in spec)
 
 
 def model_specs(store: Store, model_spec: str, probe_set_id: str | None = None) -> list[str]:

@@ -51,7 +51,7 @@ class Box:
         """(left, top, right, bottom), the form ``PIL.Image.crop`` takes."""
         return (self.left, self.top, self.right, self.bottom)
 
-    def scaled(self, sx: float, sy: float) -> "Box":
+    def scaled(self, sx: float, sy: float) -> Box:
         """The same region in an image resized by (sx, sy), e.g. to draw on a larger view."""
         return Box(int(round(self.left * sx)), int(round(self.top * sy)), int(round(self.right * sx)), int(round(self.bottom * sy)))
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .progress import Progress
+from .errors import NeurovizError
 from .files import atomic_write_json
+from .progress import Progress
 from .provenance import hash_bytes, provenance_key
 from .store import CacheLayout
-from .errors import NeurovizError
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 40_000_000

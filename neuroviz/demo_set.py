@@ -44,8 +44,8 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
-from .progress import Progress
 from .files import atomic_write_bytes
+from .progress import Progress
 
 __all__ = [
     "ALL_SOURCES",

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .progress import Progress
 from .datasets import ProbeSet
+from .errors import NeurovizError
+from .progress import Progress
 from .provenance import provenance_key
 from .store import Store
-from .errors import NeurovizError
 
 if TYPE_CHECKING:  # torch is imported where a model runs: pages read edits without loading it
     import torch
@@ -96,7 +96,7 @@ class Edit:
         return {"model": self.model_spec, **asdict(self)}
 
     @classmethod
-    def from_record(cls, record: dict) -> "Edit":
+    def from_record(cls, record: dict) -> Edit:
         """Rebuild an edit from its stored record (JSON turns neuron numbers into ints again)."""
         fields = {k: record[k] for k in ("name", "model_spec", "neurons", "mode", "values", "probe_set_id",
                                          "description", "source", "created") if k in record}
@@ -173,7 +173,7 @@ def random_counterpart(edit: Edit, layer_sizes: dict[str, int], seed: int = 0, s
 
 
 def evaluate_controls(model: ProbedModel, edit: Edit, probe_set: ProbeSet, store: Store | None = None,
-                      n_groups: int = 3, max_images: int | None = None, progress: Progress | None = None) -> list["Comparison"]:
+                      n_groups: int = 3, max_images: int | None = None, progress: Progress | None = None) -> list[Comparison]:
     """Evaluate ``n_groups`` random counterparts of ``edit`` (seeds 0..n-1, each pass cached)."""
     sizes = {layer: model.layer(layer).n_neurons for layer in edit.neurons}
     out = []
@@ -185,11 +185,11 @@ def evaluate_controls(model: ProbedModel, edit: Edit, probe_set: ProbeSet, store
     return out
 
 
-def control_table(cmp: "Comparison", controls: Sequence["Comparison"]):
+def control_table(cmp: Comparison, controls: Sequence[Comparison]):
     """This edit's headline numbers beside the min / mean / max of its random controls."""
     import pandas as pd
 
-    def values(c: "Comparison") -> dict[str, float | None]:
+    def values(c: Comparison) -> dict[str, float | None]:
         return {"images changed": float(len(c.changed)), "agreement": c.agreement,
                 "accuracy drop": c.accuracy_drop, "confidence drop": c.confidence_drop}
 
@@ -495,7 +495,7 @@ class Comparison:
                 "changed": [asdict(c) for c in self.changed]}
 
     @classmethod
-    def from_record(cls, record: dict) -> "Comparison":
+    def from_record(cls, record: dict) -> Comparison:
         """The comparison :meth:`to_record` stored."""
         import pandas as pd
 

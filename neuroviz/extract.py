@@ -23,15 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .progress import Progress
 from .datasets import ProbeSet, load_rgb
-from .hooks import LayerLayout, LayerRecorder, pool, spatial_map, to_batch_first
-from .models import LayerInfo, ProbedModel
-from .provenance import provenance_key
-from .images import record_view
-from .files import atomic_save_npy, atomic_savez, atomic_write_text
-from .store import RunInfo, Store
 from .errors import NeurovizError
+from .files import atomic_save_npy, atomic_savez, atomic_write_text
+from .hooks import LayerLayout, LayerRecorder, pool, spatial_map, to_batch_first
+from .images import record_view
+from .models import LayerInfo, ProbedModel
+from .progress import Progress
+from .provenance import provenance_key
+from .store import RunInfo, Store
 
 CODE_VERSION = "extract-1"
 MAP_MAX_SIDE = 32  # top-k maps are stored at most 32x32: enough for crops, masks and heatmaps

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 from .errors import NeurovizError
 
 POOLINGS = ("mean", "max", "cls", "tokens_mean")
@@ -130,7 +131,7 @@ class LayerRecorder:
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
-    def __enter__(self) -> "LayerRecorder":
+    def __enter__(self) -> LayerRecorder:
         for name in self.layer_names:
             module = resolve_layer(self.model, name)
             self._handles.append(module.register_forward_hook(self._hook(name)))

@@ -39,7 +39,7 @@ class ViewGeometry:
     resize_size: int = 256
 
     @classmethod
-    def of(cls, preprocessing) -> "ViewGeometry":
+    def of(cls, preprocessing) -> ViewGeometry:
         """The geometry of a ``models.Preprocessing`` (or anything with the two sizes)."""
         return cls(int(preprocessing.image_size), int(preprocessing.resize_size))
 

@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import NeurovizError
 from .provenance import hash_file, provenance_key
 from .store import LabelRow, RunInfo, Store
-from .errors import NeurovizError
 
 FORMATS = ("clip_dissect", "dnd", "json")
 JSON_FORMAT_NAME = "neuroviz-labels"

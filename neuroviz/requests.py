@@ -146,7 +146,7 @@ class EditRequest(JobRequest):
 
     @classmethod
     def of(cls, model: str, probe: str, name: str, neurons: dict[str, Sequence[int]], mode: str = "zero",
-           max_images: int | None = None, random_groups: int = 0) -> "EditRequest":
+           max_images: int | None = None, random_groups: int = 0) -> EditRequest:
         """A request from the ``{layer: [neuron, ...]}`` mapping edits use."""
         frozen = tuple((layer, tuple(int(n) for n in ns)) for layer, ns in neurons.items() if ns)
         return cls(model, probe, name, frozen, mode, max_images or None, int(random_groups))

@@ -357,6 +357,10 @@ class CacheLayout:
     def synthesis_dir(self) -> Path:
         return self.root / "synthesis"
 
+    def studies_file(self) -> Path:
+        """The SQLite file of the workspace's studies, votes and raters (neuroviz.study.storage)."""
+        return self.root / "studies.sqlite"
+
     def scratch_dir(self) -> Path:
         """Scratch space for long methods; created on demand."""
         path = self.root / "tmp"

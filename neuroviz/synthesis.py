@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .catalog import check_weights, sibling_run
+from .errors import NeurovizError
 from .progress import Progress
 from .provenance import provenance_key
 from .store import RunInfo, Store
-from .errors import NeurovizError
 
 if TYPE_CHECKING:  # torch is imported where the optimisation runs: pages plan and show results without it
     import torch
@@ -146,7 +146,7 @@ class SynthesisRequest:
     def targets(self) -> tuple[NeuronTarget, ...]:
         return (NeuronTarget(self.layer, int(self.neuron), tuple(float(v) for v in self.levels)),) + tuple(self.also)
 
-    def with_config(self, **changes: Any) -> "SynthesisRequest":
+    def with_config(self, **changes: Any) -> SynthesisRequest:
         """A copy with some hyperparameters changed (steps, lr, image_size, ...)."""
         return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes))
 
@@ -385,14 +385,14 @@ class FourierImage:
 
     @classmethod
     def noise(cls, batch: int, size: int, decay_power: float, std: float, generator: torch.Generator,
-              device: torch.device) -> "FourierImage":
+              device: torch.device) -> FourierImage:
         import torch
 
         shape = (batch, 3, size, size // 2 + 1, 2)
         return cls((torch.randn(shape, generator=generator) * std).to(device), size, decay_power)
 
     @classmethod
-    def from_images(cls, images01: torch.Tensor, decay_power: float) -> "FourierImage":
+    def from_images(cls, images01: torch.Tensor, decay_power: float) -> FourierImage:
         """Invert the parameterisation so optimisation starts exactly at the given images."""
         import torch
 
@@ -499,7 +499,7 @@ class TargetActivations:
                     h.remove()
             outputs = {name: to_batch_first(rec.outputs[name], self.infos[name].layout) for name in self.layers}
         columns = []
-        for i, t in enumerate(self.targets):
+        for _i, t in enumerate(self.targets):
             pooled = pool(outputs[t.layer], self.infos[t.layer].layout, t.pooling)
             columns.append(pooled[:, t.neuron])
         return torch.stack(columns, dim=1), outputs[self.targets[0].layer]
@@ -863,7 +863,7 @@ def render_grid(result: SynthesisResult, probe_rows: list[list[dict]] | None = N
             mark = "ok" if result.within_tolerance[li, si] else "MISS"
             achieved = ", ".join(f"{v:.3g}" for v in result.achieved[li, si])
             draw.text((x + 2, y + tile + 2), f"{achieved} {mark}", fill="black" if mark == "ok" else "red")
-        for pi, row in enumerate((probe_rows[li] if probe_rows else [])):
+        for pi, row in enumerate(probe_rows[li] if probe_rows else []):
             x = label_w + n * tile + gap + pi * tile
             try:
                 img = load_rgb(row["path"]).resize((tile, tile))

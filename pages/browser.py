@@ -77,7 +77,7 @@ def body() -> None:
     agree = c3.selectbox("Agreement", list(AGREEMENT), format_func=AGREEMENT.get, key="browser_agree",
                          disabled=len(sel.methods) < 2, help="Pick two or more methods in the sidebar to compare them.")
     by_meaning, threshold = False, 0.8
-    if len(sel.methods) >= 2 and agree != "all" or sort == "agreement":
+    if (len(sel.methods) >= 2 and agree != "all") or sort == "agreement":
         m1, m2 = st.columns([2, 3])
         by_meaning = m1.toggle("Compare labels by meaning", key="browser_meaning",
                                help="Agree when the MiniLM text embeddings of the labels have cosine above the threshold; "

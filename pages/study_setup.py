@@ -123,12 +123,10 @@ def body() -> None:
                "and item, never the method names; they pick the best, 'none fits' or 'uninterpretable', and may rate "
                "each label 1–5.")
     left, right = st.columns([1, 1], gap="large")
-    with left:
-        with guard.friendly_errors("the study form"):
-            _create(sel)
-    with right:
-        with guard.friendly_errors("the study list"):
-            _existing(sel.store)
+    with left, guard.friendly_errors("the study form"):
+        _create(sel)
+    with right, guard.friendly_errors("the study list"):
+        _existing(sel.store)
 
 
 shell.owner_page()

@@ -6,12 +6,12 @@ import shutil
 
 import pandas as pd
 import pytest
+from test_editing import channel_model, colour_probe  # noqa: F401  (fixture re-used)
 
 from neuroviz import analysis, extract
 from neuroviz.lexicon import CATEGORY_ORDER, default_lexicon
 from neuroviz.provenance import hash_state_dict
 from neuroviz.store import LabelRow, Store
-from test_editing import channel_model, colour_probe  # noqa: F401  (fixture re-used)
 
 LAYER2_CYCLE = ["red", "striped", "wood", "zzqx"]  # colour, texture, material, no match
 LAYER4_CYCLE = ["dog", "kitchen", "dog on a sofa"]  # object, scene, relation

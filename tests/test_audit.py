@@ -69,7 +69,7 @@ def test_meaning_search_finds_planted_neurons_without_shared_words(audited):
     assert faces.text_backend_id.startswith("conse")
     assert _search(audited, "facial features", match_meaning=False).hits == []
     text = _search(audited, "lettering, handwriting")
-    assert [(h.layer, h.neuron, h.label) for h in text.hits][0] == ("layer2", 5, "printed text")
+    assert next((h.layer, h.neuron, h.label) for h in text.hits) == ("layer2", 5, "printed text")
     assert text.hits[0].matched_term == "lettering"
 
 

@@ -88,7 +88,7 @@ def test_values_the_parser_writes_out_match_the_library():
     from neuroviz.methods.clip_dissect import SIMILARITY_FUNCTIONS
     from neuroviz.synthesis import STARTS, SynthesisConfig
 
-    assert POOLING_CHOICES == ["default", *POOLINGS]
+    assert ["default", *POOLINGS] == POOLING_CHOICES
     assert set(CONFIG_FLAGS) <= {f for f in SynthesisConfig.__dataclass_fields__}
     label_help = build_parser()._subparsers._group_actions[0].choices["label"].format_help()
     synth_help = build_parser()._subparsers._group_actions[0].choices["synthesize"].format_help()

@@ -8,8 +8,20 @@ import torch
 from PIL import Image, ImageDraw
 
 from neuroviz.crops import (
-    NEUTRAL_GREY, Box, ProbeViews, box_iou, draw_boxes, exemplar_mask, heatmap_overlay, mask_overlay, masked_region,
-    model_view, otsu_crops, select_crops, upsample_map, view_box,
+    NEUTRAL_GREY,
+    Box,
+    ProbeViews,
+    box_iou,
+    draw_boxes,
+    exemplar_mask,
+    heatmap_overlay,
+    mask_overlay,
+    masked_region,
+    model_view,
+    otsu_crops,
+    select_crops,
+    upsample_map,
+    view_box,
 )
 from neuroviz.models import Preprocessing
 
@@ -96,7 +108,7 @@ def test_model_view_is_the_model_input_and_crops_line_up_with_it():
     amap = redness.reshape(8, 8, 8, 8).mean(axis=(1, 3))
     (box,) = otsu_crops(amap, (256, 256))
     # Where the square is in view coordinates at 256 px.
-    left, top, right, bottom = view_box(img.size, prep)
+    left, top, right, _bottom = view_box(img.size, prep)
     sx = 256 / (right - left)
     want = ((150 - left) * sx, (40 - top) * sx, (210 - left) * sx, (100 - top) * sx)
     assert box.left == pytest.approx(want[0], abs=20) and box.right == pytest.approx(want[2], abs=20)

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from neuroviz.methods.dnd import (
-    DnDConfig, concept_phrase, score_candidates, simplify_prompt, summary_prompt, topk_squared_rank,
+    DnDConfig,
+    concept_phrase,
+    score_candidates,
+    simplify_prompt,
+    summary_prompt,
+    topk_squared_rank,
 )
 
 

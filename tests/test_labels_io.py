@@ -10,7 +10,9 @@ import pytest
 
 from neuroviz import embeddings, extract
 from neuroviz.backends.multimodal import create_multimodal
+from neuroviz.catalog import RunNotFoundError, find_run
 from neuroviz.cli import main
+from neuroviz.cli._common import parse_neurons
 from neuroviz.concepts import from_texts
 from neuroviz.labels_io import (
     LabelFileError,
@@ -20,8 +22,6 @@ from neuroviz.labels_io import (
     import_labels,
 )
 from neuroviz.methods import MethodContext, run_method
-from neuroviz.catalog import RunNotFoundError, find_run
-from neuroviz.cli._common import parse_neurons
 from neuroviz.store import Store
 
 MODEL = "torchvision:resnet18@random"

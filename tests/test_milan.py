@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from neuroviz.methods.milan import (
-    MilanConfig, conditional_log_likelihood, description_prior, log_p_description_given_exemplars, pmi_scores,
-    select_exemplars, spatial_quantile_threshold,
+    MilanConfig,
+    conditional_log_likelihood,
+    description_prior,
+    log_p_description_given_exemplars,
+    pmi_scores,
+    select_exemplars,
+    spatial_quantile_threshold,
 )
 
 

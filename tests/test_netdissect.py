@@ -66,7 +66,7 @@ def make_segmentation_set(root: Path, n: int = 32, seed: int = 0, layout: str = 
         # The mask is drawn from the clean shapes: the later object wins where they overlap.
         index = Image.new("L", (SIZE, SIZE), 0)
         index_draw = ImageDraw.Draw(index)
-        for value, (name, (x, y, s, kind)) in enumerate(objects.items(), start=1):
+        for _value, (name, (x, y, s, kind)) in enumerate(objects.items(), start=1):
             shape = index_draw.rectangle if kind == "rect" else index_draw.ellipse
             code = {"red square": 1, "blue circle": 2}[name]
             shape((x, y, x + s - 1, y + s - 1), fill=code)

@@ -6,8 +6,7 @@ import pytest
 
 from neuroviz.analysis import AnalysisConfig, ImportanceConfig
 from neuroviz.cli import build_parser
-from neuroviz.requests import (AnalyzeRequest, DemoRequest, EditRequest, ExtractRequest, LabelRequest, LayersRequest,
-                               SynthesizeRequest)
+from neuroviz.requests import AnalyzeRequest, DemoRequest, EditRequest, ExtractRequest, LabelRequest, LayersRequest, SynthesizeRequest
 from neuroviz.synthesis import NeuronTarget, SynthesisConfig, SynthesisError, SynthesisRequest
 
 
@@ -46,7 +45,8 @@ def test_synthesize_request_round_trips_the_request():
 
 
 def test_analyze_request_round_trips_both_configs():
-    from neuroviz.cli.analyze import analysis_config as cli_analysis_config, importance_config as cli_importance_config
+    from neuroviz.cli.analyze import analysis_config as cli_analysis_config
+    from neuroviz.cli.analyze import importance_config as cli_importance_config
 
     config = AnalysisConfig(counting="fractional", unlabelled="uninterpretable", min_calibrated=0.35, embedding_fallback=True)
     importance = ImportanceConfig(mode="mean", max_images=64, random_baseline=False)

@@ -511,10 +511,12 @@ def test_cli_finds_runs_through_the_catalogue(workspace, tmp_path, capsys):
     assert "layer9" in err and "layer2" in err and "python -m neuroviz extract" in err
 
     # The same layer extracted over a second probe set: the command asks which one.
-    with store.connect() as con:
-        con.execute("INSERT INTO runs SELECT 'other-run', model_spec, weights_id, layer, pooling, 'other-probes', "
-                    "preprocess_id, k, code_version, n_images, n_neurons, map_shape, layer_kind, created_at + 1 "
-                    "FROM runs WHERE run_key = ?", [layer2.run_key])
+    other = dataclasses.replace(layer2, run_key="other-run", probe_set_id="other-probes", created_at=layer2.created_at + 1)
+    shutil.copytree(store.run_dir(layer2.run_key), store.run_dir(other.run_key))
+    run_json = store.run_dir(other.run_key) / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "run_key": other.run_key,
+                                    "probe_set_id": other.probe_set_id, "created_at": other.created_at}))
+    assert {r.probe_set_id for r in store.find_runs(layer="layer2")} == {layer2.probe_set_id, "other-probes"}
     assert cli.main(base + ["--layers", "layer2"]) == 2
     assert "several probe sets" in capsys.readouterr().err
     assert cli.main(base + ["--layers", "layer2", "--probe", layer2.probe_set_id]) == 0

@@ -30,8 +30,9 @@ N_PROCESSES = 12
 @pytest.fixture()
 def workspace(tiny_workspace, tmp_path):
     """A private copy of the tiny workspace's runs (studies need runs to exist)."""
-    shutil.copy(tiny_workspace["store"].db_path, tmp_path / "neuroviz.duckdb")
-    return {"store": Store(tmp_path), "runs": tiny_workspace["runs"]}
+    root = tmp_path / "cache"
+    shutil.copytree(tiny_workspace["store"].root, root, ignore=shutil.ignore_patterns("studies.*"))
+    return {"store": Store(root), "runs": tiny_workspace["runs"]}
 
 
 def _study(workspace, per_layer: int = 8, raters_per_item: int = 3):

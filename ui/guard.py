@@ -33,7 +33,8 @@ EMPTY_CACHE_MESSAGE = (
 # Advice by error type, matched by class name along the error's class hierarchy, so that the
 # modules defining them (some import torch) need not be imported here.
 ADVICE = {
-    "DatabaseLockedError": "A background job is writing to the cache. Wait for it on the Workspace page, then reload.",
+    "LegacyCacheLockedError": "An older neuroviz process still holds the cache. Stop it, then reload.",
+    "StudiesBusyError": "Many votes arrived at once and yours was not saved. Submit it again.",
     "ModelLoadError": "Check the model spec; offline runs need the packaged weights (see \"Offline assets\" in the README).",
     "OfflineAssetMissing": "Offline runs need the packaged weights (see \"Offline assets\" in the README).",
     "BackendUnavailable": "Check the backend spec; offline runs need the packaged weights "

@@ -10,8 +10,7 @@ from ._common import store_from
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build (or reuse) the demo in the cache and say, step by step, what it took."""
-    from ..demo import build_demo_workspace, say
-    from ..demo import DEMO_MODEL
+    from ..demo import DEMO_MODEL, build_demo_workspace, say
 
     report = build_demo_workspace(store_from(args), labels=not args.no_labels, dnd_neurons=args.dnd_neurons)
     for step, value in report.items():

@@ -16,7 +16,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         if not args.all and layer.layout.kind == "vector" and layer.name.count(".") > 1:
             continue
         mark = "*" if layer.name in suggested else " "
-        print(f"{mark} {layer.name:40s} {layer.module_type:22s} {str(layer.shape):20s} neurons={layer.n_neurons} "
+        print(f"{mark} {layer.name:40s} {layer.module_type:22s} {layer.shape!s:20s} neurons={layer.n_neurons} "
               f"pooling={layer.default_pooling}")
     print("(* = suggested default layers)")
     return 0

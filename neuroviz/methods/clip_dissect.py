@@ -64,7 +64,6 @@ from ..progress import Progress
 from ..store import LabelRow
 from .base import DescriptionMethod, MethodContext, MethodError, register_method
 
-
 SIMILARITY_FUNCTIONS = ("soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
 RANK_BASED = ("soft_wpmi", "wpmi")  # depend on activations only through the top-k set
 FORMULATIONS = ("paper", "mean_lift")
@@ -150,7 +149,7 @@ class ImageConceptSimilarity:
         self._similarity = similarity or (lambda a, b: a @ b.T)
 
     @classmethod
-    def from_matrix(cls, matrix: np.ndarray) -> "ImageConceptSimilarity":
+    def from_matrix(cls, matrix: np.ndarray) -> ImageConceptSimilarity:
         return cls(matrix=matrix)
 
     @property

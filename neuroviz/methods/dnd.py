@@ -213,7 +213,7 @@ class TopImageViews:
     exact: ProbeViews
 
     @classmethod
-    def for_run(cls, ctx: MethodContext, view_size: int) -> "TopImageViews":
+    def for_run(cls, ctx: MethodContext, view_size: int) -> TopImageViews:
         model = ctx.probed_model()
         if model.preprocessing.id != ctx.run.preprocess_id:
             raise ValueError(
@@ -300,7 +300,7 @@ class DescribeAndDissect(DescriptionMethod):
             retrieved = [list(np.argsort(-s, kind="stable")[:n_take]) for s in sims]
             retrieved = [[i for i in imgs if np.isfinite(s[i])] for imgs, s in zip(retrieved, sims)]
 
-            def similarity_of(idx: list[int]) -> float:
+            def similarity_of(idx: list[int], real_emb=real_emb) -> float:
                 return float((real_emb @ probe_emb[idx].T).mean())
 
             scored = score_candidates(candidates, retrieved, np.asarray(acts[:, neuron]), similarity_of,

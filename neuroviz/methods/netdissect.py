@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import NeurovizError
 from ..provenance import provenance_key
 from ..store import LabelRow
 from .base import DescriptionMethod, MethodContext, MethodError, register_method
-from ..errors import NeurovizError
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 MAX_MAP_BYTES = 8 * 2**30  # the temporary map file; beyond this, ask for a smaller set

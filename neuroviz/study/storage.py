@@ -103,8 +103,8 @@ LEGACY_FILE = "studies.duckdb"
 
 
 def studies_path(store: Store) -> Path:
-    """The SQLite file of a workspace's studies (beside, not inside, neuroviz.duckdb)."""
-    return store.root / "studies.sqlite"
+    """The SQLite file of a workspace's studies (the store names every path)."""
+    return store.studies_file()
 
 
 # -- records --------------------------------------------------------------------------------
