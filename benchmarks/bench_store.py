@@ -19,54 +19,27 @@ connection and cursor included).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-OLD_STORE_COMMIT = "0f23bae"
 
 
 def old_store_class():
     """The store before the file layout, from git history (None when the history is absent)."""
-    try:
-        source = subprocess.run(["git", "show", f"{OLD_STORE_COMMIT}:neuroviz/store.py"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    import duckdb
+    sys.path.insert(0, str(REPO / "tests"))
+    from legacy_store import old_store_module
 
-    @contextlib.contextmanager
-    def connect(path, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while True:  # the old db.connect: wait for another process's lock
-            try:
-                con = duckdb.connect(str(path))
-                break
-            except duckdb.Error:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        try:
-            yield con
-        finally:
-            con.close()
-
-    module = types.ModuleType("neuroviz._store_before_files")
-    module.__dict__.update(__package__="neuroviz", __file__=str(REPO / "neuroviz" / "store.py"),
-                           db=types.SimpleNamespace(connect=connect))
-    sys.modules[module.__name__] = module
-    exec(compile(source.replace("from . import db\n", ""), "store_before_files.py", "exec"), module.__dict__)
-    return module.Store
+    module = old_store_module()
+    return None if module is None else module.Store
 
 
 def store_class(kind: str):

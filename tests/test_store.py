@@ -4,7 +4,6 @@ identically, and the shared cache computes nothing twice."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import signal
@@ -14,6 +13,7 @@ import time
 import types
 from pathlib import Path
 
+import legacy_store
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,7 +22,6 @@ from neuroviz.datasets import ProbeImage, ProbeSet
 from neuroviz.store import MAX_PARTS, LabelRow, RunInfo, SharedCache, Store
 
 REPO = Path(__file__).resolve().parent.parent
-OLD_STORE_COMMIT = "0f23bae"  # the last store.py that kept everything in neuroviz.duckdb
 
 
 def fake_probe_set(n: int = 30, name: str = "fake") -> ProbeSet:
@@ -326,28 +325,11 @@ CREATE TABLE IF NOT EXISTS llm_loglik_cache (model_id VARCHAR, text VARCHAR, log
 
 
 def old_store_module(monkeypatch) -> types.ModuleType:
-    """neuroviz/store.py as it was before the file layout, from git history, with a minimal
-    stand-in for the connection module it used (a plain connection per operation)."""
-    try:
-        source = subprocess.run(["git", "show", f"{OLD_STORE_COMMIT}:neuroviz/store.py"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"commit {OLD_STORE_COMMIT} (the store before the file layout) is not in this checkout's history")
-    import duckdb
-
-    @contextlib.contextmanager
-    def connect(path, timeout=30.0):
-        con = duckdb.connect(str(path))
-        try:
-            yield con
-        finally:
-            con.close()
-
-    module = types.ModuleType("neuroviz._store_before_files")
-    module.__dict__.update(__package__="neuroviz", __file__=str(REPO / "neuroviz" / "store.py"),
-                           db=types.SimpleNamespace(connect=connect))
-    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
-    exec(compile(source.replace("from . import db\n", ""), "store_before_files.py", "exec"), module.__dict__)
+    """The old store from git history (skips the test without that history)."""
+    module = legacy_store.old_store_module()
+    if module is None:
+        pytest.skip(f"commit {legacy_store.OLD_STORE_COMMIT} (the store before the file layout) is not in this checkout's history")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
     return module
 
 
