@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,12 +64,6 @@ class ProbeSet:
 
     def load(self, index: int) -> Image.Image:
         return load_rgb(self.images[index].path)
-
-    def index_of(self, image_id: str) -> int:
-        for i, im in enumerate(self.images):
-            if im.image_id == image_id:
-                return i
-        raise KeyError(image_id)
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -224,7 +217,3 @@ def open_probe_set(spec: str, cache_dir: Path, progress: Progress | None = None)
     if path.is_file():
         return from_list(path, cache_dir, progress)
     raise ProbeSetError(f"Probe set '{spec}' is neither 'demo', a folder, nor a .txt/.csv list of images.")
-
-
-def iter_labels(ps: ProbeSet) -> Iterable[str]:
-    return (im.label for im in ps.images)

@@ -238,15 +238,3 @@ def warm_thumbnails(cache_root: Path | str, image_paths: Sequence[str | Path], s
             thumbnail(cache_root, path, size, geometry)
         if progress:
             progress(i + 1, len(image_paths), f"{i + 1}/{len(image_paths)} images")
-
-
-def clear_thumbs(cache_root: Path | str) -> int:
-    """Delete every cached picture (they are rebuilt on demand); returns the number removed."""
-    n = 0
-    root = thumbs_dir(cache_root)
-    if root.exists():
-        for path in root.rglob("*"):
-            if path.is_file():
-                path.unlink(missing_ok=True)
-                n += 1
-    return n
