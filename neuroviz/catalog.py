@@ -10,7 +10,7 @@ of a registered probe set. Model specs match with or without the ``@DEFAULT`` we
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,11 +80,24 @@ def probe_set_for(store: Store, probe_spec: str) -> ProbeSet:
 
 def probe_set_name(store: Store, probe_set_id: str) -> str:
     """The shortest unambiguous name of a probe set: its name when unique, else its id."""
-    sets = store.probe_sets()
-    mine = next((p for p in sets if p["probe_set_id"] == probe_set_id), None)
-    if mine and sum(p["name"] == mine["name"] for p in sets) == 1:
+    return short_probe_name(probe_set_id, store.probe_sets())
+
+
+def short_probe_name(probe_set_id: str, probe_sets: Sequence[dict]) -> str:
+    """:func:`probe_set_name` over an already-read list of probe sets (the pages' cached one)."""
+    mine = next((p for p in probe_sets if p["probe_set_id"] == probe_set_id), None)
+    if mine and sum(p["name"] == mine["name"] for p in probe_sets) == 1:
         return mine["name"]
     return probe_set_id
+
+
+def newest_per_layer(runs: Iterable[RunInfo]) -> dict[str, RunInfo]:
+    """The newest of ``runs`` for each layer, layers in the order they were first extracted."""
+    newest: dict[str, RunInfo] = {}
+    for r in runs:
+        if r.layer not in newest or r.created_at >= newest[r.layer].created_at:
+            newest[r.layer] = r
+    return newest
 
 
 def same_model(spec: str, other: str) -> bool:
@@ -103,16 +116,9 @@ def model_specs(store: Store, model_spec: str, probe_set_id: str | None = None) 
 def latest_runs(store: Store, model_spec: str, probe_set_id: str, pooling: str | None = None,
                 weights_id: str | None = None) -> dict[str, RunInfo]:
     """The newest run of every extracted layer (in extraction order), optionally with a pooling or weights."""
-    newest: dict[str, RunInfo] = {}
-    for spec in model_specs(store, model_spec, probe_set_id):
-        for r in store.find_runs(spec, probe_set_id):
-            if pooling and pooling != "default" and r.pooling != pooling:
-                continue
-            if weights_id is not None and r.weights_id != weights_id:
-                continue
-            if r.layer not in newest or r.created_at >= newest[r.layer].created_at:
-                newest[r.layer] = r
-    return newest
+    runs = [r for spec in model_specs(store, model_spec, probe_set_id) for r in store.find_runs(spec, probe_set_id)
+            if (not pooling or pooling == "default" or r.pooling == pooling) and weights_id in (None, r.weights_id)]
+    return newest_per_layer(runs)
 
 
 def find_run(store: Store, model_spec: str, probe_spec: str, layer: str, pooling: str | None = None,

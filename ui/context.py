@@ -16,6 +16,7 @@ from typing import Any
 
 import streamlit as st
 
+from neuroviz import catalog
 from neuroviz.demo import DEMO_MODEL, DEMO_PROBE
 from neuroviz.store import RunInfo, Store
 from ui import data
@@ -146,10 +147,7 @@ def _resolve_probe(cat: data.Catalog, model_spec: str, probe: str | None) -> tup
 
 def probe_label(cat: data.Catalog, probe_set_id: str) -> str:
     """The shortest unambiguous name of a probe set: its name when unique, else its id."""
-    ps = cat.probe_set(probe_set_id)
-    if ps and sum(p["name"] == ps["name"] for p in cat.probe_sets) == 1:
-        return ps["name"]
-    return probe_set_id
+    return catalog.short_probe_name(probe_set_id, cat.probe_sets)
 
 
 def default_model(cat: data.Catalog) -> str:
@@ -168,9 +166,7 @@ def selection_from_state() -> Selection:
     cat = data.catalog(store)
     model_spec = sel["model"] or default_model(cat)
     probe_spec, probe_set_id = _resolve_probe(cat, model_spec, sel["probe"])
-    latest: dict[str, RunInfo] = {}
-    for r in cat.runs_for(model_spec, probe_set_id) if probe_set_id else []:
-        latest[r.layer] = r
+    latest = catalog.newest_per_layer(cat.runs_for(model_spec, probe_set_id) if probe_set_id else [])
     layer = sel["layer"] if sel["layer"] in latest else (next(iter(latest)) if latest else sel["layer"])
     run = latest.get(layer) if layer else None
     neuron = sel["neuron"]
