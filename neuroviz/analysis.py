@@ -323,7 +323,7 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
         cmp = measure(neurons, "importance")
         metric = "accuracy_drop" if cmp.accuracy_drop is not None else "flip_rate"
         flip = 1.0 - cmp.agreement
-        value = cmp.accuracy_drop if metric == "accuracy_drop" else flip
+        value = cmp.accuracy_drop if cmp.accuracy_drop is not None else flip
         row = {"layer": run.layer, "category": category, "n_neurons": len(neurons), "layer_neurons": run.n_neurons,
                "metric": metric, "importance": value, "flip_rate": flip, "confidence_drop": cmp.confidence_drop,
                "accuracy_drop": cmp.accuracy_drop, "n_images": cmp.n_images, "n_labelled": cmp.n_labelled,

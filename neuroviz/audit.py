@@ -254,7 +254,7 @@ def search(store: Store, model_spec: str, probe_set_id: str, query: str, options
     hits.sort(key=lambda h: (-h.match_score, h.rank, layer_pos.get(h.layer, 0), h.neuron, h.method))
     hits = hits[: options.max_results]
     attach_top_images(store, hits, probe_set_id, top_k_images)
-    audit = Audit(query, model_spec, probe_set_id, options, hits, layers_searched=sorted({r.layer for r in runs}, key=layer_pos.get),
+    audit = Audit(query, model_spec, probe_set_id, options, hits, layers_searched=sorted({r.layer for r in runs}, key=lambda layer: layer_pos[layer]),
                   n_labels_searched=int(len(labels)), text_backend_id=backend_id)
     audit.id = _audit_id(audit)
     return audit

@@ -195,8 +195,9 @@ def control_table(cmp: Comparison, controls: Sequence[Comparison]):
 
     rows = []
     for key, value in values(cmp).items():
-        ctrl = [values(c)[key] for c in controls]
-        if value is None or not ctrl or any(v is None for v in ctrl):
+        ctrl_values = [values(c)[key] for c in controls]
+        ctrl = [v for v in ctrl_values if v is not None]
+        if value is None or not ctrl or len(ctrl) < len(ctrl_values):
             continue
         rows.append({"measure": key, "this edit": value, "random min": min(ctrl), "random mean": float(np.mean(ctrl)),
                      "random max": max(ctrl), "share of random groups with less effect":
@@ -315,6 +316,7 @@ def applied(model: ProbedModel, edit: Edit | None) -> Iterator[ProbedModel]:
                     continue
                 info = model.layer(layer)
                 if edit.mode == "mean":
+                    assert edit.values is not None, "check_edit requires the mean values of a mean edit"
                     vals = torch.tensor(edit.values[layer], dtype=torch.float32)
                 else:
                     vals = torch.zeros(len(neurons))
@@ -370,7 +372,7 @@ def labelled_first_indices(probe_set: ProbeSet, class_names: Sequence[str] | Non
 
 def predict(model: ProbedModel, probe_set: ProbeSet, store: Store | None = None, edit: Edit | None = None,
             max_images: int | None = None, batch_size: int = 32, progress: Progress | None = None,
-            indices: Sequence[int] | None = None) -> Predictions:
+            indices: Sequence[int] | np.ndarray | None = None) -> Predictions:
     """Softmax predictions of the (edited) model on the probe set, cached by provenance.
 
     ``indices`` picks the probe rows explicitly (else an evenly spaced ``max_images``
@@ -382,16 +384,17 @@ def predict(model: ProbedModel, probe_set: ProbeSet, store: Store | None = None,
     from .extract import image_loader
     from .hooks import first_tensor
 
-    indices = np.asarray(indices, dtype=int) if indices is not None else subset_indices(len(probe_set), max_images)
+    rows = np.asarray(indices, dtype=int) if indices is not None else subset_indices(len(probe_set), max_images)
     key = provenance_key({
         "code": CODE_VERSION, "model": model.spec, "weights": model.weights_id, "preprocess": model.preprocessing.id,
-        "probe_set": probe_set.id, "edit": edit.effect_key if edit else None, "indices": indices.tolist(),
+        "probe_set": probe_set.id, "edit": edit.effect_key if edit else None, "indices": rows.tolist(),
     })
     if store is not None:
-        cached = [store.load_array("predictions", f"{key}-{part}") for part in ("classes", "probs", "full")]
-        if all(a is not None for a in cached):
-            return Predictions(cached[0], cached[1], cached[2], indices)
-    subset = ProbeSet(probe_set.name, probe_set.source, [probe_set.images[i] for i in indices])
+        cached_classes, cached_probs, cached_full = (store.load_array("predictions", f"{key}-{part}")
+                                                     for part in ("classes", "probs", "full"))
+        if cached_classes is not None and cached_probs is not None and cached_full is not None:
+            return Predictions(cached_classes, cached_probs, cached_full, rows)
+    subset = ProbeSet(probe_set.name, probe_set.source, [probe_set.images[i] for i in rows])
     module = model.module.eval()
     device = next(module.parameters(), torch.empty(0)).device
     tops, top_p, full = [], [], []
@@ -407,7 +410,7 @@ def predict(model: ProbedModel, probe_set: ProbeSet, store: Store | None = None,
             done += batch.shape[0]
             if progress:
                 progress(done, len(subset), f"{'edited' if edit else 'original'} model: {done}/{len(subset)} images")
-    preds = Predictions(np.concatenate(tops), np.concatenate(top_p), np.concatenate(full), indices)
+    preds = Predictions(np.concatenate(tops), np.concatenate(top_p), np.concatenate(full), rows)
     if store is not None:
         store.save_array("predictions", f"{key}-classes", preds.top_classes)
         store.save_array("predictions", f"{key}-probs", preds.top_probs)

@@ -96,6 +96,7 @@ def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[s
     repeated = set(label_runs["method"][label_runs["method"].duplicated()])
     top = store.labels(run.run_key, top_only=True)
     final_layer = class_names is not None and len(class_names) == run.n_neurons
+    names: Sequence[str] = class_names or ()  # indexed only when final_layer (so class_names is given)
 
     label_sets: list[tuple[str, str | None, dict[int, str]]] = []
     for meta in label_runs.itertuples():
@@ -103,7 +104,7 @@ def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[s
         if len(rows):
             name = f"{meta.method} [{str(meta.label_key)[:8]}]" if meta.method in repeated else str(meta.method)
             label_sets.append((name, str(meta.label_key), dict(zip(rows["neuron"].astype(int), rows["label"].astype(str)))))
-    all_neurons = range(run.n_neurons)
+    all_neurons: Sequence[int] = range(run.n_neurons)
     if common_neurons and label_sets:
         shared = set.intersection(*(set(labels) for _, _, labels in label_sets))
         if not shared:
@@ -113,7 +114,7 @@ def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[s
     for text in baselines:
         label_sets.append((f"baseline: {text}", None, {n: text for n in all_neurons}))
     if final_layer and include_oracle:
-        label_sets.append(("oracle: class names", None, {n: str(class_names[n]) for n in all_neurons}))
+        label_sets.append(("oracle: class names", None, {n: str(names[n]) for n in all_neurons}))
 
     images = store.probe_images(run.probe_set_id)
     held = evaluation_split([im["image_id"] for im in images], split_seed)
@@ -123,7 +124,7 @@ def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[s
     acts = np.asarray(store.activations(run.run_key), dtype=np.float32)[held]
 
     texts = sorted({label for _, _, labels in label_sets for label in labels.values()}
-                   | ({str(c) for c in class_names} if final_layer else set()))
+                   | ({str(c) for c in names} if final_layer else set()))
     text_emb = np.asarray(embeddings.text_embeddings(multimodal, store, texts), dtype=np.float32)
     row_of = {t: i for i, t in enumerate(texts)}
 
@@ -137,7 +138,7 @@ def evaluate_run(store: Store, run: RunInfo, multimodal, class_names: Sequence[s
         row = EvaluationRow(name, key, len(neurons), simulation_correlation=mean_r, simulation_sem=sem_r,
                             n_eval_images=int(held.sum()))
         if final_layer:
-            truth = [str(class_names[n]) for n in neurons]
+            truth = [str(names[n]) for n in neurons]
             row.final_layer_accuracy = float(np.mean([normalise_label(labels[n]) == normalise_label(t) for n, t in zip(neurons, truth)]))
             a = text_emb[label_rows]
             b = text_emb[[row_of[t] for t in truth]]

@@ -280,12 +280,14 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
     for plan in plans:
         acts = np.concatenate([np.load(plan.partial / f"chunk-{c:05d}.npy") for c in range(n_chunks)], axis=0)
         values, indices, maps = trackers[plan.run_key].sorted()
-        info = RunInfo(plan.run_key, model.spec, model.weights_id, plan.info.name, plan.pooling, probe_set.id,
+        run_info = RunInfo(plan.run_key, model.spec, model.weights_id, plan.info.name, plan.pooling, probe_set.id,
                        model.preprocessing.id, k, CODE_VERSION, n_images, plan.info.n_neurons,
                        tuple(maps.shape[2:]) if maps is not None else None, plan.info.layout.kind)
-        store.finish_run(info, acts, values, indices, image_ids, maps)
+        store.finish_run(run_info, acts, values, indices, image_ids, maps)
         shutil.rmtree(plan.partial, ignore_errors=True)
-        done[plan.info.name] = store.get_run(plan.run_key)
+        finished = store.get_run(plan.run_key)
+        assert finished is not None, f"finish_run just recorded run {plan.run_key}"
+        done[plan.info.name] = finished
     if progress:
         progress(n_images, n_images, "done")
     return [done[name] for name in dict.fromkeys(layers)]

@@ -59,7 +59,7 @@ def atomic_save_npy(path: Path | str, array: np.ndarray) -> None:
 def atomic_savez(path: Path | str, **arrays: np.ndarray) -> None:
     """Write an .npz (uncompressed) through a temporary name and rename."""
     with atomic_open(path, "wb", suffix=".tmp.npz") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]  # mypy matches **arrays against savez's allow_pickle: bool
 
 
 @contextlib.contextmanager

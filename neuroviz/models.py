@@ -22,6 +22,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -273,7 +274,8 @@ def _timm(argument: str, image_size: int | None = None) -> ProbedModel:
             f"Could not create timm model '{name}' ({type(exc).__name__}: {exc}). Without internet, use "
             f"'timm:{name}@random'. Known names: `python -m neuroviz models --source timm`."
         ) from None
-    cfg = module.pretrained_cfg or {}
+    # timm sets a plain dict attribute; torch types Module attributes as Tensor | Module
+    cfg = cast("dict[str, Any] | None", module.pretrained_cfg) or {}
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     crop_pct = float(cfg.get("crop_pct", 0.875))
     prep = Preprocessing(size, round(size / crop_pct), tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))

@@ -126,7 +126,7 @@ class LabelRow:
     neuron: int
     rank: int
     label: str
-    score: float
+    score: float | None  # None when read back from labels stored without a score (NaN)
     calibrated: float | None = None
     extra: dict | None = None
 
@@ -629,7 +629,7 @@ class Store(CacheLayout):
         _write_parquet(path, "labels", {
             "label_key": [label_key] * len(rows), "run_key": [run_key] * len(rows), "neuron": [int(r.neuron) for r in rows],
             "method": [method] * len(rows), "rank": [int(r.rank) for r in rows], "label": [r.label for r in rows],
-            "score": [float(r.score) for r in rows],
+            "score": [None if r.score is None else float(r.score) for r in rows],
             "calibrated": [None if r.calibrated is None else float(r.calibrated) for r in rows],
             "backend": [backend_name] * len(rows),
             "extra_json": [json.dumps(r.extra, default=str) if r.extra else None for r in rows],

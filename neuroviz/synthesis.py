@@ -205,7 +205,7 @@ class SynthesisResult:
     diversity: np.ndarray  # (levels,)
     start_image_idx: np.ndarray | None  # (levels, N) probe-image rows used as starts, or None
     steps_run: int
-    timings: dict[str, float]
+    timings: dict[str, float | str]  # seconds per phase, and the device name
     restarts: np.ndarray | None = None  # (levels, N) times a stuck sample was re-drawn from noise
     diversity_space: str = DIVERSITY_SPACE
     from_cache: bool = False
@@ -804,12 +804,17 @@ def _save_result(store: Store, result: SynthesisResult) -> None:
     })
 
 
+def _tuples_for_lists(fields: dict[str, Any]) -> dict[str, Any]:
+    """A dataclass's fields read back from JSON, with its tuples (stored as lists) restored."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
 def _plan_from_dict(d: dict) -> SynthesisPlan:
     req = dict(d["request"])
-    req["config"] = SynthesisConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in req["config"].items()})
+    req["config"] = SynthesisConfig(**_tuples_for_lists(req["config"]))
     req["also"] = tuple(NeuronTarget(a["layer"], a["neuron"], tuple(a["levels"])) for a in req["also"])
     req["levels"] = tuple(req["levels"])
-    targets = tuple(ResolvedTarget(**{k: tuple(v) if isinstance(v, list) else v for k, v in t.items()}) for t in d["targets"])
+    targets = tuple(ResolvedTarget(**_tuples_for_lists(t)) for t in d["targets"])
     return SynthesisPlan(SynthesisRequest(**req), d["model_spec"], d["weights_id"], d["probe_set_id"], targets, d["key"])
 
 

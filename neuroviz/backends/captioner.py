@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,8 +65,9 @@ class TransformersCaptioner(Captioner):
         self.id = f"transformers:{source}:{provenance_key(config, 8)}"
         self.description = f"transformers captioner {model_id} (beam {config.num_beams}, <= {config.max_new_tokens} tokens)"
         self._lock = threading.Lock()
-        self._model = None
-        self._processor = None
+        # the transformers model and processor, loaded on first use
+        self._model: Any = None
+        self._processor: Any = None
 
     def _load(self) -> None:
         with self._lock:
@@ -82,7 +84,7 @@ class TransformersCaptioner(Captioner):
                     "Without the weights use the offline 'retrieval' captioner."
                 ) from None
             self._processor = processor
-            self._model = model.to(self.device).eval()
+            self._model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types .to through a wrapper mypy misreads
 
     def caption(self, images: Sequence[Image.Image], batch_size: int = 8) -> list[str]:
         """One caption per image, decoded deterministically (beam search, no sampling)."""
@@ -171,6 +173,7 @@ class RetrievalCaptioner(Captioner):
     def compose(self, image_emb: np.ndarray) -> list[str]:
         """Captions for already-embedded images (N, D): lets methods reuse cached embeddings."""
         self._load()
+        assert self._object_emb is not None and self._detail_emb is not None, "_load sets both matrices"
         obj_sim = image_emb @ self._object_emb.T
         det_sim = image_emb @ self._detail_emb.T
         captions = []

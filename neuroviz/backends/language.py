@@ -172,11 +172,11 @@ class TransformersLM(LanguageModel):
 
         ids_list = ids.tolist()
         with self._lock:
-            previous, self._last_ids = self._last_ids, ids_list
+            previous, self._last_ids = self._last_ids or [], ids_list
             fitting = [h for h in self._heads if len(h[0]) < len(ids_list) and ids_list[: len(h[0])] == h[0]]
         if fitting:
             return copy.deepcopy(max(fitting, key=lambda h: len(h[0]))[1])
-        n, limit = 0, min(len(previous or []), len(ids_list)) - 1  # leave generate one prompt token to read
+        n, limit = 0, min(len(previous), len(ids_list)) - 1  # leave generate one prompt token to read
         while n < limit and previous[n] == ids_list[n]:
             n += 1
         if n < self.MIN_SHARED_PREFIX:

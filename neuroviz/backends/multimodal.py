@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,7 +161,7 @@ class ConSEBackend(MultimodalBackend):
             f"(top {config.top_t}) over MiniLM class-name embeddings; texts by MiniLM"
         )
         self._lock = threading.Lock()
-        self._classifier = None
+        self._classifier: torch.nn.Module | None = None
         self._transform: Callable | None = None
         self._class_embeddings: np.ndarray | None = None
         self.class_names: list[str] = []
@@ -178,6 +179,7 @@ class ConSEBackend(MultimodalBackend):
     def class_probabilities(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """(N, 1000) softmax ImageNet probabilities of the classifier."""
         self._load()
+        assert self._transform is not None and self._classifier is not None, "_load sets the classifier"
         out = []
         for batch in _batches(list(images), batch_size):
             x = torch.stack([self._transform(im.convert("RGB")) for im in batch])
@@ -188,6 +190,7 @@ class ConSEBackend(MultimodalBackend):
     def embed_probabilities(self, probs: np.ndarray) -> np.ndarray:
         """ConSE's convex combination: top-T probabilities, renormalised, times class embeddings."""
         self._load()
+        assert self._class_embeddings is not None, "_load sets the class embeddings"
         t = min(self.config.top_t, probs.shape[1])
         top = np.argpartition(-probs, t - 1, axis=1)[:, :t]
         weights = np.take_along_axis(probs, top, axis=1)
@@ -235,9 +238,10 @@ class OpenClipBackend(MultimodalBackend):
             f"pretrained '{pretrained}'" if pretrained else "with random weights (seed 0): a pipeline check, not a real labeller"
         )
         self._lock = threading.Lock()
-        self._model = None
-        self._preprocess = None
-        self._tokenizer = None
+        # open_clip's model, transform and tokenizer (untyped package), loaded on first use
+        self._model: Any = None
+        self._preprocess: Any = None
+        self._tokenizer: Any = None
 
     def _load(self) -> None:
         with self._lock:

@@ -132,7 +132,7 @@ class DescriptionMethod(ABC):
         concept_id = ctx.concepts.id if ("concepts" in self.needs and ctx.concepts is not None) else None
         return provenance_key({
             "run": ctx.run.run_key, "method": self.name, "code": self.code_version,
-            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else config,
             "backends": ctx.backend_ids([n for n in self.needs if n != "concepts"]), "concepts": concept_id,
         })
 
@@ -180,7 +180,7 @@ def run_method(name: str, ctx: MethodContext, config=None, neurons: Sequence[int
     todo = [n for n in wanted if n not in have]
     if todo:
         rows = method.describe(ctx, config, todo)
-        hyper = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        hyper = dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else dict(config)
         backends = ctx.backend_ids([n for n in method.needs if n != "concepts"])
         ctx.store.save_labels(
             key, ctx.run.run_key, method.name, backends, hyper,

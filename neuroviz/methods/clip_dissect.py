@@ -125,6 +125,24 @@ class ClipDissectConfig:
             raise MethodError("top_k and n_candidates must be at least 1.")
 
     @property
+    def resolved_top_k(self) -> int:
+        """top_k, never None (__post_init__ fills the PMI function's default)."""
+        assert self.top_k is not None, "__post_init__ fills top_k"
+        return self.top_k
+
+    @property
+    def resolved_alpha(self) -> float:
+        """alpha, never None (__post_init__ fills the PMI function's default)."""
+        assert self.alpha is not None, "__post_init__ fills alpha"
+        return self.alpha
+
+    @property
+    def resolved_lam(self) -> float:
+        """lam, never None (__post_init__ fills the PMI function's default)."""
+        assert self.lam is not None, "__post_init__ fills lam"
+        return self.lam
+
+    @property
     def uses_layer_prior(self) -> bool:
         """True when a neuron's scores depend on the whole layer (the paper's PMI prior)."""
         return self.similarity in RANK_BASED and self.formulation == "paper"
@@ -152,19 +170,25 @@ class ImageConceptSimilarity:
     def from_matrix(cls, matrix: np.ndarray) -> ImageConceptSimilarity:
         return cls(matrix=matrix)
 
+    def _embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """The image and text embeddings (always given when there is no matrix)."""
+        assert self.image_emb is not None and self.text_emb is not None, "__init__ requires embeddings without a matrix"
+        return self.image_emb, self.text_emb
+
     @property
     def n_images(self) -> int:
-        return int(self.matrix.shape[0] if self.matrix is not None else self.image_emb.shape[0])
+        return int(self.matrix.shape[0] if self.matrix is not None else self._embeddings()[0].shape[0])
 
     @property
     def n_concepts(self) -> int:
-        return int(self.matrix.shape[1] if self.matrix is not None else self.text_emb.shape[0])
+        return int(self.matrix.shape[1] if self.matrix is not None else self._embeddings()[1].shape[0])
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """P[index] as float32 (rows of chosen images)."""
         if self.matrix is not None:
             return self.matrix[index]
-        return np.asarray(self._similarity(self.image_emb[index], self.text_emb), dtype=np.float32)
+        image_emb, text_emb = self._embeddings()
+        return np.asarray(self._similarity(image_emb[index], text_emb), dtype=np.float32)
 
     def blocks(self, block_rows: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
         """(start, stop, P[start:stop]) over all images, each block about 64 MB."""
@@ -192,7 +216,7 @@ class NeuronConcepts:
 def effective_top_k(config: ClipDissectConfig, n_images: int) -> int:
     """top_k capped by max_top_fraction of the probe set (see ClipDissectConfig)."""
     cap = max(1, int(math.ceil(config.max_top_fraction * n_images)))
-    return int(max(1, min(config.top_k, cap, n_images)))
+    return int(max(1, min(config.resolved_top_k, cap, n_images)))
 
 
 def membership_weights(config: ClipDissectConfig, k: int) -> np.ndarray:
@@ -232,7 +256,7 @@ def _pmi_scores(exemplars: np.ndarray, weights: np.ndarray, sim: ImageConceptSim
     numerator = np.zeros((n_sets, sim.n_concepts), dtype=np.float32)
     prior = np.zeros(sim.n_concepts, dtype=np.float64)
     for start, stop, p_block in sim.blocks():
-        probs = concept_probabilities(p_block, float(config.alpha))
+        probs = concept_probabilities(p_block, float(config.resolved_alpha))
         prior += probs.sum(axis=0, dtype=np.float64)
         cols = membership[:, start:stop]
         if cols.nnz:
@@ -240,7 +264,7 @@ def _pmi_scores(exemplars: np.ndarray, weights: np.ndarray, sim: ImageConceptSim
     log_prior = np.log(np.maximum(prior / sim.n_images, _LOG_FLOOR)).astype(np.float32)
     np.maximum(numerator, _LOG_FLOOR, out=numerator)
     np.log(numerator, out=numerator)
-    numerator -= float(config.lam) * log_prior
+    numerator -= float(config.resolved_lam) * log_prior
     return numerator
 
 
@@ -396,9 +420,9 @@ def concept_scores(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDi
         weights = membership_weights(config, k)
         if config.formulation == "mean_lift":
             return _pmi_scores(top_image_indices(acts, k), weights, sim, config)
-        probs = concept_probability_matrix(sim, float(config.alpha))
+        probs = concept_probability_matrix(sim, float(config.resolved_alpha))
         log_lik = exemplar_log_likelihood(top_image_indices(acts, k), weights, probs, config.min_prob)
-        return log_lik - float(config.lam) * layer_log_prior(log_lik)
+        return log_lik - float(config.resolved_lam) * layer_log_prior(log_lik)
     if config.similarity in ("cos", "cos3"):
         mean = _column_mean(sim) if config.similarity == "cos3" else None
         return _cos_scores(acts, sim, config, mean)
@@ -430,7 +454,7 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
         raise ValueError("CLIP-Dissect needs at least 2 probe images.")
     if layer_prior is not None and layer_size is None:
         raise ValueError("Give layer_size (the number of neurons the cached layer_prior was computed over).")
-    n_prior = n_layer if layer_prior is None else int(layer_size)
+    n_prior = n_layer if layer_prior is None or layer_size is None else int(layer_size)
     wanted = np.arange(n_layer) if neurons is None else np.asarray(list(neurons), dtype=np.int64)
     n_neurons = len(wanted)
     m = min(config.n_candidates, sim.n_concepts)
@@ -450,7 +474,7 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
         info.update(exemplars=k, formulation=config.formulation)
         draws = np.stack([rng.permutation(n_images)[:k] for _ in range(config.shared_null_draws)]) if calibrate else None
         if config.formulation == "paper":
-            probs = probabilities if probabilities is not None else concept_probability_matrix(sim, float(config.alpha))
+            probs = probabilities if probabilities is not None else concept_probability_matrix(sim, float(config.resolved_alpha))
             if layer_prior is None:
                 total = n_layer + (len(draws) if draws is not None else 0)
                 layer_lik = exemplar_log_likelihood(top_image_indices(acts, k), weights, probs, config.min_prob, progress, total)
@@ -461,7 +485,7 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
                 total = n_neurons + (len(draws) if draws is not None else 0)
                 log_lik = exemplar_log_likelihood(top_image_indices(acts[:, wanted], k), weights, probs, config.min_prob,
                                                   progress, total)
-            lam_prior = float(config.lam) * layer_prior
+            lam_prior = float(config.resolved_lam) * layer_prior
             log_lik -= lam_prior  # in place: at 2,048 neurons x 20,000 concepts each copy is 160 MB
             index, scores = _top_candidates(log_lik, m)
             del log_lik
@@ -470,7 +494,7 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
                 # A random exemplar set stands for a neuron of this layer: it joins the prior it is
                 # scored against (a layer of n_layer + 1 neurons), as every real neuron is in its own.
                 joined = np.logaddexp(layer_prior + math.log(n_prior), null_lik) - math.log(n_prior + 1)
-                shared_null = (null_lik - float(config.lam) * joined).max(axis=1)
+                shared_null = (null_lik - float(config.resolved_lam) * joined).max(axis=1)
         else:
             chunk = max(1, _ACCUMULATOR_BYTES // (4 * sim.n_concepts))
             top = top_image_indices(acts[:, wanted], k)
@@ -582,11 +606,11 @@ class ClipDissect(DescriptionMethod):
         prior = ctx.store.load_array("clip_dissect_prior", prior_key) if config.uses_layer_prior else None
         probabilities = None
         if config.uses_layer_prior:
-            prob_key = (ctx.multimodal.id, ctx.run.probe_set_id, ctx.concepts.id, float(config.alpha))
+            prob_key = (ctx.multimodal.id, ctx.run.probe_set_id, ctx.concepts.id, float(config.resolved_alpha))
             if _probability_cache is not None:
                 probabilities = _probability_cache.get(prob_key)
             if probabilities is None:
-                probabilities = concept_probability_matrix(sim, float(config.alpha))
+                probabilities = concept_probability_matrix(sim, float(config.resolved_alpha))
                 if _probability_cache is not None:
                     _probability_cache.clear()  # one probe set at a time: bounded memory
                     _probability_cache[prob_key] = probabilities

@@ -36,12 +36,16 @@ import numpy as np
 from PIL import Image
 
 from ..crops import Box, ProbeViews, draw_boxes, otsu_crops
+from ..progress import chain
 from ..store import LabelRow
 from .base import DescriptionMethod, MethodContext, Overlay, register_method
 from .milan import captions_of
 
 if TYPE_CHECKING:
     import torch
+
+    from ..backends.base import LanguageModel
+    from ..models import ProbedModel
 
 
 @dataclass
@@ -181,7 +185,7 @@ def score_candidates(candidates: Sequence[str], retrieved: Sequence[Sequence[int
 class _Transcript:
     """Every language-model call of one neuron, for the label's extra and for replay checks."""
 
-    def __init__(self, language_model):
+    def __init__(self, language_model: LanguageModel) -> None:
         self.lm = language_model
         self.calls: list[dict] = []
 
@@ -208,7 +212,7 @@ class TopImageViews:
     """Model views of a run's probe images: ``display`` at view_size for captioners and crops,
     ``exact`` at the model's input size (exactly the pixels the run was extracted from)."""
 
-    model: object
+    model: ProbedModel
     display: ProbeViews
     exact: ProbeViews
 
@@ -272,7 +276,7 @@ class DescribeAndDissect(DescriptionMethod):
     def describe(self, ctx: MethodContext, config: DnDConfig, neurons: Sequence[int]) -> list[LabelRow]:
         """Run the three steps for each neuron (slow: ~15 language-model calls per neuron)."""
         store, run = ctx.store, ctx.run
-        progress = ctx.progress or (lambda done, total, message="": None)
+        progress = chain(ctx.progress)  # a no-op when the context has no progress callback
         views = TopImageViews.for_run(ctx, config.view_size)
         from ..embeddings import image_embeddings
 

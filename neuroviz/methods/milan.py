@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from ..crops import ProbeViews, exemplar_mask, mask_overlay, masked_region
+from ..progress import chain
 from ..store import LabelRow, RunInfo, Store
 from .base import DescriptionMethod, MethodContext, MethodError, Overlay, register_method
 
@@ -242,7 +243,7 @@ class MilanPMI(DescriptionMethod):
             raise MethodError("MILAN-style PMI needs a concept set for its candidates (e.g. imagenet or words20k).")
         store, run = ctx.store, ctx.run
         neurons = [int(n) for n in neurons]
-        progress = ctx.progress or (lambda done, total, message="": None)
+        progress = chain(ctx.progress)  # a no-op when the context has no progress callback
         paths = [p["path"] for p in store.probe_images(run.probe_set_id)]
         view_cache: list[ProbeViews] = []
 
@@ -282,6 +283,7 @@ class MilanPMI(DescriptionMethod):
                 emb = np.asarray(ctx.multimodal.encode_images(regions), dtype=np.float32)
                 owners_arr = np.array(owners)
             else:
+                assert whole_emb is not None, "unmasked exemplars use the cached whole-image embeddings"
                 whole_idx = [int(t["image_idx"]) for _, picked, _ in chosen for t in picked]
                 emb = whole_emb[whole_idx]
                 owners_arr = np.array([n for n, picked, _ in chosen for _ in picked])

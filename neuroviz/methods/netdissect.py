@@ -96,7 +96,7 @@ class SegmentationSet:
 
             img = TF.resize(img, resize_size, interpolation=InterpolationMode.NEAREST)
             img = TF.center_crop(img, [image_size, image_size])
-            return np.asarray(img.resize((mask_size, mask_size), Image.NEAREST))
+            return np.asarray(img.resize((mask_size, mask_size), Image.Resampling.NEAREST))
 
         present, masks = [], []
         if self.layout == "binary":
@@ -108,9 +108,8 @@ class SegmentationSet:
                     masks.append(arr)
         elif item.index_path is not None:
             with Image.open(item.index_path) as m:
-                if m.mode not in ("L", "P", "I", "I;16"):
-                    m = m.convert("L")
-                arr = geometry(m).astype(np.int64)
+                index_image = m if m.mode in ("L", "P", "I", "I;16") else m.convert("L")
+                arr = geometry(index_image).astype(np.int64)
             for value in np.unique(arr):
                 if value > 0 and int(value) in self.index_to_concept:
                     present.append(self.index_to_concept[int(value)])
@@ -302,7 +301,7 @@ class NetDissect(DescriptionMethod):
             order = np.argsort(-result.iou[j], kind="stable")[:m]
             for rank, c in enumerate(order):
                 iou = float(result.iou[j, c])
-                extra = {"iou": round(iou, 5)}
+                extra: dict[str, object] = {"iou": round(iou, 5)}
                 if rank == 0:
                     extra.update(interpretable=iou >= config.iou_threshold, threshold=float(result.thresholds[j]),
                                  segmentation_set=str(seg.root), preprocess=model.preprocessing.id)
