@@ -81,16 +81,12 @@ class Catalog:
         return next((r for r in self.runs if r.run_key == run_key), None)
 
 
-def _store_for(root: str) -> Store:
-    return get_store(root)
-
-
 # The read-only tables below are shared between sessions without copying
 # (st.cache_resource): pages never modify them in place. Keyed by the store's version,
 # so a write makes the next read fresh; max_entries bounds the memory.
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _catalog(root: str, version: tuple) -> Catalog:
-    snap = _store_for(root).snapshot()
+    snap = get_store(root).snapshot()
     methods: dict[str, list[str]] = {}
     for lr in snap.label_runs:
         methods.setdefault(lr["run_key"], [])
@@ -106,7 +102,7 @@ def catalog(store: Store) -> Catalog:
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _run_tables(root: str, version: tuple, run_key: str) -> RunTables:
-    return _store_for(root).run_tables(run_key)
+    return get_store(root).run_tables(run_key)
 
 
 def run_tables(store: Store, run_key: str) -> RunTables:

@@ -21,27 +21,23 @@ from ..study import (
     study_results,
     votes_csv,
 )
-from ._common import store_from
-
-
-def _split(text: str | None) -> list[str]:
-    return [part for part in (text or "").split(",") if part]
+from ._common import comma_list, store_from
 
 
 def _resolve_runs(store: Store, args: argparse.Namespace) -> list[str]:
     """Run keys from --runs, or the newest run per layer of --model (--layers, --probe)."""
     if args.runs:
-        return _split(args.runs)
+        return comma_list(args.runs) or []
     if not args.model:
         raise StudyError("Name the runs: --runs KEY,KEY or --model SPEC [--layers a,b] [--probe NAME].")
-    runs = catalog.newest_runs_by_layer(store, args.model, _split(args.layers) or None, args.probe)
+    runs = catalog.newest_runs_by_layer(store, args.model, comma_list(args.layers), args.probe)
     return [run.run_key for run in runs]
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
     store = store_from(args)
     run_keys = _resolve_runs(store, args)
-    methods = _split(args.methods) or list(labelled_methods(store, run_keys))
+    methods = comma_list(args.methods) or list(labelled_methods(store, run_keys))
     if len(methods) < 2:
         raise StudyError(f"Need labels from at least two methods on these runs; found {', '.join(methods) or 'none'}. "
                          "Run methods first (`python -m neuroviz label ...`) or pass --methods.")
