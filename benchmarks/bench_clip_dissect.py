@@ -57,7 +57,7 @@ def labelling_child(n_images: int, n_concepts: int, dim: int, share_probabilitie
     """In a fresh process: label all layers, print timings and memory as JSON."""
     import torch  # noqa: F401  (imported before the baseline reading, as any real run has it)
 
-    from neuroviz.methods.clip_dissect import ClipDissectConfig, ImageConceptSimilarity, concept_probability_matrix, label_neurons
+    from neuroviz.methods.clip_dissect import ClipDissectConfig, ConceptProbabilities, ImageConceptSimilarity, label_neurons
 
     rng = np.random.default_rng(0)
     image_emb = rng.standard_normal((n_images, dim), dtype=np.float32)
@@ -70,7 +70,7 @@ def labelling_child(n_images: int, n_concepts: int, dim: int, share_probabilitie
     baseline_mb = _rss_mb("VmRSS")
     timings = {}
     start = time.perf_counter()
-    probs = concept_probability_matrix(sim, float(config.alpha)) if share_probabilities else None
+    probs = ConceptProbabilities(sim, float(config.alpha)) if share_probabilities else None
     timings["p(c|x) matrix"] = time.perf_counter() - start
     for name, layer_acts in acts.items():
         t = time.perf_counter()

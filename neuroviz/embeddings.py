@@ -5,9 +5,10 @@ Neither depends on the workspace, so both live in the shared cache
 (image id) and backend, so a subset or a reordering of already-embedded images costs
 nothing; text embeddings per (backend id, hash of the exact text list). A probe set's
 matrix in its row order is also kept in the workspace (``arrays/image_emb/``) for a fast
-read. Change the backend, a single image or a single concept and the key changes, so a stale
-embedding is never served. Long image runs save each chunk as a part as they go, so an
-interrupted run resumes where it stopped.
+read, memory-mapped: at paper scale (1.28M images x 512 floats is 2.6 GB) callers read the
+rows they use. Change the backend, a single image or a single concept and the key changes,
+so a stale embedding is never served. Long image runs save each chunk as a part as they go,
+so an interrupted run resumes where it stopped, and write the workspace matrix chunk by chunk.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from .backends.base import MultimodalBackend
 from .concepts import ConceptSet
 from .datasets import load_rgb
-from .files import atomic_save_npy
+from .files import atomic_open, atomic_save_npy
 from .progress import Progress
 from .provenance import provenance_key
 from .store import Store
@@ -46,13 +47,16 @@ def image_embeddings(
     progress: Progress | None = None,
     batch_size: int = 32,
 ) -> np.ndarray:
-    """(n_images, D) L2-normalised embeddings in the probe set's idx order (rows of activations).
+    """(n_images, D) L2-normalised embeddings in the probe set's idx order (rows of activations),
+    memory-mapped from the workspace's ``arrays/image_emb/`` (read rows with column_scan.take_rows).
 
-    Read from the workspace's ``arrays/image_emb/`` when there; else every image the shared
-    cache already has is read from it and only the others are embedded.
+    When that file is missing it is written a chunk of ``IMAGE_CHUNK`` probe rows at a time:
+    rows the shared cache holds are copied from it, the others embedded (and added to the
+    shared cache chunk by chunk, so an interrupted run resumes), and no step holds the whole
+    matrix, whatever the size of the probe set.
     """
     key = image_embeddings_key(backend, probe_set_id)
-    cached = store.load_array("image_emb", key)
+    cached = store.load_array("image_emb", key, mmap=True)
     if cached is not None:
         if progress:
             progress(len(cached), len(cached), "image embeddings (cached)")
@@ -66,29 +70,37 @@ def image_embeddings(
     ids = [r["image_id"] for r in rows]
     backend_key = image_backend_key(backend)
     found = store.shared.image_embeddings(backend_key, ids)
-    missing = [i for i, image_id in enumerate(ids) if image_id not in found]
     total = len(ids)
+    done = sum(1 for image_id in ids if image_id in found)
     if progress and found:
-        progress(total - len(missing), total, "image embeddings (cached)")
+        progress(done, total, "image embeddings (cached)")
+    chunks = [range(start, min(total, start + IMAGE_CHUNK)) for start in range(0, total, IMAGE_CHUNK)]
+    to_embed = [[i for i in chunk if ids[i] not in found] for chunk in chunks]
     # Decoding the next chunk's images overlaps with encoding this one (PNG decoding is not free).
-    chunks = [missing[start : start + IMAGE_CHUNK] for start in range(0, len(missing), IMAGE_CHUNK)]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_all, [rows[i]["path"] for i in chunks[0]]) if chunks else None
+    with atomic_open(store.array_path("image_emb", key), "wb") as fh, ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_all, [rows[i]["path"] for i in to_embed[0]])
         for c, chunk in enumerate(chunks):
-            images = pending.result() if pending is not None else []
-            pending = pool.submit(_load_all, [rows[i]["path"] for i in chunks[c + 1]]) if c + 1 < len(chunks) else None
-            parts = []
-            for b in range(0, len(images), batch_size):
-                parts.append(backend.encode_images(images[b : b + batch_size], batch_size=batch_size))
-                if progress:
-                    done = total - len(missing) + c * IMAGE_CHUNK + min(b + batch_size, len(images))
-                    progress(done, total, f"image embeddings ({backend.id})")
-            emb = np.concatenate(parts).astype(np.float32)
-            chunk_ids = [ids[i] for i in chunk]
-            store.shared.add_image_embeddings(backend_key, chunk_ids, emb)  # a finished chunk survives an interruption
-            found.update(zip(chunk_ids, emb))
-    matrix = np.stack([found[image_id] for image_id in ids]).astype(np.float32)
-    store.save_array("image_emb", key, matrix)
+            images = pending.result()
+            if c + 1 < len(chunks):
+                pending = pool.submit(_load_all, [rows[i]["path"] for i in to_embed[c + 1]])
+            embedded: dict[int, np.ndarray] = {}
+            if images:
+                parts = []
+                for b in range(0, len(images), batch_size):
+                    parts.append(backend.encode_images(images[b : b + batch_size], batch_size=batch_size))
+                    done += len(parts[-1])
+                    if progress:
+                        progress(done, total, f"image embeddings ({backend.id})")
+                emb = np.concatenate(parts).astype(np.float32)
+                store.shared.add_image_embeddings(backend_key, [ids[i] for i in to_embed[c]], emb)  # survives an interruption
+                embedded = dict(zip(to_embed[c], emb))
+            block = np.stack([embedded[i] if i in embedded else found[ids[i]] for i in chunk]).astype(np.float32)
+            if c == 0:
+                np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(block.dtype),
+                                                          "fortran_order": False, "shape": (total, block.shape[1])})
+            fh.write(np.ascontiguousarray(block).tobytes())
+    matrix = store.load_array("image_emb", key, mmap=True)
+    assert matrix is not None, "the workspace array was just written"
     return matrix
 
 

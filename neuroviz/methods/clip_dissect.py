@@ -3,9 +3,13 @@ whose image-text similarity profile over the probe images best matches its activ
 
 Inputs are an activation matrix ``A`` (images x neurons) and the image-concept similarity
 matrix ``P = image_embeddings @ text_embeddings.T`` (images x concepts) of a multimodal
-backend. :class:`ImageConceptSimilarity` serves ``P`` in row blocks, so it never has to
-exist twice; neurons are scored in chunks, vectorised, and no neurons x images x concepts
-tensor is ever built.
+backend. Neither is ever held whole, so a probe set of any size labels in bounded memory:
+``A`` (usually the run's memory-mapped acts.npy) is read in row blocks that keep only each
+neuron's top images (:mod:`neuroviz.column_scan`), or a few neurons' columns at a time for
+the value-based functions; :class:`ImageConceptSimilarity` serves ``P`` in row blocks or
+chosen rows, and :class:`ConceptProbabilities` holds p(c|x) only for the images the paper's
+PMI uses (exemplars and null draws), within a byte budget. Neurons are scored in chunks,
+vectorised, and no neurons x images x concepts tensor is ever built.
 
 Similarity functions (``ClipDissectConfig.similarity``), following the paper (Section 3,
 Appendix) and its public code (similarity.py of Trustworthy-ML-Lab/CLIP-dissect):
@@ -60,6 +64,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..column_scan import column_block, scan_columns, take_rows
 from ..progress import Progress
 from ..store import LabelRow
 from .base import DescriptionMethod, MethodContext, MethodError, register_method
@@ -75,7 +80,8 @@ _LOG_FLOOR = 1e-12  # keeps log() finite for concepts with vanishing probability
 _BLOCK_BYTES = 64 * 2**20  # one block of P rows
 _ACCUMULATOR_BYTES = 256 * 2**20  # per-chunk (rows x concepts) accumulators
 _GATHER_ROWS = 256  # exemplar sets per gather chunk: large enough to amortise, small enough for the cache
-_FULL_MATRIX_BYTES = 2 * 2**30  # above this, p(c|x) is held in float16
+_PROBABILITY_BYTES = 2**30  # p(c|x) rows held at once (10,000 images x 20,000 concepts: 800 MB, all of them)
+_COLUMN_BYTES = 256 * 2**20  # value-based functions: activation columns (images x neurons) held at once
 
 
 @dataclass
@@ -161,8 +167,9 @@ class ImageConceptSimilarity:
                  matrix: np.ndarray | None = None):
         if matrix is None and (image_emb is None or text_emb is None):
             raise ValueError("Give image and text embeddings, or a similarity matrix.")
-        self.matrix = None if matrix is None else np.asarray(matrix, dtype=np.float32)
-        self.image_emb = None if image_emb is None else np.asarray(image_emb, dtype=np.float32)
+        # asanyarray keeps a float32 memmap mapped (rows are then read on demand, see take_rows)
+        self.matrix = None if matrix is None else np.asanyarray(matrix, dtype=np.float32)
+        self.image_emb = None if image_emb is None else np.asanyarray(image_emb, dtype=np.float32)
         self.text_emb = None if text_emb is None else np.asarray(text_emb, dtype=np.float32)
         self._similarity = similarity or (lambda a, b: a @ b.T)
 
@@ -186,9 +193,9 @@ class ImageConceptSimilarity:
     def rows(self, index: np.ndarray) -> np.ndarray:
         """P[index] as float32 (rows of chosen images)."""
         if self.matrix is not None:
-            return self.matrix[index]
+            return take_rows(self.matrix, index)
         image_emb, text_emb = self._embeddings()
-        return np.asarray(self._similarity(image_emb[index], text_emb), dtype=np.float32)
+        return np.asarray(self._similarity(take_rows(image_emb, index), text_emb), dtype=np.float32)
 
     def blocks(self, block_rows: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
         """(start, stop, P[start:stop]) over all images, each block about 64 MB."""
@@ -226,15 +233,6 @@ def membership_weights(config: ClipDissectConfig, k: int) -> np.ndarray:
     return config.p_start - np.arange(k) / max(k, 1) * (config.p_start - config.p_end)
 
 
-def top_image_indices(acts: np.ndarray, k: int) -> np.ndarray:
-    """(neurons, k) indices of each neuron's k most activating images, highest first."""
-    import torch
-
-    k = min(k, acts.shape[0])
-    by_neuron = torch.from_numpy(np.ascontiguousarray(acts.T, dtype=np.float32))
-    return torch.topk(by_neuron, k, dim=1, sorted=True).indices.numpy().astype(np.int64)
-
-
 def concept_probabilities(p_block: np.ndarray, alpha: float) -> np.ndarray:
     """p(c|x) = softmax over concepts of alpha * P[x, :] (rows of one block)."""
     logits = alpha * p_block
@@ -268,21 +266,29 @@ def _pmi_scores(exemplars: np.ndarray, weights: np.ndarray, sim: ImageConceptSim
     return numerator
 
 
-def _cos_scores(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDissectConfig,
-                column_mean: np.ndarray | None) -> np.ndarray:
-    """(columns of acts, concepts) cosine (cos) or centred-cubed cosine (cos3), one pass over P."""
+def _cos_scores(columns: np.ndarray, sim: ImageConceptSimilarity, config: ClipDissectConfig,
+                column_mean: np.ndarray | None, shuffles: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """(1 + shuffles, columns, concepts) cosine (cos) or centred-cubed cosine (cos3) of each
+    activation column (images x columns) and of each shuffle ``column[perm]``, one pass over P.
+
+    A shuffle only reorders a column, so its mean and norm are the column's: the shuffled
+    copies are gathered a P block at a time, never stored.
+    """
     cubed = config.similarity == "cos3"
-    a = acts.astype(np.float32, copy=True)
+    a = np.array(columns, dtype=np.float32)
     if cubed:
         a -= a.mean(axis=0, keepdims=True)
         a **= 3
     a /= np.maximum(np.linalg.norm(a, axis=0, keepdims=True), config.min_norm)
-    dots = np.zeros((a.shape[1], sim.n_concepts), dtype=np.float32)
+    orders: list[np.ndarray | None] = [None, *shuffles]
+    dots = np.zeros((len(orders), a.shape[1], sim.n_concepts), dtype=np.float32)
     sq_norm = np.zeros(sim.n_concepts, dtype=np.float64)
     for start, stop, p_block in sim.blocks():
         if cubed:
             p_block = (p_block - column_mean) ** 3
-        dots += a[start:stop].T @ p_block
+        for s, perm in enumerate(orders):
+            rows = a[start:stop] if perm is None else a[perm[start:stop]]
+            dots[s] += rows.T @ p_block
         sq_norm += np.einsum("ij,ij->j", p_block, p_block, dtype=np.float64)
     if not cubed:
         return dots / np.maximum(np.sqrt(sq_norm), 1e-12).astype(np.float32)
@@ -348,19 +354,59 @@ def permutation_percentile(scores: np.ndarray, null: np.ndarray) -> tuple[np.nda
 
 
 # -- the paper's PMI: products over exemplars, prior over the layer ----------------------------
-def concept_probability_matrix(sim: ImageConceptSimilarity, alpha: float):
-    """p(c|x) for every probe image (torch, images x concepts); float16 when float32 would pass 2 GB.
+class ConceptProbabilities:
+    """p(c|x) of the probe images the paper's PMI uses, computed on first use, held within a budget.
 
-    The paper's PMI gathers rows of it for every exemplar of every neuron, so it is held in
-    memory once per layer (or once for several layers, see :func:`reuse_probabilities`).
+    The PMI gathers p(c|x) for every exemplar of every neuron and of every random exemplar set
+    of the calibration null: at most (neurons + draws) x k images, whatever the size of the
+    probe set. Rows are computed when first needed and kept (shared by the layers labelled
+    inside :func:`reuse_probabilities`); when the next exemplar sets need more rows than
+    ``budget_bytes`` hold, the kept rows are dropped and refilled. So a probe set whose p(c|x)
+    fits the budget pays each row once, and a larger one stays within the budget.
     """
-    import torch
 
-    dtype = torch.float32 if 4 * sim.n_images * sim.n_concepts <= _FULL_MATRIX_BYTES else torch.float16
-    out = torch.empty((sim.n_images, sim.n_concepts), dtype=dtype)
-    for start, stop, p_block in sim.blocks():
-        out[start:stop] = torch.from_numpy(concept_probabilities(p_block, alpha))
-    return out
+    def __init__(self, sim: ImageConceptSimilarity, alpha: float, budget_bytes: int | None = None):
+        self.sim, self.alpha = sim, float(alpha)
+        budget = _PROBABILITY_BYTES if budget_bytes is None else budget_bytes
+        self.capacity = int(max(1, min(sim.n_images, budget // (4 * max(1, sim.n_concepts)))))
+        self._position = np.full(sim.n_images, -1, dtype=np.int64)  # image -> row held, or -1
+        self._rows = None  # torch (capacity, concepts), allocated on first use
+        self._count = 0
+
+    def _hold(self, images: np.ndarray) -> None:
+        """Make sure the rows of ``images`` (unique) are held, refilling when they do not fit."""
+        import torch
+
+        missing = images[self._position[images] < 0]
+        if not len(missing):
+            return
+        if self._count + len(missing) > self.capacity:
+            self._position[:] = -1
+            self._count = 0
+            missing = images
+        if self._rows is None:
+            self._rows = torch.empty((self.capacity, self.sim.n_concepts), dtype=torch.float32)
+        block = max(16, _BLOCK_BYTES // (4 * max(1, self.sim.n_concepts)))
+        for b in range(0, len(missing), block):
+            chosen = missing[b: b + block]
+            probs = concept_probabilities(self.sim.rows(chosen), self.alpha)
+            self._rows[self._count: self._count + len(chosen)] = torch.from_numpy(probs)
+            self._position[chosen] = np.arange(self._count, self._count + len(chosen))
+            self._count += len(chosen)
+
+    def log_likelihood(self, exemplars: np.ndarray, weights: np.ndarray, min_prob: float = 1e-7,
+                       progress: Progress | None = None, total: int | None = None, done: int = 0) -> np.ndarray:
+        """:func:`exemplar_log_likelihood` of each row of ``exemplars`` (image indices), in groups
+        whose images fit the budget."""
+        n_sets, k = exemplars.shape
+        out = np.empty((n_sets, self.sim.n_concepts), dtype=np.float32)
+        per_group = max(1, self.capacity // max(1, k))
+        for g0 in range(0, n_sets, per_group):
+            group = exemplars[g0: g0 + per_group]
+            self._hold(np.unique(group))
+            out[g0: g0 + len(group)] = exemplar_log_likelihood(self._position[group], weights, self._rows, min_prob,
+                                                               progress, total or n_sets, done + g0)
+        return out
 
 
 def exemplar_log_likelihood(exemplars: np.ndarray, weights: np.ndarray, probabilities, min_prob: float = 1e-7,
@@ -391,8 +437,7 @@ def exemplar_log_likelihood(exemplars: np.ndarray, weights: np.ndarray, probabil
             prod.fill_(1.0)
             for i in range(g0, min(k, g0 + group)):
                 torch.index_select(probabilities, 0, index[:, i], out=gathered)
-                factor = gathered if gathered.dtype == torch.float32 else gathered.float()
-                prod.addcmul_(prod, factor, value=float(gain[i]))
+                prod.addcmul_(prod, gathered, value=float(gain[i]))
             acc.add_(prod.log_())
         out[s0: s0 + s] = (acc + float(np.log(base).sum())).numpy()
         if progress:
@@ -414,38 +459,37 @@ def layer_log_prior(log_likelihood: np.ndarray) -> np.ndarray:
 def concept_scores(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDissectConfig | None = None) -> np.ndarray:
     """The full (neurons x concepts) score matrix of all columns of ``acts``: for small problems and tests."""
     config = config or ClipDissectConfig()
-    acts = np.asarray(acts, dtype=np.float32)
     if config.similarity in RANK_BASED:
         k = effective_top_k(config, acts.shape[0])
         weights = membership_weights(config, k)
+        top = scan_columns(acts, k).indices
         if config.formulation == "mean_lift":
-            return _pmi_scores(top_image_indices(acts, k), weights, sim, config)
-        probs = concept_probability_matrix(sim, float(config.resolved_alpha))
-        log_lik = exemplar_log_likelihood(top_image_indices(acts, k), weights, probs, config.min_prob)
+            return _pmi_scores(top, weights, sim, config)
+        log_lik = ConceptProbabilities(sim, float(config.resolved_alpha)).log_likelihood(top, weights, config.min_prob)
         return log_lik - float(config.resolved_lam) * layer_log_prior(log_lik)
     if config.similarity in ("cos", "cos3"):
         mean = _column_mean(sim) if config.similarity == "cos3" else None
-        return _cos_scores(acts, sim, config, mean)
-    n_top = _rank_top_count(config, acts.shape[0])
-    top = top_image_indices(acts, n_top)
+        return _cos_scores(np.asarray(acts, dtype=np.float32), sim, config, mean)[0]
+    scan = scan_columns(acts, _rank_top_count(config, acts.shape[0]))
     return np.concatenate([
-        _rank_reorder_scores(acts[top[j], j], top[j:j + 1], sim, config) for j in range(acts.shape[1])
+        _rank_reorder_scores(scan.values[j], scan.indices[j:j + 1], sim, config) for j in range(acts.shape[1])
     ])
 
 
 def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDissectConfig | None = None,
                   progress: Progress | None = None, neurons: Sequence[int] | None = None,
-                  layer_prior: np.ndarray | None = None, probabilities=None, layer_size: int | None = None) -> NeuronConcepts:
+                  layer_prior: np.ndarray | None = None, probabilities: ConceptProbabilities | None = None,
+                  layer_size: int | None = None) -> NeuronConcepts:
     """Best ``n_candidates`` concepts of the ``neurons`` columns of ``acts`` (images x all neurons of a layer).
 
-    ``acts`` must hold the whole layer when the paper's PMI needs the layer prior and
-    ``layer_prior`` is not given (it is returned in the result, for caching); with a cached
-    ``layer_prior``, ``acts`` may hold only some columns and ``layer_size`` says how many
-    neurons the prior averaged over (the calibration null needs it).
-    ``probabilities`` may pass a ready :func:`concept_probability_matrix` (shared by layers).
+    ``acts`` may be memory-mapped (a run's acts.npy): it is read in row blocks and never
+    loaded whole (see the module docstring). It must hold the whole layer when the paper's
+    PMI needs the layer prior and ``layer_prior`` is not given (it is returned in the
+    result, for caching); with a cached ``layer_prior``, ``acts`` may hold only some columns
+    and ``layer_size`` says how many neurons the prior averaged over (the calibration null
+    needs it). ``probabilities`` may pass a :class:`ConceptProbabilities` shared by layers.
     """
     config = config or ClipDissectConfig()
-    acts = np.asarray(acts, dtype=np.float32)
     n_images, n_layer = acts.shape
     if n_images != sim.n_images:
         raise ValueError(f"Activations cover {n_images} images but the similarity matrix {sim.n_images}: "
@@ -456,10 +500,12 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
         raise ValueError("Give layer_size (the number of neurons the cached layer_prior was computed over).")
     n_prior = n_layer if layer_prior is None or layer_size is None else int(layer_size)
     wanted = np.arange(n_layer) if neurons is None else np.asarray(list(neurons), dtype=np.int64)
+    all_columns = len(wanted) == n_layer and bool((wanted == np.arange(n_layer)).all())
+    columns = None if all_columns else wanted  # scan_columns reads every column without a copy
     n_neurons = len(wanted)
     m = min(config.n_candidates, sim.n_concepts)
     rng = np.random.default_rng(config.seed)
-    constant = acts[:, wanted].max(axis=0) <= acts[:, wanted].min(axis=0)
+    constant = np.zeros(n_neurons, dtype=bool)
     index = np.zeros((n_neurons, m), dtype=np.int64)
     scores = np.zeros((n_neurons, m), dtype=np.float32)
     null_per_neuron = np.zeros((n_neurons, config.null_shuffles), dtype=np.float32)
@@ -474,30 +520,36 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
         info.update(exemplars=k, formulation=config.formulation)
         draws = np.stack([rng.permutation(n_images)[:k] for _ in range(config.shared_null_draws)]) if calibrate else None
         if config.formulation == "paper":
-            probs = probabilities if probabilities is not None else concept_probability_matrix(sim, float(config.resolved_alpha))
+            probs = probabilities if probabilities is not None else ConceptProbabilities(sim, float(config.resolved_alpha))
             if layer_prior is None:
+                scan = scan_columns(acts, k)  # the prior needs every neuron of the layer
+                constant = scan.constant[wanted]
                 total = n_layer + (len(draws) if draws is not None else 0)
-                layer_lik = exemplar_log_likelihood(top_image_indices(acts, k), weights, probs, config.min_prob, progress, total)
+                layer_lik = probs.log_likelihood(scan.indices, weights, config.min_prob, progress, total)
+                del scan
                 layer_prior = layer_log_prior(layer_lik)
-                log_lik = layer_lik if n_neurons == n_layer and (wanted == np.arange(n_layer)).all() else layer_lik[wanted]
+                log_lik = layer_lik if all_columns else layer_lik[wanted]
                 del layer_lik
             else:
+                scan = scan_columns(acts, k, columns)
+                constant = scan.constant
                 total = n_neurons + (len(draws) if draws is not None else 0)
-                log_lik = exemplar_log_likelihood(top_image_indices(acts[:, wanted], k), weights, probs, config.min_prob,
-                                                  progress, total)
+                log_lik = probs.log_likelihood(scan.indices, weights, config.min_prob, progress, total)
+                del scan
             lam_prior = float(config.resolved_lam) * layer_prior
             log_lik -= lam_prior  # in place: at 2,048 neurons x 20,000 concepts each copy is 160 MB
             index, scores = _top_candidates(log_lik, m)
             del log_lik
             if draws is not None:
-                null_lik = exemplar_log_likelihood(draws, weights, probs, config.min_prob, progress, total, total - len(draws))
+                null_lik = probs.log_likelihood(draws, weights, config.min_prob, progress, total, total - len(draws))
                 # A random exemplar set stands for a neuron of this layer: it joins the prior it is
                 # scored against (a layer of n_layer + 1 neurons), as every real neuron is in its own.
                 joined = np.logaddexp(layer_prior + math.log(n_prior), null_lik) - math.log(n_prior + 1)
                 shared_null = (null_lik - float(config.resolved_lam) * joined).max(axis=1)
         else:
             chunk = max(1, _ACCUMULATOR_BYTES // (4 * sim.n_concepts))
-            top = top_image_indices(acts[:, wanted], k)
+            scan = scan_columns(acts, k, columns)
+            constant, top = scan.constant, scan.indices
             for start in range(0, n_neurons, chunk):
                 stop = min(n_neurons, start + chunk)
                 sets = top[start:stop]
@@ -513,12 +565,13 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
     elif config.similarity in ("cos", "cos3"):
         shuffles = [rng.permutation(n_images) for _ in range(config.null_shuffles)] if calibrate else []
         mean = _column_mean(sim) if config.similarity == "cos3" else None
-        chunk = max(1, _ACCUMULATOR_BYTES // (4 * sim.n_concepts * (1 + len(shuffles))))
+        chunk = max(1, min(_ACCUMULATOR_BYTES // (4 * sim.n_concepts * (1 + len(shuffles))), _COLUMN_BYTES // (4 * n_images)))
         for start in range(0, n_neurons, chunk):
             stop = min(n_neurons, start + chunk)
-            block = acts[:, wanted[start:stop]]
-            stacked = np.concatenate([block] + [block[perm] for perm in shuffles], axis=1)
-            s = _cos_scores(stacked, sim, config, mean).reshape(1 + len(shuffles), stop - start, -1)
+            block = column_block(acts, wanted[start:stop])
+            constant[start:stop] = block.max(axis=0) <= block.min(axis=0)
+            s = _cos_scores(block, sim, config, mean, shuffles)
+            del block
             index[start:stop], scores[start:stop] = _top_candidates(s[0], m)
             if shuffles:
                 null_per_neuron[start:stop] = s[1:].max(axis=2).T
@@ -528,11 +581,12 @@ def label_neurons(acts: np.ndarray, sim: ImageConceptSimilarity, config: ClipDis
         n_top = _rank_top_count(config, n_images)
         info.update(exemplars=n_top)
         inverse = [np.argsort(rng.permutation(n_images)) for _ in range(config.null_shuffles)] if calibrate else []
-        top = top_image_indices(acts[:, wanted], n_top)
-        for j, neuron in enumerate(wanted):
+        scan = scan_columns(acts, n_top, columns)
+        constant, top = scan.constant, scan.indices
+        for j in range(n_neurons):
             # Under a shuffle the same top values sit on the images that the permutation maps there.
             sets = np.stack([top[j]] + [inv[top[j]] for inv in inverse])
-            s = _rank_reorder_scores(acts[top[j], neuron], sets, sim, config)
+            s = _rank_reorder_scores(scan.values[j], sets, sim, config)
             index[j: j + 1], scores[j: j + 1] = _top_candidates(s[:1], m)
             if inverse:
                 null_per_neuron[j] = s[1:].max(axis=1)
@@ -600,7 +654,7 @@ class ClipDissect(DescriptionMethod):
             raise ValueError(f"The probe set has {image_emb.shape[0]} image embeddings but run {ctx.run.run_key} "
                              f"has activations for {ctx.run.n_images} images.")
         sim = ImageConceptSimilarity(image_emb, text_emb, similarity=ctx.multimodal.similarity)
-        acts = ctx.store.activations(ctx.run.run_key)
+        acts = ctx.store.activations(ctx.run.run_key)  # memory-mapped: label_neurons reads it in row blocks
         prior_key = provenance_key({"run": ctx.run.run_key, "backend": ctx.multimodal.id, "concepts": ctx.concepts.id,
                                     "config": config, "code": self.code_version})
         prior = ctx.store.load_array("clip_dissect_prior", prior_key) if config.uses_layer_prior else None
@@ -610,15 +664,12 @@ class ClipDissect(DescriptionMethod):
             if _probability_cache is not None:
                 probabilities = _probability_cache.get(prob_key)
             if probabilities is None:
-                probabilities = concept_probability_matrix(sim, float(config.resolved_alpha))
+                probabilities = ConceptProbabilities(sim, float(config.resolved_alpha))
                 if _probability_cache is not None:
                     _probability_cache.clear()  # one probe set at a time: bounded memory
                     _probability_cache[prob_key] = probabilities
-        if config.uses_layer_prior and prior is None:
-            matrix, wanted = np.asarray(acts, dtype=np.float32), neurons  # the prior needs every neuron of the layer
-        else:
-            matrix, wanted = np.asarray(acts[:, neurons], dtype=np.float32), list(range(len(neurons)))
-        result = label_neurons(matrix, sim, config, report, wanted, prior, probabilities, ctx.run.n_neurons)
+        # Without a cached prior every neuron of the layer is scanned (the prior needs them all).
+        result = label_neurons(acts, sim, config, report, neurons, prior, probabilities, ctx.run.n_neurons)
         if config.uses_layer_prior and prior is None and result.layer_prior is not None:
             ctx.store.save_array("clip_dissect_prior", prior_key, result.layer_prior)
         rows: list[LabelRow] = []
