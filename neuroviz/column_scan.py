@@ -51,7 +51,7 @@ def _read_slice(matrix: np.ndarray, start: int, stop: int) -> np.ndarray:
     """matrix[start:stop] as an in-memory copy (through a map that is closed at once for a file map)."""
     if not _is_file_map(matrix):
         return np.array(matrix[start:stop])
-    assert isinstance(matrix, np.memmap)
+    assert isinstance(matrix, np.memmap) and matrix.filename is not None
     row_bytes = matrix.shape[1] * matrix.dtype.itemsize
     piece = np.memmap(matrix.filename, dtype=matrix.dtype, mode="r", offset=matrix.offset + start * row_bytes,
                       shape=(stop - start, matrix.shape[1]))
@@ -82,10 +82,11 @@ def take_rows(matrix: np.ndarray, index: np.ndarray | Sequence[int]) -> np.ndarr
 
 
 def row_blocks(matrix: np.ndarray, columns: np.ndarray | None = None,
-               block_bytes: int = ROW_BLOCK_BYTES) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(start, stop, float32 rows start:stop, only ``columns`` if given), each block about ``block_bytes``."""
+               block_bytes: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(start, stop, float32 rows start:stop, only ``columns`` if given), each block about
+    ``block_bytes`` (default ROW_BLOCK_BYTES)."""
     n_rows, n_cols = matrix.shape
-    rows = max(1, block_bytes // max(1, n_cols * matrix.dtype.itemsize))
+    rows = max(1, (block_bytes or ROW_BLOCK_BYTES) // max(1, n_cols * matrix.dtype.itemsize))
     for start in range(0, n_rows, rows):
         stop = min(n_rows, start + rows)
         block = _read_slice(matrix, start, stop)
@@ -94,7 +95,7 @@ def row_blocks(matrix: np.ndarray, columns: np.ndarray | None = None,
         yield start, stop, np.asarray(block, dtype=np.float32)
 
 
-def column_block(matrix: np.ndarray, columns: Sequence[int] | np.ndarray, block_bytes: int = ROW_BLOCK_BYTES) -> np.ndarray:
+def column_block(matrix: np.ndarray, columns: Sequence[int] | np.ndarray, block_bytes: int | None = None) -> np.ndarray:
     """matrix[:, columns] as float32 (images x len(columns)), read a row block at a time."""
     columns = np.asarray(columns, dtype=np.int64)
     out = np.empty((matrix.shape[0], len(columns)), dtype=np.float32)
@@ -119,7 +120,7 @@ def _keep_top(values: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray,
 
 
 def scan_columns(matrix: np.ndarray, k: int, columns: Sequence[int] | np.ndarray | None = None,
-                 block_bytes: int = ROW_BLOCK_BYTES) -> ColumnScan:
+                 block_bytes: int | None = None) -> ColumnScan:
     """One pass over ``matrix`` in row blocks: each column's top-k rows, min and max.
 
     The result does not depend on the block size: ties go to the lower row.

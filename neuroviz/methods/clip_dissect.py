@@ -61,6 +61,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -370,7 +371,7 @@ class ConceptProbabilities:
         budget = _PROBABILITY_BYTES if budget_bytes is None else budget_bytes
         self.capacity = int(max(1, min(sim.n_images, budget // (4 * max(1, sim.n_concepts)))))
         self._position = np.full(sim.n_images, -1, dtype=np.int64)  # image -> row held, or -1
-        self._rows = None  # torch (capacity, concepts), allocated on first use
+        self._rows: Any = None  # torch (capacity, concepts), allocated on first use (torch is imported lazily)
         self._count = 0
 
     def _hold(self, images: np.ndarray) -> None:
