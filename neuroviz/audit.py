@@ -268,9 +268,11 @@ def attach_top_images(store: Store, hits: Sequence[AuditHit], probe_set_id: str,
     """Fill each hit's ``top_images`` (with file paths) from the store's top-k table."""
     if k <= 0:
         return
-    paths = {r["idx"]: r["path"] for r in store.probe_images(probe_set_id)}
-    for hit in hits:
-        hit.top_images = [{**im, "path": paths.get(im["image_idx"], "")} for im in store.top_images(hit.run_key, hit.neuron, k)]
+    tops = [store.top_images(hit.run_key, hit.neuron, k) for hit in hits]
+    wanted = sorted({int(im["image_idx"]) for top in tops for im in top})
+    paths = {r["idx"]: r["path"] for r in store.probe_images(probe_set_id, wanted)} if wanted else {}  # not the whole set
+    for hit, top in zip(hits, tops):
+        hit.top_images = [{**im, "path": paths.get(im["image_idx"], "")} for im in top]
 
 
 def _audit_id(audit: Audit) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ROW_BLOCK_BYTES = 64 * 2**20  # bytes of whole rows read at once
+ROW_BLOCK_BYTES = 16 * 2**20  # bytes of whole rows read at once (a pass holds a few times this)
 
 
 @dataclass(frozen=True)
@@ -104,26 +104,31 @@ def column_block(matrix: np.ndarray, columns: Sequence[int] | np.ndarray, block_
     return out
 
 
-def _keep_top(values: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _keep_top(values: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k largest of each column of (candidates x columns), ties to the earlier candidate.
 
-    Candidates are ordered by row number, so "earlier" is "lower row"; the result keeps that order.
+    Candidates are ordered by row number, so "earlier" is "lower row"; the result keeps that
+    order. ``rows`` gives each candidate's row (default: its position), and only the k
+    chosen per column are ever gathered, so a whole block costs no index matrix.
     """
-    n = values.shape[0]
+    n, n_cols = values.shape
     threshold = np.partition(values, n - k, axis=0)[n - k]  # each column's k-th largest
     above = values > threshold
     tied = values == threshold
-    take = above | (tied & (np.cumsum(tied, axis=0) <= k - above.sum(axis=0)))
+    take = above
+    take |= tied & (np.cumsum(tied, axis=0, dtype=np.int32) <= k - above.sum(axis=0, dtype=np.int32))
     mask = take.T  # exactly k per column, in candidate order
-    n_cols = values.shape[1]
-    return values.T[mask].reshape(n_cols, k).T, rows.T[mask].reshape(n_cols, k).T
+    chosen = values.T[mask].reshape(n_cols, k).T
+    position = np.nonzero(mask)[1].reshape(n_cols, k).T
+    return chosen, position if rows is None else np.take_along_axis(rows, position, axis=0)
 
 
 def scan_columns(matrix: np.ndarray, k: int, columns: Sequence[int] | np.ndarray | None = None,
                  block_bytes: int | None = None) -> ColumnScan:
     """One pass over ``matrix`` in row blocks: each column's top-k rows, min and max.
 
-    The result does not depend on the block size: ties go to the lower row.
+    The result does not depend on the block size: ties go to the lower row. Each block is
+    cut to its own top k before it meets the running top k, so a pass holds a few blocks.
     """
     cols = None if columns is None else np.asarray(columns, dtype=np.int64)
     n_rows = matrix.shape[0]
@@ -133,13 +138,18 @@ def scan_columns(matrix: np.ndarray, k: int, columns: Sequence[int] | np.ndarray
     top_i = np.empty((0, n_cols), dtype=np.int64)
     lo = np.full(n_cols, np.inf, dtype=np.float32)
     hi = np.full(n_cols, -np.inf, dtype=np.float32)
-    for start, stop, block in row_blocks(matrix, cols, block_bytes):
+    for start, _stop, block in row_blocks(matrix, cols, block_bytes):
         np.minimum(lo, block.min(axis=0), out=lo)
         np.maximum(hi, block.max(axis=0), out=hi)
         if k == 0:
             continue
-        cand_v = np.concatenate([top_v, block])
-        cand_i = np.concatenate([top_i, np.broadcast_to(np.arange(start, stop)[:, None], block.shape)])
-        top_v, top_i = _keep_top(cand_v, cand_i, k) if len(cand_v) > k else (cand_v, cand_i)
+        if len(block) > k:
+            block_v, block_i = _keep_top(block, k)
+        else:
+            block_v, block_i = block, np.broadcast_to(np.arange(len(block))[:, None], block.shape)
+        del block
+        cand_v = np.concatenate([top_v, block_v])
+        cand_i = np.concatenate([top_i, block_i + start])
+        top_v, top_i = _keep_top(cand_v, k, cand_i) if len(cand_v) > k else (cand_v, cand_i)
     order = np.argsort(-top_v, axis=0, kind="stable")  # candidates are in row order: ties stay lower-row first
     return ColumnScan(np.take_along_axis(top_v, order, 0).T.copy(), np.take_along_axis(top_i, order, 0).T.copy(), lo, hi)

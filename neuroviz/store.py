@@ -471,12 +471,17 @@ class Store(CacheLayout):
         rows = [{c: m.get(c) for c in PROBE_SET_COLUMNS} for m in metas if m]
         return sorted(rows, key=lambda r: r["created_at"] or 0.0)
 
-    def probe_images(self, probe_set_id: str) -> list[dict]:
-        """A probe set's images in idx order (idx = row of the activations): idx, image_id, path, label."""
+    def probe_images(self, probe_set_id: str, idxs: Sequence[int] | None = None) -> list[dict]:
+        """A probe set's images in idx order (idx = row of the activations): idx, image_id, path, label.
+
+        ``idxs`` reads only those rows (a page or an audit showing a few images of a large set).
+        """
         path = self.probe_set_dir(probe_set_id) / "images.parquet"
         if not _SAFE_NAME.fullmatch(probe_set_id) or not path.exists():
             return []
-        rows = _query("probe_images", [path], "SELECT idx, image_id, path, label FROM {src} ORDER BY idx", frame=False)
+        where, params = ("WHERE list_contains(?, idx)", [[int(i) for i in idxs]]) if idxs is not None else ("", [])
+        rows = _query("probe_images", [path], f"SELECT idx, image_id, path, label FROM {{src}} {where} ORDER BY idx", params,
+                      frame=False)
         return [dict(zip(("idx", "image_id", "path", "label"), r)) for r in rows]
 
     def probe_files(self, probe_set_id: str) -> ProbeFiles:

@@ -106,15 +106,20 @@ def test_clip_dissect_on_a_memmap_in_small_pieces_equals_one_piece(tmp_path, mon
     np.testing.assert_array_equal(subset.concept_index, whole.concept_index[[17, 1, 0]])
 
 
-def test_probabilities_over_budget_refill_and_agree():
+def test_probabilities_within_a_budget_agree_with_unbounded_ones():
     rng = np.random.default_rng(4)
     sim = ImageConceptSimilarity.from_matrix(rng.normal(size=(100, 12)).astype(np.float32))
     sets = np.stack([rng.permutation(100)[:8] for _ in range(40)])
     weights = cd.membership_weights(ClipDissectConfig(), 8)
     roomy = cd.ConceptProbabilities(sim, 10.0).log_likelihood(sets, weights)
-    tight = cd.ConceptProbabilities(sim, 10.0, budget_bytes=4 * 12 * 10)  # 10 rows: one exemplar set at a time
+    tight = cd.ConceptProbabilities(sim, 10.0, budget_bytes=4 * 12 * 10)  # 10 rows: the sets need concept blocks
     assert tight.capacity == 10
     np.testing.assert_allclose(tight.log_likelihood(sets, weights), roomy, rtol=1e-6, atol=1e-6)
+    shared = cd.ConceptProbabilities(sim, 10.0, budget_bytes=4 * 12 * 40)  # whole rows of 40 images, kept between calls
+    for part in (sets[:4], sets[2:6], sets[30:34]):  # held rows reused, then dropped and refilled
+        assert len(np.unique(part)) <= shared.capacity
+        np.testing.assert_allclose(shared.log_likelihood(part, weights), cd.ConceptProbabilities(sim, 10.0).log_likelihood(part, weights),
+                                   rtol=1e-6, atol=1e-6)
 
 
 class PixelBackend(MultimodalBackend):

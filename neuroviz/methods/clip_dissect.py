@@ -81,7 +81,7 @@ _LOG_FLOOR = 1e-12  # keeps log() finite for concepts with vanishing probability
 _BLOCK_BYTES = 64 * 2**20  # one block of P rows
 _ACCUMULATOR_BYTES = 256 * 2**20  # per-chunk (rows x concepts) accumulators
 _GATHER_ROWS = 256  # exemplar sets per gather chunk: large enough to amortise, small enough for the cache
-_PROBABILITY_BYTES = 2**30  # p(c|x) rows held at once (10,000 images x 20,000 concepts: 800 MB, all of them)
+_PROBABILITY_BYTES = 512 * 2**20  # p(c|x) held at once (6,700 images x 20,000 concepts, or more images in concept blocks)
 _COLUMN_BYTES = 256 * 2**20  # value-based functions: activation columns (images x neurons) held at once
 
 
@@ -191,12 +191,14 @@ class ImageConceptSimilarity:
     def n_concepts(self) -> int:
         return int(self.matrix.shape[1] if self.matrix is not None else self._embeddings()[1].shape[0])
 
-    def rows(self, index: np.ndarray) -> np.ndarray:
-        """P[index] as float32 (rows of chosen images)."""
+    def rows(self, index: np.ndarray, concepts: slice | None = None) -> np.ndarray:
+        """P[index] (or P[index, concepts]) as float32: rows of chosen images."""
         if self.matrix is not None:
-            return take_rows(self.matrix, index)
+            rows = take_rows(self.matrix, index)
+            return rows if concepts is None else np.ascontiguousarray(rows[:, concepts])
         image_emb, text_emb = self._embeddings()
-        return np.asarray(self._similarity(take_rows(image_emb, index), text_emb), dtype=np.float32)
+        texts = text_emb if concepts is None else text_emb[concepts]
+        return np.asarray(self._similarity(take_rows(image_emb, index), texts), dtype=np.float32)
 
     def blocks(self, block_rows: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
         """(start, stop, P[start:stop]) over all images, each block about 64 MB."""
@@ -356,57 +358,91 @@ def permutation_percentile(scores: np.ndarray, null: np.ndarray) -> tuple[np.nda
 
 # -- the paper's PMI: products over exemplars, prior over the layer ----------------------------
 class ConceptProbabilities:
-    """p(c|x) of the probe images the paper's PMI uses, computed on first use, held within a budget.
+    """p(c|x) of the probe images the paper's PMI uses, within a byte budget.
 
     The PMI gathers p(c|x) for every exemplar of every neuron and of every random exemplar set
-    of the calibration null: at most (neurons + draws) x k images, whatever the size of the
-    probe set. Rows are computed when first needed and kept (shared by the layers labelled
-    inside :func:`reuse_probabilities`); when the next exemplar sets need more rows than
-    ``budget_bytes`` hold, the kept rows are dropped and refilled. So a probe set whose p(c|x)
-    fits the budget pays each row once, and a larger one stays within the budget.
+    of the calibration null: rows of at most (neurons + draws) x k images, whatever the size
+    of the probe set. When the rows one call needs fit ``budget_bytes`` they are computed and
+    kept (rows already held, e.g. by an earlier layer inside :func:`reuse_probabilities`, are
+    not computed again). When they do not fit, the concepts are split into blocks whose rows
+    fit, after one pass that computes each image's softmax normaliser over all concepts: every
+    entry of P is computed at most twice, and memory stays within the budget at any scale.
     """
 
     def __init__(self, sim: ImageConceptSimilarity, alpha: float, budget_bytes: int | None = None):
         self.sim, self.alpha = sim, float(alpha)
-        budget = _PROBABILITY_BYTES if budget_bytes is None else budget_bytes
-        self.capacity = int(max(1, min(sim.n_images, budget // (4 * max(1, sim.n_concepts)))))
+        self.budget = _PROBABILITY_BYTES if budget_bytes is None else int(budget_bytes)
+        self.capacity = int(max(1, min(sim.n_images, self.budget // (4 * max(1, sim.n_concepts)))))  # rows held whole
         self._position = np.full(sim.n_images, -1, dtype=np.int64)  # image -> row held, or -1
-        self._rows: Any = None  # torch (capacity, concepts), allocated on first use (torch is imported lazily)
+        self._rows: Any = None  # torch (capacity, concepts): pages are only resident once written
         self._count = 0
 
-    def _hold(self, images: np.ndarray) -> None:
-        """Make sure the rows of ``images`` (unique) are held, refilling when they do not fit."""
+    def _release(self) -> None:
+        self._position[:] = -1
+        self._rows, self._count = None, 0
+
+    def _hold(self, images: np.ndarray) -> bool:
+        """Hold the whole rows of ``images`` (unique); False when they cannot fit the budget together."""
         import torch
 
+        if len(images) > self.capacity:
+            return False
         missing = images[self._position[images] < 0]
-        if not len(missing):
-            return
         if self._count + len(missing) > self.capacity:
-            self._position[:] = -1
-            self._count = 0
+            self._release()
             missing = images
         if self._rows is None:
             self._rows = torch.empty((self.capacity, self.sim.n_concepts), dtype=torch.float32)
         block = max(16, _BLOCK_BYTES // (4 * max(1, self.sim.n_concepts)))
         for b in range(0, len(missing), block):
             chosen = missing[b: b + block]
-            probs = concept_probabilities(self.sim.rows(chosen), self.alpha)
-            self._rows[self._count: self._count + len(chosen)] = torch.from_numpy(probs)
+            self._rows[self._count: self._count + len(chosen)] = torch.from_numpy(concept_probabilities(self.sim.rows(chosen), self.alpha))
             self._position[chosen] = np.arange(self._count, self._count + len(chosen))
             self._count += len(chosen)
+        return True
+
+    def _normalisers(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's largest logit and softmax sum over every concept, as concept_probabilities computes them."""
+        top = np.empty(len(images), dtype=np.float32)
+        total = np.empty(len(images), dtype=np.float32)
+        block = max(16, _BLOCK_BYTES // (4 * max(1, self.sim.n_concepts)))
+        for b in range(0, len(images), block):
+            logits = self.alpha * self.sim.rows(images[b: b + block])
+            top[b: b + block] = logits.max(axis=1)
+            logits -= top[b: b + block, None]
+            np.exp(logits, out=logits)
+            total[b: b + block] = logits.sum(axis=1)
+        return top, total
 
     def log_likelihood(self, exemplars: np.ndarray, weights: np.ndarray, min_prob: float = 1e-7,
                        progress: Progress | None = None, total: int | None = None, done: int = 0) -> np.ndarray:
-        """:func:`exemplar_log_likelihood` of each row of ``exemplars`` (image indices), in groups
-        whose images fit the budget."""
-        n_sets, k = exemplars.shape
-        out = np.empty((n_sets, self.sim.n_concepts), dtype=np.float32)
-        per_group = max(1, self.capacity // max(1, k))
-        for g0 in range(0, n_sets, per_group):
-            group = exemplars[g0: g0 + per_group]
-            self._hold(np.unique(group))
-            out[g0: g0 + len(group)] = exemplar_log_likelihood(self._position[group], weights, self._rows, min_prob,
-                                                               progress, total or n_sets, done + g0)
+        """:func:`exemplar_log_likelihood` of each row of ``exemplars`` (image indices) within the budget."""
+        import torch
+
+        images = np.unique(exemplars)
+        if self._hold(images):
+            return exemplar_log_likelihood(self._position[exemplars], weights, self._rows, min_prob, progress, total, done)
+        self._release()  # the concept blocks below use the whole budget
+        n_sets, n_concepts = len(exemplars), self.sim.n_concepts
+        top, norm = self._normalisers(images)
+        local = np.searchsorted(images, exemplars)
+        width = max(1, self.budget // (4 * len(images)))
+        row_block = max(16, _BLOCK_BYTES // (4 * width))
+        out = np.empty((n_sets, n_concepts), dtype=np.float32)
+        for c0 in range(0, n_concepts, width):
+            concepts = slice(c0, min(n_concepts, c0 + width))
+            probs = np.empty((len(images), concepts.stop - c0), dtype=np.float32)
+            for b in range(0, len(images), row_block):
+                logits = self.alpha * self.sim.rows(images[b: b + row_block], concepts)
+                logits -= top[b: b + row_block, None]
+                np.exp(logits, out=logits)
+                logits /= norm[b: b + row_block, None]
+                probs[b: b + row_block] = logits
+            out[:, concepts] = exemplar_log_likelihood(local, weights, torch.from_numpy(probs), min_prob)
+            del probs
+            if progress:
+                progress(done + n_sets * concepts.stop // n_concepts, total or n_sets,
+                         f"exemplar likelihoods: concepts {concepts.stop}/{n_concepts}")
         return out
 
 
