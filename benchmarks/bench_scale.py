@@ -31,6 +31,7 @@ import argparse
 import importlib.util
 import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -224,7 +225,7 @@ def main() -> None:
     parser.add_argument("--bare-images", type=int, default=2000, help="images in the bare forward pass")
     parser.add_argument("--concepts", type=int, default=20_000, help="concept set size (the paper's words: 20,000)")
     parser.add_argument("--repeats", type=int, default=5, help="warm page reruns")
-    parser.add_argument("--skip", default="", help="steps to skip: label,pages,ray")
+    parser.add_argument("--skip", default="", help="steps to skip: extract (reuse the runs in --workdir), label, pages, ray")
     parser.add_argument("--workdir", type=Path, help="keep images and caches here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--seed", type=int, default=0)
@@ -235,6 +236,9 @@ def main() -> None:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scale_"))
     images = work / "images"
+    from neuroviz.store import SHARED_CACHE_ENV
+
+    os.environ[SHARED_CACHE_ENV] = str(work / "shared")  # the children's image embeddings stay in the work folder
 
     from neuroviz.synthetic_probe import write_probe_set
 
@@ -248,14 +252,16 @@ def main() -> None:
         child = {"list": str(probe_list(images, n, args.seed)), "cache": str(cache), "image_size": args.image_size,
                  "batch_size": args.batch_size, "concepts": args.concepts, "threads": args.threads}
         row: dict = {}
-        row["extract"] = run_child("extract", {**child, "bare_images": min(n, args.bare_images)})
-        e = row["extract"]
-        ratio = (e["seconds"] / e["n"]) / (e["bare_seconds"] / e["bare_images"])
         print(f"\n## {n:,} images", flush=True)
-        print(f"extraction: {e['seconds']:.0f} s = {1000 * e['seconds'] / n:.2f} s / 1,000 images; peak RSS {e['peak_mb']:.0f} MB "
-              f"(held before: {e['baseline_mb']:.0f} MB); bare forward {1000 * e['bare_seconds'] / e['bare_images']:.2f} s / 1,000 "
-              f"-> extraction / bare {ratio:.3f} (probe scan {e['scan_s']:.0f} s)", flush=True)
+        if "extract" not in skip:
+            row["extract"] = e = run_child("extract", {**child, "bare_images": min(n, args.bare_images)})
+            ratio = (e["seconds"] / e["n"]) / (e["bare_seconds"] / e["bare_images"])
+            print(f"extraction: {e['seconds']:.0f} s = {1000 * e['seconds'] / n:.2f} s / 1,000 images; peak RSS {e['peak_mb']:.0f} MB "
+                  f"(held before: {e['baseline_mb']:.0f} MB); bare forward {1000 * e['bare_seconds'] / e['bare_images']:.2f} s "
+                  f"/ 1,000 -> extraction / bare {ratio:.3f} (probe scan {e['scan_s']:.0f} s)", flush=True)
         if "label" not in skip:
+            shutil.rmtree(cache / "labels", ignore_errors=True)  # label afresh: run_method computes only what is missing
+            shutil.rmtree(cache / "arrays" / "clip_dissect_prior", ignore_errors=True)
             row["label"] = lab = run_child("label", child)
             print(f"CLIP-Dissect: {lab['neurons']} neurons x {lab['concepts']:,} concepts in {lab['label_s']:.1f} s; "
                   f"peak RSS {lab['peak_mb']:.0f} MB (held before: {lab['baseline_mb']:.0f} MB); "
@@ -271,7 +277,7 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=1))
 
     ray_size = next((n for n in sizes if n <= 10_000), None)
-    if "ray" not in skip and ray_size is not None:
+    if "ray" not in skip and "extract" not in skip and ray_size is not None:
         engine = ray_engine_kwargs()
         if engine is None:
             print("\nRay engine: skipped (neuroviz.engines or ray is not installed: `pip install -r requirements-ray.txt`)")
@@ -286,10 +292,11 @@ def main() -> None:
 
     rows = results["sizes"]
     print("\n## Summary (targets: flat within 15 %, i.e. <= 1.15x; pages warm < 150 ms, cold < 1 s)")
-    per_k = [1000 * rows[n]["extract"]["seconds"] / n for n in sizes]
-    print(f"extraction s / 1,000 images: {' / '.join(f'{v:.2f}' for v in per_k)}  (max/min {flat(per_k)})")
-    peaks = [rows[n]["extract"]["peak_mb"] for n in sizes]
-    print(f"extraction peak RSS MB:      {' / '.join(f'{v:.0f}' for v in peaks)}  (max/min {flat(peaks)})")
+    if "extract" not in skip:
+        per_k = [1000 * rows[n]["extract"]["seconds"] / n for n in sizes]
+        print(f"extraction s / 1,000 images: {' / '.join(f'{v:.2f}' for v in per_k)}  (max/min {flat(per_k)})")
+        peaks = [rows[n]["extract"]["peak_mb"] for n in sizes]
+        print(f"extraction peak RSS MB:      {' / '.join(f'{v:.0f}' for v in peaks)}  (max/min {flat(peaks)})")
     if "label" not in skip:
         label_peaks = [rows[n]["label"]["peak_mb"] for n in sizes]
         label_s = [rows[n]["label"]["label_s"] for n in sizes]
