@@ -115,6 +115,7 @@ def test_probabilities_within_a_budget_agree_with_unbounded_ones():
     tight = cd.ConceptProbabilities(sim, 10.0, budget_bytes=4 * 12 * 10)  # 10 rows: the sets need concept blocks
     assert tight.capacity == 10
     np.testing.assert_allclose(tight.log_likelihood(sets, weights), roomy, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(tight.log_likelihood(sets[5:20], weights), roomy[5:20], rtol=1e-6, atol=1e-6)  # kept normalisers
     shared = cd.ConceptProbabilities(sim, 10.0, budget_bytes=4 * 12 * 40)  # whole rows of 40 images, kept between calls
     for part in (sets[:4], sets[2:6], sets[30:34]):  # held rows reused, then dropped and refilled
         assert len(np.unique(part)) <= shared.capacity

@@ -81,7 +81,7 @@ _LOG_FLOOR = 1e-12  # keeps log() finite for concepts with vanishing probability
 _BLOCK_BYTES = 64 * 2**20  # one block of P rows
 _ACCUMULATOR_BYTES = 256 * 2**20  # per-chunk (rows x concepts) accumulators
 _GATHER_ROWS = 256  # exemplar sets per gather chunk: large enough to amortise, small enough for the cache
-_PROBABILITY_BYTES = 512 * 2**20  # p(c|x) held at once (6,700 images x 20,000 concepts, or more images in concept blocks)
+_PROBABILITY_BYTES = 2**30  # p(c|x) held at once (13,400 images x 20,000 concepts, or more images in concept blocks)
 _COLUMN_BYTES = 256 * 2**20  # value-based functions: activation columns (images x neurons) held at once
 
 
@@ -365,8 +365,9 @@ class ConceptProbabilities:
     of the probe set. When the rows one call needs fit ``budget_bytes`` they are computed and
     kept (rows already held, e.g. by an earlier layer inside :func:`reuse_probabilities`, are
     not computed again). When they do not fit, the concepts are split into blocks whose rows
-    fit, after one pass that computes each image's softmax normaliser over all concepts: every
-    entry of P is computed at most twice, and memory stays within the budget at any scale.
+    fit, after one pass that computes each image's softmax normaliser over all concepts (kept
+    for later calls, 8 bytes an image): every entry of P is computed at most twice per call, and
+    memory stays within the budget at any scale.
     """
 
     def __init__(self, sim: ImageConceptSimilarity, alpha: float, budget_bytes: int | None = None):
@@ -376,6 +377,8 @@ class ConceptProbabilities:
         self._position = np.full(sim.n_images, -1, dtype=np.int64)  # image -> row held, or -1
         self._rows: Any = None  # torch (capacity, concepts): pages are only resident once written
         self._count = 0
+        self._top = np.full(sim.n_images, np.nan, dtype=np.float32)  # softmax normalisers, computed once per image
+        self._sum = np.full(sim.n_images, np.nan, dtype=np.float32)
 
     def _release(self) -> None:
         self._position[:] = -1
@@ -403,16 +406,16 @@ class ConceptProbabilities:
 
     def _normalisers(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each image's largest logit and softmax sum over every concept, as concept_probabilities computes them."""
-        top = np.empty(len(images), dtype=np.float32)
-        total = np.empty(len(images), dtype=np.float32)
+        missing = images[np.isnan(self._sum[images])]
         block = max(16, _BLOCK_BYTES // (4 * max(1, self.sim.n_concepts)))
-        for b in range(0, len(images), block):
-            logits = self.alpha * self.sim.rows(images[b: b + block])
-            top[b: b + block] = logits.max(axis=1)
-            logits -= top[b: b + block, None]
+        for b in range(0, len(missing), block):
+            chosen = missing[b: b + block]
+            logits = self.alpha * self.sim.rows(chosen)
+            top = logits.max(axis=1)
+            logits -= top[:, None]
             np.exp(logits, out=logits)
-            total[b: b + block] = logits.sum(axis=1)
-        return top, total
+            self._top[chosen], self._sum[chosen] = top, logits.sum(axis=1)
+        return self._top[images], self._sum[images]
 
     def log_likelihood(self, exemplars: np.ndarray, weights: np.ndarray, min_prob: float = 1e-7,
                        progress: Progress | None = None, total: int | None = None, done: int = 0) -> np.ndarray:
