@@ -130,8 +130,12 @@ def labelling_child(args: dict) -> dict:
     from neuroviz import embeddings
     from neuroviz.concepts import from_texts
     from neuroviz.methods import MethodContext, run_method
+    from neuroviz.methods import clip_dissect
     from neuroviz.methods.clip_dissect import ClipDissectConfig, reuse_probabilities
     from neuroviz.store import Store
+
+    if args.get("probability_mb"):
+        clip_dissect._PROBABILITY_BYTES = int(args["probability_mb"]) * 2**20
 
     store = Store(args["cache"])
     runs = [r for r in store.find_runs(MODEL) if r.layer in LAYERS]
@@ -225,6 +229,7 @@ def main() -> None:
     parser.add_argument("--bare-images", type=int, default=2000, help="images in the bare forward pass")
     parser.add_argument("--concepts", type=int, default=20_000, help="concept set size (the paper's words: 20,000)")
     parser.add_argument("--repeats", type=int, default=5, help="warm page reruns")
+    parser.add_argument("--probability-mb", type=int, help="CLIP-Dissect's p(c|x) budget (default: the library's)")
     parser.add_argument("--skip", default="", help="steps to skip: extract (reuse the runs in --workdir), label, pages, ray")
     parser.add_argument("--workdir", type=Path, help="keep images and caches here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
@@ -250,7 +255,8 @@ def main() -> None:
     for n in sizes:
         cache = work / f"cache-{n}"
         child = {"list": str(probe_list(images, n, args.seed)), "cache": str(cache), "image_size": args.image_size,
-                 "batch_size": args.batch_size, "concepts": args.concepts, "threads": args.threads}
+                 "batch_size": args.batch_size, "concepts": args.concepts, "threads": args.threads,
+                 "probability_mb": args.probability_mb}
         row: dict = {}
         print(f"\n## {n:,} images", flush=True)
         if "extract" not in skip:
