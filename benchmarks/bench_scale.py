@@ -129,8 +129,7 @@ def labelling_child(args: dict) -> dict:
 
     from neuroviz import embeddings
     from neuroviz.concepts import from_texts
-    from neuroviz.methods import MethodContext, run_method
-    from neuroviz.methods import clip_dissect
+    from neuroviz.methods import MethodContext, clip_dissect, run_method
     from neuroviz.methods.clip_dissect import ClipDissectConfig, reuse_probabilities
     from neuroviz.store import Store
 
