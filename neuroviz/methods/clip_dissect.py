@@ -81,7 +81,7 @@ _LOG_FLOOR = 1e-12  # keeps log() finite for concepts with vanishing probability
 _BLOCK_BYTES = 64 * 2**20  # one block of P rows
 _ACCUMULATOR_BYTES = 256 * 2**20  # per-chunk (rows x concepts) accumulators
 _GATHER_ROWS = 256  # exemplar sets per gather chunk: large enough to amortise, small enough for the cache
-_PROBABILITY_BYTES = 2**30  # p(c|x) held at once (13,400 images x 20,000 concepts, or more images in concept blocks)
+_PROBABILITY_BYTES = 512 * 2**20  # p(c|x) held at once: 6,700 images x 20,000 concepts whole, more in concept blocks
 _COLUMN_BYTES = 256 * 2**20  # value-based functions: activation columns (images x neurons) held at once
 
 
