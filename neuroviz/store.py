@@ -99,6 +99,10 @@ class LegacyCacheLockedError(NeurovizError, RuntimeError):
     """The cache from before the file layout is held by another process, so it cannot be migrated."""
 
 
+class CacheUnusableError(NeurovizError, OSError):
+    """The cache folder cannot be created or written (under a file, read-only, no permission)."""
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """One finished extraction of one layer: everything that names it, and its sizes."""
@@ -398,7 +402,12 @@ class Store(CacheLayout):
 
     def __init__(self, root: Path | str = DEFAULT_CACHE, lock_timeout: float = 30.0, shared: SharedCache | None = None):
         super().__init__(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheUnusableError(f"Cannot use the cache folder {self.root}: {exc.strerror or exc}.") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise CacheUnusableError(f"Cannot use the cache folder {self.root}: it is not writable (read-only or no permission).")
         self.lock_timeout = lock_timeout
         self._shared = shared
         if self.legacy_db_path().exists() and not self.migration_marker().exists():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..evaluate import DEFAULT_BASELINES
-from ._common import add_run_arguments, comma_list, store_from
+from ._common import add_run_arguments, comma_list, non_negative_int, store_from
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", help="comma-separated (default: every method with labels for the layer)")
     p.add_argument("--multimodal", help="backend for simulation and text cosines (default: offline ConSE)")
     p.add_argument("--baseline", default=",".join(DEFAULT_BASELINES), help="constant label(s) for the baseline row(s)")
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-seed", type=non_negative_int, default=0)
     p.add_argument("--all-label-runs", action="store_true", help="every label run of a method, not only the newest")
     p.add_argument("--common", action="store_true", help="score every row on only the neurons all methods labelled")
     p.set_defaults(func=cmd_evaluate)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..labels_io import FORMATS
-from ._common import CommandLineError, add_run_arguments, comma_list, store_from
+from ._common import CommandLineError, add_run_arguments, comma_list, output_file, store_from
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -24,7 +24,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         runs = [r for r in runs if (store.label_runs(r.run_key)["method"] == args.method).any()]
         if not runs:
             raise CommandLineError(f"No layer of {args.model} has labels by '{args.method}' yet.")
-    path = export_labels(store, runs, args.method, args.out, args.format, args.label_key)
+    with output_file(args.out) as out:
+        path = export_labels(store, runs, args.method, out, args.format, args.label_key)
     print(f"wrote {path} ({', '.join(r.layer for r in runs)})")
     args._result = {"path": str(path)}
     return 0

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import CommandLineError, add_run_arguments, comma_list, parse_neurons, store_from
+from ._common import CommandLineError, add_run_arguments, comma_list, non_negative_int, parse_neurons, store_from
 
 if TYPE_CHECKING:
     from ..backends.pool import BackendPool
@@ -94,5 +94,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--segmentation-set", help="folder with images/ and masks/ for netdissect")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyperparameter (repeatable)")
-    p.add_argument("--preview", type=int, default=8, help="labels printed per layer")
+    p.add_argument("--preview", type=non_negative_int, default=8, help="labels printed per layer")
     p.set_defaults(func=cmd_label)

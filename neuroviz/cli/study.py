@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .. import catalog
 from ..store import Store
@@ -21,7 +20,7 @@ from ..study import (
     study_results,
     votes_csv,
 )
-from ._common import comma_list, store_from
+from ._common import comma_list, non_negative_int, output_file, positive_int, store_from
 
 
 def _resolve_runs(store: Store, args: argparse.Namespace) -> list[str]:
@@ -96,12 +95,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(votes_csv(store, args.study_id), end="")
         return 0
     if args.votes:
-        Path(args.votes).write_text(votes_csv(store, args.study_id))
-        print(f"wrote {args.votes}")
+        with output_file(args.votes) as path:
+            path.write_text(votes_csv(store, args.study_id))
+        print(f"wrote {path}")
     if args.results:
         results = study_results(store, args.study_id, exclude_failed_gold=not args.keep_failed_gold)
-        Path(args.results).write_text(results_csv(results))
-        print(f"wrote {args.results}")
+        with output_file(args.results) as path:
+            path.write_text(results_csv(results))
+        print(f"wrote {path}")
     return 0
 
 
@@ -130,11 +131,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", help="comma-separated layers (default: every extracted layer)")
     p.add_argument("--probe", help="probe set id, name or folder (when a layer was extracted over several)")
     p.add_argument("--methods", help="comma-separated methods (default: every method with labels on these runs)")
-    p.add_argument("--per-layer", type=int, default=10, help="random neurons per layer")
-    p.add_argument("--raters-per-item", type=int, default=3)
-    p.add_argument("--gold", type=int, default=2, help="gold (attention-check) items to build from probe labels")
-    p.add_argument("--images", type=int, default=10, help="top images shown per neuron")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-layer", type=positive_int, default=10, help="random neurons per layer")
+    p.add_argument("--raters-per-item", type=positive_int, default=3)
+    p.add_argument("--gold", type=non_negative_int, default=2, help="gold (attention-check) items to build from probe labels")
+    p.add_argument("--images", type=positive_int, default=10, help="top images shown per neuron")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_cmd_create)
 
     p = sub.add_parser("list", help="list studies with progress and rater links")
