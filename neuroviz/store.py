@@ -297,6 +297,22 @@ def _part_files(folder: Path) -> list[tuple[str, str, Path]]:
     return [(*_part_key(p), p) for p in paths]
 
 
+def _storable_path(path: str) -> str:
+    """``path`` as Parquet can hold it: itself, or its ``file:`` URI when its name is not UTF-8."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path))
+
+
+def _stored_path(text: str) -> str:
+    """The path :func:`_storable_path` stored (stored paths are absolute, so only a URI starts with ``file:``)."""
+    if text.startswith("file://"):
+        return os.fsdecode(urllib.parse.unquote_to_bytes(text[len("file://"):]))
+    return text
+
+
 # --------------------------------------------------------------------------------------
 # Paths
 # --------------------------------------------------------------------------------------
@@ -451,6 +467,8 @@ class Store(CacheLayout):
 
         Known probe sets keep their id (it hashes the images' contents), but files that moved
         (a renamed folder, a copied cache) get their new paths, so pages keep finding them.
+        A path whose name is not UTF-8 (which Parquet cannot hold) is stored as its ``file:``
+        URI (percent-encoded bytes: lossless) and read back as the path.
         """
         folder = self.probe_set_dir(ps.id)
         meta_path = folder / "meta.json"
@@ -471,8 +489,8 @@ class Store(CacheLayout):
 
     def _write_probe_images(self, folder: Path, image_ids: Sequence[str], paths: Sequence[str], labels: Sequence[str | None]) -> None:
         _write_parquet(folder / "images.parquet", "probe_images", {
-            "idx": np.arange(len(image_ids), dtype=np.int32), "image_id": list(image_ids), "path": list(paths),
-            "label": list(labels)})
+            "idx": np.arange(len(image_ids), dtype=np.int32), "image_id": list(image_ids),
+            "path": [_storable_path(p) for p in paths], "label": list(labels)})
 
     def probe_sets(self) -> list[dict]:
         """Every registered probe set (oldest first): id, name, source, sizes, created_at."""
@@ -486,7 +504,7 @@ class Store(CacheLayout):
         if not _SAFE_NAME.fullmatch(probe_set_id) or not path.exists():
             return []
         rows = _query("probe_images", [path], "SELECT idx, image_id, path, label FROM {src} ORDER BY idx", frame=False)
-        return [dict(zip(("idx", "image_id", "path", "label"), r)) for r in rows]
+        return [{"idx": r[0], "image_id": r[1], "path": _stored_path(r[2]), "label": r[3]} for r in rows]
 
     def probe_files(self, probe_set_id: str) -> ProbeFiles:
         """A probe set's paths, labels and ids as tuples (index = row in activations)."""
