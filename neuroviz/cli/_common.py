@@ -93,18 +93,39 @@ def parse_neurons(text: str | None) -> list[int] | None:
     out: set[int] = set()
     for part in comma_list(text) or []:
         try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi:
-                    raise CommandLineError(f"'{part}' is an empty range: write the smaller neuron first (e.g. {hi}-{lo}).")
-                out.update(range(lo, hi + 1))
-            else:
-                out.add(int(part))
+            lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part), int(part))
         except ValueError:
             raise CommandLineError(f"'{part}' is not a neuron number or range (write e.g. 0,1,5 or 0-15).") from None
+        if lo > hi:
+            raise CommandLineError(f"'{part}' is an empty range: write the smaller neuron first (e.g. {hi}-{lo}).")
+        out.update(range(lo, hi + 1))
     if not out:
         raise CommandLineError(f"'{text}' names no neuron (write e.g. 0,1,5 or 0-15).")
     return sorted(out)
+
+
+def _output_problem(target: Path, folder: bool) -> str | None:
+    """Why ``target`` cannot be written as a file (or created as a folder), seen before any work."""
+    if not folder and target.is_dir():
+        return "it is a folder; give a file name"
+    blocking = next((f for f in ((target,) if folder else ()) + tuple(target.parents) if f.exists() and not f.is_dir()), None)
+    return f"{blocking} is a file, not a folder" if blocking is not None else None
+
+
+def _checked(folder: bool) -> Callable[[str], Path]:
+    def convert(text: str) -> Path:
+        target = Path(text).expanduser().absolute()
+        problem = _output_problem(target, folder)
+        if problem:
+            raise argparse.ArgumentTypeError(f"cannot write {target}: {problem}")
+        return target
+
+    convert.__name__ = "output folder" if folder else "output file"
+    return convert
+
+
+output_path = _checked(folder=False)  # parser types of output options: refused before any work is done
+output_dir = _checked(folder=True)
 
 
 @contextlib.contextmanager
@@ -113,11 +134,9 @@ def output_file(path: str | Path) -> Iterator[Path]:
     created, a failure is one clear line (naming the path and the reason), and a file that is
     not there afterwards is an error, so no command says "wrote" for a write that did not happen."""
     target = Path(path).expanduser().absolute()
-    if target.is_dir():
-        raise OutputFileError(f"Cannot write {target}: it is a folder; give a file name.")
-    blocking = next((folder for folder in target.parents if folder.exists() and not folder.is_dir()), None)
-    if blocking is not None:
-        raise OutputFileError(f"Cannot write {target}: {blocking} is a file, not a folder.")
+    problem = _output_problem(target, folder=False)
+    if problem:
+        raise OutputFileError(f"Cannot write {target}: {problem}.")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         yield target
@@ -132,9 +151,9 @@ def output_file(path: str | Path) -> Iterator[Path]:
 def output_folder(path: str | Path) -> Path:
     """The absolute path of an output folder, created now; one clear line when it cannot be."""
     target = Path(path).expanduser().absolute()
-    blocking = next((folder for folder in (target, *target.parents) if folder.exists() and not folder.is_dir()), None)
-    if blocking is not None:
-        raise OutputFileError(f"Cannot create the folder {target}: {blocking} is a file, not a folder.")
+    problem = _output_problem(target, folder=True)
+    if problem:
+        raise OutputFileError(f"Cannot create the folder {target}: {problem}.")
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..labels_io import FORMATS
-from ._common import CommandLineError, add_run_arguments, comma_list, output_file, store_from
+from ._common import CommandLineError, add_run_arguments, comma_list, output_file, output_path, store_from
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -37,6 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_arguments(p)
     p.add_argument("--method", default="clip_dissect")
     p.add_argument("--format", choices=FORMATS, help="default: from the file name (.json -> json, else clip_dissect)")
-    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--out", required=True, type=output_path, help="output file")
     p.add_argument("--label-key", help="a specific label run (default: the newest of the method)")
     p.set_defaults(func=cmd_export)

@@ -20,7 +20,7 @@ from ..study import (
     study_results,
     votes_csv,
 )
-from ._common import comma_list, non_negative_int, output_file, positive_int, store_from
+from ._common import comma_list, non_negative_int, output_file, output_path, positive_int, store_from
 
 
 def _resolve_runs(store: Store, args: argparse.Namespace) -> list[str]:
@@ -148,8 +148,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="write votes and results as CSV (votes to stdout by default)")
     p.add_argument("study_id")
-    p.add_argument("--votes", help="file for the de-blinded votes CSV")
-    p.add_argument("--results", help="file for the scores CSV")
+    p.add_argument("--votes", type=output_path, help="file for the de-blinded votes CSV")
+    p.add_argument("--results", type=output_path, help="file for the scores CSV")
     p.add_argument("--keep-failed-gold", action="store_true")
     p.set_defaults(func=_cmd_export)
 

@@ -16,6 +16,7 @@ from ._common import (
     non_negative_float,
     non_negative_int,
     output_file,
+    output_path,
     positive_float,
     positive_int,
     progress_for,
@@ -142,6 +143,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--probe-columns", type=non_negative_int, default=3, help="real probe images shown beside each level")
-    p.add_argument("--out", help="PNG path of the grid (default: cache/synthesis/<key>.png)")
+    p.add_argument("--out", type=output_path, help="PNG path of the grid (default: cache/synthesis/<key>.png)")
     p.add_argument("--no-cache", action="store_true", help="recompute even when the result is cached")
     p.set_defaults(func=cmd_synthesize)
