@@ -431,3 +431,16 @@ def test_layers_lists_the_suggested_ones_and_all_with_all(capsys):
     assert [line.split()[1] for line in rows if line.startswith("*")] == ["conv1", "layer1", "layer2", "layer3", "layer4"]
     assert [line.split()[0] for line in rows if not line.startswith("*")] == ["fc"]  # the output layer
     assert len(full) > 50 and "more with --all" in short[-1] and "layer1.0.conv1" in "\n".join(full)
+
+
+def test_the_dashboard_names_the_cache_it_cannot_use(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import APP_PATH, dashboard_env
+
+    (tmp_path / "a-file").write_text("x")
+    dashboard_env(monkeypatch, tmp_path / "a-file" / "cache")
+    at = AppTest.from_file(str(APP_PATH), default_timeout=120)
+    at.run()
+    assert not at.exception
+    assert any(f"Cannot use the cache folder {tmp_path / 'a-file' / 'cache'}: Not a directory" in e.value for e in at.error)
