@@ -444,3 +444,13 @@ def test_the_dashboard_names_the_cache_it_cannot_use(tmp_path, monkeypatch):
     at.run()
     assert not at.exception
     assert any(f"Cannot use the cache folder {tmp_path / 'a-file' / 'cache'}: Not a directory" in e.value for e in at.error)
+
+
+def test_an_image_list_with_non_utf8_names_finds_its_files(tmp_path):
+    odd = _png(tmp_path / os.fsdecode(b"na\xefve.png"), 4)
+    _png(tmp_path / "plain.png", 5)
+    listing = tmp_path / "images.txt"
+    listing.write_bytes(b"na\xefve.png\nplain.png\nmissing.png\n")
+    ps = datasets.open_probe_set(str(listing), tmp_path / "cache")
+    assert len(ps) == 2 and os.fsencode(str(odd)) in {os.fsencode(im.path) for im in ps.images}
+    assert ps.skipped == {"missing file": [str(tmp_path / "missing.png")]}
