@@ -454,3 +454,21 @@ def test_an_image_list_with_non_utf8_names_finds_its_files(tmp_path):
     ps = datasets.open_probe_set(str(listing), tmp_path / "cache")
     assert len(ps) == 2 and os.fsencode(str(odd)) in {os.fsencode(im.path) for im in ps.images}
     assert ps.skipped == {"missing file": [str(tmp_path / "missing.png")]}
+
+
+def test_a_file_system_refusal_anywhere_is_one_line_but_other_os_errors_stay_bugs(tmp_path, capsys, monkeypatch):
+    from neuroviz.cli import cache
+
+    def refuse(args):
+        raise OSError(30, "Read-only file system", str(tmp_path / "runs" / "x.npy"))
+
+    monkeypatch.setattr(cache, "cmd_cache", refuse)
+    assert main(["--cache", str(tmp_path), "cache"]) == 2
+    assert_one_error_line(capsys.readouterr().err, str(tmp_path / "runs" / "x.npy"), "Read-only file system")
+
+    def bug(args):
+        raise FileNotFoundError(2, "No such file or directory", "internal.json")
+
+    monkeypatch.setattr(cache, "cmd_cache", bug)
+    assert main(["--cache", str(tmp_path), "cache"]) == 1
+    assert "Traceback" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from ..errors import NeurovizError
 from ..progress import Progress, TqdmProgress, chain
@@ -48,8 +48,13 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(line)
 
 
-def _number(parse: Callable[[str], float], kind: str, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
-    def convert(text: str) -> float:
+Number = TypeVar("Number", int, float)
+
+
+def _number(parse: Callable[[str], Number], kind: str, ok: Callable[[Number], bool], rule: str) -> Callable[[str], Number]:
+    """An argparse type: ``parse`` the text, then refuse non-finite values and those ``ok`` rejects."""
+
+    def convert(text: str) -> Number:
         try:
             value = parse(text)
         except ValueError:
