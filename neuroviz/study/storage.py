@@ -26,7 +26,7 @@ How it is used:
 - threads of one process queue their writes and whoever's turn it is commits all queued
   ones in one transaction, each in its own savepoint (group commit: one disk flush for many
   raters, ~4 ms here, instead of one each); processes take turns on SQLite's write lock.
-  Both waits are bounded by ``store.lock_timeout``; past it, :class:`StudiesBusyError` says
+  Both waits are bounded by :func:`wait_seconds`; past it, :class:`StudiesBusyError` says
   to try again, without paths or process ids.
 
 A workspace made before this file existed kept its studies in ``studies.duckdb``; the first
@@ -50,12 +50,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import NeurovizError
-from ..store import Store
+from ..store import CacheLayout
 
 T = TypeVar("T")
 
-#: Bump when the schema changes; a file with a lower PRAGMA user_version is upgraded.
-SCHEMA_VERSION = 1
+#: Bump when the schema changes; a file with a lower PRAGMA user_version is upgraded
+#: (version 0, a new file: every table; older versions: the steps in ``_UPGRADES``).
+SCHEMA_VERSION = 2
 
 _TABLES = {
     "studies": """CREATE TABLE studies (
@@ -67,7 +68,7 @@ _TABLES = {
         neuron INTEGER, is_gold INTEGER, labels_json TEXT, label_keys_json TEXT,
         options_json TEXT, PRIMARY KEY (study_id, item_id))""",
     "raters": """CREATE TABLE raters (
-        study_id TEXT, rater_id TEXT, name TEXT, created_at REAL,
+        study_id TEXT, rater_id TEXT, name TEXT, created_at REAL, secret_hash TEXT,
         PRIMARY KEY (study_id, rater_id))""",
     "assignments": """CREATE TABLE assignments (
         study_id TEXT, rater_id TEXT, item_id INTEGER, order_json TEXT, assigned_at REAL,
@@ -78,10 +79,20 @@ _TABLES = {
     "ratings": """CREATE TABLE ratings (
         study_id TEXT, rater_id TEXT, item_id INTEGER, letter TEXT, option_key TEXT,
         rating INTEGER, PRIMARY KEY (study_id, rater_id, item_id, letter))""",
+    "item_pictures": """CREATE TABLE item_pictures (
+        study_id TEXT, item_id INTEGER, kind TEXT, image_ids_json TEXT, jpeg BLOB,
+        PRIMARY KEY (study_id, item_id, kind))""",
 }
-_INDEXES = ("CREATE INDEX raters_by_name ON raters (study_id, name)",)
+#: A rater is found by the hash of their secret, never by name (several may share a name).
+_SECRET_INDEX = "CREATE UNIQUE INDEX raters_by_secret ON raters (study_id, secret_hash)"
+_INDEXES = (_SECRET_INDEX,)
+#: version -> the statements that bring a file of that version to the next one.
+_UPGRADES = {
+    1: ("ALTER TABLE raters ADD COLUMN secret_hash TEXT", _TABLES["item_pictures"], _SECRET_INDEX,
+        "DROP INDEX IF EXISTS raters_by_name"),
+}
 #: Children before parents, so a study is deleted bottom-up.
-_DELETE_ORDER = ("ratings", "votes", "assignments", "raters", "study_items", "studies")
+_DELETE_ORDER = ("item_pictures", "ratings", "votes", "assignments", "raters", "study_items", "studies")
 
 _STUDY_COLUMNS = ("study_id, name, public_title, token, methods_json, raters_per_item, n_images, seed, is_open, "
                   "config_json, created_at")
@@ -102,9 +113,19 @@ class StudiesMigrationError(NeurovizError, RuntimeError):
 LEGACY_FILE = "studies.duckdb"
 
 
-def studies_path(store: Store) -> Path:
-    """The SQLite file of a workspace's studies (the store names every path)."""
+#: How long a write waits for its turn when the caller has no ``lock_timeout`` of its own
+#: (the rating page opens only a workspace's layout, not its Store): what a rater may wait.
+WRITE_WAIT_SECONDS = 10.0
+
+
+def studies_path(store: CacheLayout) -> Path:
+    """The SQLite file of a workspace's studies (the layout names every path)."""
     return store.studies_file()
+
+
+def wait_seconds(store: CacheLayout) -> float:
+    """The longest a read or write of the studies waits: the Store's lock_timeout, else WRITE_WAIT_SECONDS."""
+    return float(getattr(store, "lock_timeout", WRITE_WAIT_SECONDS))
 
 
 # -- records --------------------------------------------------------------------------------
@@ -247,14 +268,15 @@ class StudyTables:
         return [(i, bool(g)) for i, g in self._all("SELECT item_id, is_gold FROM study_items WHERE study_id = ?", (study_id,))]
 
     # -- raters ---------------------------------------------------------------------------
-    def insert_rater(self, study_id: str, rater_id: str, name: str, created_at: float) -> None:
-        """Register a rater."""
-        self._con.execute("INSERT INTO raters VALUES (?, ?, ?, ?)", (study_id, rater_id, name, created_at))
+    def insert_rater(self, study_id: str, rater_id: str, name: str, secret_hash: str, created_at: float) -> None:
+        """Register a rater, known from now on by the hash of their secret."""
+        self._con.execute("INSERT INTO raters (study_id, rater_id, name, created_at, secret_hash) VALUES (?, ?, ?, ?, ?)",
+                          (study_id, rater_id, name, created_at, secret_hash))
 
-    def rater_named(self, study_id: str, name: str) -> str | None:
-        """The id of the first rater registered under ``name``, or None."""
-        row = self._one("SELECT rater_id FROM raters WHERE study_id = ? AND name = ? ORDER BY created_at", (study_id, name))
-        return row[0] if row else None
+    def rater_by_secret(self, study_id: str, secret_hash: str) -> tuple[str, str] | None:
+        """(rater id, name) of the rater holding this secret in this study, or None."""
+        row = self._one("SELECT rater_id, name FROM raters WHERE study_id = ? AND secret_hash = ?", (study_id, secret_hash))
+        return (row[0], row[1]) if row else None
 
     def rater_name(self, study_id: str, rater_id: str) -> str | None:
         """A rater's name, or None when the rater is not registered in the study."""
@@ -264,6 +286,18 @@ class StudyTables:
     def raters(self, study_id: str) -> dict[str, str]:
         """rater id -> name, in order of registration."""
         return dict(self._all("SELECT rater_id, name FROM raters WHERE study_id = ? ORDER BY created_at, rowid", (study_id,)))
+
+    # -- pictures -------------------------------------------------------------------------
+    def insert_pictures(self, study_id: str, pictures: Sequence[tuple[int, str, list[str], bytes]]) -> None:
+        """Store the pictures frozen for items: (item id, kind, image ids shown, JPEG bytes)."""
+        self._con.executemany("INSERT INTO item_pictures VALUES (?, ?, ?, ?, ?)",
+                              [(study_id, item_id, kind, json.dumps(ids), sqlite3.Binary(jpeg))
+                               for item_id, kind, ids, jpeg in pictures])
+
+    def pictures(self, study_id: str, item_id: int) -> dict[str, tuple[bytes, list[str]]]:
+        """kind -> (JPEG bytes, image ids shown) of one item's frozen pictures."""
+        return {kind: (bytes(jpeg), json.loads(ids)) for kind, ids, jpeg in self._all(
+            "SELECT kind, image_ids_json, jpeg FROM item_pictures WHERE study_id = ? AND item_id = ?", (study_id, item_id))}
 
     # -- assignments ----------------------------------------------------------------------
     def assignment(self, study_id: str, rater_id: str, item_id: int) -> Assignment | None:
@@ -393,14 +427,21 @@ def _open(path: Path, timeout: float) -> sqlite3.Connection:
 
 
 def _create_schema(con: sqlite3.Connection, path: Path, timeout: float) -> None:
+    """Create the tables of a new file, or upgrade an older one step by step, in one transaction."""
     _begin_immediate(con, timeout)
     try:
-        if con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # another process may have won
+        version = con.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it meanwhile
+        if version == 0:
             for ddl in (*_TABLES.values(), *_INDEXES):
                 con.execute(ddl)
             legacy = path.with_name(LEGACY_FILE)
             if legacy.exists():
                 _copy_legacy(con, legacy)
+        else:
+            for step in range(version, SCHEMA_VERSION):
+                for ddl in _UPGRADES[step]:
+                    con.execute(ddl)
+        if version < SCHEMA_VERSION:
             con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         con.execute("ROLLBACK")
@@ -486,9 +527,9 @@ def _begin_immediate(con: sqlite3.Connection, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def reading(store: Store) -> Iterator[StudyTables]:
+def reading(store: CacheLayout) -> Iterator[StudyTables]:
     """A read transaction: one consistent picture of the studies; never waits for writers."""
-    timeout = store.lock_timeout
+    timeout = wait_seconds(store)
     with _busy_as_error(timeout):
         con = _connection(studies_path(store), timeout)
         con.execute("BEGIN")
@@ -560,16 +601,16 @@ def _commit(path: Path, timeout: float, batch: list[_Job]) -> None:
             job.done = True
 
 
-def write(store: Store, work: Callable[[StudyTables], T]) -> T:
+def write(store: CacheLayout, work: Callable[[StudyTables], T]) -> T:
     """Run ``work`` in a write transaction and return its result once it is committed:
     durable, and visible to every later read from any process. All or nothing.
 
     One writer at a time: threads of this process queue and are committed together,
     processes wait for the file's write lock; both waits are bounded by
-    ``store.lock_timeout`` (then StudiesBusyError). ``work`` may run in another thread of
+    :func:`wait_seconds` (then StudiesBusyError). ``work`` may run in another thread of
     this process and must not call ``write`` itself.
     """
-    path, timeout = studies_path(store), store.lock_timeout
+    path, timeout = studies_path(store), wait_seconds(store)
     queue = _queue(path)
     job = _Job(work)
     with queue.guard:
