@@ -28,14 +28,15 @@ def _label(method: str, neuron: int) -> str:
 @pytest.fixture()
 def workspace(tiny_workspace, tmp_path):
     """A private copy of the tiny workspace with its probe images (so they can be taken
-    away), and three fake methods' labels on layer2: gamma_method only on neurons 0-3."""
+    away), and three fake methods' labels on layer2: alpha_method on every neuron, beta_method
+    on 0-11, gamma_method only on 0-3 (like CLIP-Dissect, MILAN and DnD on the demo)."""
     root = tmp_path / "cache"
     shutil.copytree(tiny_workspace["store"].root, root, ignore=shutil.ignore_patterns("studies.*"))
     store = Store(root)
     run = tiny_workspace["runs"]["layer2"]
     shutil.rmtree(store.labels_dir(), ignore_errors=True)
     for method in METHODS:
-        neurons = range(4) if method == "gamma_method" else range(12)
+        neurons = {"alpha_method": range(run.n_neurons), "beta_method": range(12), "gamma_method": range(4)}[method]
         store.save_labels(f"{method}-{run.run_key}", run.run_key, method, {}, {}, None,
                           [LabelRow(n, 0, _label(method, n), 1.0) for n in neurons], "test")
     images = tmp_path / "images"
@@ -202,7 +203,8 @@ def test_a_rater_waits_a_short_bounded_time(workspace):
 # -- setup: default methods and gold items made by the owner ----------------------------------------
 def test_default_methods_are_the_ones_that_labelled_neurons_together(workspace):
     store, run = workspace["store"], workspace["run"]
-    assert st.default_methods(store, [run.run_key]) == ["alpha_method", "beta_method"]  # gamma only on 4 of 12
+    # not alpha alone (it labelled ten times more), and not gamma (only 4 neurons in common)
+    assert st.default_methods(store, [run.run_key]) == ["alpha_method", "beta_method"]
     assert st.default_methods(store, [run.run_key], enough=4) == list(METHODS)
     items = st.choose_items(store, [run.run_key], st.default_methods(store, [run.run_key]), per_layer=10)
     assert len(items) == 10
@@ -278,3 +280,35 @@ def test_rating_page_works_without_the_workspace_and_a_personal_link_continues(w
         lock.close()
     raters = st.study_progress(store, study.study_id).raters
     assert [(r.name, r.done) for r in raters] == [("Ada", study.n_items)]
+
+
+# -- the owner's pages --------------------------------------------------------------------------------
+def test_study_setup_defaults_submit_and_results_show_no_none(workspace, monkeypatch):
+    from tests.conftest import dashboard_env, open_page
+
+    store = workspace["store"]
+    dashboard_env(monkeypatch, store.root)
+    at = open_page("pages/study_setup.py", layer="layer2")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    methods = next(m for m in at.multiselect if m.label == "Methods to compare")
+    assert methods.value == ["alpha_method", "beta_method"]  # the two that labelled neurons together
+    at.text_area(key="study_own_gold").input("layer2:11 = bright shapes\n10 = grey | cat, dog")
+    next(b for b in at.button if b.label == "Create study").click().run()  # every other field as it came
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert not [w.value for w in at.warning if "gold" in w.value.lower()]
+    (created,) = st.list_studies(store)
+    assert created.methods == ("alpha_method", "beta_method") and created.n_items - created.n_gold == 10
+    owner = st.study_items(store, created.study_id)
+    gold = owner[owner["is_gold"]]
+    assert {10, 11} <= set(gold["neuron"])  # the owner's, beside those built from the probe labels
+    assert {o["label"] for o in gold[gold["neuron"] == 10].iloc[0]["options"]} == {"grey", "cat", "dog"}
+    # A vote without ratings, and a rater who met no gold item yet: no "None" anywhere.
+    rater = st.register_rater(store, created.study_id, "Ada")
+    regular = int(owner[~owner["is_gold"]].iloc[0]["item_id"])
+    st.task_for(store, created.study_id, rater.rater_id, regular)
+    st.submit_vote(store, created.study_id, rater.rater_id, regular, "A")
+    at.switch_page("pages/study_results.py").run()
+    at.toggle(key="results_exclude").set_value(False).run()
+    assert not at.exception and not at.error
+    cells = [str(v) for frame in at.dataframe for v in frame.value.to_numpy().ravel()]
+    assert cells and not [c for c in cells if c in ("None", "nan", "NaN", "<NA>")], cells

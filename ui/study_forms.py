@@ -1,4 +1,4 @@
-"""Small pieces of the study pages that are plain logic: neuron lists and rater links."""
+"""Small pieces of the study pages that are plain logic: neuron lists, gold lines, rater links."""
 
 from __future__ import annotations
 
@@ -29,6 +29,25 @@ def parse_neuron_list(text: str, layers: dict[str, object], default_layer: str |
                     out.append((layer, int(chunk)))
             except ValueError:
                 raise StudyError(f"'{chunk}' is not a neuron number or a range like 3-7.") from None
+    return out
+
+
+def parse_gold_lines(text: str, layers: dict[str, object], default_layer: str | None) -> list[tuple[str, int, str, list[str]]]:
+    """Gold items typed by the owner, one per line: 'layer4:12 = dog' or '12 = dog | cat, car'
+    (wrong labels after '|'; without them, the study draws some) -> [(layer, neuron, right, wrong)].
+
+    Raises StudyError naming the bad line, so the page says exactly what to fix.
+    """
+    out: list[tuple[str, int, str, list[str]]] = []
+    for line in [raw.strip() for raw in text.splitlines() if raw.strip()]:
+        where, sep, answer = line.partition("=")
+        right, _, wrong = answer.partition("|")
+        if not sep or not right.strip():
+            raise StudyError(f"'{line}': write a neuron, '=' and what its images plainly show, e.g. 12 = dog.")
+        pairs = parse_neuron_list(where, layers, default_layer)
+        if len(pairs) != 1:
+            raise StudyError(f"'{line}': name one neuron before '=', e.g. {default_layer or 'layer'}:12 = dog.")
+        out.append((*pairs[0], right.strip(), [w.strip() for w in wrong.split(",") if w.strip()]))
     return out
 
 

@@ -388,11 +388,13 @@ def _gold_items(store: Store, gold_items: int | Sequence[GoldItem], n_options: i
                          "images plainly show something, and that thing as the right label.")
     else:
         golds = list(gold_items)
-    for gold in golds:
-        _check_neuron(_run(store, runs, gold.run_key), gold.neuron, "Gold neuron")
-        if len(gold.decoys) < 1:
-            raise StudyError(f"Gold item {gold.run_key}/{gold.neuron} needs at least one decoy label.")
     return golds, notes
+
+
+def _check_gold(run: RunInfo, gold: GoldItem) -> None:
+    _check_neuron(run, gold.neuron, "Gold neuron")
+    if len(gold.decoys) < 1:
+        raise StudyError(f"Gold item {run.layer}:{gold.neuron} needs at least one wrong label beside the right one.")
 
 
 def _item_rows(kept: list[_Kept], golds: list[GoldItem], methods: Sequence[str], runs: dict[str, RunInfo],
@@ -415,13 +417,14 @@ def _item_rows(kept: list[_Kept], golds: list[GoldItem], methods: Sequence[str],
 
 def create_study(store: Store, name: str, items: Sequence[StudyItem | tuple[str, int]], methods: Sequence[str],
                  raters_per_item: int = 3, gold_items: int | Sequence[GoldItem] = 2, seed: int = 0,
-                 n_images: int = 10, public_title: str = DEFAULT_PUBLIC_TITLE) -> Study:
+                 n_images: int = 10, public_title: str = DEFAULT_PUBLIC_TITLE, own_gold: Sequence[GoldItem] = ()) -> Study:
     """Create a blind study comparing ``methods`` on ``items`` and return it (with its token).
 
     Items given as (run_key, neuron) or with empty ``item_labels`` get each method's current
     top label, captured now. Items lacking a label from any method are skipped and listed in
     ``study.skipped``. ``gold_items`` is a count to build automatically (see
-    choose_gold_items) or explicit GoldItems; gold items are excluded from method scores.
+    choose_gold_items) or explicit GoldItems; ``own_gold`` (made with :func:`make_gold_item`)
+    are added to them. Gold items are excluded from method scores.
     The pictures raters see are rendered now and kept in the study (see :mod:`.pictures`).
     """
     methods = list(dict.fromkeys(methods))
@@ -429,6 +432,9 @@ def create_study(store: Store, name: str, items: Sequence[StudyItem | tuple[str,
     runs: dict[str, RunInfo] = {}
     kept, skipped = _regular_items(store, items, methods, runs)
     golds, notes = _gold_items(store, gold_items, len(methods), seed, n_images, runs, kept)
+    golds += [g for g in own_gold if g not in golds]
+    for gold in golds:
+        _check_gold(_run(store, runs, gold.run_key), gold)
     rows = _item_rows(kept, golds, methods, runs, seed)
     frozen = pictures.pictures_of_items(store, [(r.item_id, runs[r.run_key], r.neuron) for r in rows], n_images)
 
