@@ -95,6 +95,7 @@ def body() -> None:
         _welcome(where, public)
         return
     rating.remember(rater)
+    rating.welcome_back(rater)
     if not public.is_open:
         st.title(public.title)
         st.info("This study is closed and no longer takes answers. Thank you for your help!")

@@ -56,14 +56,28 @@ def _cookie(study_id: str) -> str | None:
 def current_rater(where: CacheLayout, study_id: str) -> studies.Rater | None:
     """This browser's rater: from a personal link, else this session, else the cookie."""
     link = st.query_params.get(SECRET_PARAM)
-    for secret in (link, st.session_state.get(_session_key(study_id)), _cookie(study_id)):
+    session = st.session_state.get(_session_key(study_id))
+    for secret in (link, session, _cookie(study_id)):
         rater = studies.rater_by_secret(where, study_id, secret)
         if rater is not None:
+            if secret != session:  # recognised from a cookie or link: say so once, on arrival
+                st.session_state[_returned_key(study_id)] = True
             return rater
         if secret and secret == link:
             st.warning("This personal link is not valid (mistyped, or for another study). "
                        "Start below, or ask the person who sent it for a new one.")
     return None
+
+
+def _returned_key(study_id: str) -> str:
+    return f"nv_rater_returned::{study_id}"
+
+
+def welcome_back(rater: studies.Rater) -> None:
+    """Tell a rater recognised by this browser (or their personal link) who they are, once."""
+    if st.session_state.pop(_returned_key(rater.study_id), False):
+        st.info(f"Welcome back, {rater.name}: this browser remembered you, so you continue where you left off "
+                "(your earlier answers are kept).", icon=":material/how_to_reg:")
 
 
 def register(where: CacheLayout, study_id: str, name: str | None) -> studies.Rater:
