@@ -30,8 +30,10 @@ def _existing(store) -> None:
             st.progress(min(1.0, progress.items_complete / total),
                         text=f"{progress.items_complete}/{progress.n_items} items fully rated · {progress.n_votes} votes · "
                              f"{len(progress.raters)} raters")
-            st.caption("Rater link (send this; it opens only the rating view):")
+            st.caption("Rater link (send this; it opens only the rating view, and each browser that opens it "
+                       "becomes one rater):")
             st.code(full_link(s.token), language=None, wrap_lines=True)
+            _personal_link(store, s)
             b1, b2, b3 = st.columns(3, vertical_alignment="center")
             if b1.button("Close" if s.is_open else "Reopen", key=f"toggle_{s.study_id}", icon=":material/lock:",
                          width="stretch"):
@@ -72,6 +74,20 @@ def _own_gold(sel: context.Selection, text: str, runs: dict, layers: list[str], 
     lines = parse_gold_lines(text, {l: runs[l] for l in layers}, layers[0] if layers else None)
     return [studies.make_gold_item(sel.store, runs[layer].run_key, neuron, right, wrong, n_options=n_options, seed=seed,
                                    n_images=n_images) for layer, neuron, right, wrong in lines]
+
+
+def _personal_link(store, s: studies.Study) -> None:
+    """Register a rater for someone and show their personal link (shown once: only its hash is kept)."""
+    with st.popover("Personal link for one rater", icon=":material/person_add:"):
+        st.caption("For someone who will rate on several devices, or to know who is who: the link is that "
+                   "person's identity, so give it to them only.")
+        with st.form(f"personal_{s.study_id}", border=False):
+            name = st.text_input("Their name (only you see it)", key=f"personal_name_{s.study_id}")
+            made = st.form_submit_button("Make link")
+        if made:
+            rater = studies.register_rater(store, s.study_id, name or None)
+            st.code(full_link(s.token, rater.secret), language=None, wrap_lines=True)
+            st.caption(f"Rater {rater.rater_id} ({rater.name}). Copy it now: it is not shown again.")
 
 
 def _create(sel: context.Selection) -> None:

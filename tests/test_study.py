@@ -492,7 +492,13 @@ def test_cli_create_list_results_export(workspace, capsys, tmp_path):
     study_id = out.split()[1].rstrip(":")
     study = st.get_study(workspace["store"], study_id)
     assert f"?study={study.token}" in out
-    rater = st.register_rater(workspace["store"], study_id, "cli rater").rater_id
+    # The owner hands out a personal link: its secret is the rater.
+    assert cli.main(["--cache", root, "study", "add-rater", study_id, "cli rater"]) == 0
+    out = capsys.readouterr().out
+    secret = out.split(f"?study={study.token}&key=")[1].split()[0]
+    rater = st.rater_by_secret(workspace["store"], study_id, secret)
+    assert rater.name == "cli rater" and rater.rater_id in out
+    rater = rater.rater_id
     _answer_all(workspace["store"], study_id, rater, lambda task, owner: ("A", {"A": 4}))
 
     assert cli.main(["--cache", root, "study", "list"]) == 0

@@ -303,6 +303,12 @@ def test_study_setup_defaults_submit_and_results_show_no_none(workspace, monkeyp
     gold = owner[owner["is_gold"]]
     assert {10, 11} <= set(gold["neuron"])  # the owner's, beside those built from the probe labels
     assert {o["label"] for o in gold[gold["neuron"] == 10].iloc[0]["options"]} == {"grey", "cat", "dog"}
+    # The owner makes a personal link for someone: the link's secret is that rater.
+    at.text_input(key=f"personal_name_{created.study_id}").input("Bea")
+    next(b for b in at.button if b.label == "Make link").click().run()
+    assert not at.exception and not at.error
+    link = next(c.value for c in at.code if "&key=" in c.value)
+    assert st.rater_by_secret(store, created.study_id, link.split("&key=")[1]).name == "Bea"
     # A vote without ratings, and a rater who met no gold item yet: no "None" anywhere.
     rater = st.register_rater(store, created.study_id, "Ada")
     regular = int(owner[~owner["is_gold"]].iloc[0]["item_id"])

@@ -27,7 +27,7 @@ from ui.study_forms import full_link
 
 log = logging.getLogger("neuroviz.ui")
 
-SECRET_PARAM = "key"
+SECRET_PARAM = studies.SECRET_PARAM
 #: Query parameters of older versions that named a rater in the URL: ignored and removed.
 OLD_PARAMS = ("rater",)
 COOKIE_DAYS = 365
@@ -106,8 +106,7 @@ def forget(study_id: str) -> None:
 
 def personal_link(token: str, rater: studies.Rater) -> str:
     """The link that opens this study as this rater, on any device."""
-    link = full_link(token)
-    return f"{link}&{SECRET_PARAM}={rater.secret}"
+    return full_link(token, rater.secret)
 
 
 @contextlib.contextmanager

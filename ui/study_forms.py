@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from neuroviz.study import StudyError
+from neuroviz.study import StudyError, link_query
 
 
 def parse_neuron_list(text: str, layers: dict[str, object], default_layer: str | None) -> list[tuple[str, int]]:
@@ -51,8 +51,9 @@ def parse_gold_lines(text: str, layers: dict[str, object], default_layer: str | 
     return out
 
 
-def full_link(token: str) -> str:
-    """The absolute rater URL when the browser's address is known, else the query string."""
+def full_link(token: str, secret: str | None = None) -> str:
+    """The absolute rater URL when the browser's address is known, else the query string;
+    with ``secret``, one rater's personal link."""
     base = None
     try:
         base = st.context.url
@@ -62,5 +63,5 @@ def full_link(token: str) -> str:
         from urllib.parse import urlsplit, urlunsplit
 
         parts = urlsplit(base)
-        return urlunsplit((parts.scheme, parts.netloc, "/", f"study={token}", ""))
-    return f"?study={token}"
+        return urlunsplit((parts.scheme, parts.netloc, "/", link_query(token, secret), ""))
+    return f"?{link_query(token, secret)}"

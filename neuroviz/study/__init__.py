@@ -31,6 +31,7 @@ Typical use (owner side, then rater side)::
 from .design import (
                      DEFAULT_PUBLIC_TITLE,
                      NONE_FITS,
+                     SECRET_PARAM,
                      SPECIAL_CHOICES,
                      UNINTERPRETABLE,
                      GoldItem,
@@ -45,6 +46,7 @@ from .design import (
                      delete_study,
                      get_study,
                      labelled_methods,
+                     link_query,
                      list_studies,
                      make_gold_item,
                      set_study_open,
@@ -85,13 +87,13 @@ from .statistics import fleiss_kappa, mean_interval, mean_sem, wilson_interval
 from .storage import StudiesBusyError, StudiesMigrationError, studies_path
 
 __all__ = [
-    "CHOICE_TITLES", "DEFAULT_PUBLIC_TITLE", "INSTRUCTIONS", "MIN_GOLD_ACCURACY", "NONE_FITS", "RATING_SCALE",
+    "CHOICE_TITLES", "DEFAULT_PUBLIC_TITLE", "INSTRUCTIONS", "MIN_GOLD_ACCURACY", "NONE_FITS", "RATING_SCALE", "SECRET_PARAM",
     "SPECIAL_CHOICES", "UNINTERPRETABLE",
     "GoldItem", "LayerScores", "MethodScore", "Rater", "RaterProgress", "RaterStudy", "RaterSummary", "RatingOption",
     "RatingTask", "SkippedItem", "StudiesBusyError", "StudiesMigrationError", "Study", "StudyError", "StudyItem",
     "StudyProgress", "StudyResults", "TaskPictures", "VoteReceipt",
     "choose_gold_items", "choose_items", "create_study", "default_methods", "delete_study", "fleiss_kappa", "get_study",
-    "labelled_methods", "list_studies", "make_gold_item", "mean_interval", "mean_sem", "next_item", "rater_by_secret",
+    "labelled_methods", "link_query", "list_studies", "make_gold_item", "mean_interval", "mean_sem", "next_item", "rater_by_secret",
     "rater_progress", "register_rater", "results_csv", "set_study_open", "studies_path", "study_by_token", "study_items",
     "study_progress", "study_results", "submit_vote", "task_for", "task_pictures", "votes_csv", "wilson_interval",
 ]

@@ -31,6 +31,13 @@ SPECIAL_CHOICES = (NONE_FITS, UNINTERPRETABLE)
 DEFAULT_PUBLIC_TITLE = "Which description fits these images best?"
 #: The letters options are shown as; also the most methods one study can compare.
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+#: Query parameters of a rater link: the study's token, and a rater's secret in a personal link.
+TOKEN_PARAM, SECRET_PARAM = "study", "key"
+
+
+def link_query(token: str, secret: str | None = None) -> str:
+    """The query string of a rater link (no '?'): the study's, or one rater's personal link."""
+    return f"{TOKEN_PARAM}={token}" + (f"&{SECRET_PARAM}={secret}" if secret else "")
 
 
 class StudyError(NeurovizError, ValueError):
@@ -92,7 +99,7 @@ class Study:
     @property
     def rater_link(self) -> str:
         """The query string that opens the rater-only view of this study."""
-        return f"?study={self.token}"
+        return f"?{link_query(self.token)}"
 
     @classmethod
     def from_row(cls, row: storage.StudyRow) -> Study:
