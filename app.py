@@ -40,17 +40,10 @@ NEURON_PAGES = {"neuron", "synthesize"}  # pages that show one neuron: the URL n
 
 
 def rater_navigation(token: str):
-    """Only the rating page of this study, or a message for an unknown token."""
-    from neuroviz.study import study_by_token
+    """Only the rating page of this study, or a message for an unknown token (see ui/rating.py)."""
     from ui import rating
 
-    public = None
-    with rating.rater_errors():
-        public = study_by_token(rating.place(), token)
-    if public is None:
-        return st.navigation([st.Page(auth.invalid_link_page, title="Study link", default=True)], position="hidden")
-    return st.navigation([st.Page(ROOT / "pages" / "rate.py", title=public.title, icon=":material/how_to_vote:", default=True)],
-                         position="hidden")
+    return rating.navigation(token, ROOT / "pages" / "rate.py")
 
 
 def login_navigation():

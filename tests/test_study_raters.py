@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -319,3 +320,27 @@ def test_study_setup_defaults_submit_and_results_show_no_none(workspace, monkeyp
     assert not at.exception and not at.error
     cells = [str(v) for frame in at.dataframe for v in frame.value.to_numpy().ravel()]
     assert cells and not [c for c in cells if c in ("None", "nan", "NaN", "<NA>")], cells
+
+
+def test_a_rater_never_reads_server_internals(workspace, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import APP_PATH, dashboard_env
+
+    store = workspace["store"]
+    study = _study(workspace)
+    dashboard_env(monkeypatch, store.root)
+    at = AppTest.from_file(str(APP_PATH), default_timeout=60)
+    at.query_params["study"] = study.token
+    at.run()
+    at.text_input[0].input("Ada")
+    at.button[0].click().run()
+    assert not at.error
+    for suffix in ("-wal", "-shm", ""):  # the studies file is damaged under the running server
+        Path(f"{st.studies_path(store)}{suffix}").unlink(missing_ok=True)
+    st.studies_path(store).write_bytes(b"this is not a database" * 100)
+    at.run()
+    shown = " ".join(str(e.value) for e in [*at.error, *at.warning, *at.info, *at.markdown])
+    assert at.error and "reload" in shown and "not valid" not in shown
+    for internal in (str(store.root), "studies", "sqlite", "Jobs page", str(os.getpid()), "Traceback"):
+        assert internal not in shown, internal

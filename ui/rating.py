@@ -16,11 +16,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import streamlit as st
 
 from neuroviz import study as studies
+from neuroviz.errors import NeurovizError
 from neuroviz.store import CacheLayout
 from ui import data
 from ui.study_forms import full_link
@@ -109,18 +113,44 @@ def personal_link(token: str, rater: studies.Rater) -> str:
     return full_link(token, rater.secret)
 
 
+SORRY = ("Sorry, this page could not be shown just now. Please reload it in a moment; your earlier answers are "
+         "saved. If it keeps happening, tell the person who sent you the link.")
+
+
 @contextlib.contextmanager
 def rater_errors() -> Iterator[None]:
-    """Show a rater a short message they can act on; the details stay in the server log."""
+    """Show a rater a short message they can act on; the details (paths, processes, what the
+    owner should do) stay in the server log."""
     try:
         yield
-    except studies.StudiesBusyError as exc:
+    except studies.StudiesBusyError as exc:  # written for raters: try again, nothing lost
         st.warning(str(exc))
-    except Exception:  # anything else is the server's problem, not the rater's to read
-        import os
-
+    except (NeurovizError, OSError, sqlite3.Error):  # the server's trouble, not the rater's to read
+        log.exception("error on the rating page")
+        st.error(SORRY)
+    except Exception:  # a bug
         if os.environ.get("NEUROVIZ_UI_RAISE"):
             raise
-        log.exception("error on the rating page")
-        st.error("Sorry, this page could not be shown just now. Please reload it in a moment; "
-                 "your earlier answers are saved.")
+        log.exception("unexpected error on the rating page")
+        st.error(SORRY)
+
+
+def _sorry_page() -> None:
+    st.title("Please try again in a moment")
+    st.error(SORRY)
+
+
+def navigation(token: str, rate_page: Path):
+    """The navigation of a rater link: only the rating page of its study, a message for an
+    unknown token, or an apology when the studies cannot be read just now."""
+    from ui import auth
+
+    public, failed = None, True
+    with rater_errors():
+        public = studies.study_by_token(place(), token)
+        failed = False
+    if public is None:
+        page = _sorry_page if failed else auth.invalid_link_page
+        return st.navigation([st.Page(page, title="Study link", default=True)], position="hidden")
+    return st.navigation([st.Page(rate_page, title=public.title, icon=":material/how_to_vote:", default=True)],
+                         position="hidden")
