@@ -20,6 +20,7 @@ def _existing(store) -> None:
         st.caption("No studies yet.")
         return
     for s in all_studies:
+        studies.freeze_missing_pictures(store, s.study_id)  # a study of an older version: raters need only it
         with st.container(border=True):
             st.markdown(f"**{s.name}** · {s.n_items - s.n_gold} items + {s.n_gold} gold · {s.raters_per_item} raters per item · "
                         f"{'open' if s.is_open else 'closed'}")

@@ -280,9 +280,12 @@ def test_studies_of_an_older_version_are_copied_over_once(workspace):
     results = st.study_results(store, "s-old")
     assert results.score("alpha_method").wins == 1 and results.score("alpha_method").mean_rating == 5
 
+    # Its items get the pictures raters see, rendered once from the workspace (a second call has nothing to do).
+    assert st.freeze_missing_pictures(store, "s-old") == 3 and st.freeze_missing_pictures(store, "s-old") == 0
     # The old letter orders still hold: Bob's pending gold item comes back with the same letters.
     task = st.next_item(store, "s-old", "r-bob")
     assert task.item_id == 1 and [o.label for o in task.options] == ["dog face", "wheel"]
+    assert st.task_pictures(store, task).n_images == 6
     assert st.register_rater(store, "s-old", "Ada").rater_id != "r-ada"  # a name is not an identity
     receipt = st.submit_vote(store, "s-old", "r-bob", 1, "A")
     assert receipt.done == 1 and not receipt.replaced

@@ -13,6 +13,7 @@ from ..study import (
     choose_items,
     create_study,
     delete_study,
+    freeze_missing_pictures,
     get_study,
     labelled_methods,
     link_query,
@@ -67,6 +68,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not studies:
         print("no studies yet; create one with `python -m neuroviz study create`")
     for s in studies:
+        freeze_missing_pictures(store, s.study_id)  # a study of an older version: raters need only it
         progress = study_progress(store, s.study_id)
         state = "open" if s.is_open else "closed"
         print(f"{s.study_id}  '{s.name}'  {state}  items={s.n_items - s.n_gold}+{s.n_gold} gold  "

@@ -460,6 +460,22 @@ def create_study(store: Store, name: str, items: Sequence[StudyItem | tuple[str,
     return get_study(store, study_id)
 
 
+def freeze_missing_pictures(store: Store, study_id: str) -> int:
+    """Render and keep the pictures of items that have none (a study made by an older version,
+    whose rating pages read the workspace): from now on raters need only the study. Returns
+    how many items got pictures; items whose run is gone are left (their raters see a note)."""
+    with storage.reading(store) as tables:
+        study = require_study(tables, study_id)
+        missing = tables.items_without_pictures(study_id)
+    runs = {key: run for key in {item.run_key for item in missing} if (run := store.get_run(key)) is not None}
+    todo = [(item.item_id, runs[item.run_key], item.neuron) for item in missing if item.run_key in runs]
+    if not todo:
+        return 0
+    frozen = pictures.pictures_of_items(store, todo, study.n_images)
+    storage.write(store, lambda tables: tables.insert_pictures(study_id, frozen))
+    return len({row[0] for row in frozen})
+
+
 def get_study(store: Store, study_id: str) -> Study:
     """The owner's view of one study; StudyError naming known studies if it does not exist."""
     with storage.reading(store) as tables:

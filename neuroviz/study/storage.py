@@ -302,9 +302,15 @@ class StudyTables:
     # -- pictures -------------------------------------------------------------------------
     def insert_pictures(self, study_id: str, pictures: Sequence[tuple[int, str, list[str], bytes]]) -> None:
         """Store the pictures frozen for items: (item id, kind, image ids shown, JPEG bytes)."""
-        self._con.executemany("INSERT INTO item_pictures VALUES (?, ?, ?, ?, ?)",
+        self._con.executemany("INSERT OR IGNORE INTO item_pictures VALUES (?, ?, ?, ?, ?)",
                               [(study_id, item_id, kind, json.dumps(ids), sqlite3.Binary(jpeg))
                                for item_id, kind, ids, jpeg in pictures])
+
+    def items_without_pictures(self, study_id: str) -> list[ItemRow]:
+        """The items of a study that have no frozen picture (studies made before pictures were)."""
+        return [_item_row(r) for r in self._all(
+            f"SELECT {_ITEM_COLUMNS} FROM study_items i WHERE study_id = ? AND NOT EXISTS (SELECT 1 FROM item_pictures p "
+            "WHERE p.study_id = i.study_id AND p.item_id = i.item_id) ORDER BY item_id", (study_id,))]
 
     def pictures(self, study_id: str, item_id: int) -> dict[str, tuple[bytes, list[str]]]:
         """kind -> (JPEG bytes, image ids shown) of one item's frozen pictures."""
