@@ -156,7 +156,7 @@ def register_rater(store: CacheLayout, study_id: str, name: str | None = None) -
     same name or none, gives two raters. No name: the rater id is the label.
     """
     label = " ".join((name or "").split())[:80]
-    secret = secrets.token_urlsafe(18)
+    secret = secrets.token_hex(16)  # 128 bits, in letters a-f and digits: no word can appear in it
 
     def register(tables: storage.StudyTables) -> Rater:
         require_study(tables, study_id)
