@@ -270,7 +270,7 @@ def test_rating_page_works_without_the_workspace_and_a_personal_link_continues(w
         again.query_params["key"] = secret
         again.run()
         assert any("All done" in t.value for t in again.title) and not again.text_input
-        assert any("Welcome back, Ada" in i.value for i in again.info)
+        assert any("You are rating as Ada (your personal link)" in i.value for i in again.info)
         assert "key" not in again.query_params  # taken out of the address bar
         # An altered link is refused in words and starts a new rater instead.
         wrong = AppTest.from_file(str(APP_PATH), default_timeout=60)

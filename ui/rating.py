@@ -64,8 +64,8 @@ def current_rater(where: CacheLayout, study_id: str) -> studies.Rater | None:
     for secret in (link, session, _cookie(study_id)):
         rater = studies.rater_by_secret(where, study_id, secret)
         if rater is not None:
-            if secret != session:  # recognised from a cookie or link: say so once, on arrival
-                st.session_state[_returned_key(study_id)] = True
+            if secret != session:  # recognised from a link or a cookie: say so once, on arrival
+                st.session_state[_returned_key(study_id)] = "link" if secret == link else "cookie"
             return rater
         if secret and secret == link:
             st.warning("This personal link is not valid (mistyped, or for another study). "
@@ -78,10 +78,14 @@ def _returned_key(study_id: str) -> str:
 
 
 def welcome_back(rater: studies.Rater) -> None:
-    """Tell a rater recognised by this browser (or their personal link) who they are, once."""
-    if st.session_state.pop(_returned_key(rater.study_id), False):
+    """Tell a rater recognised by this browser or by their personal link who they are, once."""
+    how = st.session_state.pop(_returned_key(rater.study_id), None)
+    if how == "cookie":
         st.info(f"Welcome back, {rater.name}: this browser remembered you, so you continue where you left off "
                 "(your earlier answers are kept).", icon=":material/how_to_reg:")
+    elif how == "link":
+        st.info(f"You are rating as {rater.name} (your personal link); your answers so far are kept, and this "
+                "browser will remember you.", icon=":material/how_to_reg:")
 
 
 def register(where: CacheLayout, study_id: str, name: str | None) -> studies.Rater:
