@@ -1,4 +1,4 @@
-"""``python -m neuroviz study create|list|results|export|close|delete``: blind user studies."""
+"""``python -m neuroviz study create|list|add-rater|results|export|close|delete``: blind user studies."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ from ..study import (
     choose_items,
     create_study,
     delete_study,
+    freeze_missing_pictures,
+    get_study,
     labelled_methods,
+    link_query,
     list_studies,
+    register_rater,
     results_csv,
     set_study_open,
     study_progress,
@@ -63,11 +67,22 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not studies:
         print("no studies yet; create one with `python -m neuroviz study create`")
     for s in studies:
+        freeze_missing_pictures(store, s.study_id)  # a study of an older version: raters need only it
         progress = study_progress(store, s.study_id)
         state = "open" if s.is_open else "closed"
         print(f"{s.study_id}  '{s.name}'  {state}  items={s.n_items - s.n_gold}+{s.n_gold} gold  "
               f"complete={progress.items_complete}  votes={progress.n_votes}  raters={len(progress.raters)}  "
               f"methods={','.join(s.methods)}  link={s.rater_link}")
+    return 0
+
+
+def _cmd_add_rater(args: argparse.Namespace) -> int:
+    store = store_from(args)
+    study = get_study(store, args.study_id)
+    rater = register_rater(store, study.study_id, args.name)
+    print(f"rater {rater.rater_id} '{rater.name}' in study {study.study_id}")
+    print(f"personal link: ?{link_query(study.token, rater.secret)}   (append to the dashboard's URL; "
+          "give it to this person only: it lets its holder answer as them, and it is not shown again)")
     return 0
 
 
@@ -140,6 +155,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("list", help="list studies with progress and rater links")
     p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("add-rater", help="register a rater and print their personal link (hand it to them)")
+    p.add_argument("study_id")
+    p.add_argument("name", nargs="?", help="a label for you (names are not identities: two raters may share one)")
+    p.set_defaults(func=_cmd_add_rater)
 
     p = sub.add_parser("results", help="win rates, ratings and agreement of a study")
     p.add_argument("study_id")
