@@ -129,9 +129,15 @@ def test_browser_shows_24_cards_pages_and_searches(dash):
     labels = dash["store"].labels(dash["runs"]["layer2"].run_key, top_only=False)
     word = "red square"
     expected = sorted(set(labels.loc[labels["label"] == word, "neuron"].astype(int)))
+    answers = sorted(set(labels.loc[(labels["label"] == word) & (labels["rank"] == 0), "neuron"].astype(int)))
     at.text_input(key="browser_query").input("red squ").run()
+    # by default the search looks at what the cards show (each method's answer), not hidden candidates
+    assert card_neurons(at) == answers[:24], "the default search must match only the labels shown"
+    at.toggle(key="browser_candidates").set_value(True).run()
     shown = card_neurons(at)
     assert shown == expected[:24] and shown, "search should keep exactly the neurons with a matching label, page 1 again"
+    if set(shown) - set(answers):  # a card matched by a runner-up says so
+        assert "candidate" in texts(at) and "red square" in texts(at)
     at.text_input(key="browser_query").input("no such concept").run()
     assert card_neurons(at) == [] and any("No neuron matches" in i.value for i in at.info)
 
@@ -182,11 +188,15 @@ def test_sidebar_layer_choice_changes_the_grid_and_url(dash):
     at.run()
     layer_box = at.sidebar.selectbox(key="_w_layer")
     assert [o.split(" · ")[0] for o in layer_box.options] == ["layer2", "layer4", "fc"]
-    assert "layer4 · 512 neurons · 3 methods" in layer_box.options and "fc · 1000 neurons" in layer_box.options
-    layer_box.set_value("layer4").run()
+    # short options (the sidebar cuts longer text off); the methods are in their own picker
+    assert "layer4 · 512 neurons" in layer_box.options and "fc · 1000 neurons" in layer_box.options
+    assert all(len(o) <= 24 for o in layer_box.options)
+    # it opens on the deepest spatial layer the most methods labelled (features.18 on the demo)
+    assert layer_box.value == "layer4" and any("layer4" in c.value for c in at.caption)
+    layer_box.set_value("layer2").run()
     assert_clean(at)
-    assert any("layer4" in c.value and "512 neurons" in c.value for c in at.caption)
-    assert at.query_params["layer"] == "layer4"
+    assert any("layer2" in c.value and "128 neurons" in c.value for c in at.caption)
+    assert at.query_params["layer"] == "layer2"
 
 
 def test_deep_link_opens_exactly_that_neuron_and_steps(dash):
