@@ -449,3 +449,53 @@ def test_only_a_local_browser_gets_in_without_a_password(monkeypatch):
     assert auth.owner_access() == "login"
     assert not auth.check_password("nope") and auth.owner_access() == "login"
     assert auth.check_password("pw") and auth.owner_access() == "granted"
+
+
+@pytest.mark.parametrize(("query", "said"), [
+    ({"layer": "layer5"}, ["Layer 'layer5'", "Showing layer4"]),
+    ({"layer": "layer4", "neuron": 999999}, ["Neuron 999999 does not exist", "showing neuron 511"]),
+    ({"layer": "layer4", "neuron": -5}, ["showing neuron 0"]),
+    ({"probe": "nosuchset"}, ["probe set 'nosuchset'", "instead"]),
+    ({"model": "torchvision:resnet17@random"}, ["unknown", "Did you mean torchvision:resnet18@random"]),
+])
+def test_a_bad_link_says_what_it_shows_instead(dash, query, said):
+    at = app(**query)
+    at.switch_page("pages/neuron.py").run()
+    assert not at.exception
+    shown = "\n".join(w.value for w in at.warning)
+    for part in said:
+        assert part in shown, (part, shown)
+    at.button(key="neuron_prev" if at.button(key="neuron_next").disabled else "neuron_next").click().run()
+    assert not at.exception  # said once, not on every rerun:
+    assert not any("does not exist" in w.value or "instead" in w.value for w in at.warning)
+
+
+def test_cold_neuron_page_says_what_it_is_loading(dash, monkeypatch):
+    import streamlit
+
+    said = []
+    real = streamlit.spinner
+
+    def spinner(text="", *args, **kwargs):
+        said.append(text)
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(streamlit, "spinner", spinner)
+    at = app(layer="layer4", neuron=4)
+    at.switch_page("pages/neuron.py").run()
+    assert_clean(at)
+    assert any("labels" in s for s in said) and any("top images" in s for s in said), said
+
+
+def test_loopback_in_any_spelling_is_local_but_a_proxy_is_not():
+    from ui.auth import is_local
+
+    for ip, host in [(None, "localhost:8501"), (None, "127.0.0.1:8501"), ("::ffff:127.0.0.1", "127.0.0.1:8501"),
+                     ("127.0.0.2", "127.0.0.2:8501"), ("127.1.2.3", "localhost"), (None, "[::1]:8501")]:
+        assert is_local(ip, {"Host": host}), (ip, host)
+    for ip, headers in [(None, {"Host": "dashboard.example.org"}),  # a proxy that keeps the public Host
+                        (None, {"Host": "localhost:8501", "X-Forwarded-For": "203.0.113.9"}),
+                        ("::ffff:127.0.0.1", {"host": "127.0.0.1", "forwarded": "for=203.0.113.9"}),
+                        ("10.1.2.9", {"Host": "localhost:8501"}), ("::ffff:10.0.0.1", {"Host": "localhost"}),
+                        (None, {"Host": "127.0.0.1.example.org"}), (None, {})]:
+        assert not is_local(ip, headers), (ip, headers)
