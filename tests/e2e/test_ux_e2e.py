@@ -437,7 +437,7 @@ def test_audit_with_an_empty_query_gives_a_hint(base, page):
 
 def test_workspace_shows_a_jobs_command_line_once(base, page):
     open_url(page, base + "/workspace")
-    page.get_by_text("The model's layers").click()
+    page.get_by_text("The model's layers", exact=True).click()
     page.get_by_role("button", name="List the model's layers").click()
     page.get_by_text("layers", exact=False).first.wait_for()
     time.sleep(2)  # the job is running or done: its progress block is drawn under the button
