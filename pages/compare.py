@@ -182,7 +182,10 @@ def _two_methods(sel: context.Selection) -> None:
         table = table[~table["same"]]
     elif only == "agree":
         table = table[table["same"]]
-    st.dataframe(table, hide_index=True, width="stretch", height=260)
+    raw_a, raw_b = f"{data.method_title(m_a)} raw score", f"{data.method_title(m_b)} raw score"
+    st.dataframe(table.rename(columns={"score A": raw_a, "score B": raw_b}), hide_index=True, width="stretch", height=260,
+                 column_config={raw_a: st.column_config.NumberColumn(help=cards.score_scale(m_a)),
+                                raw_b: st.column_config.NumberColumn(help=cards.score_scale(m_b))})
     if table.empty:
         return
     n_pages = max(1, -(-len(table) // PER_PAGE))
