@@ -66,7 +66,11 @@ def test_extraction_of_commands_strips_comments_and_skips_templates():
     assert readme_commands(text) == ["python -m neuroviz cache", "python -m neuroviz audit m --probe demo text"]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+def _ids(commands: list[str]) -> list[str]:
+    return [" ".join(argv_of(c)[:3]) for c in commands]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=_ids(COMMANDS))
 def test_readme_command_parses(command, capsys):
     """The parser accepts the command exactly as the README prints it (exit 2 = it does not)."""
     from neuroviz.cli import build_parser
@@ -79,7 +83,8 @@ def test_readme_command_parses(command, capsys):
     assert callable(args.func)
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if argv_of(c)[0] in RUN_FOR_REAL])
+@pytest.mark.parametrize("command", [c for c in COMMANDS if argv_of(c)[0] in RUN_FOR_REAL],
+                         ids=_ids([c for c in COMMANDS if argv_of(c)[0] in RUN_FOR_REAL]))
 def test_readme_command_runs(command, tmp_path):
     env = dict(os.environ, NEUROVIZ_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-m", "neuroviz", *argv_of(command)], capture_output=True, text=True,
