@@ -72,6 +72,7 @@ def owner_navigation():
         st.sidebar.button("Log out", on_click=auth.log_out, icon=":material/logout:")
     if deep_link and sel is not None:
         st.switch_page(pages["neuron.py"], query_params=sel.query_params())
+    context.show_notices()  # what a bad link asked for and what is shown instead, above the page
     return nav
 
 
