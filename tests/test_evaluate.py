@@ -50,8 +50,10 @@ def test_evaluate_real_layer_has_a_constant_baseline_row(workspace):
     run_method("clip_dissect", MethodContext(store=store, run=fc, multimodal=backend, concepts=from_texts("c", CONCEPTS)),
                neurons=range(50))
     rows = evaluate_run(store, fc, backend)
-    assert [r.name for r in rows] == ["clip_dissect", "baseline: depiction"]
-    method, baseline = rows
+    # labels made from the whole probe set saw the scoring images: the row says so
+    assert [r.name for r in rows] == ["clip_dissect (in-sample)", "shuffled: clip_dissect (in-sample)", "baseline: depiction"]
+    method, shuffled, baseline = rows
+    assert not method.held_out and shuffled.kind == "shuffled" and shuffled.n_neurons == 50
     assert method.n_neurons == 50 and baseline.n_neurons == fc.n_neurons
     assert -1 <= baseline.simulation_correlation <= 1 and -1 <= method.simulation_correlation <= 1
     assert method.final_layer_accuracy is None  # no class names given: no final-layer metric
@@ -59,8 +61,8 @@ def test_evaluate_real_layer_has_a_constant_baseline_row(workspace):
     assert "| baseline: depiction |" in table and "simulation r" in table
     # --common: every row on the neurons all methods labelled (here the 50 CLIP-Dissect did)
     common = {r.name: r for r in evaluate_run(store, fc, backend, common_neurons=True)}
-    assert common["baseline: depiction"].n_neurons == 50 == common["clip_dissect"].n_neurons
-    assert common["clip_dissect"].simulation_correlation == pytest.approx(method.simulation_correlation)
+    assert common["baseline: depiction"].n_neurons == 50 == common["clip_dissect (in-sample)"].n_neurons
+    assert common["clip_dissect (in-sample)"].simulation_correlation == pytest.approx(method.simulation_correlation)
     assert common["baseline: depiction"].simulation_correlation != pytest.approx(baseline.simulation_correlation)
 
 
@@ -79,12 +81,14 @@ def test_planted_final_layer_scores_high_and_beats_the_baseline(workspace):
     ctx = MethodContext(store=store, run=run, multimodal=backend, concepts=from_texts("c", CONCEPTS))
     run_method("clip_dissect", ctx, ClipDissectConfig(similarity="cos3"))
     rows = {r.name: r for r in evaluate_run(store, run, backend, class_names=CLASSES)}
-    assert set(rows) == {"clip_dissect", "baseline: depiction", "oracle: class names"}
-    assert rows["clip_dissect"].final_layer_accuracy >= 0.8
+    assert set(rows) == {"clip_dissect (in-sample)", "shuffled: clip_dissect (in-sample)", "baseline: depiction", "oracle: class names"}
+    method = rows["clip_dissect (in-sample)"]
+    assert method.final_layer_accuracy >= 0.8
     assert rows["baseline: depiction"].final_layer_accuracy == 0.0
-    assert rows["clip_dissect"].final_layer_cosine > rows["baseline: depiction"].final_layer_cosine
+    assert method.final_layer_cosine > rows["baseline: depiction"].final_layer_cosine
     assert rows["oracle: class names"].simulation_correlation == pytest.approx(1.0, abs=1e-5)
-    assert rows["clip_dissect"].simulation_correlation > rows["baseline: depiction"].simulation_correlation
+    assert method.simulation_correlation > rows["baseline: depiction"].simulation_correlation
+    assert method.simulation_correlation > rows["shuffled: clip_dissect (in-sample)"].simulation_correlation
 
 
 def test_evaluate_cli(workspace, capsys):
