@@ -3,9 +3,14 @@
 For unit n with method labels L_1..L_m, the observed statistic is the best held-out
 simulation r over its labels. The null is the shuffled baseline: the labels of the layer's
 *other* units (each as often as it occurs, as a random permutation of labels would give
-them), scored on unit n over the same images. One-sided p = (1 + #null >= best) / (1 + #null),
-Sidak-adjusted for taking the best of m labels (1 - (1 - p)^m), then corrected over the layer
-with Benjamini-Hochberg (statsmodels ``multipletests``, ``fdr_bh``). A unit *passes* when its
+them; texts equal to one of the unit's own labels left out), scored on unit n over the same
+images. One-sided p: the best r's Fisher z as a new draw from the null labels' Fisher z values
+(their weighted mean and standard deviation; Student t with one degree of freedom less
+than the number of distinct null texts). An empirical rank p, (1 + #null >= best) /
+(1 + #null), cannot go below 1 / (1 + #labels), which on a small or repetitive layer is
+too coarse to survive a correction over its units; it is kept in ``p_rank``. p is
+Sidak-adjusted for taking the best of m labels (1 - (1 - p)^m), then corrected over the
+layer with Benjamini-Hochberg (statsmodels ``multipletests``, ``fdr_bh``). A unit *passes* when its
 corrected q < alpha. Badges are saved as a record per run so the pages show them without
 recomputing; :func:`badge_sort_key` and :func:`filter_by_badge` are the browser's sort and
 filter.
@@ -38,6 +43,7 @@ class UnitBadge:
     null_mean: float  # mean r of the shuffled labels on this unit
     p: float  # one-sided, adjusted for the best of m labels
     q: float  # Benjamini-Hochberg over the layer
+    p_rank: float = 1.0  # empirical rank among the null labels (see the module docstring)
 
     @property
     def title(self) -> str:
@@ -52,6 +58,7 @@ def _standardise(x: np.ndarray) -> np.ndarray:
 def unit_badges(store: Store, images: ScoringImages, multimodal, method_sets: Sequence[LabelSet],
                 alpha: float = DEFAULT_ALPHA) -> list[UnitBadge]:
     """Badges for every unit labelled by at least one of ``method_sets`` (methods, not baselines)."""
+    from scipy.stats import t as student_t
     from statsmodels.stats.multitest import multipletests
 
     from .. import embeddings
@@ -82,15 +89,23 @@ def unit_badges(store: Store, images: ScoringImages, multimodal, method_sets: Se
             n_labels[i] += 1
             if r_all[i, j] > best[i]:
                 best[i], best_label[i], best_method[i] = r_all[i, j], label, ls.name
-    null_counts = counts[None, :] - own  # other units' labels, as often as they occur
+    null_counts = np.where(own > 0, 0.0, counts[None, :])  # other units' labels, as often as they occur
     total = null_counts.sum(axis=1)
-    exceed = ((r_all >= best[:, None]) * null_counts).sum(axis=1)
-    p = (1 + exceed) / (1 + total)
+    p_rank = (1 + ((r_all >= best[:, None]) * null_counts).sum(axis=1)) / (1 + total)
+    z = np.arctanh(np.clip(r_all, -0.999999, 0.999999))
+    z_mean = (z * null_counts).sum(axis=1) / np.maximum(total, 1)
+    z_sd = np.sqrt(np.maximum(((z - z_mean[:, None]) ** 2 * null_counts).sum(axis=1) / np.maximum(total - 1, 1), 0.0))
+    z_best = np.arctanh(np.clip(best, -0.999999, 0.999999))
+    distinct = (null_counts > 0).sum(axis=1)  # repeated texts are one value: they add no degrees of freedom
+    usable = (distinct >= 2) & (z_sd > 1e-9)
+    # A new draw against a sample of null values: Student t with (distinct values - 1) degrees of freedom.
+    spread = np.where(usable, z_sd * np.sqrt(1 + 1 / np.maximum(distinct, 1)), 1.0)
+    p = np.where(usable, student_t.sf((z_best - z_mean) / spread, np.maximum(distinct - 1, 1)), 1.0)
     p = 1 - (1 - p) ** np.maximum(n_labels, 1)
     null_mean = (r_all * null_counts).sum(axis=1) / np.maximum(total, 1)
     q = multipletests(p, alpha=alpha, method="fdr_bh")[1]
     return [UnitBadge(int(n), bool(q[i] < alpha), best_label[i], best_method[i], float(best[i]), float(null_mean[i]),
-                      float(p[i]), float(q[i])) for i, n in enumerate(units)]
+                      float(p[i]), float(q[i]), float(p_rank[i])) for i, n in enumerate(units)]
 
 
 def save_badges(store: Store, run_key: str, badges: Sequence[UnitBadge], about: dict) -> None:
