@@ -122,12 +122,14 @@ def explain_units(acts: np.ndarray, concept_acts: np.ndarray, config: LinearExpl
 
 def format_explanation(names: Sequence[str], explanation: LinearExplanation, decimals: int = 2,
                        min_weight: float = 0.005) -> tuple[str, list[tuple[str, float]]]:
-    """'0.67 dog + 0.33 grass' (weights scaled to sum 1, largest first) and the (concept, weight) terms."""
+    """'0.67 dog + 0.33 grass' (weights scaled to sum 1, largest first; one term: just its name) and the terms."""
     total = float(sum(explanation.weights))
     if total <= 0:
         return "", []
     terms = sorted(((names[c], w / total) for c, w in zip(explanation.concepts, explanation.weights)), key=lambda t: -t[1])
     terms = [(name, round(w, decimals)) for name, w in terms if round(w, decimals) >= min_weight]
+    if len(terms) == 1:  # "1.00 car" says nothing more than "car" (and "3 dogs" must stay a plain label)
+        return terms[0][0], terms
     return " + ".join(f"{w:.{decimals}f} {name}" for name, w in terms), terms
 
 
