@@ -30,6 +30,7 @@ from .store import RunInfo, Store
 from .study.statistics import mean_sem
 from .trust.badges import UnitBadge, save_badges, unit_badges
 from .trust.baselines import DEFAULT_CONSTANT, constant_label_set, oracle_label_set, shuffled_label_set
+from .trust.compare import save_unit_scores
 from .trust.metrics import DEFAULT_BOOTSTRAP, METRIC_TITLES, METRICS, pearson_columns
 from .trust.scoring import LabelSet, ScoredLabelSet, ScoringImages, score_label_sets, scoring_images
 from .trust.split import HeldOutSplit, fit_run_key
@@ -192,10 +193,12 @@ def evaluate_layer(store: Store, run: RunInfo, multimodal, class_names: Sequence
     rows = [_row(s, images, final_layer, names, multimodal, store) for s in scored]
     _count_wins(rows, scored)
     badges = unit_badges(store, images, multimodal, sets) if sets else []
-    if save and badges:
-        save_badges(store, run.run_key, badges, {"images": images.description, "backend": multimodal.id,
-                                                  "split_seed": split_seed, "held_out": all(ls.held_out for ls in sets),
-                                                  "methods": [ls.name for ls in sets], "created_at": time.time()})
+    if save:
+        about = {"images": images.description, "backend": multimodal.id, "split_seed": split_seed,
+                 "held_out": all(ls.held_out for ls in sets), "methods": [ls.name for ls in sets], "created_at": time.time()}
+        save_unit_scores(store, run.run_key, scored, about)
+        if badges:
+            save_badges(store, run.run_key, badges, about)
     return Evaluation(rows, images.description, chosen, {ls.name: label_diversity(ls) for ls in sets},
                       hub_images(store, run, all_neurons), len(all_neurons), badges, scored)
 

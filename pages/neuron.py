@@ -14,7 +14,7 @@ from neuroviz import images
 from neuroviz.methods import list_methods
 from neuroviz.methods.base import HeatmapOverlay, Overlay
 from neuroviz.requests import LabelRequest
-from ui import cards, context, data, guard, jobs_ui, shell
+from ui import cards, context, data, guard, jobs_ui, shell, trust_view
 
 NO_OVERLAY = "none"
 QUANTILE_EDGES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
@@ -215,6 +215,7 @@ def body() -> None:
                f"({sel.run.n_images} images) · the address bar names this neuron: copy it to share")
     _nav(sel, neuron)
     _labels(sel, neuron)
+    trust_view.unit_panel(sel, neuron)
     _top_images(sel, neuron)
     _distribution(sel, neuron)
     _on_demand(sel, neuron)
