@@ -81,9 +81,10 @@ def unit_comparison(store: Store, run_key: str, neuron: int) -> list[ComparisonR
             i = entry["neurons"].index(int(neuron))
         except ValueError:
             continue
-        metrics = {}
+        metrics: dict[str, tuple[float, float, float]] = {}
         for metric, (values, lows, highs) in entry["metrics"].items():
-            metrics[metric] = tuple(float("nan") if v[i] is None else float(v[i]) for v in (values, lows, highs))
+            value, low, high = (float("nan") if v[i] is None else float(v[i]) for v in (values, lows, highs))
+            metrics[metric] = (value, low, high)
         rows.append(ComparisonRow(entry["name"], entry["kind"], entry["labels"][i], bool(entry["held_out"]), metrics, entry["note"]))
 
     def order(row: ComparisonRow) -> tuple[int, float]:
