@@ -17,7 +17,6 @@ lists them, so a table made later with more labelled units says it used others.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from .trust.badges import UnitBadge, save_badges, unit_badges
 from .trust.baselines import DEFAULT_CONSTANT, constant_label_set, oracle_label_set, shuffled_label_set
 from .trust.compare import save_unit_scores
 from .trust.metrics import DEFAULT_BOOTSTRAP, METRIC_TITLES, METRICS, pearson_columns
-from .trust.scoring import LabelSet, ScoredLabelSet, ScoringImages, score_label_sets, scoring_images
+from .trust.scoring import LabelSet, ScoredLabelSet, ScoringImages, normalise_label, score_label_sets, scoring_images
 from .trust.split import HeldOutSplit, fit_run_key
 
 DEFAULT_BASELINES = (DEFAULT_CONSTANT,)
@@ -76,11 +75,6 @@ class Evaluation:
     n_units_top: int = 0
     badges: list[UnitBadge] = field(default_factory=list)
     scored: list[ScoredLabelSet] = field(default_factory=list)
-
-
-def normalise_label(text: str) -> str:
-    """Lower case, underscores as spaces, single spaces: 'Great_White shark' == 'great white shark'."""
-    return re.sub(r"\s+", " ", str(text).replace("_", " ")).strip().casefold()
 
 
 def evaluation_split(image_ids: Sequence[str], seed: int = 0) -> np.ndarray:
@@ -156,8 +150,13 @@ def evaluate_layer(store: Store, run: RunInfo, multimodal, class_names: Sequence
                    split_seed: int = 0, include_oracle: bool = True, latest_only: bool = True,
                    common_neurons: bool = False, neurons: Sequence[int] | None = None,
                    label_runs: Sequence[str] | None = None, score_run: RunInfo | None = None,
-                   n_boot: int = DEFAULT_BOOTSTRAP, shuffled: bool = True, save: bool = True) -> Evaluation:
-    """Score the label runs of ``run`` and the baselines on held-out images (see the module docstring)."""
+                   n_boot: int = DEFAULT_BOOTSTRAP, shuffled: bool = True, save: bool = True,
+                   per_unit: bool = True) -> Evaluation:
+    """Score the label runs of ``run`` and the baselines on held-out images (see the module docstring).
+
+    ``per_unit=False`` skips each unit's own intervals (the neuron page's comparison then shows
+    values only) and bootstraps the linearised layer means: much faster on wide layers.
+    """
     split = HeldOutSplit(split_seed)
     sets = method_label_sets(store, run, split, methods, label_runs, latest_only)
     chosen: list[int] | None = None
@@ -189,7 +188,7 @@ def evaluate_layer(store: Store, run: RunInfo, multimodal, class_names: Sequence
         images = scoring_images(store, run, multimodal, split, score_run)
     except NeurovizError as exc:
         raise EvaluationError(str(exc)) from None
-    scored = score_label_sets(store, images, multimodal, label_sets, n_boot=n_boot, seed=split_seed)
+    scored = score_label_sets(store, images, multimodal, label_sets, n_boot=n_boot, seed=split_seed, per_unit=per_unit)
     rows = [_row(s, images, final_layer, names, multimodal, store) for s in scored]
     _count_wins(rows, scored)
     badges = unit_badges(store, images, multimodal, sets) if sets else []

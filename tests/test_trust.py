@@ -254,3 +254,35 @@ def test_evaluate_scores_held_out_labels_with_every_baseline(planted):
     report = format_report(ev)
     assert "Neurons used (12): 0-11" in report and "Label diversity" in report and "Hub images" in report
     assert badge_lib.load_badges(store, run.run_key)  # evaluate saves the badges the pages show
+
+
+def test_labels_that_name_image_classes_use_ground_truth_presence(planted):
+    """A label naming the images' class: presence is the class, not the label's own top predictions."""
+    from neuroviz.trust.scoring import ScoringImages
+
+    rng = np.random.default_rng(5)
+    n = 200
+    classes = ["dog" if i % 4 == 0 else "cat" for i in range(n)]
+    acts = np.array([[1.0 if c == "dog" else 0.0] for c in classes]) + 0.01 * rng.normal(size=(n, 1))
+    images = ScoringImages(acts, rng.normal(size=(n, 8)).astype(np.float32), [str(i) for i in range(n)], "test", classes)
+
+    class Blind(PixelBackend):  # predictions that know nothing of dogs (random image embeddings)
+        def similarity(self, image_emb, text_emb):
+            return image_emb[:, : text_emb.shape[0]]
+
+    (truth,) = score_label_sets(planted["store"], images, Blind(), [LabelSet("m", "method", {0: "Dog"})], n_boot=0)
+    # presence = the dog images; the unit fires exactly on them: AUPRC 1 whatever the prediction
+    assert truth.scores.values["auprc"][0] == pytest.approx(1.0)
+
+
+def test_linearised_layer_mean_interval_matches_the_exact_bootstrap():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(3000, 40))
+    p = 0.3 * a + rng.normal(size=a.shape)
+    exact = score_columns(a, p, n_boot=400, seed=2)
+    fast = score_columns(a, p, n_boot=400, seed=2, per_unit=False)
+    for metric in ("simulation_r", "f1", "iou"):
+        mean, lo, hi = exact.mean_interval(metric)
+        f_mean, f_lo, f_hi = fast.mean_interval(metric)
+        assert f_mean == mean and np.isnan(fast.interval(metric)[0]).all()
+        assert f_lo == pytest.approx(lo, abs=0.1 * (hi - lo)) and f_hi == pytest.approx(hi, abs=0.1 * (hi - lo))

@@ -29,7 +29,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     evaluation = evaluate_layer(store, run, multimodal, class_names, comma_list(args.methods), comma_list(args.baseline) or [],
                                 args.split_seed, latest_only=not args.all_label_runs, common_neurons=args.common,
                                 neurons=parse_neurons(args.neurons), label_runs=comma_list(args.label_runs),
-                                score_run=score_run, n_boot=args.bootstrap)
+                                score_run=score_run, n_boot=args.bootstrap, per_unit=not args.layer_intervals_only)
     print(f"# {run.model_spec}  {run.layer}  ({run.n_neurons} neurons); scored with {multimodal.description}")
     if class_names is not None and len(class_names) != run.n_neurons:
         print(f"(final-layer metrics apply to a layer of {len(class_names)} neurons, one per class)")
@@ -70,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fit", help="first label the fit part with these methods (comma-separated), e.g. clip_dissect")
     p.add_argument("--concepts", default="words20k", help="concept set for --fit methods")
     p.add_argument("--bootstrap", type=int, default=200, help="image resamples for the 95%% intervals (0: none)")
+    p.add_argument("--layer-intervals-only", action="store_true",
+                   help="intervals for the layer means only (linearised bootstrap; much faster on wide layers)")
     p.add_argument("--all-label-runs", action="store_true", help="every label run of a method, not only the newest")
     p.add_argument("--common", action="store_true",
                    help="only the neurons every chosen label run labelled (the list is printed)")

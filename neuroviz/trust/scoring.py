@@ -2,7 +2,9 @@
 
 A label's *predicted activation* on an image is the multimodal backend's image-text
 similarity; a weighted label ("0.6 dog + 0.3 grass", Linear Explanations) predicts the same
-weighted sum of its concepts' similarities. Units are scored only on the *scoring images*:
+weighted sum of its concepts' similarities. Concept presence for AUPRC, F1 and IoU is ground truth when every label of a set names one
+of the images' classes (the probe set's labels: an oracle row, a classifier's output layer);
+otherwise each label's own top predictions. Units are scored only on the *scoring images*:
 the score part of the run's own probe set (see :mod:`.split`), or a second probe set's run of
 the same layer (``score_run``), minus any image that is in the fit part.
 """
@@ -12,13 +14,20 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import NeurovizError
 from ..store import RunInfo, Store
-from .metrics import DEFAULT_BOOTSTRAP, DEFAULT_TOP_FRACTION, METRICS, MetricScores, score_columns
+from .metrics import DEFAULT_BOOTSTRAP, DEFAULT_TOP_FRACTION, METRICS, MetricScores, Prepared, bootstrap_weights, prepare, score_prepared
 from .split import HeldOutSplit, parent_of
+
+
+def normalise_label(text: str) -> str:
+    """Lower case, underscores as spaces, single spaces: 'Great_White shark' == 'great white shark'."""
+    return re.sub(r"\s+", " ", str(text).replace("_", " ")).strip().casefold()
+
 
 _TERM = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s+(\S.*?)\s*$")
 MIN_SCORING_IMAGES = 3
@@ -48,7 +57,14 @@ class ScoringImages:
     image_emb: np.ndarray  # (images, dim)
     image_ids: list[str]
     description: str
-    presence: dict[str, np.ndarray] = field(default_factory=dict)  # label text -> ground-truth presence
+    image_classes: list[str] = field(default_factory=list)  # each image's class (normalised), "" when unlabelled
+
+    def presence(self, label: str) -> np.ndarray | None:
+        """Ground truth for a label that names one of the images' classes: True where the image is of it."""
+        key = normalise_label(label)
+        if not key or key not in set(self.image_classes):
+            return None
+        return np.array([c == key for c in self.image_classes], dtype=bool)
 
 
 @dataclass
@@ -78,12 +94,17 @@ def label_texts(label_sets: Sequence[LabelSet]) -> list[str]:
 
 
 def predicted_activations(multimodal, image_emb: np.ndarray, text_emb: np.ndarray, row_of: dict[str, int],
-                          labels: Sequence[str]) -> np.ndarray:
-    """(images, len(labels)) predicted activation of each label on each image."""
-    sim = np.asarray(multimodal.similarity(image_emb, text_emb), dtype=np.float32)  # (images, texts)
+                          labels: Sequence[str], similarity: np.ndarray | None = None) -> np.ndarray:
+    """(images, len(labels)) predicted activation of each label on each image (``similarity``:
+    the image-text matrix of ``text_emb``, when the caller already has it)."""
+    sim = np.asarray(multimodal.similarity(image_emb, text_emb) if similarity is None else similarity, dtype=np.float32)
     out = np.zeros((image_emb.shape[0], len(labels)), dtype=np.float32)
     for j, label in enumerate(labels):
-        for weight, text in label_terms(label):
+        terms = label_terms(label)
+        if len(terms) == 1:
+            out[:, j] = sim[:, row_of[terms[0][1]]]
+            continue
+        for weight, text in terms:
             out[:, j] += weight * sim[:, row_of[text]]
     return out
 
@@ -115,26 +136,41 @@ def scoring_images(store: Store, run: RunInfo, multimodal, split: HeldOutSplit, 
         raise ScoringError(f"Only {len(rows)} scoring images: too few to score labels (need {MIN_SCORING_IMAGES}).")
     emb = np.asarray(embeddings.image_embeddings(multimodal, store, source.probe_set_id), dtype=np.float32)[rows]
     acts = np.asarray(store.activations(source.run_key), dtype=np.float32)[rows]
-    return ScoringImages(acts, emb, [ids[i] for i in rows], what)
+    classes = [normalise_label(Path(im["label"]).name) if im["label"] else "" for im in store.probe_images(source.probe_set_id)]
+    return ScoringImages(acts, emb, [ids[i] for i in rows], what, [classes[i] for i in rows])
 
 
 def score_label_sets(store: Store, images: ScoringImages, multimodal, label_sets: Sequence[LabelSet],
                      n_boot: int = DEFAULT_BOOTSTRAP, top_fraction: float = DEFAULT_TOP_FRACTION, seed: int = 0,
-                     metrics: tuple[str, ...] = METRICS) -> list[ScoredLabelSet]:
-    """Each label set's metrics on ``images``, with the same bootstrap resamples for every set."""
+                     metrics: tuple[str, ...] = METRICS, per_unit: bool = True) -> list[ScoredLabelSet]:
+    """Each label set's metrics on ``images``, with the same bootstrap resamples for every set.
+
+    The units' activations are standardised, binarised and ranked once, and each distinct
+    label's prediction once, however many label sets (baselines) share them.
+    """
     from .. import embeddings
 
     texts = label_texts(label_sets)
     text_emb = np.asarray(embeddings.text_embeddings(multimodal, store, texts), dtype=np.float32) if texts else np.zeros((0, 1))
     row_of = {t: i for i, t in enumerate(texts)}
+    distinct = sorted({label for ls in label_sets for label in ls.labels.values()})
+    column = {label: j for j, label in enumerate(distinct)}
+    similarity = np.asarray(multimodal.similarity(images.image_emb, text_emb), dtype=np.float32) if texts else None
+    predictions = prepare(predicted_activations(multimodal, images.image_emb, text_emb, row_of, distinct, similarity), top_fraction)
+    units = sorted({n for ls in label_sets for n in ls.labels})
+    unit_column = {n: j for j, n in enumerate(units)}
+    acts = prepare(images.acts[:, units], top_fraction, rank="auprc" in metrics)
+    weights = bootstrap_weights(len(images.image_ids), n_boot, seed) if n_boot else np.zeros((0, len(images.image_ids)), np.float32)
     out = []
     for ls in label_sets:
         neurons = np.array(sorted(ls.labels), dtype=np.int64)
         labels = [ls.labels[int(n)] for n in neurons]
-        predicted = predicted_activations(multimodal, images.image_emb, text_emb, row_of, labels)
-        presence = None
-        if images.presence and all(label in images.presence for label in labels):
-            presence = np.stack([images.presence[label] for label in labels], axis=1)
-        scores = score_columns(images.acts[:, neurons], predicted, presence, top_fraction, n_boot, seed, metrics)
+        predicted = predictions.columns(np.array([column[label] for label in labels], dtype=np.int64))
+        truth = [images.presence(label) for label in labels] if any(images.image_classes) else []
+        known = [t for t in truth if t is not None]
+        if known and len(known) == len(labels):  # every label names an image class: ground-truth presence
+            predicted = Prepared(predicted.z, np.stack(known, axis=1))
+        a = acts.columns(np.array([unit_column[int(n)] for n in neurons], dtype=np.int64))
+        scores = score_prepared(a, predicted, weights, seed, metrics, per_unit=per_unit)
         out.append(ScoredLabelSet(ls, neurons, scores))
     return out
