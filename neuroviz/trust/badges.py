@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..store import Store
-from .scoring import LabelSet, ScoringImages, label_texts, predicted_activations
+from .scoring import LabelSet, ScoringImages, embed_texts, label_texts, predicted_activations
 
 BADGES = "trust_badges"  # records namespace: run key -> {"units": {...}, "about": {...}}
 DEFAULT_ALPHA = 0.05
@@ -55,20 +55,18 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.sqrt((x * x).sum(axis=0)), 1e-12)
 
 
-def unit_badges(store: Store, images: ScoringImages, multimodal, method_sets: Sequence[LabelSet],
+def unit_badges(store: Store | None, images: ScoringImages, multimodal, method_sets: Sequence[LabelSet],
                 alpha: float = DEFAULT_ALPHA) -> list[UnitBadge]:
     """Badges for every unit labelled by at least one of ``method_sets`` (methods, not baselines)."""
     from scipy.stats import t as student_t
     from statsmodels.stats.multitest import multipletests
-
-    from .. import embeddings
 
     units = sorted({n for ls in method_sets for n in ls.labels})
     if not units:
         return []
     texts = sorted({label for ls in method_sets for label in ls.labels.values()})
     concept_texts = label_texts(method_sets)
-    text_emb = np.asarray(embeddings.text_embeddings(multimodal, store, concept_texts), dtype=np.float32)
+    text_emb = embed_texts(store, multimodal, concept_texts)
     row_of = {t: i for i, t in enumerate(concept_texts)}
     pred = _standardise(predicted_activations(multimodal, images.image_emb, text_emb, row_of, texts))
     acts = _standardise(np.asarray(images.acts[:, units], dtype=np.float32))

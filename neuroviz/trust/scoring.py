@@ -140,18 +140,28 @@ def scoring_images(store: Store, run: RunInfo, multimodal, split: HeldOutSplit, 
     return ScoringImages(acts, emb, [ids[i] for i in rows], what, [classes[i] for i in rows])
 
 
-def score_label_sets(store: Store, images: ScoringImages, multimodal, label_sets: Sequence[LabelSet],
+def embed_texts(store: Store | None, multimodal, texts: list[str]) -> np.ndarray:
+    """The backend's (cached) embeddings of ``texts``."""
+    from .. import embeddings
+
+    if not texts:
+        return np.zeros((0, 1), dtype=np.float32)
+    if store is None:
+        return np.asarray(multimodal.encode_texts(texts), dtype=np.float32)
+    return np.asarray(embeddings.text_embeddings(multimodal, store, texts), dtype=np.float32)
+
+
+def score_label_sets(store: Store | None, images: ScoringImages, multimodal, label_sets: Sequence[LabelSet],
                      n_boot: int = DEFAULT_BOOTSTRAP, top_fraction: float = DEFAULT_TOP_FRACTION, seed: int = 0,
                      metrics: tuple[str, ...] = METRICS, per_unit: bool = True) -> list[ScoredLabelSet]:
     """Each label set's metrics on ``images``, with the same bootstrap resamples for every set.
 
     The units' activations are standardised, binarised and ranked once, and each distinct
-    label's prediction once, however many label sets (baselines) share them.
+    label's prediction once, however many label sets (baselines) share them. Without a
+    ``store`` the texts are embedded by the backend directly (no cache).
     """
-    from .. import embeddings
-
     texts = label_texts(label_sets)
-    text_emb = np.asarray(embeddings.text_embeddings(multimodal, store, texts), dtype=np.float32) if texts else np.zeros((0, 1))
+    text_emb = embed_texts(store, multimodal, texts)
     row_of = {t: i for i, t in enumerate(texts)}
     distinct = sorted({label for ls in label_sets for label in ls.labels.values()})
     column = {label: j for j, label in enumerate(distinct)}
