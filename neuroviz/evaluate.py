@@ -89,6 +89,13 @@ def _run_note(meta) -> str:
     return f"{meta.method} [{str(meta.label_key)[:8]}] {concepts}; {backends or 'no backend'}; {when} UTC"
 
 
+def _variant(method: str, hyperparams_json: str | None) -> str:
+    """A method's row name: its name, plus its ``source`` where its config has one (Linear
+    Explanations from labels or from the backend are two methods to compare)."""
+    source = json.loads(hyperparams_json or "{}").get("source")
+    return f"{method} ({source})" if source else str(method)
+
+
 def method_label_sets(store: Store, run: RunInfo, split: HeldOutSplit, methods: Sequence[str] | None = None,
                       label_runs: Sequence[str] | None = None, latest_only: bool = True) -> list[LabelSet]:
     """The label runs of ``run`` (in-sample) and of its fit run under ``split`` (held out), as label sets.
@@ -107,7 +114,8 @@ def method_label_sets(store: Store, run: RunInfo, split: HeldOutSplit, methods: 
         if label_runs:
             metas = metas[[any(str(k).startswith(p) for p in label_runs) for k in metas["label_key"]]]
         elif latest_only:
-            metas = metas.drop_duplicates("method", keep="last")
+            metas = metas.assign(variant=[_variant(m, h) for m, h in zip(metas["method"], metas["hyperparams_json"])])
+            metas = metas.drop_duplicates("variant", keep="last")
         top = store.labels(run_key, top_only=True)
         for meta in metas.itertuples():
             rows = top[top["label_key"] == meta.label_key]
@@ -118,11 +126,12 @@ def method_label_sets(store: Store, run: RunInfo, split: HeldOutSplit, methods: 
         if missing:
             raise EvaluationError(f"No label run of layer {run.layer} starts with {', '.join(missing)}; "
                                   f"see `python -m neuroviz labels` for the label keys.")
-    names = Counter((m.method, h) for m, h, _ in found)
+    names = Counter((_variant(m.method, m.hyperparams_json), h) for m, h, _ in found)
     sets = []
     for meta, held_out, labels in found:
-        name = str(meta.method) + ("" if held_out else " (in-sample)")
-        if names[(meta.method, held_out)] > 1:
+        variant = _variant(meta.method, meta.hyperparams_json)
+        name = variant + ("" if held_out else " (in-sample)")
+        if names[(variant, held_out)] > 1:
             name += f" [{str(meta.label_key)[:8]}]"
         sets.append(LabelSet(name, "method", labels, str(meta.label_key), _run_note(meta), held_out))
     return sets

@@ -286,3 +286,14 @@ def test_linearised_layer_mean_interval_matches_the_exact_bootstrap():
         f_mean, f_lo, f_hi = fast.mean_interval(metric)
         assert f_mean == mean and np.isnan(fast.interval(metric)[0]).all()
         assert f_lo == pytest.approx(lo, abs=0.1 * (hi - lo)) and f_hi == pytest.approx(hi, abs=0.1 * (hi - lo))
+
+
+def test_evaluate_names_linear_explanation_variants_by_source(planted):
+    store, run, backend = planted["store"], planted["run"], planted["backend"]
+    fit = fit_run(store, run, HeldOutSplit(0))
+    run_method("linear_explanations", MethodContext(store=store, run=fit, multimodal=backend, concepts=from_texts("c", CONCEPTS)),
+               neurons=range(N_PLANTED))
+    rows = {r.name: r for r in evaluate_layer(store, run, backend, n_boot=0, neurons=range(N_PLANTED), save=False).rows}
+    assert "linear_explanations (multimodal)" in rows and "shuffled: linear_explanations (multimodal)" in rows
+    le = rows["linear_explanations (multimodal)"]
+    assert le.held_out and le.metrics["simulation_r"][0] > 0.9

@@ -45,14 +45,17 @@ def _label_fit_part(args: argparse.Namespace, store, run) -> None:
     """Label the fit part of the probe set with ``--fit`` methods, so their labels never see a scoring image."""
     from ..backends.pool import BackendChoice, BackendPool, build_context
     from ..methods import get_method, run_method
+    from ..methods.params import configs_for
     from ..trust.split import HeldOutSplit, fit_run
 
+    names = comma_list(args.fit) or []
+    configs = configs_for(names, args.param)
     fitted = fit_run(store, run, HeldOutSplit(args.split_seed))
     pool = BackendPool(store, BackendChoice(args.multimodal, args.concepts, "retrieval", "gemma3-270m"))
-    for name in comma_list(args.fit) or []:
+    for name in names:
         method = get_method(name)
         ctx = build_context(store, fitted, method.needs, pool, None)
-        key = run_method(name, ctx, None, parse_neurons(args.neurons))
+        key = run_method(name, ctx, configs[name], parse_neurons(args.neurons))
         print(f"{method.title} labelled the fit part ({fitted.n_images} images; label key {key[:8]})")
 
 
@@ -69,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--score-probe", help="score on this second probe set (its run of the same layer) instead")
     p.add_argument("--fit", help="first label the fit part with these methods (comma-separated), e.g. clip_dissect")
     p.add_argument("--concepts", default="words20k", help="concept set for --fit methods")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a --fit method's hyperparameter (repeatable), e.g. source=label for linear_explanations")
     p.add_argument("--bootstrap", type=int, default=200, help="image resamples for the 95%% intervals (0: none)")
     p.add_argument("--layer-intervals-only", action="store_true",
                    help="intervals for the layer means only (linearised bootstrap; much faster on wide layers)")
