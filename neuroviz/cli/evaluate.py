@@ -37,6 +37,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not any(r.kind == "method" for r in evaluation.rows):
         print(f"\nNo method has labelled this layer yet: python -m neuroviz evaluate {args.model} --probe {args.probe} "
               f"--layer {args.layer} --fit clip_dissect  (labels the fit part, then scores on the held-out part)")
+    if args.study:
+        from ..trust.humans import format_humans_vs_metrics, humans_vs_metrics
+
+        agreement = humans_vs_metrics(store, args.study, multimodal, args.split_seed, n_boot=args.bootstrap)
+        print(f"\n## Humans against metrics (study {args.study}; scored on {agreement.images})\n")
+        print(format_humans_vs_metrics(agreement))
     args._result = {"rows": [r.__dict__ for r in evaluation.rows], "neurons": evaluation.neurons}
     return 0
 
@@ -77,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=200, help="image resamples for the 95%% intervals (0: none)")
     p.add_argument("--layer-intervals-only", action="store_true",
                    help="intervals for the layer means only (linearised bootstrap; much faster on wide layers)")
+    p.add_argument("--study", help="also set this study's human win rates beside each method's held-out score")
     p.add_argument("--all-label-runs", action="store_true", help="every label run of a method, not only the newest")
     p.add_argument("--common", action="store_true",
                    help="only the neurons every chosen label run labelled (the list is printed)")
