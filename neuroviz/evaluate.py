@@ -84,7 +84,8 @@ def evaluation_split(image_ids: Sequence[str], seed: int = 0) -> np.ndarray:
 
 def _run_note(meta) -> str:
     backends = ", ".join(f"{k}: {v}" for k, v in json.loads(meta.backends_json or "{}").items())
-    concepts = f"concepts {str(meta.concept_set_id)[:10]}" if meta.concept_set_id else "no concept set"
+    concept_set = meta.concept_set_id if isinstance(meta.concept_set_id, str) else None  # NaN when the method has none
+    concepts = f"concepts {concept_set[:10]}" if concept_set else "no concept set"
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(float(meta.created_at))) if meta.created_at == meta.created_at else "?"
     return f"{meta.method} [{str(meta.label_key)[:8]}] {concepts}; {backends or 'no backend'}; {when} UTC"
 
@@ -200,10 +201,13 @@ def evaluate_layer(store: Store, run: RunInfo, multimodal, class_names: Sequence
     scored = score_label_sets(store, images, multimodal, label_sets, n_boot=n_boot, seed=split_seed, per_unit=per_unit)
     rows = [_row(s, images, final_layer, names, multimodal, store) for s in scored]
     _count_wins(rows, scored)
-    badges = unit_badges(store, images, multimodal, sets) if sets else []
+    # Badges judge labels on images their method never saw: held-out label runs when there are any.
+    badge_sets = [ls for ls in sets if ls.held_out] or sets
+    badges = unit_badges(store, images, multimodal, badge_sets) if badge_sets else []
     if save:
         about = {"images": images.description, "backend": multimodal.id, "split_seed": split_seed,
-                 "held_out": all(ls.held_out for ls in sets), "methods": [ls.name for ls in sets], "created_at": time.time()}
+                 "held_out": all(ls.held_out for ls in badge_sets), "methods": [ls.name for ls in badge_sets],
+                 "created_at": time.time()}
         save_unit_scores(store, run.run_key, scored, about)
         if badges:
             save_badges(store, run.run_key, badges, about)
@@ -274,7 +278,8 @@ def format_markdown(rows: Sequence[EvaluationRow]) -> str:
         cells += [_cell(r.simulation_correlation), _cell(r.simulation_sem)]
         for m in METRICS:
             mean, lo, hi = r.metrics.get(m, (None, None, None))
-            cells.append("" if mean is None else f"{_cell(mean)} [{_cell(lo)}, {_cell(hi)}]")
+            interval = f" [{_cell(lo)}, {_cell(hi)}]" if lo is not None and lo == lo and hi == hi else ""
+            cells.append("" if mean is None else f"{_cell(mean)}{interval}")
         cells.append("" if r.wins is None else str(r.wins))
         lines.append("| " + " | ".join(cells) + " |")
     if rows:
