@@ -271,7 +271,7 @@ def format_markdown(rows: Sequence[EvaluationRow]) -> str:
     head += ["simulation r", "± sem"] + [f"{METRIC_TITLES[m]} [95% CI]" for m in METRICS] + ["wins"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
-        fitted = "held out" if r.kind != "method" or r.held_out else "in-sample"
+        fitted = "-" if r.kind in ("constant", "oracle") else "held out" if r.held_out else "in-sample"
         cells = [r.name, fitted, str(r.n_neurons)]
         if final:
             cells += [_cell(r.final_layer_accuracy), _cell(r.final_layer_cosine)]

@@ -5,8 +5,8 @@
 - shuffled: the method's labels given to other units of the same layer (a seeded
   permutation): a label that explains a unit must explain it better than its neighbours' do,
   which exposes labels that only name what the whole layer (or probe set) is about;
-- oracle: the class name of each output unit, where ground truth exists: the ceiling of this
-  backend's simulation.
+- oracle: the class name of each output unit, where ground truth exists: what the right
+  one-word answer scores under this backend (a weighted combination of concepts can score higher).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def shuffled_label_set(labels: LabelSet, seed: int = 0) -> LabelSet:
     texts = [labels.labels[n] for n in neurons]
     order = np.random.default_rng(seed).permutation(len(neurons))
     return LabelSet(f"shuffled: {labels.name}", "shuffled", {n: texts[i] for n, i in zip(neurons, order)},
-                    note=f"{labels.name}'s labels permuted across the layer (seed {seed})")
+                    note=f"{labels.name}'s labels permuted across the layer (seed {seed})", held_out=labels.held_out)
 
 
 def oracle_label_set(class_names: Sequence[str], neurons: Sequence[int]) -> LabelSet:

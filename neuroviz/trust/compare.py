@@ -110,7 +110,7 @@ def comparison_table(rows: list[ComparisonRow]) -> list[dict]:
 
     out = []
     for row in rows:
-        fitted = "held out" if row.kind != "method" or row.held_out else "in-sample"
+        fitted = "-" if row.kind in ("constant", "oracle") else "held out" if row.held_out else "in-sample"
         item = {"label": row.label, "by": row.name, "fitted": fitted}
         item.update({m: cell(row.metrics[m]) for m in METRICS if m in row.metrics})
         out.append(item)
