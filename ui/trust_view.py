@@ -69,7 +69,7 @@ def unit_panel(sel: context.Selection, neuron: int) -> None:
                    f"with bootstrap 95 % intervals over images. Baselines: a constant label and shuffled labels.{held}")
     else:
         st.caption("Not scored yet: score every label of this layer on images the methods did not see "
-                   "(CLIP-Dissect labels the fit part first).")
-    request = EvaluateRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), sel.layer, ("clip_dissect",))
+                   "(CLIP-Dissect and Linear Explanations label the fit part first).")
+    request = EvaluateRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), sel.layer, ("clip_dissect", "linear_explanations"))
     jobs_ui.job_button(sel.store, "Score again" if rows else "Score on held-out images", request,
                        key=f"evaluate_{sel.run.run_key}", done_message="Scored; the table above is up to date.")

@@ -149,4 +149,4 @@ def badge_text(badge: UnitBadge | None) -> str:
     if badge is None:
         return "not scored (run evaluate)"
     mark = "✓" if badge.passed else "✗"
-    return f"{mark} {badge.title} (r {badge.r:.2f} vs {badge.null_mean:.2f}, q {badge.q:.2g})"
+    return f"{mark} {badge.title} (r {badge.r:.2f} vs {badge.null_mean:.2f}, q {badge.q:.3g})"

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..requests import JobRequest
 from ..store import Store
-from .metrics import METRICS
+from .metrics import METRIC_TITLES, METRICS
 
 if TYPE_CHECKING:
     from .scoring import ScoredLabelSet
@@ -112,6 +112,6 @@ def comparison_table(rows: list[ComparisonRow]) -> list[dict]:
     for row in rows:
         fitted = "-" if row.kind in ("constant", "oracle") else "held out" if row.held_out else "in-sample"
         item = {"label": row.label, "by": row.name, "fitted": fitted}
-        item.update({m: cell(row.metrics[m]) for m in METRICS if m in row.metrics})
+        item.update({METRIC_TITLES[m]: cell(row.metrics[m]) for m in METRICS if m in row.metrics})
         out.append(item)
     return out
