@@ -7,7 +7,7 @@ import html
 import streamlit as st
 
 from neuroviz import browse
-from ui import cards, context, data, guard, shell
+from ui import cards, context, data, guard, shell, trust_view
 
 PER_PAGE = 24
 COLUMNS = 4
@@ -70,7 +70,8 @@ def draw_card(sel: context.Selection, neuron: int, tops: dict, agreement: bool |
             lines.append("<div class='nv-agree'>methods agree</div>")
         elif agreement is False:
             lines.append("<div class='nv-disagree'>methods disagree</div>")
-        if lines:
+        lines.append(trust_view.badge_line_html(trust_view.run_badges(sel).get(neuron)))
+        if any(lines):
             st.html("".join(lines))
         else:
             st.caption("no labels yet")
@@ -89,7 +90,7 @@ def body() -> None:
     if not sel.methods:
         st.info("No labels for this layer yet: start a labelling job on the Workspace page "
                 "(or pick methods in the sidebar). Cards show the top images only.")
-    c1, c2, c3 = st.columns([3, 2, 2])
+    c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
     query = c1.text_input("Search labels", key="browser_query", placeholder="e.g. dog, stripes, or a neuron number",
                           help="Searches the labels shown on the cards (each shown method's answer).")
     candidates = c1.toggle("Also search runner-up candidates", key="browser_candidates",
@@ -110,7 +111,7 @@ def body() -> None:
     with guard.friendly_errors("label similarity" if by_meaning else "the neuron list"):
         found = _browse(sel, browse.BrowseQuery(tuple(sel.methods), query, sort, agree, by_meaning, threshold,
                                                         candidates))
-    neurons = found.neurons
+    neurons = trust_view.badge_controls(sel, found.neurons, c4)
     n_pages = max(1, -(-len(neurons) // PER_PAGE))
     key = _page_state_key(sel, query, sort, agree, str(by_meaning), str(threshold), ",".join(sel.methods), str(candidates))
     page = min(int(st.session_state.get(key, 1)), n_pages)

@@ -15,7 +15,7 @@ from neuroviz import images
 from neuroviz.methods import list_methods
 from neuroviz.methods.base import HeatmapOverlay, Overlay
 from neuroviz.requests import LabelRequest
-from ui import cards, context, data, guard, jobs_ui, shell
+from ui import cards, context, data, guard, jobs_ui, shell, trust_view
 
 NO_OVERLAY = "none"
 QUANTILE_EDGES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
@@ -258,6 +258,7 @@ def body() -> None:
     # a cold page reads the layer's tables and builds thumbnails: say what is loading meanwhile
     with st.spinner(f"Loading the labels of layer {sel.layer} (first visit of this layer: a few seconds)..."):
         _labels(sel, neuron)
+    trust_view.unit_panel(sel, neuron)
     with st.spinner("Loading the top images (thumbnails are made once, then cached)..."):
         _top_images(sel, neuron)
     with st.spinner("Loading the activation distribution and samples across it..."):
