@@ -1,4 +1,4 @@
-"""``python -m neuroviz label MODEL``: describe neurons with methods (CLIP-Dissect, MILAN, DnD, NetDissect).
+"""``python -m neuroviz label MODEL``: describe neurons with methods (CLIP-Dissect, MILAN, DnD, NetDissect, Linear Explanations).
 
     python -m neuroviz label offline:mobilenet_v2 --probe demo --layers features.14,classifier.1 \\
         --methods clip_dissect --concepts words20k --multimodal conse
@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``label`` command."""
     p = subparsers.add_parser("label", help="describe neurons with methods (CLIP-Dissect, ...); cached")
     add_run_arguments(p)
-    p.add_argument("--methods", default="clip_dissect", help="comma-separated: clip_dissect, milan, dnd, netdissect")
+    p.add_argument("--methods", default="clip_dissect", help="comma-separated: clip_dissect, milan, dnd, netdissect, linear_explanations")
     p.add_argument("--concepts", default="words20k", help="imagenet, words20k, demo_labels or a text file (one concept per line)")
     p.add_argument("--multimodal", help="multimodal backend (default: offline ConSE, not the probed network)")
     p.add_argument("--captioner", default="retrieval", help="captioner backend for methods that caption")
