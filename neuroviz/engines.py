@@ -84,6 +84,17 @@ class _ShardActor:
                                                                                  for i in range(len(done))], dtype=np.int64)}
 
 
+def _import_path() -> str:
+    """PYTHONPATH for the actors: where this neuroviz (and the driver's own modules) are found."""
+    import os
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent.parent)
+    parts = [here, os.getcwd(), *[p for p in sys.path if p and Path(p).is_dir()]]
+    return os.pathsep.join(dict.fromkeys(parts))
+
+
 def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequence[Shard], n_images: int, done_images: int,
                 progress: Progress | None, address: str | None) -> None:
     import ray
@@ -92,7 +103,7 @@ def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequenc
     if not ray.is_initialized():
         try:
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                     runtime_env={"env_vars": {"PYTHONPATH": _import_path(), "TOKENIZERS_PARALLELISM": "false"}})
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise EngineError(f"Cannot reach a Ray cluster at '{address or 'a new local one'}': {exc}") from None
         started_here = True
