@@ -149,11 +149,11 @@ class NeuronStats:
 
     # -- serialisation: plain arrays, for an .npz ------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
-        out = {"count": np.int64(self.count), "mean": self.mean, "m2": self.m2, "lo": self.lo, "hi": self.hi,
-               "pooled_k": np.int64(self.pooled.k), "cells": np.int64(self.cells)}
+        out: dict[str, np.ndarray] = {"count": np.asarray(self.count, np.int64), "mean": self.mean, "m2": self.m2, "lo": self.lo, "hi": self.hi,
+               "pooled_k": np.asarray(self.pooled.k, np.int64), "cells": np.asarray(self.cells, np.int64)}
         out["pooled_bytes"], out["pooled_offsets"] = _to_arrays(self.pooled)
         if self.spatial is not None:
-            out["spatial_k"] = np.int64(self.spatial.k)
+            out["spatial_k"] = np.asarray(self.spatial.k, np.int64)
             out["spatial_bytes"], out["spatial_offsets"] = _to_arrays(self.spatial)
         return out
 
