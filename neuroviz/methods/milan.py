@@ -117,7 +117,7 @@ class ExemplarMaskOverlay(Overlay):
     title = "MILAN masks"
 
     def settings(self, maps: np.ndarray, run: RunInfo, extra: dict) -> dict:
-        threshold = extra.get("mask_threshold")  # labels made from the run's sketch carry the exact level
+        threshold = extra.get("mask_threshold")  # the level the label used (from the run's sketch)
         if threshold is None:
             threshold = spatial_quantile_threshold(maps, run.n_images, MilanConfig.mask_quantile)
         return {"threshold": float(threshold)}
