@@ -333,7 +333,7 @@ def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None 
                     return small[batch_idx, neuron_idx]
 
                 w.top.update(pooled, None, position - shard.start, entering_maps if small is not None else None)
-                w.stats.update(pooled.numpy(), small.numpy() if small is not None else None)
+                w.stats.update(pooled.numpy(), small.numpy() if small is not None else None, position)
                 w.pooled.append(pooled.numpy())
             rec.outputs.clear()  # release this batch's layer outputs before the next forward pass
             position += batch.shape[0]

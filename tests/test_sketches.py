@@ -138,3 +138,17 @@ def test_mask_level_from_the_sketch_on_20000_images(tmp_path):
         covered_exact = (top > exact[n]).mean()
         assert abs(covered_sketch - covered_exact) < 0.05
         assert covered_exact < 0.95  # a mask, not the whole exemplar
+
+
+def test_sampled_cells_do_not_depend_on_batching_and_cover_every_cell():
+    from neuroviz.sketches import CELLS_PER_IMAGE, sampled_cells
+
+    rng = np.random.default_rng(2)
+    maps = rng.normal(size=(48, 3, 16, 16)).astype(np.float32)
+    whole = sampled_cells(maps, 100)
+    parts = np.concatenate([sampled_cells(maps[:20], 100), sampled_cells(maps[20:], 120)])
+    np.testing.assert_array_equal(whole, parts)
+    assert whole.shape == (48 * CELLS_PER_IMAGE, 3)
+    ids = np.arange(16 * 16, dtype=np.float32).reshape(1, 1, 16, 16).repeat(16, axis=0)
+    counts = np.bincount(sampled_cells(ids, 0)[:, 0].astype(int), minlength=256)
+    assert (counts == 16 * CELLS_PER_IMAGE // 256).all()  # each cell equally often

@@ -9,8 +9,9 @@ the unit counts as "interpretable" when that IoU >= 0.04.
 The store keeps spatial maps only for each neuron's top-k images, so this method makes its
 own pass over the segmentation set with :class:`~neuroviz.hooks.LayerRecorder`: it writes the
 maps (float16, at layer resolution) to a temporary file and feeds every map cell to a KLL
-sketch per neuron (:mod:`neuroviz.sketches`: exact up to 2,000 cells per neuron, then within
-its stated rank error), whose top 0.5 % level is the threshold; no second pass over the maps
+sketch per neuron (:mod:`neuroviz.sketches`: at most 64 cells per image, exact up to 2,000
+cells per neuron, then within its stated rank and sampling error), whose top 0.5 % level is
+the threshold; no second pass over the maps
 computes quantiles. Then it thresholds the maps and intersects them with the masks.
 
 Segmentation set format (a folder), one of:
@@ -229,7 +230,7 @@ def dissect(model, layer: str, segmentation: SegmentationSet, config: NetDissect
                 if cells is None:
                     cells = NeuronStats(as_stored.shape[1], spatial=True)
                 as_float = as_stored.astype(np.float32)  # the values thresholded below
-                cells.update(as_float.mean(axis=(2, 3)), as_float)
+                cells.update(as_float.mean(axis=(2, 3)), as_float, idx[0])
                 if progress:
                     progress(idx[-1] + 1, total_steps, "recording activation maps")
         assert maps_file is not None
