@@ -90,7 +90,7 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
     Returns the RunInfo of every requested layer. ``engine`` runs the shards: "inprocess" or
     "ray" (``address``: "auto", "HOST:PORT", or None for a new local cluster). ``shard_size``
     cuts the probe set into shards of that many images (a multiple of ``batch_size``; default:
-    one shard in process, 8 per Ray worker slot). ``stop_after_chunks`` stops early (for tests
+    one shard in process, 16 shards on Ray). ``stop_after_chunks`` stops early (for tests
     of resumption) without finishing the run.
     """
     if not layers:

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -73,6 +73,21 @@ def atomic_save_npy(path: Path | str, array: np.ndarray) -> None:
     """Write an .npy through a temporary name and rename."""
     with atomic_open(path, "wb") as fh:
         np.save(fh, array)
+
+
+def atomic_save_npy_blocks(path: Path | str, shape: tuple[int, ...], blocks: Iterable[np.ndarray], dtype: str = "<f4") -> None:
+    """Write an .npy of ``shape`` from its row blocks, in a stream (the array is never whole in memory)."""
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    with atomic_open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(shape)})
+        written = 0
+        for block in blocks:
+            data = np.ascontiguousarray(block, dtype=dtype).tobytes()
+            fh.write(data)
+            written += len(data)
+        if written != expected:
+            raise ValueError(f"{path}: the blocks hold {written} bytes, the shape {shape} needs {expected}")
 
 
 def atomic_savez(path: Path | str, **arrays: np.ndarray) -> None:

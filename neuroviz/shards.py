@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import load_rgb
-from .files import atomic_directory, atomic_save_npy, atomic_savez, atomic_write_text
+from .files import atomic_directory, atomic_save_npy, atomic_save_npy_blocks, atomic_savez, atomic_write_text
 from .hooks import LayerRecorder, pool, spatial_map, to_batch_first
 from .models import LayerInfo
 from .progress import Progress
 from .sketches import NeuronStats
-from .store import _cursor, _write_parquet
+from .store import _cursor, _write_parquet, row_blocks
 
 MAP_MAX_SIDE = 32  # top-k maps are stored at most 32x32: enough for crops, masks and heatmaps
 UnitTransform = Callable[[str, torch.Tensor], torch.Tensor]  # (layer, batch-first output) -> output
@@ -275,7 +275,7 @@ class _LayerWork:
         n_neurons, k = indices.shape
         with atomic_directory(shard_dir(self.plan, shard.index)) as tmp:
             acts = [np.load(self.work / f"chunk-{c:05d}.npy", mmap_mode="r") for c in range(n_chunks)]
-            atomic_save_npy(tmp / "acts.npy", np.concatenate(acts, axis=0) if acts else np.zeros((0, n_neurons), np.float32))
+            atomic_save_npy_blocks(tmp / "acts.npy", (sum(len(a) for a in acts), n_neurons), row_blocks(acts))
             if maps is not None:
                 atomic_save_npy(tmp / "maps.npy", maps.astype(np.float16))
             _write_parquet(tmp / "topk.parquet", "shard_topk", {

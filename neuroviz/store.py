@@ -78,7 +78,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NeurovizError
-from .files import atomic_open, atomic_save_npy, atomic_savez, atomic_write_json, atomic_write_text
+from .files import atomic_open, atomic_save_npy, atomic_save_npy_blocks, atomic_savez, atomic_write_json, atomic_write_text
 
 DEFAULT_CACHE = Path(os.environ.get("NEUROVIZ_CACHE", Path(__file__).resolve().parent.parent / "cache"))
 SHARED_CACHE_ENV = "NEUROVIZ_SHARED_CACHE"
@@ -529,18 +529,14 @@ class Store(CacheLayout):
         run_dir = self.run_dir(info.run_key)
         n_neurons = int(stats.n_neurons)
         shape = (int(stats.count), n_neurons)
-        with atomic_open(run_dir / "acts.npy", "wb") as fh:
-            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
-                                                      "fortran_order": False, "shape": shape})
-            for block in _row_blocks(acts_parts()):
-                fh.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+        atomic_save_npy_blocks(run_dir / "acts.npy", shape, row_blocks(acts_parts()))
         if maps is not None:
             atomic_save_npy(run_dir / "maps.npy", maps.astype(np.float16))
         lo = np.where(stats.count, stats.lo, 0).astype(np.float32)
         hi = np.where(stats.count, stats.hi, 0).astype(np.float32)
         counts = np.zeros((n_neurons, hist_bins), dtype=np.int64)
         edges = np.zeros((n_neurons, hist_bins + 1), dtype=np.float32)
-        for block in _row_blocks(acts_parts()):  # the edges are fixed by the merged min and max: counts add up
+        for block in row_blocks(acts_parts()):  # the edges are fixed by the merged min and max: counts add up
             part_counts, edges = histograms(np.asarray(block), lo, hi, hist_bins)
             counts += part_counts
         atomic_savez(run_dir / "hist.npz", counts=counts.astype(np.int32), edges=edges)
@@ -909,7 +905,7 @@ def _json_lines(path: Path) -> list[dict]:
     return out
 
 
-def _row_blocks(parts: Iterable[np.ndarray], rows: int = 4096) -> Iterator[np.ndarray]:
+def row_blocks(parts: Iterable[np.ndarray], rows: int = 4096) -> Iterator[np.ndarray]:
     """The rows of (memory-mapped) arrays in blocks: a stream that never holds a whole matrix."""
     for part in parts:
         for start in range(0, len(part), rows):
