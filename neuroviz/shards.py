@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,11 @@ class _LayerWork:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+def _update_stats(updates: list[tuple[NeuronStats, np.ndarray, np.ndarray | None]], first_index: int) -> None:
+    for stats, pooled, maps in updates:
+        stats.update(pooled, maps, first_index)
+
+
 def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None = None,
                   chunk_budget: int | None = None, unit_transform: UnitTransform | None = None) -> int:
     """Extract one shard of every layer of ``job`` not yet finished; resumes from its last chunk.
@@ -318,9 +324,14 @@ def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None 
     written = 0
     loader = path_loader(job.paths[position:shard.stop], model.transform, job.batch_size, job.num_workers) \
         if position < shard.stop else []
-    with torch.inference_mode(), LayerRecorder(module, [w.plan.layer for w in works]) as rec:
+    # The sketches are fed on a second thread (DataSketches releases the GIL), one batch behind
+    # the forward pass: on a GPU their CPU work then hides behind the next batch.
+    with torch.inference_mode(), LayerRecorder(module, [w.plan.layer for w in works]) as rec, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sketches") as sketcher:
+        pending: Future | None = None
         for batch in loader:
             module(batch.to(dev))
+            updates = []
             for w in works:
                 out = to_batch_first(rec.outputs[w.plan.layer], w.info.layout)
                 if unit_transform is not None:
@@ -333,13 +344,17 @@ def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None 
                     return small[batch_idx, neuron_idx]
 
                 w.top.update(pooled, None, position - shard.start, entering_maps if small is not None else None)
-                w.stats.update(pooled.numpy(), small.numpy() if small is not None else None, position)
+                updates.append((w.stats, pooled.numpy(), small.numpy() if small is not None else None))
                 w.pooled.append(pooled.numpy())
             rec.outputs.clear()  # release this batch's layer outputs before the next forward pass
+            if pending is not None:
+                pending.result()
+            pending = sketcher.submit(_update_stats, updates, position)
             position += batch.shape[0]
             report(position)
             local = position - shard.start
             if local % chunk_size == 0 or position == shard.stop:
+                pending.result()
                 chunk = (local - 1) // chunk_size
                 for w in works:
                     w.save_chunk(chunk)
