@@ -255,9 +255,12 @@ class _LayerWork:
         self.stats = NeuronStats(info.n_neurons, spatial=self.shape is not None)
         self.pooled: list[np.ndarray] = []
 
-    def save_chunk(self, chunk: int) -> None:
+    def save_chunk(self, chunk: int, with_state: bool = True) -> None:
+        """The chunk's activations, and (unless the shard is finished next) the state to resume from."""
         atomic_save_npy(self.work / f"chunk-{chunk:05d}.npy", np.concatenate(self.pooled, axis=0))
         self.pooled.clear()
+        if not with_state:
+            return
         atomic_savez(self.work / f"state-{chunk:05d}.npz", **self.top.state(),
                      **{f"stats_{k}": v for k, v in self.stats.to_arrays().items()})
 
@@ -356,10 +359,12 @@ def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None 
             if local % chunk_size == 0 or position == shard.stop:
                 pending.result()
                 chunk = (local - 1) // chunk_size
+                last = position == shard.stop  # the shard's files come next: a kill before them redoes this chunk
                 for w in works:
-                    w.save_chunk(chunk)
-                for w in works:
-                    w.drop_state(chunk - 1)
+                    w.save_chunk(chunk, with_state=not last)
+                if not last:
+                    for w in works:
+                        w.drop_state(chunk - 1)
                 written += 1
                 if chunk_budget is not None and written >= chunk_budget and position < shard.stop:
                     return written
