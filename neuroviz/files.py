@@ -1,5 +1,9 @@
 """Atomic file writes: readers see the old file or the new one, never half of either.
 
+Files and folders get the modes a plain ``open``/``mkdir`` would give them (0666/0777 less
+the umask): ``mkstemp``/``mkdtemp`` create them private (0600/0700), which would leave
+arrays and thumbnails unreadable to the other users of a shared cache.
+
 Every artefact under the cache is written through these helpers (temporary name in the same
 folder, flush, ``os.replace``), which is what lets a job be killed at any point and lets
 DuckDB and the pages read results in place without a lock.
@@ -11,20 +15,35 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+TMP_MARK = ".tmp"  # every temporary name below contains it: what crash clean-up looks for
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: Python has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
 
 @contextlib.contextmanager
-def atomic_open(path: Path | str, mode: str = "wb", suffix: str = ".tmp") -> Iterator[IO[Any]]:
+def atomic_open(path: Path | str, mode: str = "wb", suffix: str = TMP_MARK) -> Iterator[IO[Any]]:
     """A file handle whose content appears at ``path`` only when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
@@ -56,6 +75,21 @@ def atomic_save_npy(path: Path | str, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
+def atomic_save_npy_blocks(path: Path | str, shape: tuple[int, ...], blocks: Iterable[np.ndarray], dtype: str = "<f4") -> None:
+    """Write an .npy of ``shape`` from its row blocks, in a stream (the array is never whole in memory)."""
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    with atomic_open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(shape)})
+        written = 0
+        for block in blocks:
+            data = np.ascontiguousarray(block, dtype=dtype).tobytes()
+            fh.write(data)
+            written += len(data)
+        if written != expected:
+            raise ValueError(f"{path}: the blocks hold {written} bytes, the shape {shape} needs {expected}")
+
+
 def atomic_savez(path: Path | str, **arrays: np.ndarray) -> None:
     """Write an .npz (uncompressed) through a temporary name and rename."""
     with atomic_open(path, "wb", suffix=".tmp.npz") as fh:
@@ -69,10 +103,33 @@ def atomic_directory(path: Path | str) -> Iterator[Path]:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_MARK))
     try:
+        os.chmod(tmp, DIR_MODE)
         yield tmp
         if not path.exists():
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_temporaries(folder: Path | str, recursive: bool = False) -> int:
+    """Delete what a killed writer left in ``folder``: hidden files and folders whose name
+    carries TMP_MARK (only call it while no other process writes there). Returns how many."""
+    import shutil
+
+    folder = Path(folder)
+    try:
+        entries = list(folder.rglob(f".*{TMP_MARK}*") if recursive else folder.glob(f".*{TMP_MARK}*"))
+    except OSError:
+        return 0
+    removed = 0
+    for entry in entries:
+        if not entry.exists():
+            continue  # inside a folder removed just before
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed

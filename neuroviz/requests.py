@@ -46,10 +46,19 @@ class ExtractRequest(JobRequest):
     pooling: str = "default"
     k: int = 50
     batch_size: int = 32
+    engine: str = "inprocess"  # or "ray"
+    shard_size: int | None = None
+    address: str | None = None  # a Ray cluster: "auto" or HOST:PORT
 
     def argv(self) -> list[str]:
         argv = ["extract", self.model, "--probe", self.probe, "--pooling", self.pooling, "--k", str(int(self.k)),
                 "--batch-size", str(int(self.batch_size))]
+        if self.engine != "inprocess":
+            argv += ["--engine", self.engine]
+        if self.shard_size:
+            argv += ["--shard-size", str(int(self.shard_size))]
+        if self.address:
+            argv += ["--address", self.address]
         return argv + (["--layers", ",".join(self.layers)] if self.layers else [])
 
 

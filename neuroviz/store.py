@@ -15,7 +15,11 @@ Layout under the workspace root (``CacheLayout`` names every path)::
                    acts.npy          images x neurons, float32
                    maps.npy          neurons x k x h x w, float16 (each neuron's top-k images only)
                    hist.npz          per-neuron histograms (counts, edges)
-                   partial/          resumable chunks of an unfinished extraction
+                   sketches.npz      merged NeuronStats: moments and KLL sketches of the pooled
+                                     activations and of the map cells (MILAN's mask level); runs
+                                     stored before sketches lack it (mask level then approximate)
+                   partial/          the shards of an unfinished extraction (neuroviz.shards)
+                   .writer.lock      held (flock) by the process extracting the run
     probesets/<probe_set_id>/meta.json    name, source, sizes, skipped files (written last)
                              images.parquet  idx, image_id, path, label
     probesets/scan-<key>.json        memo of image checks per (path, size, mtime) of a source
@@ -56,6 +60,8 @@ text embeddings, image embeddings by content hash) lives in the shared cache
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -64,7 +70,7 @@ import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +78,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NeurovizError
-from .files import atomic_open, atomic_save_npy, atomic_savez, atomic_write_json, atomic_write_text
+from .files import atomic_open, atomic_save_npy, atomic_save_npy_blocks, atomic_savez, atomic_write_json, atomic_write_text
 
 DEFAULT_CACHE = Path(os.environ.get("NEUROVIZ_CACHE", Path(__file__).resolve().parent.parent / "cache"))
 SHARED_CACHE_ENV = "NEUROVIZ_SHARED_CACHE"
@@ -80,6 +86,7 @@ SHARED_CACHE_ENV = "NEUROVIZ_SHARED_CACHE"
 #: Column types of every table, as DuckDB reads them from the Parquet files.
 TABLES: dict[str, dict[str, str]] = {
     "probe_images": {"idx": "INTEGER", "image_id": "VARCHAR", "path": "VARCHAR", "label": "VARCHAR"},
+    "shard_topk": {"neuron": "INTEGER", "rank": "INTEGER", "image_idx": "INTEGER", "activation": "FLOAT"},
     "topk": {"neuron": "INTEGER", "rank": "INTEGER", "image_idx": "INTEGER", "image_id": "VARCHAR", "activation": "FLOAT"},
     "neuron_stats": {"neuron": "INTEGER", "mean": "FLOAT", "std": "FLOAT", "min": "FLOAT", "max": "FLOAT",
                      "q99": "FLOAT", "q995": "FLOAT"},
@@ -532,28 +539,50 @@ class Store(CacheLayout):
 
     def finish_run(self, info: RunInfo, acts: np.ndarray, top_values: np.ndarray, top_indices: np.ndarray,
                    image_ids: Sequence[str], maps: np.ndarray | None, hist_bins: int = 50) -> None:
+        """Store a finished extraction given as dense arrays (no map sketch: the mask level of
+        such a run is estimated from its top-k maps). See :meth:`write_run`."""
+        from .sketches import NeuronStats
+
+        acts = np.asarray(acts, dtype=np.float32)
+        stats = NeuronStats(acts.shape[1], spatial=False)
+        stats.update(acts)
+        self.write_run(info, lambda: [acts], top_values, top_indices, image_ids, maps, stats, hist_bins)
+
+    def write_run(self, info: RunInfo, acts_parts: Callable[[], Sequence[np.ndarray]], top_values: np.ndarray,
+                  top_indices: np.ndarray, image_ids: Sequence[str], maps: np.ndarray | None, stats,
+                  hist_bins: int = 50) -> None:
         """Store a finished extraction: arrays and tables first, ``run.json`` last.
 
-        Until ``run.json`` appears the run does not exist, so a crash in between leaves
-        nothing half-visible and the extraction resumes from its partial chunks.
+        ``acts_parts()`` gives the activations in row blocks (read twice, in a stream: the
+        matrix is never whole in memory); ``stats`` is their merged
+        :class:`~neuroviz.sketches.NeuronStats`. Until ``run.json`` appears the run does not
+        exist, so a crash in between leaves nothing half-visible and the extraction reduces again.
         """
         run_dir = self.run_dir(info.run_key)
-        atomic_save_npy(run_dir / "acts.npy", acts.astype(np.float32, copy=False))
+        n_neurons = int(stats.n_neurons)
+        shape = (int(stats.count), n_neurons)
+        atomic_save_npy_blocks(run_dir / "acts.npy", shape, row_blocks(acts_parts()))
         if maps is not None:
             atomic_save_npy(run_dir / "maps.npy", maps.astype(np.float16))
-        qs = np.quantile(acts, [0.99, 0.995], axis=0) if len(acts) else np.zeros((2, acts.shape[1]))
-        lo, hi = acts.min(axis=0), acts.max(axis=0)
-        counts, edges = histograms(acts, lo, hi, hist_bins)
-        atomic_savez(run_dir / "hist.npz", counts=counts, edges=edges)
+        lo = np.where(stats.count, stats.lo, 0).astype(np.float32)
+        hi = np.where(stats.count, stats.hi, 0).astype(np.float32)
+        counts = np.zeros((n_neurons, hist_bins), dtype=np.int64)
+        edges = np.zeros((n_neurons, hist_bins + 1), dtype=np.float32)
+        for block in row_blocks(acts_parts()):  # the edges are fixed by the merged min and max: counts add up
+            part_counts, edges = histograms(np.asarray(block), lo, hi, hist_bins)
+            counts += part_counts
+        atomic_savez(run_dir / "hist.npz", counts=counts.astype(np.int32), edges=edges)
+        atomic_savez(run_dir / "sketches.npz", **stats.to_arrays())
         n_neurons, k = top_indices.shape
         idx_col = top_indices.reshape(-1).astype(np.int32)
         _write_parquet(run_dir / "topk.parquet", "topk", {
             "neuron": np.repeat(np.arange(n_neurons, dtype=np.int32), k), "rank": np.tile(np.arange(k, dtype=np.int32), n_neurons),
             "image_idx": idx_col, "image_id": np.asarray(image_ids, dtype=object)[idx_col].tolist(),
             "activation": top_values.reshape(-1).astype(np.float32)}, row_group_size=TOPK_ROW_GROUP)
+        qs = stats.quantiles([0.99, 0.995])
         _write_parquet(run_dir / "stats.parquet", "neuron_stats", {
-            "neuron": np.arange(n_neurons, dtype=np.int32), "mean": acts.mean(0), "std": acts.std(0), "min": lo, "max": hi,
-            "q99": qs[0], "q995": qs[1]})
+            "neuron": np.arange(n_neurons, dtype=np.int32), "mean": stats.mean.astype(np.float32),
+            "std": stats.std.astype(np.float32), "min": lo, "max": hi, "q99": qs[0], "q995": qs[1]})
         self._commit_run(info, time.time())
 
     def _commit_run(self, info: RunInfo, created_at: float) -> None:
@@ -605,6 +634,56 @@ class Store(CacheLayout):
     def histogram(self, run_key: str, neuron: int) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self.run_dir(run_key) / "hist.npz") as h:
             return h["counts"][neuron], h["edges"][neuron]
+
+    def mask_levels(self, run_key: str, quantile: float) -> np.ndarray | None:
+        """Per neuron, the ``quantile`` level of its map cells over the whole probe set (MILAN's
+        mask level), from the run's sketch; None for runs stored without one."""
+        path = self.run_dir(run_key) / "sketches.npz"
+        try:
+            stamp = (str(path), os.stat(path).st_mtime_ns, float(quantile))
+        except OSError:
+            return None
+        if stamp not in _mask_level_memo:
+            from .sketches import NeuronStats
+
+            with np.load(path) as arrays:
+                if "spatial_bytes" not in arrays.files:
+                    return None
+                level = NeuronStats.from_arrays(arrays).spatial_level(quantile)
+            if len(_mask_level_memo) > 64:
+                _mask_level_memo.clear()
+            _mask_level_memo[stamp] = level
+        return _mask_level_memo[stamp]
+
+    def clean_run_leftovers(self, run_key: str) -> None:
+        """Remove what a killed writer left in a run's folder: temporary files, and ``partial/``
+        once the run is committed. Call it only while holding :meth:`run_writer_lock`."""
+        from .files import remove_temporaries
+
+        run_dir = self.run_dir(run_key)
+        remove_temporaries(run_dir)
+        partial = self.partial_dir(run_key)
+        if self.get_run(run_key) is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        elif partial.is_dir():
+            remove_temporaries(partial, recursive=True)
+
+    @contextlib.contextmanager
+    def run_writer_lock(self, run_key: str) -> Iterator[bool]:
+        """Try to become the one process writing a run (no wait): yields whether this process
+        holds the lock. The lock dies with its process, so a killed writer never keeps it."""
+        path = self.run_dir(run_key) / ".writer.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def run_tables(self, run_key: str) -> RunTables:
         """Labels, top-k, statistics and probe files of a run: what a page reads about it."""
@@ -838,6 +917,7 @@ class Store(CacheLayout):
 
 
 _neuron_count_memo: dict[tuple[str, ...], int] = {}
+_mask_level_memo: dict[tuple[str, int, float], np.ndarray | None] = {}
 MAX_PARTS = 16  # append-only caches merge their parts beyond this many
 PART_GRACE = 60.0  # seconds after which a label part is surely committed and may be merged
 
@@ -855,6 +935,13 @@ def _json_lines(path: Path) -> list[dict]:
         except ValueError:
             continue
     return out
+
+
+def row_blocks(parts: Iterable[np.ndarray], rows: int = 4096) -> Iterator[np.ndarray]:
+    """The rows of (memory-mapped) arrays in blocks: a stream that never holds a whole matrix."""
+    for part in parts:
+        for start in range(0, len(part), rows):
+            yield part[start:start + rows]
 
 
 def _run_info(row: dict | None) -> RunInfo | None:

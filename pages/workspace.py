@@ -79,10 +79,17 @@ def _extract_form(sel: context.Selection) -> None:
     pooling = c1.selectbox("Pooling", POOLINGS, key="ws_pooling")
     k = c2.number_input("Top images kept per neuron", 10, 500, 50, step=10, key="ws_k")
     batch = c3.number_input("Batch size", 1, 512, 32, key="ws_batch")
+    e1, e2, e3 = st.columns(3)
+    engine = e1.selectbox("Engine", ["inprocess", "ray"], key="ws_engine",
+                          help="inprocess: this machine, one pass. ray: the shards on a Ray cluster (pip install -r requirements-ray.txt)")
+    shard_size = e2.number_input("Images per shard (0 = automatic)", 0, 10_000_000, 0, step=1024, key="ws_shard_size")
+    address = e3.text_input("Ray address", key="ws_ray_address", placeholder="auto or HOST:PORT; empty = local",
+                            disabled=engine != "ray")
     if not model.strip() or not probe.strip():
         st.warning("Give a model spec and a probe set.")
         return
-    request = ExtractRequest(model.strip(), probe.strip(), layers, pooling, int(k), int(batch))
+    request = ExtractRequest(model.strip(), probe.strip(), layers, pooling, int(k), int(batch), engine,
+                             int(shard_size) or None, (address.strip() or None) if engine == "ray" else None)
     jobs_ui.job_button(sel.store, "Start extraction", request, key="extract",
                        done_message="Extraction finished: pick the layer in the sidebar.")
 

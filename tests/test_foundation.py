@@ -217,12 +217,12 @@ def test_kill_9_mid_extraction_then_rerun_resumes(tmp_path, image_folder):
     proc = subprocess.Popen([sys.executable, "-m", "neuroviz", "--cache", str(cache), *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(cache.glob("runs/*/partial/chunk-*.npy"))) < 6:
+    while time.time() < deadline and len(list(cache.glob("runs/*/partial/*/chunk-*.npy"))) < 6:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert Store(cache).find_runs() == []
-    partial_chunks = len(list(cache.glob("runs/*/partial/chunk-*.npy")))
+    partial_chunks = len(list(cache.glob("runs/*/partial/*/chunk-*.npy")))
     assert 0 < partial_chunks < 20  # it was killed in the middle (40 images / 4 per chunk, 2 layers)
     resumed = run_cli(*args, cache=cache)
     assert resumed.returncode == 0, resumed.stderr

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from neuroviz.methods.milan import (
+    MASK_LEVEL_APPROXIMATE,
     MilanConfig,
     conditional_log_likelihood,
     description_prior,
@@ -170,6 +171,7 @@ def test_milan_describes_planted_neurons_and_scores_each_string_once(planted, mo
     extra = json.loads(top.loc[0, "extra_json"])
     assert extra["exemplar_image_idx"] == [int(run_image) for run_image in store.top_indices(run.run_key)[0][:1]]
     assert extra["mask_threshold"] == pytest.approx(5.0)  # 7th largest of the stored cells: ceil(0.01 * 40 * 16)
+    assert extra["mask_level_source"] == MASK_LEVEL_APPROXIMATE  # stored by hand, without a map sketch
     assert extra["log_p_d_given_e"] <= 0 and np.isfinite(extra["log_p_d"])
     assert set(extra["backends"]) == {"multimodal", "captioner", "language_model"}
     backends = json.loads(store.label_runs(run.run_key).set_index("label_key").loc[key, "backends_json"])
@@ -203,3 +205,18 @@ def test_milan_on_a_vector_layer_uses_whole_images(planted, tiny_workspace):
     extra = json.loads(labels.loc[0, "extra_json"])
     assert extra["exemplar_region"] == "full" and extra["mask_threshold"] is None
     assert extra["exemplar_image_idx"] == [t["image_idx"] for t in store.top_images(fc.run_key, 0, k=3)]
+
+
+def test_milan_takes_the_mask_level_from_the_runs_sketch(planted, tiny_workspace):
+    """An extracted run carries a sketch of every map cell: MILAN's mask level comes from it."""
+    from neuroviz.methods import MethodContext, run_method
+
+    store, run = tiny_workspace["store"], tiny_workspace["runs"]["layer2"]
+    levels = store.mask_levels(run.run_key, MilanConfig.mask_quantile)
+    assert levels is not None and levels.shape == (run.n_neurons,)
+    ctx = MethodContext(store, run, model=tiny_workspace["model"], **planted["backends"])
+    run_method("milan", ctx, config=MilanConfig(k=2, n_concept_candidates=3), neurons=[3])
+    labels = store.labels(run.run_key, method="milan")
+    extra = json.loads(labels[labels["rank"] == 0].iloc[0]["extra_json"])
+    assert extra["mask_threshold"] == pytest.approx(float(levels[3]))
+    assert extra["mask_level_source"] == "sketch"

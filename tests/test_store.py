@@ -126,7 +126,8 @@ def test_results_are_files_with_a_commit_point_and_read_back(tmp_path, monkeypat
     conv, _ = fill(store, ps)
     assert store.version() != before
     run_dir = store.run_dir(conv.run_key)
-    assert {p.name for p in run_dir.iterdir()} == {"run.json", "topk.parquet", "stats.parquet", "acts.npy", "maps.npy", "hist.npz"}
+    assert {p.name for p in run_dir.iterdir()} == {"run.json", "topk.parquet", "stats.parquet", "acts.npy", "maps.npy", "hist.npz",
+                                                   "sketches.npz"}
     assert not (tmp_path / "c" / "neuroviz.duckdb").exists()  # no database file for results
     version = store.version()
     reads = public_reads(store)

@@ -13,9 +13,10 @@ POOLING_CHOICES = ["default", "mean", "max", "cls", "tokens_mean"]
 
 def cmd_extract(args: argparse.Namespace) -> int:
     """Extract the chosen (or suggested) layers, then warm the thumbnails the pages draw from."""
-    from .. import datasets, extract, images, models
+    from .. import datasets, engines, extract, images, models
     from ..progress import TqdmProgress
 
+    engines.check_engine(args.engine)  # a missing Ray says how to install it before any model loads
     store = store_from(args)
     model = models.create(args.model, image_size=args.image_size)
     layers = comma_list(args.layers) or model.suggested_layers()
@@ -25,7 +26,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if probe_set.skipped:
         print(f"skipped {probe_set.n_skipped} files: {probe_set.skipped_summary()}", file=sys.stderr)
     runs = extract.extract(model, probe_set, layers, store, pooling=args.pooling, k=args.k, batch_size=args.batch_size,
-                           chunk_size=args.chunk_size, progress=progress_for(args, "extracting"), num_workers=args.workers)
+                           chunk_size=args.chunk_size, progress=progress_for(args, "extracting"), num_workers=args.workers,
+                           engine=args.engine, shard_size=args.shard_size, address=args.address)
     if not args.no_thumbnails:  # the pages paste every card and grid from these: build them now, once
         images.warm_thumbnails(store.root, [im.path for im in probe_set.images],
                                geometry=images.ViewGeometry.of(model.preprocessing), progress=progress_for(args, "thumbnails"))
@@ -47,5 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=positive_int, default=256, help="images per resumable chunk")
     p.add_argument("--image-size", type=positive_int)
     p.add_argument("--workers", type=non_negative_int, default=0)
+    p.add_argument("--engine", choices=["inprocess", "ray"], default="inprocess",
+                   help="who runs the shards: this process, or a Ray cluster (pip install -r requirements-ray.txt)")
+    p.add_argument("--address", help="Ray cluster to use: 'auto' (the one started on this machine) or HOST:PORT; "
+                   "default: start a local one")
+    p.add_argument("--shard-size", type=positive_int,
+                   help="images per shard (default: one shard in process, 16 shards on Ray)")
     p.add_argument("--no-thumbnails", action="store_true", help="skip building the thumbnails the pages draw from")
     p.set_defaults(func=cmd_extract)

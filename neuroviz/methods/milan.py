@@ -12,10 +12,11 @@ The trained MILAN captioner and language model are not reachable offline, so (ME
   re-ranked by the max of each stored map and the best 15 are kept (exact when the stored
   top-k contains the dataset's top 15 by max, which is likely but not guaranteed).
 - Masks: the upsampled activation map above the neuron's 0.99 quantile of map values over the
-  whole probe set. Only the top-k images' maps are stored, so the quantile is estimated from
-  them (see :func:`spatial_quantile_threshold`): it is exact when the dataset's top 1% of map
-  cells all lie in the stored top-k images and otherwise a lower bound (masks at least as
-  large as MILAN's).
+  whole probe set (the mask level), read from the KLL sketch of every map cell that extraction
+  keeps (:meth:`Store.mask_levels`; rank error in :mod:`neuroviz.sketches`). Runs stored
+  before the sketches have only their top-k maps: the level is then estimated from them
+  (:func:`spatial_quantile_threshold`, a lower bound that collapses at scale) and the label
+  says ``mask_level_source: "top-k estimate (approximate)"``.
 - Exemplar regions: the part of the model's view inside the mask's bounding box
   (``exemplar_region="crop"``). Filling the outside with grey (``"grey"``) is closer to how
   MILAN shows exemplars to people, but a mostly grey picture is far from what an image
@@ -50,7 +51,8 @@ from ..progress import chain
 from ..store import LabelRow, RunInfo, Store
 from .base import DescriptionMethod, MethodContext, MethodError, Overlay, register_method
 
-NEURONS_PER_BATCH = 8  # exemplar images of this many neurons are encoded in one backend call
+NEURONS_PER_BATCH = 8
+MASK_LEVEL_APPROXIMATE = "top-k estimate (approximate: the run was stored without a map sketch)"  # exemplar images of this many neurons are encoded in one backend call
 
 
 @dataclass
@@ -115,7 +117,7 @@ class ExemplarMaskOverlay(Overlay):
     title = "MILAN masks"
 
     def settings(self, maps: np.ndarray, run: RunInfo, extra: dict) -> dict:
-        threshold = extra.get("mask_threshold")
+        threshold = extra.get("mask_threshold")  # the level the label used (from the run's sketch)
         if threshold is None:
             threshold = spatial_quantile_threshold(maps, run.n_images, MilanConfig.mask_quantile)
         return {"threshold": float(threshold)}
@@ -261,6 +263,7 @@ class MilanPMI(DescriptionMethod):
         # embeddings are cached for the probe set: no image needs encoding for them.
         masked = run.map_shape is not None and config.exemplar_region != "full"
         whole_emb = None if masked else np.asarray(image_embeddings(ctx.multimodal, store, run.probe_set_id), dtype=np.float32)
+        levels = store.mask_levels(run.run_key, config.mask_quantile) if masked else None
         total_steps = len(neurons) + 2
         gathered: list[_NeuronExemplars] = []
         for start in range(0, len(neurons), NEURONS_PER_BATCH):
@@ -273,7 +276,8 @@ class MilanPMI(DescriptionMethod):
                 picked = [tops[int(i)] for i in order]
                 threshold = None
                 if maps is not None:
-                    threshold = spatial_quantile_threshold(maps, run.n_images, config.mask_quantile)
+                    threshold = float(levels[n]) if levels is not None else \
+                        spatial_quantile_threshold(maps, run.n_images, config.mask_quantile)
                     for pos, top in zip(order, picked):
                         view = views(top["image_idx"])
                         regions.append(masked_region(view, exemplar_mask(maps[int(pos)], threshold, view.size), config.exemplar_region))
@@ -311,6 +315,7 @@ class MilanPMI(DescriptionMethod):
         loglik = conditional_log_likelihood(store, ctx.language_model, all_candidates, config.prior_context)
         prior = dict(zip(all_candidates, description_prior(loglik, all_candidates, config.prior_normalisation)))
 
+        level_source = None if not masked else "sketch" if levels is not None else MASK_LEVEL_APPROXIMATE
         out: list[LabelRow] = []
         for g in gathered:
             source: dict[str, str] = {}
@@ -328,7 +333,7 @@ class MilanPMI(DescriptionMethod):
                 if rank == 0:
                     extra.update({
                         "exemplar_image_idx": g.image_idx, "exemplar_image_ids": g.image_ids,
-                        "mask_threshold": g.threshold, "exemplar_region": config.exemplar_region if masked else "full",
+                        "mask_threshold": g.threshold, "mask_level_source": level_source, "exemplar_region": config.exemplar_region if masked else "full",
                         "captions": g.captions, "n_candidates": len(cands),
                         "backends": ctx.backend_ids(("multimodal", "captioner", "language_model")),
                         "concept_set": ctx.concepts.name,

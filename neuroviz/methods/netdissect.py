@@ -16,9 +16,12 @@ its concepts (binary layout) or an index mask (index layout, which annotates eve
 On a fully annotated set this is the plain dataset-wide IoU.
 
 The store keeps spatial maps only for each neuron's top-k images, so this method makes its
-own two passes over the segmentation set with :class:`~neuroviz.hooks.LayerRecorder`: the
-first writes the maps (float16, at layer resolution) to a temporary file and computes exact
-per-neuron quantiles; the second thresholds and intersects them with the masks.
+own pass over the segmentation set with :class:`~neuroviz.hooks.LayerRecorder`: it writes the
+maps (float16, at layer resolution) to a temporary file and feeds every map cell to a KLL
+sketch per neuron (:mod:`neuroviz.sketches`: at most 64 cells per image, exact up to 2,000
+cells per neuron, then within its stated rank and sampling error), whose top 0.5 % level is
+the threshold; no second pass over the maps
+computes quantiles. Then it thresholds the maps and intersects them with the masks.
 
 Segmentation set format (a folder), one of:
 
@@ -50,6 +53,7 @@ import numpy as np
 
 from ..errors import NeurovizError
 from ..provenance import provenance_key
+from ..sketches import NeuronStats, sketch_quantiles
 from ..store import LabelRow
 from .base import DescriptionMethod, MethodContext, MethodError, register_method
 
@@ -277,6 +281,7 @@ def dissect(model, layer: str, segmentation: SegmentationSet, config: NetDissect
             yield idx, torch.stack([transform(load_rgb(segmentation.items[i].image_path)) for i in idx])
 
     maps_file = None
+    cells: NeuronStats | None = None  # the sketch of every map cell, for the thresholds
     with tempfile.TemporaryDirectory(dir=scratch_dir) as tmp:
         with torch.inference_mode(), LayerRecorder(module, [layer]) as rec:
             for idx, x in batches():
@@ -292,17 +297,18 @@ def dissect(model, layer: str, segmentation: SegmentationSet, config: NetDissect
                         raise MethodError(f"The activation maps of {n} images would take {np.prod(shape) * 2 / 2**30:.1f} GB; "
                                          "use a smaller segmentation set or fewer neurons.")
                     maps_file = np.lib.format.open_memmap(Path(tmp) / "maps.npy", mode="w+", dtype=np.float16, shape=shape)
-                maps_file[idx[0]: idx[-1] + 1] = smap.float().numpy().astype(np.float16)
+                as_stored = smap.float().numpy().astype(np.float16)
+                maps_file[idx[0]: idx[-1] + 1] = as_stored
+                if cells is None:
+                    cells = NeuronStats(as_stored.shape[1], spatial=True)
+                as_float = as_stored.astype(np.float32)  # the values thresholded below
+                cells.update(as_float.mean(axis=(2, 3)), as_float, idx[0])
                 if progress:
                     progress(idx[-1] + 1, total_steps, "recording activation maps")
         assert maps_file is not None
         n_neurons = maps_file.shape[1]
-        thresholds = np.zeros(n_neurons, dtype=np.float32)
-        chunk = max(1, (256 * 2**20) // max(1, 4 * n * maps_file.shape[2] * maps_file.shape[3]))
-        for start in range(0, n_neurons, chunk):
-            values = np.asarray(maps_file[:, start: start + chunk], dtype=np.float32)
-            values = values.transpose(1, 0, 2, 3).reshape(values.shape[1], -1)
-            thresholds[start: start + chunk] = np.quantile(values, 1.0 - config.top_quantile, axis=1)
+        assert cells is not None and cells.spatial is not None
+        thresholds = sketch_quantiles(cells.spatial, cells.cells, [1.0 - config.top_quantile])[0]
 
         size = min(config.mask_size, prep.image_size)
         categories = segmentation.category_of_concepts()
