@@ -101,13 +101,18 @@ CONCEPTS = ["tabby cat", "espresso", "rocket", "red square", "blue circle", "hor
 def planted(tiny_workspace, tmp_path_factory):
     """A run stored by hand over the tiny workspace's images: neuron 0 fires on the cat photo,
     neuron 1 on the coffee photo, each in the centre of its map; everything else is quiet."""
+    import shutil
+
     from neuroviz.backends.captioner import create_captioner
     from neuroviz.backends.language import create_language_model
     from neuroviz.backends.multimodal import create_multimodal
     from neuroviz.concepts import from_texts
-    from neuroviz.store import RunInfo
+    from neuroviz.store import RunInfo, Store
 
-    store, model, ps = tiny_workspace["store"], tiny_workspace["model"], tiny_workspace["probe_set"]
+    # a private copy of the shared tiny workspace: a hand-stored run must not leak into other modules' tests
+    root_copy = tmp_path_factory.mktemp("milan_planted_cache")
+    shutil.copytree(tiny_workspace["store"].root, root_copy, dirs_exist_ok=True)
+    store, model, ps = Store(root_copy), tiny_workspace["model"], tiny_workspace["probe_set"]
     n_images, k = len(ps), 10
     rng = np.random.default_rng(0)
     acts = rng.uniform(0, 1, size=(n_images, 2)).astype(np.float32)
