@@ -16,6 +16,7 @@ import sys
 import traceback
 
 from ..errors import NeurovizError
+from ..threads import limit_compute_threads
 from ._common import store_from
 
 # In the order --help lists them; module names are the commands with '_' for '-' ('import_': a keyword).
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     command: progress while it runs, then done, failed or cancelled with the message.
     """
     args = build_parser().parse_args(argv)
+    limit_compute_threads()  # before any command imports torch: see neuroviz/threads.py
     reporter = None
     if args.job:
         from ..jobs import JobReporter
