@@ -51,10 +51,12 @@ class RemainingTime:
         self.min_elapsed, self.clock = min_elapsed, clock
         self._total: int | None = None
         self._start = (0.0, 0)  # (time, done) when the stage began
+        self._last_done = 0
 
     def __call__(self, done: int, total: int) -> float | None:
         now = self.clock()
-        if total != self._total or done < self._start[1]:
+        went_back, self._last_done = done < self._last_done, done
+        if total != self._total or went_back:
             self._total, self._start = total, (now, done)
             return None
         t0, done0 = self._start
