@@ -100,7 +100,9 @@ def earlier_result(earlier: list[editing.StoredEvaluation]) -> tuple[dict[str, l
 
 def edit_settings(sel: context.Selection, neurons, source, saved: editing.Edit | None) -> editing.Edit | None:
     c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
-    mode = c1.radio("Ablation", list(MODES), format_func=MODES.get, key="editing_mode", horizontal=True,
+    # keyed by the edit shown, so a new list starts at "zero" after an earlier result in "mean" mode
+    mode = c1.radio("Ablation", list(MODES), format_func=MODES.get, key=f"editing_mode_{saved.name if saved else ''}",
+                    horizontal=True,
                     index=list(MODES).index(saved.mode) if saved else 0,
                     help="Mean: the whole map of a conv channel is set to the constant whose average is the "
                          "channel's mean pooled activation over the probe set.")
