@@ -15,7 +15,7 @@ and peak memory are its own), once per thread setting, and prints:
   loads), synthesis steps and samples within tolerance.
 
 Tasks: ``dnd`` (two fresh neurons of features.18, new seed so nothing is cached),
-``milan`` (32 neurons of features.4, a fresh label key), ``synthesis`` (the library's
+``milan`` (32 neurons of features.4, a fresh label key and uncached p(d) scores), ``synthesis`` (the library's
 default request: 4 levels x 4 samples at 128 px, up to 192 steps), ``synthesis_quick`` (the
 page's first pass, :data:`neuroviz.synthesis.FIRST_PASS`), ``extract`` (one more layer,
 features.7, into an empty store over the demo images), ``edit`` (ablate 8 neurons of
@@ -118,8 +118,9 @@ def task_milan(store, rec: Recorder) -> dict:
     from neuroviz.methods.milan import MilanConfig
 
     ctx = _context(store, "features.4", "milan", rec)
-    # n_labels only changes how many rows are kept: a fresh label key, the same work
-    run_method("milan", ctx, MilanConfig(n_labels=5 + int(time.time()) % 7 + 1), list(range(32)))
+    # A prior context never used before: a fresh label key, and every p(d) is scored by the
+    # language model (the demo build cached the scores under the default "Tags:")
+    run_method("milan", ctx, MilanConfig(prior_context=f"Tags {int(time.time())}:"), list(range(32)))
     return {"neurons": 32}
 
 

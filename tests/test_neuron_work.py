@@ -68,3 +68,26 @@ def test_job_messages_end_with_the_time_left(tmp_path):
     assert jobs.read_job(store, "job-1").message == "neuron 3: simplifying caption 2/10 · about 30 s left"
     reporter(20, 20, "done")
     assert jobs.read_job(store, "job-1").message == "done"
+
+
+def test_scoring_batches_are_cut_by_the_size_of_their_logits():
+    from neuroviz.backends.language import _budget_batches
+
+    lengths = [3, 3, 4, 10, 10, 30]
+    assert _budget_batches(list(range(6)), lengths, max_count=16, max_tokens=20) == [[0, 1, 2, 3], [4], [5]]
+    assert _budget_batches(list(range(6)), lengths, max_count=2, max_tokens=1000) == [[0, 1], [2, 3], [4, 5]]
+    assert _budget_batches([], lengths, 16, 20) == []
+
+
+def test_log_likelihoods_do_not_depend_on_the_batching(tmp_path):
+    import numpy as np
+
+    from neuroviz.backends.language import TransformersLM
+    from tests.conftest import make_tiny_llama
+
+    words = ["red", "blue", "square", "circle", "dog", "cat", "on", "the", "a", "grass"]
+    lm = TransformersLM(str(make_tiny_llama(tmp_path / "lm", words)))
+    texts = ["a red square", "the dog on the grass", "cat", "a blue circle on a red square on the grass"]
+    together = lm.log_likelihood(texts)
+    lm.MAX_LOGITS_BYTES = 1  # every text in a batch of its own
+    np.testing.assert_allclose(lm.log_likelihood(texts), together, rtol=1e-5)
