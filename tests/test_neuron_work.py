@@ -74,7 +74,7 @@ def test_scoring_batches_are_cut_by_the_size_of_their_logits():
     from neuroviz.backends.language import _budget_batches
 
     lengths = [3, 3, 4, 10, 10, 30]
-    assert _budget_batches(list(range(6)), lengths, max_count=16, max_tokens=20) == [[0, 1, 2, 3], [4], [5]]
+    assert _budget_batches(list(range(6)), lengths, max_count=16, max_tokens=20) == [[0, 1, 2], [3, 4], [5]]
     assert _budget_batches(list(range(6)), lengths, max_count=2, max_tokens=1000) == [[0, 1], [2, 3], [4, 5]]
     assert _budget_batches([], lengths, 16, 20) == []
 
