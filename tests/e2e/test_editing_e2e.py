@@ -42,7 +42,7 @@ def test_edit_job_result_survives_a_reload_and_downloads(server, page, screensho
     area.fill(NEURONS)
     area.press("Control+Enter")
     wait_ready(page)
-    images = page.get_by_label("Images (0 = all)")
+    images = page.get_by_role("spinbutton", name="Images (0 = all)")
     images.fill("12")
     images.press("Enter")
     wait_ready(page)
