@@ -133,8 +133,7 @@ def evaluation(sel: context.Selection, edit: editing.Edit) -> None:
         controls = editing.stored_controls(sel.store, edit, weights, sel.probe_set_id, max_images, n_controls, sizes) \
             if all(layer in sizes for layer in edit.neurons) else None
     if comparison is not None and controls is not None:
-        draw_comparison(sel, edit, comparison, controls)
-        downloads(sel, edit, comparison, controls or (), max_images)
+        draw_comparison(sel, edit, comparison, controls, max_images)
         return
     request = EditRequest.of(sel.model_spec, sel.probe_set_id, edit.name, edit.neurons, edit.mode, max_images, n_controls)
     key = f"editing_{editing.evaluation_key(edit, weights, sel.probe_set_id, max_images)}_{n_controls}"
@@ -159,7 +158,8 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def draw_comparison(sel: context.Selection, edit: editing.Edit, cmp: editing.Comparison, controls=()) -> None:
+def draw_comparison(sel: context.Selection, edit: editing.Edit, cmp: editing.Comparison, controls=(),
+                    max_images: int | None = None) -> None:
     st.subheader(f"Effect of '{edit.name}' ({edit.n_neurons} neuron{'s' if edit.n_neurons != 1 else ''}, {edit.mode})")
     c1, c2, c3, c4 = st.columns(4)
     if cmp.accuracy_before is not None:
@@ -172,6 +172,7 @@ def draw_comparison(sel: context.Selection, edit: editing.Edit, cmp: editing.Com
               delta=f"{cmp.mean_confidence_after - cmp.mean_confidence_before:+.3f}")
     c4.metric("Prob. of the original answer", f"{cmp.reference_prob_after:.3f}", delta=f"{-cmp.confidence_drop:+.3f}")
     st.caption(f"{cmp.n_images} images · accuracy counted on {cmp.n_labelled} images with a class-name label")
+    downloads(sel, edit, cmp, controls or (), max_images)
     if controls:
         st.markdown(f"**Against chance**: {len(controls)} random groups with as many neurons per layer")
         st.dataframe(editing.control_table(cmp, controls), hide_index=True, width="stretch",
