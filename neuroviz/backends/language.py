@@ -519,7 +519,7 @@ class ReplayLM(LanguageModel):
 LOGLIK_FLUSH = 512  # newly scored texts kept in memory before they are saved as one part
 
 
-def cached_log_likelihood(lm: LanguageModel, store, texts: Sequence[str], progress=None, batch_size: int = 64) -> np.ndarray:
+def cached_log_likelihood(lm: LanguageModel, store, texts: Sequence[str], progress=None, batch_size: int = 16) -> np.ndarray:
     """``lm.log_likelihood(texts)`` with every text's score kept in the store by (model id, text).
 
     Scoring is deterministic, and MILAN's p(d) scores the same concept words run after run
