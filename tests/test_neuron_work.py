@@ -91,3 +91,19 @@ def test_log_likelihoods_do_not_depend_on_the_batching(tmp_path):
     together = lm.log_likelihood(texts)
     lm.MAX_LOGITS_BYTES = 1  # every text in a batch of its own
     np.testing.assert_allclose(lm.log_likelihood(texts), together, rtol=1e-5)
+
+
+def test_milan_prior_reports_progress_while_it_scores(tmp_path):
+    """MILAN's p(d) scores hundreds of strings on a new workspace: the bar moves per batch."""
+    from neuroviz.backends.language import TransformersLM
+    from neuroviz.methods.milan import conditional_log_likelihood
+    from neuroviz.store import Store
+    from tests.conftest import make_tiny_llama
+
+    words = ["red", "blue", "square", "circle", "dog", "cat", "tags", ":"]
+    lm = TransformersLM(str(make_tiny_llama(tmp_path / "lm", words)))
+    texts = [f"{a} {b}" for a in words[:6] for b in words[:6]]  # 36 strings
+    updates = []
+    conditional_log_likelihood(Store(tmp_path / "cache"), lm, texts, "tags :",
+                               progress=lambda done, total, message: updates.append((done, total)))
+    assert [u[0] for u in updates] == [16, 32, 37] and {u[1] for u in updates} == {37}  # 36 texts + the context
