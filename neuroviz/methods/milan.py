@@ -263,8 +263,7 @@ class MilanPMI(DescriptionMethod):
         masked = run.map_shape is not None and config.exemplar_region != "full"
         whole_emb = None if masked else np.asarray(image_embeddings(ctx.multimodal, store, run.probe_set_id), dtype=np.float32)
         total_steps = len(neurons) + 2
-        progress(0, total_steps, f"exemplars of neurons {neurons[0]}-{neurons[min(len(neurons), NEURONS_PER_BATCH) - 1]}"
-                 if neurons else "no neurons")
+        progress(0, total_steps, f"exemplars of the first {min(len(neurons), NEURONS_PER_BATCH)} neurons")
         gathered: list[_NeuronExemplars] = []
         for start in range(0, len(neurons), NEURONS_PER_BATCH):
             batch = neurons[start:start + NEURONS_PER_BATCH]
