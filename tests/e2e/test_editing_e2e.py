@@ -14,6 +14,7 @@ import json
 import time
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.e2e.test_browser_e2e import assert_no_exception, log_in, wait_ready
 
@@ -47,6 +48,9 @@ def test_edit_job_result_survives_a_reload_and_downloads(server, page, screensho
     images.press("Enter")
     wait_ready(page)
     assert page.locator('[data-testid="stMetric"]').count() == 0  # nothing is evaluated in the page
+    # the job's command shows what the page understood: wait for both inputs to be applied
+    expect(page.get_by_text("--max-images 12")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("--neurons layer4:0,2,4,")).to_be_visible(timeout=30_000)
     page.get_by_role("button", name="Evaluate before / after").click()
     _wait_for_metric(page, "Same top-1 as before", timeout=240)
     wait_ready(page)
@@ -54,6 +58,8 @@ def test_edit_job_result_survives_a_reload_and_downloads(server, page, screensho
 
     page.reload()  # a new session: nothing typed survives, the stored result must
     wait_ready(page)
+    result_or_login = page.locator('[data-testid="stMetric"]').or_(page.get_by_label("Owner password"))
+    expect(result_or_login.first).to_be_visible(timeout=60_000)
     if page.get_by_label("Owner password").count():
         log_in(page)
     _wait_for_metric(page, "Same top-1 as before", timeout=60)
