@@ -3,9 +3,10 @@
 torch runs each operator on as many OpenMP threads as there are cores, and every operator
 ends at a barrier that waits for its slowest thread. On a shared machine (the dashboard's
 server, a second job, other users) one of those threads is often descheduled, and the rest
-spin while they wait. Measured on the 2-core machine at load ~11 (benchmarks/
-bench_neuron_work.py): 16 synthesis steps took 139-214 s wall and 44-49 CPU-s with 2 threads,
-17-23 s and 7 CPU-s with 1, with identical results. So a command leaves a core for the rest
+spin while they wait. Measured on the shared 2-core machine (benchmarks/bench_neuron_work.py):
+at load ~3.5, DnD on 2 neurons took 101 s and 92 CPU-s with 2 threads, 28 s and 22 CPU-s
+with 1; at load ~11, 16 synthesis steps took 139-214 s with 2 threads and 17-23 s with 1.
+So a command leaves a core for the rest
 of the machine, and one more for each unit of load already on it; ``NEUROVIZ_THREADS`` (or
 an ``OMP_NUM_THREADS`` set by the user) overrides the choice.
 """
