@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclasses_fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,6 +49,7 @@ CODE_VERSION = "editing-1"
 ABLATION_MODES = ("zero", "mean")
 EDIT_NAMESPACE = "edit"
 EVALUATION_NAMESPACE = "edit_evaluation"  # store records: evaluation key -> Comparison.to_record()
+EVALUATED_KEY = "evaluated"  # in an evaluation record: the edit and the settings it was evaluated with
 TOP_CLASSES_KEPT = 5
 
 
@@ -502,7 +504,7 @@ class Comparison:
         """The comparison :meth:`to_record` stored."""
         import pandas as pd
 
-        fields = {k: v for k, v in record.items() if k not in ("per_class", "changed")}
+        fields = {k: v for k, v in record.items() if k not in ("per_class", "changed", EVALUATED_KEY)}
         return cls(**fields, per_class=pd.DataFrame(record["per_class"]),
                    changed=[ChangedImage(**c) for c in record["changed"]])
 
@@ -586,8 +588,10 @@ def evaluate_edit(model: ProbedModel, edit: Edit, probe_set: ProbeSet, store: St
     after = predict(model, probe_set, store, edit, max_images, batch_size, stage(n, f"with edit '{edit.name}'"))
     result = compare(before, after, probe_set, model.class_names)
     if store is not None:
+        evaluated = {"edit": edit.to_record(), "weights_id": model.weights_id, "probe_set_id": probe_set.id,
+                     "max_images": max_images or None}
         store.put_record(EVALUATION_NAMESPACE, evaluation_key(edit, model.weights_id, probe_set.id, max_images),
-                         result.to_record())
+                         {**result.to_record(), EVALUATED_KEY: evaluated})
     return result
 
 
@@ -617,3 +621,82 @@ def stored_controls(store: Store, edit: Edit, weights_id: str, probe_set_id: str
             return None
         out.append(found)
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# earlier results and downloads
+
+
+@dataclass
+class StoredEvaluation:
+    """An evaluation found in the store with the edit and settings it was computed for, so a
+    page can show it again after a reload without anyone retyping the neurons."""
+
+    key: str
+    edit: Edit
+    weights_id: str
+    probe_set_id: str
+    max_images: int | None
+    created: float
+
+    @property
+    def is_control(self) -> bool:
+        """A random group evaluated as the control of another edit."""
+        return self.edit.description.startswith("random control for ")
+
+
+def recent_evaluations(store: Store, model_spec: str | None = None, include_controls: bool = False) -> list[StoredEvaluation]:
+    """Stored evaluations, newest first (those stored before the edit was kept with them are skipped)."""
+    out = []
+    for key, value, created in store.list_records(EVALUATION_NAMESPACE):
+        evaluated = (value or {}).get(EVALUATED_KEY)
+        if not evaluated:
+            continue
+        found = StoredEvaluation(key, Edit.from_record(evaluated["edit"]), evaluated["weights_id"], evaluated["probe_set_id"],
+                                 evaluated.get("max_images"), created)
+        if (model_spec is None or found.edit.model_spec == model_spec) and (include_controls or not found.is_control):
+            out.append(found)
+    return out
+
+
+def comparison_tables(cmp: Comparison) -> dict[str, Any]:
+    """The comparison as tables (pandas DataFrames): ``per_class`` and ``changed`` images."""
+    import pandas as pd
+
+    changed = pd.DataFrame([asdict(c) for c in cmp.changed],
+                           columns=[f.name for f in dataclasses_fields(ChangedImage)])
+    per_class = cmp.per_class if isinstance(cmp.per_class, pd.DataFrame) else pd.DataFrame(cmp.per_class)
+    return {"per_class": per_class, "changed": changed}
+
+
+def comparison_csv(cmp: Comparison, table: str = "per_class") -> str:
+    """One table of the comparison as CSV: ``per_class`` (predicted, lost, gained, accuracy
+    per class) or ``changed`` (every image whose top class changed, before and after)."""
+    tables = comparison_tables(cmp)
+    if table not in tables:
+        raise EditError(f"No table '{table}'; choose {' or '.join(tables)}.")
+    return tables[table].to_csv(index=False)
+
+
+def comparison_json(edit: Edit, cmp: Comparison, controls: Sequence[Comparison] = (), weights_id: str | None = None,
+                    probe_set_id: str | None = None, max_images: int | None = None) -> str:
+    """Everything about one evaluation as JSON: the edit, the settings, the headline numbers,
+    the per-class table, the changed images and the random controls' headline numbers."""
+    record = {"edit": edit.to_record(), "weights_id": weights_id, "probe_set_id": probe_set_id,
+              "max_images": max_images or None, "code": CODE_VERSION, "summary": cmp.summary(),
+              **{k: v for k, v in cmp.to_record().items() if k in ("per_class", "changed")},
+              "random_controls": [c.summary() for c in controls]}
+    return json.dumps(_plain(record), indent=1, allow_nan=False)
+
+
+def _plain(value: Any) -> Any:
+    """JSON values only: numpy scalars as Python numbers, NaN (an empty mean) as null."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .errors import NeurovizError
 from .files import atomic_write_text
+from .progress import RemainingTime, remaining_text
 from .store import Store
 
 CANCEL_GRACE_SECONDS = 5.0  # a cancelled job gets this long to stop on SIGTERM before SIGKILL
@@ -169,17 +170,22 @@ def job_log(store: Store, job_id: str, tail: int = 40) -> str:
 
 
 class JobReporter:
-    """Progress callback for the job's own process: throttled writes of its record."""
+    """Progress callback for the job's own process: throttled writes of its record, whose
+    message ends with the time left in the current stage at the rate measured so far."""
 
     def __init__(self, store: Store, job_id: str, min_interval: float = 0.5):
         self.store, self.job_id, self.min_interval = store, job_id, min_interval
         self._last = 0.0
+        self._remaining = RemainingTime()
         self.job = read_job(store, job_id) or JobRecord(job_id, "cli", [])
         self.job.pid = os.getpid()
         self.job.status = "running"
         write_job(store, self.job)
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
+        left = self._remaining(done, total)
+        if left is not None and done < total:
+            message = f"{message} · {remaining_text(left)}" if message else remaining_text(left)
         self.job.done, self.job.total, self.job.message = done, total, message
         now = time.time()
         if now - self._last >= self.min_interval or (total and done >= total):

@@ -2,7 +2,8 @@
 predictions before and after, and keep the edit under a name (the weights are never touched).
 
 The prediction passes run as a background job (`python -m neuroviz edit ...`), which stores
-each comparison in the cache; the page draws the stored comparison of the current settings.
+each comparison in the cache with the edit it measured; the page draws the stored comparison
+of the current settings, opens on the latest one after a reload, and offers it as CSV/JSON.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from neuroviz import audit, editing, images
 from neuroviz.requests import EditRequest
 from ui import cards, context, guard, jobs_ui, shell
 
-SOURCES = {"audit": "Neurons of a saved audit", "list": "A list of neurons", "saved": "A saved edit"}
+SOURCES = {"earlier": "An earlier result", "audit": "Neurons of a saved audit", "list": "A list of neurons",
+           "saved": "A saved edit"}
 MODES = {"zero": "Set to zero", "mean": "Set to the probe-set mean"}
 GRID = 24
 THUMB = 128
@@ -26,7 +28,12 @@ def choose_neurons(sel: context.Selection) -> tuple[dict[str, list[int]], dict |
     default = st.session_state.pop("editing_source", None)
     if default:
         st.session_state["editing_source_radio"] = default
+    earlier = editing.recent_evaluations(sel.store, sel.model_spec)
+    if "editing_source_radio" not in st.session_state:  # a fresh visit or a reload: the latest result again
+        st.session_state["editing_source_radio"] = "earlier" if earlier else "list"
     source = st.radio("Neurons", list(SOURCES), format_func=SOURCES.get, horizontal=True, key="editing_source_radio")
+    if source == "earlier":
+        return earlier_result(earlier)
     if source == "audit":
         saved = audit.list_audits(sel.store, sel.model_spec)
         if not saved:
@@ -70,9 +77,32 @@ def choose_neurons(sel: context.Selection) -> tuple[dict[str, list[int]], dict |
     return edit.neurons, edit.source, edit
 
 
+def earlier_result(earlier: list[editing.StoredEvaluation]) -> tuple[dict[str, list[int]], dict | None, editing.Edit | None]:
+    """An evaluation stored by an earlier `edit` job: its edit, with the image count it used."""
+    if not earlier:
+        st.info("No results yet: choose neurons from an audit or a list and evaluate them.")
+        return {}, None, None
+    by_key = {e.key: e for e in earlier}
+
+    def name(key: str) -> str:
+        e = by_key[key]
+        images = f"{e.max_images} images" if e.max_images else "all images"
+        return (f"{e.edit.name} · {e.edit.mode} · {e.edit.n_neurons} neuron{'s' if e.edit.n_neurons != 1 else ''} · "
+                f"{images} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}")
+
+    key = st.selectbox("Result", list(by_key), format_func=name, key="editing_earlier_choice")
+    chosen = by_key[key]
+    if st.session_state.get("editing_earlier_applied") != key:  # once per choice, so the count stays editable
+        st.session_state["editing_earlier_applied"] = key
+        st.session_state["editing_max_images"] = chosen.max_images or 0
+    return chosen.edit.neurons, chosen.edit.source, chosen.edit
+
+
 def edit_settings(sel: context.Selection, neurons, source, saved: editing.Edit | None) -> editing.Edit | None:
     c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
-    mode = c1.radio("Ablation", list(MODES), format_func=MODES.get, key="editing_mode", horizontal=True,
+    # keyed by the edit shown, so a new list starts at "zero" after an earlier result in "mean" mode
+    mode = c1.radio("Ablation", list(MODES), format_func=MODES.get, key=f"editing_mode_{saved.name if saved else ''}",
+                    horizontal=True,
                     index=list(MODES).index(saved.mode) if saved else 0,
                     help="Mean: the whole map of a conv channel is set to the constant whose average is the "
                          "channel's mean pooled activation over the probe set.")
@@ -103,7 +133,7 @@ def evaluation(sel: context.Selection, edit: editing.Edit) -> None:
         controls = editing.stored_controls(sel.store, edit, weights, sel.probe_set_id, max_images, n_controls, sizes) \
             if all(layer in sizes for layer in edit.neurons) else None
     if comparison is not None and controls is not None:
-        draw_comparison(sel, edit, comparison, controls)
+        draw_comparison(sel, edit, comparison, controls, max_images)
         return
     request = EditRequest.of(sel.model_spec, sel.probe_set_id, edit.name, edit.neurons, edit.mode, max_images, n_controls)
     key = f"editing_{editing.evaluation_key(edit, weights, sel.probe_set_id, max_images)}_{n_controls}"
@@ -111,11 +141,25 @@ def evaluation(sel: context.Selection, edit: editing.Edit) -> None:
                        done_message="Evaluated; the comparison is shown above.")
 
 
+def downloads(sel: context.Selection, edit: editing.Edit, cmp: editing.Comparison, controls, max_images: int | None) -> None:
+    """The comparison as files: the per-class table and the changed images (CSV), everything (JSON)."""
+    stem = "edit-" + editing.evaluation_key(edit, sel.run.weights_id, sel.probe_set_id, max_images)
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Per-class table (CSV)", editing.comparison_csv(cmp, "per_class"), file_name=f"{stem}-per-class.csv",
+                       mime="text/csv", key="editing_csv_classes", icon=":material/download:")
+    c2.download_button("Changed images (CSV)", editing.comparison_csv(cmp, "changed"), file_name=f"{stem}-changed.csv",
+                       mime="text/csv", key="editing_csv_changed", icon=":material/download:")
+    c3.download_button("Everything (JSON)", editing.comparison_json(edit, cmp, controls, sel.run.weights_id, sel.probe_set_id,
+                                                                    max_images),
+                       file_name=f"{stem}.json", mime="application/json", key="editing_json", icon=":material/download:")
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def draw_comparison(sel: context.Selection, edit: editing.Edit, cmp: editing.Comparison, controls=()) -> None:
+def draw_comparison(sel: context.Selection, edit: editing.Edit, cmp: editing.Comparison, controls=(),
+                    max_images: int | None = None) -> None:
     st.subheader(f"Effect of '{edit.name}' ({edit.n_neurons} neuron{'s' if edit.n_neurons != 1 else ''}, {edit.mode})")
     c1, c2, c3, c4 = st.columns(4)
     if cmp.accuracy_before is not None:
@@ -128,6 +172,7 @@ def draw_comparison(sel: context.Selection, edit: editing.Edit, cmp: editing.Com
               delta=f"{cmp.mean_confidence_after - cmp.mean_confidence_before:+.3f}")
     c4.metric("Prob. of the original answer", f"{cmp.reference_prob_after:.3f}", delta=f"{-cmp.confidence_drop:+.3f}")
     st.caption(f"{cmp.n_images} images · accuracy counted on {cmp.n_labelled} images with a class-name label")
+    downloads(sel, edit, cmp, controls or (), max_images)
     if controls:
         st.markdown(f"**Against chance**: {len(controls)} random groups with as many neurons per layer")
         st.dataframe(editing.control_table(cmp, controls), hide_index=True, width="stretch",

@@ -3,9 +3,11 @@ of its observed max), beside the real probe images that fall at the same levels;
 the intersection with other neurons' levels (neuron A high while neuron B stays low).
 
 The optimisation runs as a background job (`python -m neuroviz synthesize ...`), never in
-the script thread: the page defaults (4 levels x 4 samples at 128 px on MobileNetV2) take
-about 40 s of CPU time, over the 20 s a page may block. A polling fragment shows the job's
-progress; results are cached by provenance, so asking again shows them at once.
+the script thread. The page starts with a quick first pass (:data:`neuroviz.synthesis.FIRST_PASS`:
+2 samples per level at 96 px, at most 96 steps; under a minute on 2 busy cores) and offers to
+refine it at the full default (4 samples at 128 px, up to 192 steps; several minutes there).
+A polling fragment shows the job's progress at every step with the time left; results are
+cached by provenance, so asking again shows them at once.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def intersection_targets(sel: context.Selection, neuron: int) -> tuple[synthesis
 
 def advanced_settings() -> tuple[synthesis.SynthesisConfig, int]:
     """The hyperparameters the command line can reproduce (so a job computes the same key), and the seed."""
-    d = synthesis.SynthesisConfig()
+    d = synthesis.FIRST_PASS
     with st.expander("Optimisation settings"):
         c1, c2, c3 = st.columns(3)
         steps = c1.number_input("Max steps", 8, 2000, d.steps, 8, key="syn_steps",
@@ -88,7 +90,8 @@ def request_controls(sel: context.Selection) -> synthesis.SynthesisRequest:
         neuron = context.neuron_input(sel)
     levels_text = c2.text_input("Levels (% of the observed max)", DEFAULT_LEVELS_TEXT, key="syn_levels",
                                 help="Comma-separated, e.g. 25, 50, 75, 100. Up to 400 % is allowed.")
-    n_samples = c3.number_input("Samples per level", 1, 16, 4, key="syn_samples")
+    n_samples = c3.number_input("Samples per level", 1, 16, synthesis.FIRST_PASS_SAMPLES, key="syn_samples",
+                                help="The first pass draws few; 'Refine' draws the full default set.")
     start = c4.radio("Start from", list(STARTS), format_func=STARTS.get, key="syn_start", horizontal=True)
     intersect = st.toggle("Intersection: other neurons must hit their levels too", key="syn_intersect")
     also = intersection_targets(sel, neuron) if intersect else ()
@@ -163,12 +166,23 @@ def body() -> None:
         return
     st.dataframe(plan_table(plan), hide_index=True, width="stretch")
     n_real = st.slider("Real probe images shown per level", 0, 8, 3, key="syn_real")
-    result = synthesis.load_result(sel.store, plan.key, plan)
-    if result is not None:
-        show_result(sel, result, n_real)
+    refined = synthesis.refined_request(request)
+    refined_plan = synthesis.plan_synthesis(None, refined, sel.store, sel.run) if refined != request else None
+    result = synthesis.load_result(sel.store, refined_plan.key, refined_plan) if refined_plan else None
+    if result is None:
+        result = synthesis.load_result(sel.store, plan.key, plan)
+    else:
+        st.caption("Showing the refined samples (the full default settings).")
+    if result is None:
+        jobs_ui.job_button(sel.store, "Synthesise", SynthesizeRequest(request, sel.model_spec, sel.run.run_key),
+                           key=f"syn_{plan.key}", done_message="Synthesis finished; loading the samples...")
         return
-    jobs_ui.job_button(sel.store, "Synthesise", SynthesizeRequest(request, sel.model_spec, sel.run.run_key),
-                       key=f"syn_{plan.key}", done_message="Synthesis finished; loading the samples...")
+    show_result(sel, result, n_real)
+    if refined_plan is not None and result.key != refined_plan.key:
+        cfg = refined.config
+        jobs_ui.job_button(sel.store, f"Refine: {refined.n_samples} samples per level at {cfg.image_size} px, up to {cfg.steps} steps",
+                           SynthesizeRequest(refined, sel.model_spec, sel.run.run_key), key=f"syn_{refined_plan.key}",
+                           done_message="Refined; loading the samples...")
 
 
 shell.owner_page(with_neuron=True)

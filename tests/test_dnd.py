@@ -171,3 +171,25 @@ def test_step_one_crops_conv_layers_and_reproduces_the_runs_activations(tiny_wor
     fc_exemplars = augmented_top_images(MethodContext(store, fc, model=model), 0, config)
     assert all(e.box is None for e in fc_exemplars)
     assert [e.activation for e in fc_exemplars] == pytest.approx([t["activation"] for t in store.top_images(fc.run_key, 0, k=10)])
+
+
+def test_progress_moves_at_every_language_model_call(tiny_workspace, dnd_backends):
+    """The bar advances before each of a neuron's language-model calls, not only between the
+    three steps (a stalled '1/3 captions and candidates' is what users saw)."""
+    from neuroviz.methods import MethodContext, get_method
+    from neuroviz.methods.dnd import progress_steps
+
+    updates = []
+    store, run = tiny_workspace["store"], tiny_workspace["runs"]["layer2"]
+    ctx = MethodContext(store, run, model=tiny_workspace["model"], **dnd_backends,
+                        progress=lambda done, total, message: updates.append((done, total, message)))
+    get_method("dnd").describe(ctx, SMALL, [3, 5])
+    ours = [u for u in updates if u[2].startswith("neuron ") or u[2] == "done"]
+    total = 2 * progress_steps(SMALL)
+    assert {u[1] for u in ours} == {total} and ours[-1][0] == total
+    assert [u[0] for u in ours] == sorted(u[0] for u in ours)  # never goes back
+    calls = [u for u in ours if "simplifying caption" in u[2] or "candidate concept" in u[2]]
+    assert len(calls) == 2 * (SMALL.n_top_images + SMALL.n_candidates)
+    assert len({u[0] for u in ours}) == total + 1  # every step is reported once: 0 .. total
+    assert "loads the language model first" in calls[0][2] and "loads" not in calls[-1][2]
+    assert any(u[2] == f"neuron 5: candidate concept {SMALL.n_candidates}/{SMALL.n_candidates}" for u in calls)

@@ -276,3 +276,66 @@ def test_editing_page_evaluates_as_a_job_and_saves_an_edit(workspace, monkeypatc
     at.button(key="editing_save").click().run()
     (saved,) = [e for e in editing.list_edits(store) if e.neurons == {"layer4": list(range(0, 512, 2))}]
     assert saved.mode == "zero"
+
+
+def test_evaluations_are_listed_again_with_their_edit_and_downloadable(workspace):
+    """A page reopened after a reload finds the latest result with the edit it measured (not
+    its random controls), and the result downloads as CSV tables and as one JSON file."""
+    import io
+    import json
+
+    import pandas as pd
+
+    store, probed, ps = workspace["store"], workspace["model"], workspace["probe_set"]
+    edit = editing.make_edit("listed", probed.spec, {"layer4": [2, 4, 6]}, "zero")
+    cmp = editing.evaluate_edit(probed, edit, ps, store, max_images=6)
+    controls = editing.evaluate_controls(probed, edit, ps, store, n_groups=1, max_images=6)
+    latest = editing.recent_evaluations(store, probed.spec)[0]
+    assert latest.edit.neurons == {"layer4": [2, 4, 6]} and latest.edit.name == "listed" and latest.max_images == 6
+    assert latest.weights_id == probed.weights_id and latest.probe_set_id == ps.id and not latest.is_control
+    assert latest.key == editing.evaluation_key(edit, probed.weights_id, ps.id, 6)
+    assert all(not e.is_control for e in editing.recent_evaluations(store, probed.spec))
+    assert any(e.is_control for e in editing.recent_evaluations(store, probed.spec, include_controls=True))
+    assert editing.recent_evaluations(store, "some other model") == []
+
+    per_class = pd.read_csv(io.StringIO(editing.comparison_csv(cmp, "per_class")))
+    assert list(per_class["class_index"]) == list(cmp.per_class["class_index"])
+    assert list(per_class["lost"]) == list(cmp.per_class["lost"])
+    changed = pd.read_csv(io.StringIO(editing.comparison_csv(cmp, "changed")))
+    assert len(changed) == len(cmp.changed) and list(changed["image_id"]) == [c.image_id for c in cmp.changed]
+    assert "before_class" in changed.columns and "after_class" in changed.columns
+    record = json.loads(editing.comparison_json(edit, cmp, controls, probed.weights_id, ps.id, 6))
+    assert record["summary"] == json.loads(json.dumps(cmp.summary()))
+    assert record["edit"]["neurons"] == {"layer4": [2, 4, 6]} and record["max_images"] == 6
+    assert len(record["changed"]) == len(cmp.changed) and len(record["random_controls"]) == 1
+    with pytest.raises(editing.EditError, match="per_class or changed"):
+        editing.comparison_csv(cmp, "nope")
+
+
+def test_a_comparison_stored_before_edits_were_kept_with_it_still_opens(workspace):
+    store, probed, ps = workspace["store"], workspace["model"], workspace["probe_set"]
+    edit = editing.make_edit("old", probed.spec, {"layer4": [7]}, "zero")
+    cmp = editing.evaluate_edit(probed, edit, ps, store, max_images=5)
+    key = editing.evaluation_key(edit, probed.weights_id, ps.id, 5)
+    store.put_record(editing.EVALUATION_NAMESPACE, key, cmp.to_record())  # the session-3 record shape
+    assert editing.stored_comparison(store, edit, probed.weights_id, ps.id, 5).summary() == cmp.summary()
+    assert key not in {e.key for e in editing.recent_evaluations(store)}
+
+
+def test_editing_page_reopens_on_the_latest_result_with_downloads(workspace, monkeypatch):
+    """A fresh session (a reload) opens on the latest evaluated edit and draws it with the
+    CSV and JSON downloads, without a model and without retyping the neurons."""
+    from tests.conftest import dashboard_env, open_page
+
+    store, probed, ps = workspace["store"], workspace["model"], workspace["probe_set"]
+    dashboard_env(monkeypatch, store.root)
+    edit = editing.make_edit("reopened", probed.spec, {"layer4": [1, 3]}, "zero")
+    cmp = editing.evaluate_edit(probed, edit, ps, store, max_images=8)
+    at = open_page("pages/editing.py", model=probed.spec)
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert at.radio(key="editing_source_radio").value == "earlier"
+    assert at.number_input(key="editing_max_images").value == 8
+    assert any("reopened" in s.value for s in at.subheader)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Same top-1 as before"] == f"{100 * cmp.agreement:.1f}%"
+    assert len(at.get("download_button")) == 3

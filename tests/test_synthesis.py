@@ -229,6 +229,10 @@ def test_page_shows_the_plan_and_explains_bad_levels(page_env):
     plan = _plan_table(at)
     assert list(plan["neuron"]) == [neuron] and "level 4" in plan.columns and plan["level 4"][0].startswith("100%")
     assert any(b.key and b.key.startswith("start_syn_") for b in at.button)
+    # the page starts with the quick first pass
+    assert at.number_input(key="syn_samples").value == S.FIRST_PASS_SAMPLES
+    assert at.number_input(key="syn_steps").value == S.FIRST_PASS.steps
+    assert at.select_slider(key="syn_size").value == S.FIRST_PASS.image_size
     at.text_input(key="syn_levels").input("50, 900").run()
     assert not at.exception
     assert any("observed max" in e.value and "Try levels" in e.value for e in at.error)
@@ -268,6 +272,8 @@ def test_page_runs_the_job_and_then_shows_samples_beside_real_images(page_env):
     captions = [img.proto.imgs[0].caption for img in at.get("image")]
     assert sum(c.startswith("a = ") for c in captions) == 4  # 2 levels x 2 samples, each with its activation
     assert sum(c.startswith("real · a = ") for c in captions) == 6  # 3 real probe images per level
+    refine = [b for b in at.button if b.key and b.key.startswith("start_syn_") and b.label.startswith("Refine")]
+    assert len(refine) == 1 and "4 samples per level at 128 px, up to 192 steps" in refine[0].label
 
 
 def test_bounded_activations_cap_the_reachable_levels():
@@ -280,3 +286,29 @@ def test_bounded_activations_cap_the_reachable_levels():
     assert S.activation_ceiling(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())) is None
     resnet = create("torchvision:resnet18@random", image_size=64).module
     assert S.activation_ceiling(resnet.get_submodule("layer2")) is None
+
+
+def test_progress_moves_at_every_step(tiny_workspace):
+    ws = tiny_workspace
+    request = _request(ws, levels=(0.5,), n_samples=2, config=dict(steps=12, min_steps=12, check_every=4))
+    updates = []
+    result = S.synthesize(ws["model"], request, ws["store"], ws["runs"]["layer2"], use_cache=False,
+                          progress=lambda done, total, message: updates.append((done, total, message)))
+    assert result.steps_run == 12
+    assert [u[0] for u in updates[:-1]] == list(range(1, 13)) and {u[1] for u in updates} == {12}
+    assert updates[0][2].startswith("step 1/12: no check yet") and "at the last check" in updates[4][2]
+    assert updates[-1] == (12, 12, result.summary())
+
+
+def test_first_pass_is_a_small_part_of_the_full_request_and_refines_to_it():
+    first = S.first_pass_request("layer2", 3, seed=5)
+    full = S.SynthesisRequest("layer2", 3, seed=5)
+
+    def work(r):  # samples x pixels x steps: what one optimisation costs
+        return r.n_samples * len(r.levels) * r.config.image_size ** 2 * r.config.steps
+
+    assert work(first) * 6 < work(full)
+    assert S.refined_request(first) == full
+    assert S.refined_request(full) == full
+    bigger = full.with_config(steps=400, image_size=160)
+    assert S.refined_request(bigger) == bigger  # refining never shrinks what was asked

@@ -21,6 +21,7 @@ import sys
 import traceback
 
 from ..errors import NeurovizError
+from ..threads import limit_compute_threads
 from ._common import Parser, UsageError, store_from
 
 # Failures of the machine's file system, not of the code: one line naming the file and the reason.
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:  # the parser printed its one line
         _record_refused_job(argv, exc.message)
         return 2
+    limit_compute_threads()  # before any command imports torch: see neuroviz/threads.py
     reporter = None
     try:
         if args.job:

@@ -274,26 +274,36 @@ class DescribeAndDissect(DescriptionMethod):
         return [CropOverlay()]
 
     def describe(self, ctx: MethodContext, config: DnDConfig, neurons: Sequence[int]) -> list[LabelRow]:
-        """Run the three steps for each neuron (slow: ~15 language-model calls per neuron)."""
+        """Run the three steps for each neuron (slow: ~15 language-model calls per neuron).
+
+        Progress moves at every language-model call (a fraction of a second to a few
+        seconds each on 2 cores), not only between the three steps.
+        """
         store, run = ctx.store, ctx.run
         progress = chain(ctx.progress)  # a no-op when the context has no progress callback
         views = TopImageViews.for_run(ctx, config.view_size)
         from ..embeddings import image_embeddings
 
-        probe_emb = np.asarray(image_embeddings(ctx.multimodal, store, run.probe_set_id), dtype=np.float32)
+        probe_emb = np.asarray(image_embeddings(ctx.multimodal, store, run.probe_set_id, progress=ctx.progress),
+                               dtype=np.float32)
         acts = store.activations(run.run_key)
         backends = ctx.backend_ids(self.needs)
         rows: list[LabelRow] = []
         neurons = [int(n) for n in neurons]
-        steps = 3 * len(neurons)
+        per_neuron = progress_steps(config)
+        steps = per_neuron * len(neurons)
         for i, neuron in enumerate(neurons):
-            progress(3 * i, steps, f"neuron {neuron}: crops")
+            def step(offset: int, message: str, i=i, neuron=neuron) -> None:
+                progress(min(i * per_neuron + offset, steps), steps, f"neuron {neuron}: {message}")
+
+            step(0, "crops of the top images")
             exemplars = augmented_top_images(ctx, neuron, config, views)
-            progress(3 * i + 1, steps, f"neuron {neuron}: captions and candidates")
+            step(1, "captions" + (" (loads the captioner first)" if i == 0 else ""))
             transcript = _Transcript(ctx.language_model)
             real_emb = np.asarray(ctx.multimodal.encode_images([e.image for e in exemplars]), dtype=np.float32)
-            captions, simplified, candidates = self._candidates(ctx, transcript, exemplars, real_emb, neuron, config)
-            progress(3 * i + 2, steps, f"neuron {neuron}: best concept")
+            captions, simplified, candidates = self._candidates(ctx, transcript, exemplars, real_emb, neuron, config,
+                                                                step if i else _first_neuron(step))
+            step(per_neuron - 1, "best concept")
             cand_emb = np.asarray(ctx.multimodal.encode_texts(candidates), dtype=np.float32)
             sims = cand_emb @ probe_emb.T
             if config.exclude_top_images:
@@ -328,11 +338,13 @@ class DescribeAndDissect(DescriptionMethod):
 
     # step 2
     def _candidates(self, ctx: MethodContext, transcript: _Transcript, exemplars: list[Exemplar], embeddings: np.ndarray,
-                    neuron: int, config: DnDConfig) -> tuple[list[str], list[str], list[str]]:
-        """Captions, their simplified forms, and the unique candidate concepts (in order)."""
+                    neuron: int, config: DnDConfig, step) -> tuple[list[str], list[str], list[str]]:
+        """Captions, their simplified forms, and the unique candidate concepts (in order);
+        ``step(offset, message)`` is called before every language-model call."""
         captions = [" ".join(str(c).split()) for c in captions_of(ctx, [e.image for e in exemplars], embeddings)]
         simplified = []
         for j, caption in enumerate(captions):
+            step(2 + j, f"simplifying caption {j + 1}/{len(captions)}")
             response = transcript.generate(simplify_prompt(caption), config.max_new_tokens, config.simplify_temperature,
                                            config.seed + j)
             # A caption the model could not shorten is kept as it is (cut to 5 words).
@@ -341,6 +353,7 @@ class DescribeAndDissect(DescriptionMethod):
         order = list(simplified)
         candidates: list[str] = []
         for j in range(config.n_candidates):
+            step(2 + config.n_top_images + j, f"candidate concept {j + 1}/{config.n_candidates}")
             response = transcript.generate(summary_prompt(order), config.max_new_tokens, config.summary_temperature,
                                            config.seed + j)
             phrase = concept_phrase(response)
@@ -351,6 +364,19 @@ class DescribeAndDissect(DescriptionMethod):
             rng.shuffle(order)
         unique = list(dict.fromkeys(c for c in candidates if c))
         return captions, simplified, unique
+
+
+def progress_steps(config: DnDConfig) -> int:
+    """Progress steps of one neuron: crops, captions, one per language-model call, best concept."""
+    return 3 + config.n_top_images + config.n_candidates
+
+
+def _first_neuron(step):
+    """The first language-model call of a run also loads the model (seconds; about a minute
+    the very first time, when Gemma is dequantised): say so rather than seem stuck."""
+    def first(offset: int, message: str) -> None:
+        step(offset, message + (" (loads the language model first)" if offset == 2 else ""))
+    return first
 
 
 def neuron_activations(model, layer: str, pooling: str, neuron: int, images: Sequence[Image.Image],

@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from ..crops import ProbeViews, exemplar_mask, mask_overlay, masked_region
-from ..progress import chain
+from ..progress import Progress, chain
 from ..store import LabelRow, RunInfo, Store
 from .base import DescriptionMethod, MethodContext, MethodError, Overlay, register_method
 
@@ -145,7 +145,8 @@ def log_p_description_given_exemplars(exemplar_emb: np.ndarray, candidate_emb: n
     return log_softmax(mean_sim / temperature)
 
 
-def conditional_log_likelihood(store: Store, language_model, texts: Sequence[str], context: str) -> np.ndarray:
+def conditional_log_likelihood(store: Store, language_model, texts: Sequence[str], context: str,
+                               progress: Progress | None = None) -> np.ndarray:
     """log p(text | context) = log p(context + " " + text) - log p(context), cached per string.
 
     MILAN's p(d) is a language model of neuron *descriptions*. A general model scoring a bare
@@ -155,8 +156,8 @@ def conditional_log_likelihood(store: Store, language_model, texts: Sequence[str
     from ..backends.language import cached_log_likelihood
 
     if not context:
-        return cached_log_likelihood(language_model, store, texts)
-    values = cached_log_likelihood(language_model, store, [f"{context} {t}" for t in texts] + [context])
+        return cached_log_likelihood(language_model, store, texts, progress)
+    values = cached_log_likelihood(language_model, store, [f"{context} {t}" for t in texts] + [context], progress)
     return values[:-1] - values[-1]
 
 
@@ -265,6 +266,7 @@ class MilanPMI(DescriptionMethod):
         whole_emb = None if masked else np.asarray(image_embeddings(ctx.multimodal, store, run.probe_set_id), dtype=np.float32)
         levels = store.mask_levels(run.run_key, config.mask_quantile) if masked else None
         total_steps = len(neurons) + 2
+        progress(0, total_steps, f"exemplars of the first {min(len(neurons), NEURONS_PER_BATCH)} neurons")
         gathered: list[_NeuronExemplars] = []
         for start in range(0, len(neurons), NEURONS_PER_BATCH):
             batch = neurons[start:start + NEURONS_PER_BATCH]
@@ -312,7 +314,8 @@ class MilanPMI(DescriptionMethod):
         text_row = {c: concept_emb[concept_index[c]] for c in all_candidates if c in concept_index}
         text_row.update(dict(zip(new_texts, new_emb)))
         progress(len(neurons), total_steps, f"language-model prior of {len(all_candidates)} candidates")
-        loglik = conditional_log_likelihood(store, ctx.language_model, all_candidates, config.prior_context)
+        # the slow part on a new workspace (hundreds of strings): its own progress, per scored batch
+        loglik = conditional_log_likelihood(store, ctx.language_model, all_candidates, config.prior_context, ctx.progress)
         prior = dict(zip(all_candidates, description_prior(loglik, all_candidates, config.prior_normalisation)))
 
         level_source = None if not masked else "sketch" if levels is not None else MASK_LEVEL_APPROXIMATE
