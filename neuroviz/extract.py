@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from .models import LayerInfo, ProbedModel
 from .progress import Progress
 from .provenance import provenance_key
 from .store import RunInfo, Store
+
+if TYPE_CHECKING:
+    from .units import UnitTransform
 
 CODE_VERSION = "extract-1"
 MAP_MAX_SIDE = 32  # top-k maps are stored at most 32x32: enough for crops, masks and heatmaps
@@ -192,14 +196,15 @@ def _latest_state(partial: Path) -> int:
 def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], store: Store,
             pooling: str | None = None, k: int = 50, batch_size: int = 32, chunk_size: int = 256,
             progress: Progress | None = None, num_workers: int = 0, device: str | None = None,
-            stop_after_chunks: int | None = None) -> list[RunInfo]:
+            stop_after_chunks: int | None = None, unit_transform: UnitTransform | None = None) -> list[RunInfo]:
     """Extract ``layers`` over ``probe_set`` into ``store``; cached layers are not recomputed.
 
     Returns the RunInfo of every requested layer. ``stop_after_chunks`` stops early (for
-    tests of resumption) without finishing the run.
+    tests of resumption) without finishing the run. ``unit_transform`` (one layer only) turns
+    the layer's batch-first output into units (neuroviz.units) before pooling and maps.
     """
-    if not layers:
-        raise ExtractionError("Choose at least one layer.")
+    if not layers or (unit_transform is not None and len(set(layers)) != 1):
+        raise ExtractionError("Choose at least one layer (exactly one with units).")
     if chunk_size % batch_size:
         chunk_size = max(batch_size, (chunk_size // batch_size) * batch_size)
     store.register_probe_set(probe_set)
@@ -211,6 +216,8 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
         info = model.layer(name)
         pooling_l = resolve_pooling(info, pooling)
         key = run_key_for(model, name, pooling_l, probe_set, k)
+        if unit_transform is not None:
+            key = provenance_key({"run": key, "units": unit_transform.key})
         cached = store.get_run(key)
         if cached is not None:
             done[name] = cached
@@ -230,7 +237,8 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
             shutil.rmtree(plan.partial)  # chunking changed: the old partial work does not fit
             plan.partial.mkdir(parents=True)
         atomic_write_text(mpath, json.dumps(manifest))
-        trackers[plan.run_key] = StreamingTopK(plan.info.n_neurons, plan.k, _map_shape(plan.info))
+        n_units = unit_transform.n_units if unit_transform is not None else plan.info.n_neurons
+        trackers[plan.run_key] = StreamingTopK(n_units, plan.k, _map_shape(plan.info))
     resume_chunk = min(_latest_state(p.partial) for p in plans)
     if resume_chunk >= 0:
         for plan in plans:
@@ -252,6 +260,8 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
             module(batch.to(dev))
             for plan in plans:
                 out = to_batch_first(rec.outputs[plan.info.name], layouts[plan.info.name])
+                if unit_transform is not None:
+                    out = unit_transform(out)
                 pooled = pool(out, plan.info.layout, plan.pooling).float().cpu()
                 smap = spatial_map(out, plan.info.layout)
 
@@ -281,8 +291,9 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
         acts = np.concatenate([np.load(plan.partial / f"chunk-{c:05d}.npy") for c in range(n_chunks)], axis=0)
         values, indices, maps = trackers[plan.run_key].sorted()
         run_info = RunInfo(plan.run_key, model.spec, model.weights_id, plan.info.name, plan.pooling, probe_set.id,
-                       model.preprocessing.id, k, CODE_VERSION, n_images, plan.info.n_neurons,
-                       tuple(maps.shape[2:]) if maps is not None else None, plan.info.layout.kind)
+                       model.preprocessing.id, k, CODE_VERSION, n_images, values.shape[0],
+                       tuple(maps.shape[2:]) if maps is not None else None, plan.info.layout.kind,
+                       units=unit_transform.units_id if unit_transform is not None else "neurons")
         store.finish_run(run_info, acts, values, indices, image_ids, maps)
         shutil.rmtree(plan.partial, ignore_errors=True)
         finished = store.get_run(plan.run_key)

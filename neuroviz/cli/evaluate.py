@@ -16,7 +16,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..models import create
 
     store = store_from(args)
-    run = find_run(store, args.model, args.probe, args.layer, args.pooling)
+    run = find_run(store, args.model, args.probe, args.layer, args.pooling, units=args.units)
     class_names = None
     try:
         class_names = create(run.model_spec).class_names
