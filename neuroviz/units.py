@@ -92,13 +92,7 @@ class Dictionary:
 
     @property
     def title(self) -> str:
-        """A short human name: 'SAE 4x k=32 (R^2 0.83)' or 'directions: cav.npy (3)'."""
-        if self.kind == "sae":
-            hp = self.meta.get("hyperparams", {})
-            r2 = self.meta.get("metrics", {}).get("r2")
-            kind = "BatchTopK " if hp.get("variant") == "batchtopk" else ""
-            return f"{kind}SAE {hp.get('expansion', '?')}x k={hp.get('k', '?')}" + (f" (R^2 {r2:.2f})" if r2 is not None else "")
-        return f"directions: {self.meta.get('source', self.key)} ({self.n_units})"
+        return title_of(self.kind, {**self.meta, "key": self.key, "n_units": self.n_units})
 
     def unit_name(self, unit: int) -> str:
         return self.names[unit] if unit < len(self.names) and self.names[unit] else f"{self.kind} unit {unit}"
@@ -140,6 +134,21 @@ class Dictionary:
         if dim != self.dim:
             raise UnitsError(f"The dictionary {self.units_id} has vectors of size {self.dim}, but layer '{layer}' has "
                              f"{dim} neurons; make one for this layer.")
+
+
+def title_of(kind: str, meta: dict) -> str:
+    """A short human name from a dictionary's meta: 'SAE 4x k=32 (R^2 0.83)' or 'directions: cav.npy (3)'."""
+    if kind == "sae":
+        hp = meta.get("hyperparams", {})
+        r2 = meta.get("metrics", {}).get("r2")
+        variant = "BatchTopK " if hp.get("variant") == "batchtopk" else ""
+        return f"{variant}SAE {hp.get('expansion', '?')}x k={hp.get('k', '?')}" + (f" (R^2 {r2:.2f})" if r2 is not None else "")
+    return f"directions: {meta.get('source') or meta.get('key', '?')} ({meta.get('n_units', '?')})"
+
+
+def unit_word(units: str) -> str:
+    """What one unit of a run is called on a page: Neuron, Latent or Direction."""
+    return {"sae": "Latent", "directions": "Direction"}.get(units.split(":", 1)[0], "Neuron")
 
 
 def per_position(out: torch.Tensor, layout: LayerLayout) -> tuple[torch.Tensor, Any]:
@@ -247,13 +256,12 @@ def dictionary_of_run(store: Store, run: RunInfo) -> Dictionary | None:
 
 
 def units_title(store: Store, units: str) -> str:
-    """How a page names a run's units: 'neurons', or the dictionary's title."""
-    if units == NEURONS:
+    """How a page names a run's units: 'neurons', or the dictionary's title (meta only: no arrays read)."""
+    if units == NEURONS or ":" not in units:
         return NEURONS
-    try:
-        return load_dictionary(store, units).title
-    except UnitsError:
-        return units
+    kind, key = units.split(":", 1)
+    meta = _read_meta(store.dictionary_dir(key))
+    return title_of(kind, meta) if meta else units
 
 
 def short_units(units: str) -> str:

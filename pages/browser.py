@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from neuroviz import browse
-from ui import cards, context, data, guard, shell
+from ui import cards, context, data, guard, shell, units
 
 PER_PAGE = 24
 COLUMNS = 4
@@ -44,7 +44,7 @@ def _label_similarity(root: str, version: tuple, run_key: str) -> browse.LabelSi
 
 def draw_card(sel: context.Selection, neuron: int, tops: dict, agreement: bool | None, mosaic) -> None:
     with st.container(border=True):
-        st.page_link("pages/neuron.py", label=f"**Neuron {neuron}**", icon=":material/open_in_new:",
+        st.page_link("pages/neuron.py", label=f"**{units.unit_heading(sel, neuron)}**", icon=":material/open_in_new:",
                      query_params=sel.query_params(neuron), help="Open this neuron")
         cards.show_image(mosaic, width="stretch")
         lines = [cards.label_line_html(m, tops.get(m), compact=True) for m in sel.methods]
@@ -66,7 +66,7 @@ def body() -> None:
         return
     run = sel.run
     cards.inject_css()
-    st.caption(f"{sel.model_spec} · **{sel.layer}** · {run.n_neurons} neurons over {run.n_images} images "
+    st.caption(f"{sel.model_spec} · **{sel.layer}** · {run.n_neurons} {units.unit_heading(sel)} over {run.n_images} images "
                f"({run.pooling} pooling, top {run.k} kept)")
     if not sel.methods:
         st.info("No labels for this layer yet: start a labelling job on the Workspace page "

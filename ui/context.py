@@ -19,9 +19,10 @@ import streamlit as st
 from neuroviz import catalog
 from neuroviz.demo import DEMO_MODEL, DEMO_PROBE
 from neuroviz.store import RunInfo, Store
+from neuroviz.units import short_units
 from ui import data
 
-QUERY_KEYS = ("model", "probe", "layer", "neuron")
+QUERY_KEYS = ("model", "probe", "layer", "neuron", "units")
 _STATE = "nv_selection"
 _LAST_URL = "nv_last_url"
 
@@ -40,13 +41,15 @@ class Selection:
     neuron: int | None
     methods: list[str] = field(default_factory=list)  # methods to show (those with labels on the run)
     catalog: data.Catalog = field(default_factory=data.Catalog)
+    units: str = "neurons"  # or the run's dictionary, "sae:<key>" (neuroviz.units); ``run`` is that unit run
 
     @property
     def runs(self) -> list[RunInfo]:
         """Cached runs of this model over this probe set, one per layer (newest wins)."""
         latest: dict[str, RunInfo] = {}
         for r in self.catalog.runs_for(self.model_spec, self.probe_set_id):
-            latest[r.layer] = r
+            if r.units == "neurons":  # an SAE's run is not the layer
+                latest[r.layer] = r
         return list(latest.values())
 
     @property
@@ -58,6 +61,8 @@ class Selection:
         params = {"model": self.model_spec, "probe": self.probe_spec} if self.model_spec else {"probe": self.probe_spec}
         if self.layer:
             params["layer"] = self.layer
+        if self.units != "neurons":
+            params["units"] = short_units(self.units)
         n = self.neuron if neuron is None else neuron
         if n is not None:
             params["neuron"] = str(int(n))
@@ -67,7 +72,8 @@ class Selection:
 # -- selection state ------------------------------------------------------------------------
 def _selection() -> dict:
     if _STATE not in st.session_state:
-        st.session_state[_STATE] = {"model": None, "probe": None, "layer": None, "neuron": None, "methods": None}
+        st.session_state[_STATE] = {"model": None, "probe": None, "layer": None, "neuron": None, "methods": None,
+                                    "units": None}
     return st.session_state[_STATE]
 
 
@@ -169,6 +175,10 @@ def selection_from_state() -> Selection:
     latest = catalog.newest_per_layer(cat.runs_for(model_spec, probe_set_id) if probe_set_id else [])
     layer = sel["layer"] if sel["layer"] in latest else (next(iter(latest)) if latest else sel["layer"])
     run = latest.get(layer) if layer else None
+    units = "neurons"
+    if run is not None and sel.get("units") not in (None, "neurons"):
+        unit_run = catalog.newest_per_layer(cat.runs_for(model_spec, probe_set_id), sel["units"]).get(layer)
+        run, units = (unit_run, unit_run.units) if unit_run else (run, units)  # another layer: its neurons
     neuron = sel["neuron"]
     if run is not None and neuron is not None and not 0 <= neuron < run.n_neurons:
         neuron = min(max(0, neuron), run.n_neurons - 1)
@@ -176,7 +186,7 @@ def selection_from_state() -> Selection:
         neuron = None
     have = cat.methods_by_run.get(run.run_key, []) if run else []
     methods = [m for m in (sel["methods"] if sel["methods"] is not None else have) if m in have]
-    return Selection(store, model_spec, probe_spec, probe_set_id, layer, run, neuron, methods, cat)
+    return Selection(store, model_spec, probe_spec, probe_set_id, layer, run, neuron, methods, cat, units)
 
 
 def select(**changes: Any) -> None:
@@ -212,8 +222,13 @@ def _on_widget(key: str) -> None:
     if key in ("model", "probe"):
         sel["layer"] = None
         sel["neuron"] = None
-    elif key == "layer":
+    elif key in ("layer", "units"):
         sel["neuron"] = None
+
+
+def on_units_widget() -> None:
+    """The unit picker (ui.units) changed: show unit 0 of the new units."""
+    _on_widget("units")
 
 
 def draw_sidebar(with_neuron: bool = True) -> Selection:
@@ -241,6 +256,9 @@ def draw_sidebar(with_neuron: bool = True) -> Selection:
                 st.session_state["_w_layer"] = sel.layer
             st.selectbox("Layer", layers, key="_w_layer", on_change=_on_widget, args=("layer",),
                          format_func=lambda name: _layer_caption(sel, name))
+            from ui.units import unit_picker  # the picker reads the selection this module defines
+
+            unit_picker(sel)
         else:
             st.caption("No layer of this model is extracted over this probe set yet.")
         have = sel.available_methods
