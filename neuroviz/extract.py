@@ -62,13 +62,15 @@ def resolve_pooling(layer: LayerInfo, pooling: str | None) -> str:
     return pooling
 
 
-def run_key_for(model: ProbedModel, layer: str, pooling: str, probe_set: ProbeSet, k: int) -> str:
-    """The provenance key of one layer's extraction."""
-    return provenance_key({
+def run_key_for(model: ProbedModel, layer: str, pooling: str, probe_set: ProbeSet, k: int,
+                units_key: str | None = None) -> str:
+    """The provenance key of one layer's extraction (of its neurons, or of the units ``units_key`` names)."""
+    key = provenance_key({
         "model": model.spec, "weights": model.weights_id, "layer": layer, "pooling": pooling,
         "probe_set": probe_set.id, "preprocess": model.preprocessing.id, "k": k,
         "code": CODE_VERSION, "map_max_side": MAP_MAX_SIDE,
     })
+    return key if units_key is None else provenance_key({"run": key, "units": units_key})
 
 
 @dataclass
@@ -201,10 +203,11 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
 
     Returns the RunInfo of every requested layer. ``stop_after_chunks`` stops early (for
     tests of resumption) without finishing the run. ``unit_transform`` (one layer only) turns
-    the layer's batch-first output into units (neuroviz.units) before pooling and maps.
+    the layer's batch-first output into units (neuroviz.units) before pooling and maps; it belongs to
+    one layer, so give one (``neuroviz.sae.extract_units`` does).
     """
-    if not layers or (unit_transform is not None and len(set(layers)) != 1):
-        raise ExtractionError("Choose at least one layer (exactly one with units).")
+    if not layers:
+        raise ExtractionError("Choose at least one layer.")
     if chunk_size % batch_size:
         chunk_size = max(batch_size, (chunk_size // batch_size) * batch_size)
     store.register_probe_set(probe_set)
@@ -215,9 +218,7 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
     for name in dict.fromkeys(layers):
         info = model.layer(name)
         pooling_l = resolve_pooling(info, pooling)
-        key = run_key_for(model, name, pooling_l, probe_set, k)
-        if unit_transform is not None:
-            key = provenance_key({"run": key, "units": unit_transform.key})
+        key = run_key_for(model, name, pooling_l, probe_set, k, getattr(unit_transform, "key", None))
         cached = store.get_run(key)
         if cached is not None:
             done[name] = cached
@@ -237,8 +238,8 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
             shutil.rmtree(plan.partial)  # chunking changed: the old partial work does not fit
             plan.partial.mkdir(parents=True)
         atomic_write_text(mpath, json.dumps(manifest))
-        n_units = unit_transform.n_units if unit_transform is not None else plan.info.n_neurons
-        trackers[plan.run_key] = StreamingTopK(n_units, plan.k, _map_shape(plan.info))
+        trackers[plan.run_key] = StreamingTopK(getattr(unit_transform, "n_units", plan.info.n_neurons), plan.k,
+                                               _map_shape(plan.info))
     resume_chunk = min(_latest_state(p.partial) for p in plans)
     if resume_chunk >= 0:
         for plan in plans:
@@ -259,9 +260,7 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
         for batch in loader:
             module(batch.to(dev))
             for plan in plans:
-                out = to_batch_first(rec.outputs[plan.info.name], layouts[plan.info.name])
-                if unit_transform is not None:
-                    out = unit_transform(out)
+                out = _as_units(to_batch_first(rec.outputs[plan.info.name], layouts[plan.info.name]), unit_transform)
                 pooled = pool(out, plan.info.layout, plan.pooling).float().cpu()
                 smap = spatial_map(out, plan.info.layout)
 
@@ -293,7 +292,7 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
         run_info = RunInfo(plan.run_key, model.spec, model.weights_id, plan.info.name, plan.pooling, probe_set.id,
                        model.preprocessing.id, k, CODE_VERSION, n_images, values.shape[0],
                        tuple(maps.shape[2:]) if maps is not None else None, plan.info.layout.kind,
-                       units=unit_transform.units_id if unit_transform is not None else "neurons")
+                       units=getattr(unit_transform, "units_id", "neurons"))
         store.finish_run(run_info, acts, values, indices, image_ids, maps)
         shutil.rmtree(plan.partial, ignore_errors=True)
         finished = store.get_run(plan.run_key)
@@ -302,6 +301,10 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
     if progress:
         progress(n_images, n_images, "done")
     return [done[name] for name in dict.fromkeys(layers)]
+
+
+def _as_units(out: torch.Tensor, unit_transform: UnitTransform | None) -> torch.Tensor:
+    return out if unit_transform is None else unit_transform(out)
 
 
 def _write_chunk(plans: list[_LayerPlan], trackers: dict[str, StreamingTopK],

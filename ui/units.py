@@ -7,7 +7,6 @@ from __future__ import annotations
 import streamlit as st
 
 from neuroviz.units import NEURONS, short_units, unit_word, units_title
-
 from ui import context, data
 
 
@@ -46,3 +45,32 @@ def unit_heading(sel: context.Selection, unit: int | None = None) -> str:
     if unit is not None:
         return f"{word} {unit}"
     return "neurons" if sel.units == NEURONS else f"{word.lower()}s of {title(sel, sel.units)} ({short_units(sel.units)})"
+
+
+def sae_form(sel: context.Selection) -> None:
+    """The Workspace's SAE tab: train a sparse autoencoder on a layer as a background job
+    (its live loss is the job's progress line), and the SAEs and directions already made."""
+    from neuroviz.requests import SaeTrainRequest
+    from neuroviz.units import list_dictionaries, title_of
+    from ui import jobs_ui
+
+    made = list_dictionaries(sel.store, sel.model_spec or None)
+    if made:
+        st.dataframe([{"units": title_of(m["kind"], m), "layer": m.get("layer"), "latents": m.get("n_units"),
+                       "held-out R^2": m.get("metrics", {}).get("r2"), "L0": m.get("metrics", {}).get("l0"),
+                       "dead": m.get("metrics", {}).get("dead"), "id": short_units(f"{m['kind']}:{m['key']}")}
+                      for m in reversed(made)], hide_index=True, width="stretch")
+    layers = [r.layer for r in sel.runs if r.layer_kind != "vector"]
+    if not sel.model_spec or not layers:
+        st.info("Extract a conv or token layer first: an SAE is trained on its activations at every position.")
+        return
+    c1, c2, c3, c4, c5 = st.columns([3, 1, 1, 2, 1])
+    layer = c1.selectbox("Layer", layers, index=layers.index(sel.layer) if sel.layer in layers else 0, key="sae_layer")
+    expansion = int(c2.number_input("Expansion", 1, 64, 4, key="sae_expansion", help="latents = expansion x neurons"))
+    k = int(c3.number_input("k", 1, 4096, 32, key="sae_k", help="codes kept per position"))
+    variant = c4.selectbox("Variant", ["topk", "batchtopk"], key="sae_variant",
+                           format_func={"topk": "TopK", "batchtopk": "BatchTopK"}.get)
+    epochs = int(c5.number_input("Epochs", 1, 200, 10, key="sae_epochs"))
+    request = SaeTrainRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), layer, expansion, k, variant, epochs)
+    jobs_ui.job_button(sel.store, "Train the SAE", request, key="sae",
+                       done_message="The SAE is trained and its latents extracted: pick them with 'Units' in the sidebar.")

@@ -15,7 +15,7 @@ from ._common import open_model_and_probe_set, progress_for
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
     """Train (or reuse) the SAE, extract its unit run, print R^2, L0 and dead latents."""
-    from ..sae import SaeConfig, train_dictionary, extract_units
+    from ..sae import SaeConfig, extract_units, train_dictionary
     from ..units import short_units
 
     store, model, probe_set = open_model_and_probe_set(args)
