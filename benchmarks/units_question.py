@@ -16,9 +16,13 @@ scored too.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def held_out_scores(acts: np.ndarray, image_emb: np.ndarray, text_emb: np.ndarray, concepts: list[str], fit: np.ndarray,

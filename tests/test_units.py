@@ -28,6 +28,7 @@ from neuroviz.units import (
     save_dictionary,
     short_units,
 )
+from tests.conftest import APP_PATH
 from tests.test_clip_dissect import SHAPE_CONCEPTS, share_image_embeddings
 
 PLANTED = "rocket"  # ConSE (through an ImageNet classifier) tells the photos apart, not the plain shapes
@@ -215,16 +216,17 @@ def unit_dash(tmp_path_factory, image_folder):
     env.undo()
 
 
-def test_browser_and_neuron_page_show_a_latent(unit_dash):
+def test_every_page_renders_for_a_latent_and_the_url_names_it(unit_dash):
     from tests.test_pages import app, assert_clean, texts
 
     short = short_units(unit_dash["dictionary"].units_id)
     at = app(layer="layer2", units=short)
     at.run()
     assert_clean(at)
-    for page in ("pages/browser.py", "pages/neuron.py"):
-        at.switch_page(page).run()
-        assert_clean(at)
+    for page in sorted(p.name for p in (APP_PATH.parent / "pages").glob("*.py")):
+        if page != "rate.py":  # the rater's view is reached through a study link, not the selection
+            at.switch_page(f"pages/{page}").run()
+            assert_clean(at)
     at = app(layer="layer2", units=short)
     at.switch_page("pages/browser.py").run()
     assert_clean(at)

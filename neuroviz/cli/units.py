@@ -2,6 +2,7 @@
 
     python -m neuroviz units add offline:mobilenet_v2 --layer features.18 --directions cav.npy --names cav.txt
     python -m neuroviz units list
+    python -m neuroviz units ablate offline:mobilenet_v2 --units sae:1a2b3c4d --unit 12 --max-images 200
 """
 
 from __future__ import annotations
@@ -51,6 +52,27 @@ def cmd_units_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_units_ablate(args: argparse.Namespace) -> int:
+    """Ablate units of a dictionary (their decoded contribution) and compare predictions."""
+    from ..catalog import probe_set_for
+    from ..editing import evaluate_unit_ablation
+    from ..models import create
+    from ..units import load_dictionary
+    from ._common import parse_neurons
+
+    store = store_from(args)
+    dictionary = load_dictionary(store, args.units)
+    model = create(dictionary.meta.get("model_spec", args.model), image_size=args.image_size)
+    units = parse_neurons(args.unit) or []
+    cmp = evaluate_unit_ablation(model, dictionary, units, probe_set_for(store, args.probe), store,
+                                 max_images=args.max_images or None, progress=progress_for(args, "predictions"))
+    print(f"ablated {dictionary.title} units {args.unit} at {dictionary.meta['layer']} over {cmp.n_images} images: "
+          f"top-1 unchanged {cmp.agreement:.1%}, mean confidence {cmp.mean_confidence_before:.3f} -> "
+          f"{cmp.mean_confidence_after:.3f}, {len(cmp.changed)} images changed class")
+    args._result = cmp.summary()
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``units`` command (``units add``, ``units list``)."""
     p = subparsers.add_parser("units", help="units beyond neurons: add user directions, list SAEs and directions")
@@ -65,6 +87,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--top-k", type=int, default=50, help="top images kept per unit")
     a.add_argument("--image-size", type=int)
     a.set_defaults(func=cmd_units_add)
+    ab = sub.add_parser("ablate", help="remove units' decoded contribution at their layer; predictions before/after")
+    ab.add_argument("model", help="model spec (the dictionary's own is used when it records one)")
+    ab.add_argument("--units", required=True, help="the dictionary, e.g. sae:<key> (python -m neuroviz units list)")
+    ab.add_argument("--unit", required=True, help="units to ablate, e.g. 12 or 3,5,40-45")
+    ab.add_argument("--probe", default="demo")
+    ab.add_argument("--max-images", type=int, default=0, help="an evenly spaced subset (0: all)")
+    ab.add_argument("--image-size", type=int)
+    ab.set_defaults(func=cmd_units_ablate)
     ls = sub.add_parser("list", help="the SAEs and directions of this cache")
     ls.add_argument("--model", help="only this model")
     ls.set_defaults(func=cmd_units_list)
