@@ -46,7 +46,8 @@ def test_a_latent_opens_from_its_url_and_the_picker_switches_units(server, page,
     assert_no_exception(page)
     page.screenshot(path=str(screenshots / "51_latent_browser.png"), full_page=True)
     # the sidebar's Units picker goes back to the layer's neurons, and the URL follows
-    page.locator('[data-testid="stSidebar"]').get_by_text(re.compile(r"^SAE 1x k=8")).first.click()
+    picker = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(has_text="Units")
+    picker.get_by_role("combobox").click()
     page.get_by_role("option", name="neurons", exact=True).click()
     wait_ready(page)
     page.get_by_role("link", name=re.compile(r"Neuron 0$")).first.wait_for()
