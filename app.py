@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` from another folder still finds
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ui import auth, context, data, guard, shell, warmup  # noqa: E402
+from ui import auth, context, guard, shell, warmup  # noqa: E402
 
 st.set_page_config(page_title="neuroviz", page_icon=":material/neurology:", layout="wide")
 
@@ -40,16 +40,10 @@ NEURON_PAGES = {"neuron", "synthesize"}  # pages that show one neuron: the URL n
 
 
 def rater_navigation(token: str):
-    """Only the rating page of this study, or a message for an unknown token."""
-    from neuroviz.study import study_by_token
+    """Only the rating page of this study, or a message for an unknown token (see ui/rating.py)."""
+    from ui import rating
 
-    public = None
-    with guard.friendly_errors("the study"):
-        public = study_by_token(data.get_store(), token)
-    if public is None:
-        return st.navigation([st.Page(auth.invalid_link_page, title="Study link", default=True)], position="hidden")
-    return st.navigation([st.Page(ROOT / "pages" / "rate.py", title=public.title, icon=":material/how_to_vote:", default=True)],
-                         position="hidden")
+    return rating.navigation(token, ROOT / "pages" / "rate.py")
 
 
 def login_navigation():
@@ -78,6 +72,7 @@ def owner_navigation():
         st.sidebar.button("Log out", on_click=auth.log_out, icon=":material/logout:")
     if deep_link and sel is not None:
         st.switch_page(pages["neuron.py"], query_params=sel.query_params())
+    context.show_notices()  # what a bad link asked for and what is shown instead, above the page
     return nav
 
 

@@ -1,7 +1,10 @@
 """How fast the dashboard's pages render: `.venv/bin/python benchmarks/bench_pages.py`.
 
 Budgets (the brief): the layer browser (24 cards) and the neuron page render from a warm
-cache in < 150 ms of script time and from a cold start in < 1 s.
+cache in < 150 ms of script time and from a cold start in < 1 s. Every owner page is timed
+(``--pages`` picks some; ``compare-methods`` is Compare in its "two methods" mode), and
+``--repo OTHER_CHECKOUT`` times another checkout's pages on the same workspace copy, for a
+before/after comparison.
 
 Workspace: a *copy* of ./cache (or --cache DIR) when it holds extracted runs (the demo:
 MobileNetV2 over ~700 images), labelled with labels derived from the probe set's own labels
@@ -38,7 +41,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-PAGES = {"browser": ("pages/browser.py", "the layer browser"), "neuron": ("pages/neuron.py", "the neuron")}
+# name -> (page file, the page body's ui.guard name, widget changes after the first run)
+PAGES = {
+    "browser": ("pages/browser.py", "the layer browser", ()),
+    "neuron": ("pages/neuron.py", "the neuron", ()),
+    "compare": ("pages/compare.py", "the comparison", ()),
+    "compare-methods": ("pages/compare.py", "the comparison", (("button_group", 0, "methods"),)),
+    "synthesize": ("pages/synthesize.py", "the synthesis page", ()),
+    "analysis": ("pages/analysis.py", "the analysis page", ()),
+    "audit": ("pages/audit.py", "the audit page", ()),
+    "editing": ("pages/editing.py", "the editing page", ()),
+    "workspace": ("pages/workspace.py", "the workspace", ()),
+    "study_setup": ("pages/study_setup.py", "the study setup", ()),
+    "study_results": ("pages/study_results.py", "the study results", ()),
+}
+PICTURE_PAGES = ("browser", "neuron")  # the pages whose first visit builds pictures: also timed after extraction
 
 
 def prepare_workspace(source: Path | None, out: Path) -> dict:
@@ -99,16 +116,20 @@ class ScriptTimer:
         threading.Thread.run = self._orig
 
 
-def measure(page: str, workspace: dict, repeats: int) -> dict:
+def measure(page: str, workspace: dict, repeats: int, repo: Path = REPO) -> dict:
     """Run one page in this process: the first run (cold for this process), then warm reruns."""
     from streamlit.testing.v1 import AppTest
 
     os.environ["NEUROVIZ_CACHE"] = workspace["cache"]
     os.environ["NEUROVIZ_UI_RAISE"] = "1"
-    path, what = PAGES[page]
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300)
+    path, what, changes = PAGES[page]
+    at = AppTest.from_file(str(repo / "app.py"), default_timeout=300)
     at.query_params.update({"model": workspace["model"], "layer": workspace["layer"], "neuron": "3"})
     at.switch_page(path)
+    if changes:  # reach the measured state (e.g. Compare's "two methods"), then time from a cold process on
+        at.run()
+        for kind, index, value in changes:
+            at.get(kind)[index].set_value(value)
     results: dict = {"script": [], "body": []}
     for _i in range(repeats + 1):
         with ScriptTimer() as timer:
@@ -137,9 +158,9 @@ def warm_thumbnails_only(workspace: dict) -> None:
     images.warm_thumbnails(root, [p["path"] for p in store.probe_images(run.probe_set_id)], geometry=geometry)
 
 
-def fresh_process(page: str, workspace: dict, repeats: int) -> dict:
+def fresh_process(page: str, workspace: dict, repeats: int, repo: Path = REPO) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", page, "--workspace", json.dumps(workspace),
-                          "--repeats", str(repeats)], capture_output=True, text=True, cwd=REPO)
+                          "--repeats", str(repeats), "--repo", str(repo)], capture_output=True, text=True, cwd=repo)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -150,30 +171,39 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=REPO / "cache", help="workspace to copy (default ./cache)")
     parser.add_argument("--tiny", action="store_true", help="use the tiny test workspace even if ./cache has runs")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--pages", default=",".join(PAGES), help=f"comma-separated, of {', '.join(PAGES)}")
+    parser.add_argument("--repo", type=Path, default=REPO,
+                        help="the checkout whose pages are timed (another worktree: a before/after comparison)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workspace", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, json.loads(args.workspace), args.repeats)))
+        sys.path.insert(0, str(args.repo.resolve()))  # that checkout's ui/ and neuroviz/
+        print(json.dumps(measure(args.child, json.loads(args.workspace), args.repeats, args.repo.resolve())))
         return
+    pages = [p for p in args.pages.split(",") if p]
+    unknown = [p for p in pages if p not in PAGES]
+    if unknown:
+        parser.error(f"unknown page(s) {', '.join(unknown)}; pages: {', '.join(PAGES)}")
     tmp = Path(tempfile.mkdtemp(prefix="bench_pages_"))
     try:
         workspace = prepare_workspace(None if args.tiny else args.cache, tmp / "cache")
         print(f"workspace: {workspace['source']} -> layer {workspace['layer']} of {workspace['model']}: "
               f"{workspace['n_neurons']} neurons x {workspace['n_images']} images")
-        print(f"{'page':8s} {'case':18s} {'script ms':>10s} {'body ms':>9s}")
-        for page in PAGES:
+        print(f"{'page':15s} {'case':18s} {'script ms':>10s} {'body ms':>9s}", flush=True)
+        for page in pages:
             shutil.rmtree(Path(workspace["cache"]) / "thumbs", ignore_errors=True)
-            cold = fresh_process(page, workspace, args.repeats)  # builds the pictures
-            warm_thumbnails_only(workspace)  # what `extract` and the demo build leave behind
-            after_extract = fresh_process(page, workspace, 0)
-            restart = fresh_process(page, workspace, 0)
-            rows = [("process cold", cold["first_script"], cold["first_body"]),
-                    ("thumbnails built", after_extract["first_script"], after_extract["first_body"]),
-                    ("pictures on disk", restart["first_script"], restart["first_body"]),
-                    (f"warm (median {args.repeats})", cold["warm_script"], cold["warm_body"])]
+            cold = fresh_process(page, workspace, args.repeats, args.repo)  # builds the pictures
+            rows = [("process cold", cold["first_script"], cold["first_body"])]
+            if page in PICTURE_PAGES:
+                warm_thumbnails_only(workspace)  # what `extract` and the demo build leave behind
+                after_extract = fresh_process(page, workspace, 0, args.repo)
+                rows.append(("thumbnails built", after_extract["first_script"], after_extract["first_body"]))
+            restart = fresh_process(page, workspace, 0, args.repo)
+            rows += [("pictures on disk", restart["first_script"], restart["first_body"]),
+                     (f"warm (median {args.repeats})", cold["warm_script"], cold["warm_body"])]
             for case, script, body in rows:
-                print(f"{page:8s} {case:18s} {script * 1000:10.0f} {(body or 0) * 1000:9.0f}")
+                print(f"{page:15s} {case:18s} {script * 1000:10.0f} {(body or 0) * 1000:9.0f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

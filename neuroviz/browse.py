@@ -100,36 +100,64 @@ class BrowseQuery:
     """What the user asked the browser for; the methods are those shown, the first leads "score"."""
 
     methods: tuple[str, ...] = ()
-    search: str = ""  # a substring of any shown label (any rank), or a neuron number
+    search: str = ""  # a substring of a shown label, or a neuron number
     sort: str = "neuron"  # one of SORTS
     agreement: str = "all"  # one of AGREEMENT_FILTERS
     by_meaning: bool = False  # agreement by MiniLM cosine instead of equal text
     threshold: float = 0.8
+    candidates: bool = False  # search the runner-up candidates too, not only each method's answer
 
 
 @dataclass(frozen=True)
 class BrowseResult:
-    """The matching neurons in display order, with each one's answers and agreement."""
+    """The matching neurons in display order, with each one's answers and agreement, and,
+    for a search, why each neuron matched (``{neuron: ["MILAN candidate 2: dog sled", ...]}``
+    with method keys, see :func:`search_hits`)."""
 
     neurons: list[int]
     tops: dict[int, dict[str, dict]] = field(default_factory=dict)
     agreement: dict[int, bool | None] = field(default_factory=dict)
+    matches: dict[int, list[tuple[str, int, str]]] = field(default_factory=dict)
 
 
-def matching_neurons(labels: pd.DataFrame, methods: Sequence[str], search: str, n_neurons: int) -> list[int]:
-    """Neurons with a label of one of ``methods`` (any rank) containing ``search`` (case
-    ignored), plus the neuron of that number; every neuron when ``search`` is blank."""
+def search_hits(labels: pd.DataFrame, methods: Sequence[str], search: str, candidates: bool = True
+                ) -> dict[int, list[tuple[str, int, str]]]:
+    """neuron -> [(method, rank, label), ...] of the labels of ``methods`` containing ``search``
+    (case ignored): each method's answer (rank 0) only, or every candidate with ``candidates``.
+    A neuron whose number is the search matches as (``"number"``, -1, the number)."""
     text = search.lower().strip()
+    hits: dict[int, list[tuple[str, int, str]]] = {}
     if not text:
-        return list(range(n_neurons))
-    hit: set[int] = set()
+        return hits
     if not labels.empty:
         shown = labels[labels["method"].isin(list(methods))]
-        found = shown["label"].str.lower().str.contains(text, regex=False, na=False)
-        hit = set(shown.loc[found, "neuron"].astype(int))
+        if not candidates:
+            shown = shown[shown["rank"] == 0]
+        found = shown[shown["label"].str.lower().str.contains(text, regex=False, na=False)]
+        for row in found.sort_values(["neuron", "rank"], kind="stable").itertuples(index=False):
+            hits.setdefault(int(row.neuron), []).append((str(row.method), int(row.rank), str(row.label)))
     if text.isdigit():
-        hit.add(int(text))
+        hits.setdefault(int(text), []).insert(0, ("number", -1, text))
+    return hits
+
+
+def matching_neurons(labels: pd.DataFrame, methods: Sequence[str], search: str, n_neurons: int,
+                     candidates: bool = True) -> list[int]:
+    """Neurons with a label of one of ``methods`` containing ``search`` (case ignored; any rank,
+    or only each method's answer without ``candidates``), plus the neuron of that number;
+    every neuron when ``search`` is blank."""
+    if not search.strip():
+        return list(range(n_neurons))
+    hit = search_hits(labels, methods, search, candidates)
     return [n for n in range(n_neurons) if n in hit]
+
+
+def _score_key(entry: dict | None) -> tuple[float, float]:
+    """Best first: the calibrated (comparable) score, then the method's raw score."""
+    if entry is None:
+        return (math.inf, math.inf)
+    calibrated = entry.get("calibrated")
+    return (-calibrated if calibrated is not None else math.inf, -entry["score"])
 
 
 def browse(labels: pd.DataFrame, stats: pd.DataFrame, n_neurons: int, query: BrowseQuery,
@@ -142,7 +170,8 @@ def browse(labels: pd.DataFrame, stats: pd.DataFrame, n_neurons: int, query: Bro
     """
     tops = top_labels(labels, query.methods)
     similar = similar if query.by_meaning else None
-    neurons = matching_neurons(labels, query.methods, query.search, n_neurons)
+    matches = search_hits(labels, query.methods, query.search, query.candidates)
+    neurons = [n for n in range(n_neurons) if n in matches] if query.search.strip() else list(range(n_neurons))
     agree = {n: agreement(tops.get(n, {}), query.methods, similar, query.threshold) for n in neurons}
     if query.agreement == "agree":
         neurons = [n for n in neurons if agree[n] is True]
@@ -150,10 +179,10 @@ def browse(labels: pd.DataFrame, stats: pd.DataFrame, n_neurons: int, query: Bro
         neurons = [n for n in neurons if agree[n] is False]
     if query.sort == "score" and query.methods:
         first = query.methods[0]
-        neurons.sort(key=lambda n: -(tops.get(n, {}).get(first, {}).get("score", float("-inf"))))
+        neurons.sort(key=lambda n: _score_key(tops.get(n, {}).get(first)))
     elif query.sort == "max":
         peak = dict(zip(stats["neuron"].astype(int), stats["max"])) if not stats.empty else {}
         neurons.sort(key=lambda n: -peak.get(n, 0.0))
     elif query.sort == "agreement":
         neurons.sort(key=lambda n: {True: 0, None: 1, False: 2}[agree[n]])
-    return BrowseResult(neurons, tops, agree)
+    return BrowseResult(neurons, tops, agree, {n: matches[n] for n in neurons if n in matches})

@@ -6,8 +6,9 @@ the coordinates of that view, so boxes, masks and heatmaps drawn by the dashboar
 what a neuron responded to. Use :func:`model_view` to get that view as a PIL image.
 
 - :func:`otsu_crops` is step 1 of Describe-and-Dissect (Bai et al. 2024): threshold the
-  upsampled map with Otsu's method, box each connected region, keep at most 4 boxes that
-  overlap each other (IoU <= 0.5) and the whole image (IoU < 0.8) little enough.
+  upsampled map with Otsu's method, box each outer contour (a region inside another's hole
+  is dropped, as in the reference), keep at most 4 boxes that overlap each other
+  (IoU <= 0.5) and the whole image (IoU < 0.8) little enough.
 - :func:`exemplar_mask` is MILAN's exemplar region (Hernandez et al. 2022): the upsampled map
   above a per-neuron threshold.
 - :func:`heatmap_overlay`, :func:`mask_overlay`, :func:`draw_boxes` draw them (PIL only).
@@ -107,14 +108,19 @@ def upsample_map(activation_map: np.ndarray, image_size: tuple[int, int]) -> np.
 
 
 def region_boxes(mask: np.ndarray) -> list[Box]:
-    """Bounding boxes of the 8-connected regions of a boolean mask, largest area first.
+    """Bounding boxes of the outer contours of a boolean mask's 8-connected regions, largest first.
 
-    The box of a region's outer contour equals the box of the region, so this matches
-    the contour-based boxes of the DnD paper without OpenCV.
+    As the DnD reference (OpenCV ``findContours`` with external contours only), a region
+    that lies inside another region's hole (an island in a ring) has no external contour of
+    its own and gives no box: holes are filled before the regions are labelled. The box of
+    an outer contour equals the box of its filled region, so this needs no OpenCV.
     """
+    from scipy.ndimage import binary_fill_holes
     from skimage.measure import label, regionprops
 
-    labelled = label(mask, connectivity=2)
+    # Background is 4-connected when foreground is 8-connected (OpenCV's convention), which is
+    # binary_fill_holes' default structure.
+    labelled = label(binary_fill_holes(np.asarray(mask, dtype=bool)), connectivity=2)
     boxes = [Box(int(r.bbox[1]), int(r.bbox[0]), int(r.bbox[3]), int(r.bbox[2])) for r in regionprops(labelled)]
     # Ties broken by position so the order never depends on the labelling.
     return sorted(boxes, key=lambda b: (-b.area, b.top, b.left))

@@ -136,11 +136,14 @@ def cached_picture(cache_root: Path | str, kind: str, key: object, build: Callab
 
 
 def _open(path: str | Path) -> Image.Image:
-    """A probe image as RGB, or a grey placeholder with a cross when the file is gone."""
+    """A probe image as RGB as the model sees it (16-bit scaled, transparency on white), or a
+    grey placeholder with a cross when the file is gone."""
+    from .datasets import to_rgb
+
     try:
         with Image.open(path) as im:
             im.draft("RGB", (512, 512))  # JPEG: decode at reduced size, much faster for thumbnails
-            return im.convert("RGB")
+            return to_rgb(im)
     except (OSError, ValueError):
         ph = Image.new("RGB", (64, 64), (200, 200, 200))
         d = ImageDraw.Draw(ph)

@@ -4,6 +4,10 @@ The job writes its progress to ``cache/jobs/<id>.json`` (temp file + rename), ne
 database while it runs, so the app can poll it at any time without lock conflicts. A job
 whose process died without finishing is reported as interrupted; rerunning the same
 command resumes from its last finished chunk.
+
+The process that starts a job (the dashboard's server) is its parent, so it must also wait
+for it: a thread per job does, the moment the job ends, so finished and cancelled jobs never
+linger as defunct (zombie) processes under a long-running server.
 """
 
 from __future__ import annotations
@@ -13,13 +17,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import NeurovizError
 from .files import atomic_write_text
 from .store import Store
+
+CANCEL_GRACE_SECONDS = 5.0  # a cancelled job gets this long to stop on SIGTERM before SIGKILL
+
+
+class JobNotFoundError(NeurovizError, KeyError):
+    """No job of this workspace has the given id."""
 
 
 @dataclass
@@ -106,26 +118,46 @@ def start_job(store: Store, kind: str, argv: list[str]) -> JobRecord:
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         cwd=str(Path(__file__).resolve().parent.parent),
     )
+    log.close()  # the child holds its own copy
+    threading.Thread(target=proc.wait, name=f"reap-job-{job.job_id}", daemon=True).start()
     job.pid = proc.pid
     job.status = "running"
     write_job(store, job)
     return job
 
 
-def cancel_job(store: Store, job_id: str) -> JobRecord | None:
-    """Stop a running job's process group; its finished chunks stay for a later resume."""
+def cancel_job(store: Store, job_id: str) -> JobRecord:
+    """Stop a running job's process group (SIGTERM, then SIGKILL after a grace period); its
+    finished chunks stay for a later resume. A job that already ended is returned as it is."""
     job = read_job(store, job_id)
-    if job is None or job.finished:
+    if job is None:
+        known = [j.job_id for j in list_jobs(store)]
+        raise JobNotFoundError(f"No job '{job_id}' in {store.root}" + (f"; the newest: {', '.join(known[:3])}." if known else
+                                                                      "; it has no jobs."))
+    if job.finished:
         return job
     if job.pid:
-        try:
-            os.killpg(job.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _stop_group(job.pid)
     job.status = "cancelled"
     job.message = "cancelled; start the same job again to resume"
     write_job(store, job)
     return job
+
+
+def _stop_group(pid: int) -> None:
+    """SIGTERM the job's process group, and SIGKILL it if its leader is still there after the grace period."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def job_log(store: Store, job_id: str, tail: int = 40) -> str:

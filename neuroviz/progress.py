@@ -8,12 +8,20 @@ Progress = Callable[[int, int, str], None]
 
 
 class TqdmProgress:
-    """A progress callback drawn as a tqdm bar on stderr."""
+    """A progress callback drawn as a tqdm bar on stderr, from its first report on (so a
+    command that fails before any progress prints its error line alone, not after a bar)."""
 
     def __init__(self, desc: str, unit: str = "it"):
-        from tqdm import tqdm
+        self.desc, self.unit = desc, unit
+        self._bar = None
 
-        self.bar = tqdm(desc=desc, unit=unit, dynamic_ncols=True)
+    @property
+    def bar(self):
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(desc=self.desc, unit=self.unit, dynamic_ncols=True)
+        return self._bar
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
         if total and self.bar.total != total:
@@ -23,7 +31,8 @@ class TqdmProgress:
         self.bar.refresh()
 
     def close(self) -> None:
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def chain(*callbacks: Progress | None) -> Progress:

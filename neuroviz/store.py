@@ -100,6 +100,10 @@ class LegacyCacheLockedError(NeurovizError, RuntimeError):
     """The cache from before the file layout is held by another process, so it cannot be migrated."""
 
 
+class CacheUnusableError(NeurovizError, OSError):
+    """The cache folder cannot be created or written (under a file, read-only, no permission)."""
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """One finished extraction of one layer: everything that names it, and its sizes."""
@@ -295,6 +299,22 @@ def _part_files(folder: Path) -> list[tuple[str, str, Path]]:
     return [(*_part_key(p), p) for p in paths]
 
 
+def _storable_path(path: str) -> str:
+    """``path`` as Parquet can hold it: itself, or its ``file:`` URI when its name is not UTF-8."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path))
+
+
+def _stored_path(text: str) -> str:
+    """The path :func:`_storable_path` stored (stored paths are absolute, so only a URI starts with ``file:``)."""
+    if text.startswith("file://"):
+        return os.fsdecode(urllib.parse.unquote_to_bytes(text[len("file://"):]))
+    return text
+
+
 # --------------------------------------------------------------------------------------
 # Paths
 # --------------------------------------------------------------------------------------
@@ -407,7 +427,12 @@ class Store(CacheLayout):
 
     def __init__(self, root: Path | str = DEFAULT_CACHE, lock_timeout: float = 30.0, shared: SharedCache | None = None):
         super().__init__(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheUnusableError(f"Cannot use the cache folder {self.root}: {exc.strerror or exc}.") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise CacheUnusableError(f"Cannot use the cache folder {self.root}: it is not writable (read-only or no permission).")
         self.lock_timeout = lock_timeout
         self._shared = shared
         if self.legacy_db_path().exists() and not self.migration_marker().exists():
@@ -451,6 +476,8 @@ class Store(CacheLayout):
 
         Known probe sets keep their id (it hashes the images' contents), but files that moved
         (a renamed folder, a copied cache) get their new paths, so pages keep finding them.
+        A path whose name is not UTF-8 (which Parquet cannot hold) is stored as its ``file:``
+        URI (percent-encoded bytes: lossless) and read back as the path.
         """
         folder = self.probe_set_dir(ps.id)
         meta_path = folder / "meta.json"
@@ -471,8 +498,8 @@ class Store(CacheLayout):
 
     def _write_probe_images(self, folder: Path, image_ids: Sequence[str], paths: Sequence[str], labels: Sequence[str | None]) -> None:
         _write_parquet(folder / "images.parquet", "probe_images", {
-            "idx": np.arange(len(image_ids), dtype=np.int32), "image_id": list(image_ids), "path": list(paths),
-            "label": list(labels)})
+            "idx": np.arange(len(image_ids), dtype=np.int32), "image_id": list(image_ids),
+            "path": [_storable_path(p) for p in paths], "label": list(labels)})
 
     def probe_sets(self) -> list[dict]:
         """Every registered probe set (oldest first): id, name, source, sizes, created_at."""
@@ -486,7 +513,7 @@ class Store(CacheLayout):
         if not _SAFE_NAME.fullmatch(probe_set_id) or not path.exists():
             return []
         rows = _query("probe_images", [path], "SELECT idx, image_id, path, label FROM {src} ORDER BY idx", frame=False)
-        return [dict(zip(("idx", "image_id", "path", "label"), r)) for r in rows]
+        return [{"idx": r[0], "image_id": r[1], "path": _stored_path(r[2]), "label": r[3]} for r in rows]
 
     def probe_files(self, probe_set_id: str) -> ProbeFiles:
         """A probe set's paths, labels and ids as tuples (index = row in activations)."""

@@ -155,7 +155,10 @@ def body() -> None:
         return
     st.caption(f"Model **{sel.model_spec}** · probe set {sel.probe_spec}")
     options = search_form(sel)
-    if options is not None:
+    if options is not None and not st.session_state.get("audit_query_text", "").strip(" ,"):
+        st.info("Type one or more concepts to look for (e.g. face, skin, text), then press Search.",
+                icon=":material/search:")
+    elif options is not None:
         run_search(sel, options)
     saved_audits(sel)
     shown = st.session_state.get(RESULT_KEY)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import html
+
 import streamlit as st
 
 from neuroviz import browse
-from ui import cards, context, data, guard, shell, units
+from ui import cards, context, data, guard, shell, trust_view, units
 
 PER_PAGE = 24
 COLUMNS = 4
 SORTS = {
     "neuron": "Neuron number",
-    "score": "Label score (first shown method)",
+    "score": "Label score (first shown method: beats-chance share, else raw)",
     "max": "Peak activation",
     "agreement": "Methods agree first",
 }
@@ -42,17 +44,34 @@ def _label_similarity(root: str, version: tuple, run_key: str) -> browse.LabelSi
     return browse.label_similarity(data.run_labels(data.get_store(root), run_key))
 
 
-def draw_card(sel: context.Selection, neuron: int, tops: dict, agreement: bool | None, mosaic) -> None:
+def match_html(hits: list[tuple[str, int, str]]) -> str:
+    """Why a card matched the search: which method's answer or candidate, or its number."""
+    reasons = []
+    for method, rank, label in hits:
+        if method == "number":
+            reasons.append("its neuron number")
+        elif rank == 0:
+            reasons.append(f"{data.method_title(method)}'s label")
+        else:
+            reasons.append(f"{data.method_title(method)} candidate {rank + 1}: {label}")
+    return f"<div class='nv-match'>matched {html.escape('; '.join(dict.fromkeys(reasons)))}</div>"
+
+
+def draw_card(sel: context.Selection, neuron: int, tops: dict, agreement: bool | None, mosaic,
+              hits: list[tuple[str, int, str]] | None = None) -> None:
     with st.container(border=True):
         st.page_link("pages/neuron.py", label=f"**{units.unit_heading(sel, neuron)}**", icon=":material/open_in_new:",
                      query_params=sel.query_params(neuron), help="Open this neuron")
         cards.show_image(mosaic, width="stretch")
-        lines = [cards.label_line_html(m, tops.get(m), compact=True) for m in sel.methods]
+        lines = [cards.label_line_html(m, tops.get(m)) for m in sel.methods]
+        if hits:
+            lines.append(match_html(hits))
         if agreement is True:
             lines.append("<div class='nv-agree'>methods agree</div>")
         elif agreement is False:
             lines.append("<div class='nv-disagree'>methods disagree</div>")
-        if lines:
+        lines.append(trust_view.badge_line_html(trust_view.run_badges(sel).get(neuron)))
+        if any(lines):
             st.html("".join(lines))
         else:
             st.caption("no labels yet")
@@ -71,8 +90,12 @@ def body() -> None:
     if not sel.methods:
         st.info("No labels for this layer yet: start a labelling job on the Workspace page "
                 "(or pick methods in the sidebar). Cards show the top images only.")
-    c1, c2, c3 = st.columns([3, 2, 2])
-    query = c1.text_input("Search labels", key="browser_query", placeholder="e.g. dog, stripes, or a neuron number")
+    c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
+    query = c1.text_input("Search labels", key="browser_query", placeholder="e.g. dog, stripes, or a neuron number",
+                          help="Searches the labels shown on the cards (each shown method's answer).")
+    candidates = c1.toggle("Also search runner-up candidates", key="browser_candidates",
+                           help="Each method also keeps a few runner-up labels per neuron (on the Neuron page); "
+                                "a card matched by one says which.")
     sort = c2.selectbox("Sort by", list(SORTS), format_func=SORTS.get, key="browser_sort")
     agree = c3.selectbox("Agreement", list(AGREEMENT), format_func=AGREEMENT.get, key="browser_agree",
                          disabled=len(sel.methods) < 2, help="Pick two or more methods in the sidebar to compare them.")
@@ -86,10 +109,11 @@ def body() -> None:
             threshold = m2.slider("Cosine threshold", 0.5, 1.0, 0.8, 0.05, key="browser_threshold")
     found = browse.BrowseResult([])
     with guard.friendly_errors("label similarity" if by_meaning else "the neuron list"):
-        found = _browse(sel, browse.BrowseQuery(tuple(sel.methods), query, sort, agree, by_meaning, threshold))
-    neurons = found.neurons
+        found = _browse(sel, browse.BrowseQuery(tuple(sel.methods), query, sort, agree, by_meaning, threshold,
+                                                        candidates))
+    neurons = trust_view.badge_controls(sel, found.neurons, c4)
     n_pages = max(1, -(-len(neurons) // PER_PAGE))
-    key = _page_state_key(sel, query, sort, agree, str(by_meaning), str(threshold), ",".join(sel.methods))
+    key = _page_state_key(sel, query, sort, agree, str(by_meaning), str(threshold), ",".join(sel.methods), str(candidates))
     page = min(int(st.session_state.get(key, 1)), n_pages)
     nav1, nav2, nav3, nav4 = st.columns([1, 1, 2, 4], vertical_alignment="bottom")
     if nav1.button("Previous", icon=":material/chevron_left:", disabled=page <= 1, key="browser_prev"):
@@ -110,7 +134,8 @@ def body() -> None:
         cols = st.columns(COLUMNS)
         for col, neuron in zip(cols, shown[start:start + COLUMNS]):
             with col:
-                draw_card(sel, neuron, found.tops.get(neuron, {}), found.agreement.get(neuron), mosaics.get(neuron))
+                draw_card(sel, neuron, found.tops.get(neuron, {}), found.agreement.get(neuron), mosaics.get(neuron),
+                          found.matches.get(neuron))
     # the rest of the layer's pictures, in this order, while the user looks at this page
     cards.prerender_mosaics(sel.store, run, neurons[page * PER_PAGE:] + neurons[:(page - 1) * PER_PAGE], **pictures)
 

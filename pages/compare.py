@@ -13,6 +13,13 @@ MODES = {"neurons": "Two neurons", "methods": "Two methods"}
 PER_PAGE = 12
 
 
+def _backend_details(entries: dict) -> None:
+    """Which backends produced each label, behind a toggle (long strings clutter the panels)."""
+    with st.expander("Details: backends"):
+        for method, entry in entries.items():
+            st.caption(f"{data.method_title(method)}: {entry.get('backend') or 'none'}")
+
+
 def _neuron_panel(sel: context.Selection, run, neuron: int, column) -> None:
     with column.container(border=True):
         st.markdown(f"**{run.layer} · neuron {neuron}**")
@@ -24,25 +31,74 @@ def _neuron_panel(sel: context.Selection, run, neuron: int, column) -> None:
         entries = tops.get(neuron, {})
         if entries:
             st.html("".join(cards.label_line_html(m, entries[m]) for m in entries))
+            _backend_details(entries)
         else:
             st.caption("No labels.")
         st.page_link("pages/neuron.py", label="Open this neuron", icon=":material/open_in_new:",
                      query_params={**sel.query_params(neuron), "layer": run.layer})
 
 
+def parse_side(text: str | None, layers: list[str]) -> tuple[str, int] | None:
+    """'layer4:12' (a Compare URL's side) -> ('layer4', 12); None when it names no layer here."""
+    if not text or ":" not in text:
+        return None
+    layer, _, number = text.rpartition(":")
+    if layer not in layers or not number.lstrip("-").isdigit():
+        return None
+    return layer, int(number)
+
+
+def _apply_link(apply) -> None:
+    """Seed the widgets from the Compare part of the URL once per new link (a deep link, reload)."""
+    current = {k: st.query_params.get(k) for k in ("mode", "a", "b")}
+    if all(v is None for v in current.values()) or st.session_state.get("cmp_last_url") == current:
+        return
+    apply(current)
+    st.session_state["cmp_last_url"] = current
+
+
+def _write_link(values: dict[str, str]) -> None:
+    """Make the address bar record the pair on screen (mode, side a, side b)."""
+    for key, value in values.items():
+        if st.query_params.get(key) != value:
+            st.query_params[key] = value
+    st.session_state["cmp_last_url"] = {k: values.get(k) for k in ("mode", "a", "b")}
+
+
 def _two_neurons(sel: context.Selection) -> None:
     runs = {r.layer: r for r in sel.runs}
     layers = list(runs)
+
+    def from_link(link: dict) -> None:
+        if link.get("mode") not in (None, "neurons"):
+            return
+        for side in ("a", "b"):
+            parsed = parse_side(link.get(side), layers)
+            if parsed is not None:
+                st.session_state[f"cmp_layer_{side}"], st.session_state[f"cmp_neuron_{side}"] = parsed
+            elif link.get(side):
+                st.warning(f"The link's side {side.upper()} '{link[side]}' names no extracted layer:neuron; "
+                           f"showing the default instead (layers: {', '.join(layers)}).")
+
+    _apply_link(from_link)
     cols = st.columns(2)
     picks = []
     for side, col in zip(("a", "b"), cols):
-        default_layer = sel.layer if sel.layer in layers else layers[0]
-        layer = col.selectbox("Layer", layers, index=layers.index(default_layer), key=f"cmp_layer_{side}")
+        lkey, nkey = f"cmp_layer_{side}", f"cmp_neuron_{side}"
+        if st.session_state.get(lkey) not in layers:
+            st.session_state[lkey] = sel.layer if sel.layer in layers else layers[0]
+        layer = col.selectbox("Layer", layers, key=lkey)
         run = runs[layer]
-        default_neuron = (sel.neuron or 0) if side == "a" else min((sel.neuron or 0) + 1, run.n_neurons - 1)
-        neuron = col.number_input("Neuron", 0, run.n_neurons - 1, min(default_neuron, run.n_neurons - 1),
-                                  key=f"cmp_neuron_{side}_{layer}")
+        if not isinstance(st.session_state.get(nkey), int):
+            st.session_state[nkey] = (sel.neuron or 0) if side == "a" else (sel.neuron or 0) + 1
+        wanted = st.session_state[nkey]
+        if not 0 <= wanted < run.n_neurons:  # a layer change keeps the neuron when it exists there
+            st.session_state[nkey] = min(max(0, wanted), run.n_neurons - 1)
+            col.caption(f"Neuron {wanted} does not exist in {layer} (0 to {run.n_neurons - 1}); "
+                        f"showing {st.session_state[nkey]}.")
+        neuron = col.number_input("Neuron", 0, run.n_neurons - 1, key=nkey)
         picks.append((run, int(neuron)))
+    _write_link({"mode": "neurons", "a": f"{picks[0][0].layer}:{picks[0][1]}", "b": f"{picks[1][0].layer}:{picks[1][1]}"})
     for (run, neuron), col in zip(picks, cols):
         _neuron_panel(sel, run, neuron, col)
     (run_a, n_a), (run_b, n_b) = picks
@@ -77,9 +133,25 @@ def _two_methods(sel: context.Selection) -> None:
     coverage = {m: sum(lr["n_neurons"] for lr in sel.catalog.label_runs if lr["run_key"] == sel.run.run_key and lr["method"] == m)
                 for m in have}
     have = sorted(have, key=lambda m: -coverage[m])
+
+    def from_link(link: dict) -> None:
+        if link.get("mode") != "methods":
+            return
+        for side in ("a", "b"):
+            if link.get(side) in have:
+                st.session_state[f"cmp_method_{side}"] = link[side]
+            elif link.get(side):
+                st.warning(f"The link's method {side.upper()} '{link[side]}' has no labels on {sel.layer}; "
+                           f"showing the default instead (methods: {', '.join(have)}).")
+
+    _apply_link(from_link)
+    for side, default in (("a", have[0]), ("b", have[1])):
+        if st.session_state.get(f"cmp_method_{side}") not in have:
+            st.session_state[f"cmp_method_{side}"] = default
     c1, c2, c3 = st.columns([2, 2, 2])
-    m_a = c1.selectbox("Method A", have, index=0, format_func=data.method_title, key="cmp_method_a")
-    m_b = c2.selectbox("Method B", have, index=1, format_func=data.method_title, key="cmp_method_b")
+    m_a = c1.selectbox("Method A", have, format_func=data.method_title, key="cmp_method_a")
+    m_b = c2.selectbox("Method B", have, format_func=data.method_title, key="cmp_method_b")
+    _write_link({"mode": "methods", "a": m_a, "b": m_b})
     only = c3.selectbox("Show", ["all", "disagree", "agree"], key="cmp_only",
                         format_func={"all": "Every neuron", "disagree": "Only disagreements", "agree": "Only agreements"}.get)
     if m_a == m_b:
@@ -110,22 +182,29 @@ def _two_methods(sel: context.Selection) -> None:
         table = table[~table["same"]]
     elif only == "agree":
         table = table[table["same"]]
-    st.dataframe(table, hide_index=True, width="stretch", height=260)
+    raw_a, raw_b = f"{data.method_title(m_a)} raw score", f"{data.method_title(m_b)} raw score"
+    st.dataframe(table.rename(columns={"score A": raw_a, "score B": raw_b}), hide_index=True, width="stretch", height=260,
+                 column_config={raw_a: st.column_config.NumberColumn(help=cards.score_scale(m_a)),
+                                raw_b: st.column_config.NumberColumn(help=cards.score_scale(m_b))})
     if table.empty:
         return
     n_pages = max(1, -(-len(table) // PER_PAGE))
     page = st.number_input("Page", 1, n_pages, 1, key=f"cmp_page_{m_a}_{m_b}_{only}") if n_pages > 1 else 1
-    shown = table["neuron"].tolist()[(page - 1) * PER_PAGE: page * PER_PAGE]
+    order = table["neuron"].tolist()
+    shown = order[(page - 1) * PER_PAGE: page * PER_PAGE]
     cards.inject_css()
+    pictures = {"geometry": cards.run_geometry(sel.store, sel.run), "top": data.top_k(sel.store, sel.run.run_key),
+                "files": data.run_files(sel.store, sel.run.run_key)}
+    mosaics = cards.mosaics_for(sel.store, sel.run, shown, **pictures)  # in threads: a cold page decodes on every core
     for start in range(0, len(shown), 4):
         cols = st.columns(4)
         for col, n in zip(cols, shown[start:start + 4]):
             with col.container(border=True):
                 st.page_link("pages/neuron.py", label=f"Neuron {n}", query_params=sel.query_params(n))
-                mosaic = cards.mosaic_for(sel.store, sel.run, n)
-                if mosaic is not None:
-                    cards.show_image(mosaic, width="stretch")
-                st.html(cards.label_line_html(m_a, tops[n][m_a], compact=True) + cards.label_line_html(m_b, tops[n][m_b], compact=True))
+                if mosaics.get(n) is not None:
+                    cards.show_image(mosaics[n], width="stretch")
+                st.html(cards.label_line_html(m_a, tops[n][m_a]) + cards.label_line_html(m_b, tops[n][m_b]))
+    cards.prerender_mosaics(sel.store, sel.run, order[page * PER_PAGE:], **pictures)
 
 
 def body() -> None:
@@ -135,7 +214,11 @@ def body() -> None:
         guard.empty_cache_notice()
         return
     cards.inject_css()
-    mode = st.segmented_control("Compare", list(MODES), format_func=MODES.get, default="neurons", key="cmp_mode") or "neurons"
+    link_mode = st.query_params.get("mode")
+    if link_mode in MODES and st.session_state.get("cmp_last_url", {}).get("mode") != link_mode:
+        st.session_state["cmp_mode"] = link_mode  # a link names the mode: open it
+    st.session_state.setdefault("cmp_mode", "neurons")
+    mode = st.segmented_control("Compare", list(MODES), format_func=MODES.get, key="cmp_mode") or "neurons"
     if mode == "neurons":
         _two_neurons(sel)
     else:

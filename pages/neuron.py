@@ -8,13 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from neuroviz import images
 from neuroviz.methods import list_methods
 from neuroviz.methods.base import HeatmapOverlay, Overlay
 from neuroviz.requests import LabelRequest
-from ui import cards, context, data, guard, jobs_ui, shell, units
+from ui import cards, context, data, guard, jobs_ui, shell, trust_view, units
 
 NO_OVERLAY = "none"
 QUANTILE_EDGES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
@@ -35,11 +36,13 @@ def _nav(sel: context.Selection, neuron: int) -> None:
     run = sel.run
     c1, c2, c3, c4 = st.columns([1, 2, 1, 3], vertical_alignment="bottom")
     c1.button("Previous", icon=":material/chevron_left:", disabled=neuron <= 0, key="neuron_prev",
-              on_click=context.select, kwargs={"neuron": neuron - 1})
+              on_click=context.select, kwargs={"neuron": neuron - 1}, shortcut="Left",
+              help="Previous neuron (keyboard: left arrow)")
     with c2:
         context.neuron_input(sel)
     c3.button("Next", icon=":material/chevron_right:", disabled=neuron >= run.n_neurons - 1, key="neuron_next",
-              on_click=context.select, kwargs={"neuron": neuron + 1})
+              on_click=context.select, kwargs={"neuron": neuron + 1}, shortcut="Right",
+              help="Next neuron (keyboard: right arrow)")
     with c4:
         st.page_link("pages/browser.py", label="Back to the layer browser", icon=":material/grid_view:")
 
@@ -64,16 +67,21 @@ def _labels(sel: context.Selection, neuron: int) -> None:
                 continue
             top = rows.iloc[0]
             st.markdown(f"### {top['label']}")
-            cal = top["calibrated"]
-            cal_txt = f" · calibrated {cal:.2f}" if cal is not None and not (isinstance(cal, float) and np.isnan(cal)) else ""
-            st.caption(f"score {cards.format_score(float(top['score']))}{cal_txt} · {top['backend']}")
+            cal = None if pd.isna(top["calibrated"]) else float(top["calibrated"])
+            st.caption(cards.score_text(method, float(top["score"]), cal),
+                       help=(cards.CALIBRATED_HELP + "\n\n" if cal is not None else "") + cards.score_scale(method))
             if len(rows) > 1:
                 with st.expander(f"{len(rows)} candidates"):
                     table = rows[["rank", "label", "score", "calibrated"]].reset_index(drop=True)
-                    st.dataframe(table, hide_index=True, width="stretch")
-            extra = data.label_extra(top)
-            if extra:
-                with st.expander("Details"):
+                    table["calibrated"] = table["calibrated"].map(cards.calibrated_text)
+                    st.dataframe(table.rename(columns={"score": "raw score", "calibrated": "comparable"}),
+                                 hide_index=True, width="stretch",
+                                 column_config={"raw score": st.column_config.NumberColumn(help=cards.score_scale(method)),
+                                                "comparable": st.column_config.TextColumn(help=cards.CALIBRATED_HELP)})
+            with st.expander("Details"):
+                st.caption(f"Backends: {top['backend']}")
+                extra = data.label_extra(top)
+                if extra:
                     st.json(extra, expanded=False)
 
 
@@ -198,6 +206,39 @@ def _on_demand(sel: context.Selection, neuron: int) -> None:
                      query_params=sel.query_params(neuron))
 
 
+def neuron_export(sel: context.Selection, neuron: int) -> tuple[dict, pd.DataFrame]:
+    """Everything this page shows about a neuron, as a JSON-ready dict and one CSV table
+    (one row per label of every method and rank, then one per top image)."""
+    run = sel.run
+    labels = data.run_labels(sel.store, run.run_key)
+    mine = labels[labels["neuron"] == neuron] if not labels.empty else labels
+    label_rows = [{"method": str(r["method"]), "rank": int(r["rank"]), "label": str(r["label"]),
+                   "score": float(r["score"]), "calibrated": None if pd.isna(r["calibrated"]) else float(r["calibrated"]),
+                   "backend": str(r["backend"] or "")} for _, r in mine.sort_values(["method", "rank"]).iterrows()]
+    top = [{"rank": r["rank"], "activation": r["activation"], "image_id": r["image_id"], "path": r["path"],
+            "probe_label": r["label"]} for r in data.top_rows(sel.store, run.run_key, neuron)]
+    acts = cards.activation_column(sel.store, run.run_key, neuron)
+    quantiles = {f"q{int(q * 100)}": float(v) for q, v in zip(QUANTILE_EDGES, np.quantile(acts, QUANTILE_EDGES))} if len(acts) else {}
+    record = {"model": sel.model_spec, "probe_set": sel.probe_spec, "probe_set_id": run.probe_set_id, "layer": run.layer,
+              "run_key": run.run_key, "neuron": neuron, "n_images": run.n_images, "labels": label_rows,
+              "top_images": top, "activation_quantiles": quantiles}
+    table = pd.concat([pd.DataFrame([{"kind": "label", **r} for r in label_rows]),
+                       pd.DataFrame([{"kind": "top_image", **r} for r in top])], ignore_index=True)
+    return record, table
+
+
+def _export(sel: context.Selection, neuron: int) -> None:
+    import json
+
+    record, table = neuron_export(sel, neuron)
+    name = f"{sel.layer}-neuron{neuron}".replace("/", "_")
+    c1, c2 = st.columns(2)
+    c1.download_button("Download this neuron (JSON)", json.dumps(record, indent=1), file_name=f"{name}.json",
+                       mime="application/json", icon=":material/download:", key="neuron_json", on_click="ignore")
+    c2.download_button("Download labels and top images (CSV)", table.to_csv(index=False), file_name=f"{name}.csv",
+                       mime="text/csv", icon=":material/download:", key="neuron_csv", on_click="ignore")
+
+
 def body() -> None:
     sel = context.selection_from_state()
     if sel.run is None:
@@ -214,10 +255,17 @@ def body() -> None:
     st.caption(f"{sel.model_spec} · **{sel.layer}** · {sel.run.n_neurons} {units.unit_heading(sel)} · probe set {sel.probe_spec} "
                f"({sel.run.n_images} images) · the address bar names this neuron: copy it to share")
     _nav(sel, neuron)
-    _labels(sel, neuron)
-    _top_images(sel, neuron)
-    _distribution(sel, neuron)
+    # a cold page reads the layer's tables and builds thumbnails: say what is loading meanwhile
+    with st.spinner(f"Loading the labels of layer {sel.layer} (first visit of this layer: a few seconds)..."):
+        _labels(sel, neuron)
+    trust_view.unit_panel(sel, neuron)
+    with st.spinner("Loading the top images (thumbnails are made once, then cached)..."):
+        _top_images(sel, neuron)
+    with st.spinner("Loading the activation distribution and samples across it..."):
+        _distribution(sel, neuron)
     _on_demand(sel, neuron)
+    st.subheader("Export")
+    _export(sel, neuron)
 
 
 shell.owner_page(with_neuron=True)

@@ -3,81 +3,47 @@
 This page is the only one a study link (?study=<token>) can reach (see app.py/ui/auth.py).
 It shows nothing that names a method, a model, a layer or another study: the RatingTask of
 neuroviz.study carries only letters and label texts, and image captions are left out so the
-probe set's own labels (the source of gold items) do not give answers away.
+probe set's own labels (the source of gold items) do not give answers away. It reads only
+the studies file (the pictures were frozen into the study at creation), so a job busy in
+the workspace never delays a rater, and a rater is known by a secret kept in a cookie
+(ui/rating.py), never by the name they type.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
-from neuroviz import images
 from neuroviz import study as studies
-from ui import auth, cards, data, guard, shell
+from ui import auth, rating, shell
 
-CLOSE_UPS = 5
-RATER_PARAM = "rater"
 NO_RATING = "–"
 
 
-def _rater_key(study_id: str) -> str:
-    return f"nv_rater::{study_id}"
-
-
-def _current_rater(store, public: studies.RaterStudy) -> str | None:
-    """The rater of this browser: this session's, else the one named in the URL (resume)."""
-    rater_id = st.session_state.get(_rater_key(public.study_id)) or st.query_params.get(RATER_PARAM)
-    return rater_id or None
-
-
-def _welcome(store, public: studies.RaterStudy) -> None:
+def _welcome(where, public: studies.RaterStudy) -> None:
     st.title(public.title)
     st.write(public.instructions)
     st.caption(f"{public.n_items} items · about {max(1, public.n_items // 4)} minutes")
     with st.form("rater_start"):
-        name = st.text_input("Your name or initials (optional; use the same one to continue later)")
+        name = st.text_input("Your name or initials (optional; only the study's owner sees it)")
         start = st.form_submit_button("Start", type="primary")
+    st.caption("This browser will remember you: reopening the study link continues where you left off.")
     if start:
-        rater = studies.register_rater(store, public.study_id, name or None)
-        st.session_state[_rater_key(public.study_id)] = rater.rater_id
-        st.query_params[RATER_PARAM] = rater.rater_id
+        rating.register(where, public.study_id, name or None)
         st.rerun()
 
 
-def _images(store, task: studies.RatingTask) -> None:
-    from neuroviz import crops
-
-    run = data.catalog(store).run(task.run_key)
-    if run is None:
-        st.error("The images of this item are no longer in the cache. Please tell the study's owner.")
+def _images(where, task: studies.RatingTask) -> None:
+    pictures = studies.task_pictures(where, task)
+    if pictures.mosaic is None:
+        st.warning("The images of this item are missing. Please tell the study's owner; you can answer the next one.")
         return
-    rows = data.top_rows(store, run.run_key, task.neuron, task.n_images)
-    geometry = cards.run_geometry(store, run)
-    paths = [r["path"] for r in rows if r["path"]]
-    cols, _ = images.mosaic_layout(len(paths))
-    cards.show_image(images.mosaic(store.root, paths, tile=160, cols=cols, geometry=geometry), width=min(900, 170 * cols))
-    maps = store.top_maps(run.run_key, task.neuron)
-    if maps is None:
-        return
-    close_ups = []
-    for row in rows[:CLOSE_UPS]:
-        if not row["path"] or row["rank"] >= len(maps):
-            continue
-        amap = np.asarray(maps[row["rank"]], dtype=np.float32)
-
-        def cut(view, a=amap):
-            boxes = crops.otsu_crops(a, view.size, max_crops=1)
-            return view.crop(boxes[0].as_tuple()).resize((128, 128)) if boxes else view.resize((128, 128))
-
-        close_ups.append(images.annotated_view(store.root, row["path"], 224, geometry, "closeup",
-                                               {"run": run.run_key, "neuron": task.neuron, "rank": row["rank"]}, cut))
-    if close_ups:
+    st.image(pictures.mosaic)
+    if pictures.close_ups is not None:
         st.caption("Close-ups: the part of the first images that the unit responds to most")
-        cards.show_image(images.mosaic(store.root, close_ups, tile=110, cols=len(close_ups), geometry=None),
-                         width=min(900, 115 * len(close_ups)))
+        st.image(pictures.close_ups)
 
 
-def _question(store, public: studies.RaterStudy, rater_id: str, task: studies.RatingTask) -> None:
+def _question(where, public: studies.RaterStudy, rater: studies.Rater, task: studies.RatingTask) -> None:
     choices = [o.letter for o in task.options] + list(studies.SPECIAL_CHOICES)
     text = {o.letter: f"**{o.letter}** · {o.label}" for o in task.options}
     text.update({k: f"*{v}*" for k, v in studies.CHOICE_TITLES.items()})
@@ -101,38 +67,47 @@ def _question(store, public: studies.RaterStudy, rater_id: str, task: studies.Ra
         if choice is None:
             st.warning("Pick one answer (or 'none fits' / 'nothing in common') before continuing.")
             return
-        studies.submit_vote(store, public.study_id, rater_id, task.item_id, choice, ratings or None)
+        try:
+            studies.submit_vote(where, public.study_id, rater.rater_id, task.item_id, choice, ratings or None)
+        except studies.StudyError:
+            st.info("This study has just closed and no longer takes answers. Thank you for your help!")
+            return
         st.rerun()
 
 
+def _identity_note(public: studies.RaterStudy, token: str, rater: studies.Rater) -> None:
+    with st.expander("Continue later"):
+        st.write(f"You are rating as **{rater.name}**. This browser remembers you: reopening the study link "
+                 "brings you back to your answers. To continue on another device, open your personal link there "
+                 "(keep it to yourself: it lets its holder answer as you):")
+        st.code(rating.personal_link(token, rater), language=None, wrap_lines=True)
+
+
 def body() -> None:
-    store = data.get_store()
+    where = rating.place()
     token = auth.study_token()
-    public = studies.study_by_token(store, token) if token else None
+    public = studies.study_by_token(where, token) if token else None
     if public is None:
         auth.invalid_link_page()
         return
-    rater_id = _current_rater(store, public)
-    if rater_id is None:
-        _welcome(store, public)
+    rater = rating.current_rater(where, public.study_id)
+    if rater is None:
+        _welcome(where, public)
         return
+    rating.remember(rater)
+    rating.welcome_back(rater)
     if not public.is_open:
         st.title(public.title)
         st.info("This study is closed and no longer takes answers. Thank you for your help!")
         return
     try:
-        task = studies.next_item(store, public.study_id, rater_id)
-    except studies.StudyError:
-        # a rater id from another study or a deleted one: start over as a new rater
-        st.session_state.pop(_rater_key(public.study_id), None)
-        st.query_params.pop(RATER_PARAM, None)
-        _welcome(store, public)
+        task = studies.next_item(where, public.study_id, rater.rater_id)
+    except studies.StudyError:  # the rater is no longer in this study: start over as a new rater
+        rating.forget(public.study_id)
+        _welcome(where, public)
         return
-    st.session_state[_rater_key(public.study_id)] = rater_id
-    if st.query_params.get(RATER_PARAM) != rater_id:
-        st.query_params[RATER_PARAM] = rater_id
     if task is None:
-        done, total = studies.rater_progress(store, public.study_id, rater_id)
+        done, total = studies.rater_progress(where, public.study_id, rater.rater_id)
         st.title("All done, thank you!")
         st.success(f"You answered {done} of {total} items. You can close this page.")
         return
@@ -140,10 +115,11 @@ def body() -> None:
     st.progress(task.done / max(1, task.total), text=f"{task.done} of {task.total} answered")
     with st.expander("Instructions"):
         st.write(public.instructions)
-    _images(store, task)
-    _question(store, public, rater_id, task)
+    _images(where, task)
+    _question(where, public, rater, task)
+    _identity_note(public, token or "", rater)
 
 
 shell.rater_page()
-with guard.friendly_errors("the rating page"):
+with rating.rater_errors():
     body()

@@ -66,12 +66,20 @@ def _layer_chart(results: studies.StudyResults):
     return fig
 
 
+MISSING = "–"  # a value that does not exist yet (no ratings, no gold item met): never "None"
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return MISSING if value is None else format(value, fmt)
+
+
 def _score_table(scores) -> pd.DataFrame:
     return pd.DataFrame([{
         "option": option_title(s.method), "wins": round(s.wins, 2), "votes": s.votes, "win rate": s.win_rate,
         "95% CI": f"{s.win_low:.0%}–{s.win_high:.0%}",
-        "mean rating": s.mean_rating, "rating 95% CI": (f"{s.rating_low:.2f}–{s.rating_high:.2f}"
-                                                         if s.rating_low is not None and s.rating_high is not None else ""),
+        "mean rating": _number(s.mean_rating, ".2f"),
+        "rating 95% CI": (f"{s.rating_low:.2f}–{s.rating_high:.2f}"
+                          if s.rating_low is not None and s.rating_high is not None else MISSING),
         "ratings": s.n_ratings,
     } for s in scores])
 
@@ -116,8 +124,7 @@ def body() -> None:
         else:
             right.caption("No 1–5 ratings given yet.")
         st.dataframe(_score_table(results.scores), hide_index=True, width="stretch",
-                     column_config={"win rate": st.column_config.NumberColumn(format="percent"),
-                                    "mean rating": st.column_config.NumberColumn(format="%.2f")})
+                     column_config={"win rate": st.column_config.NumberColumn(format="percent")})
         if results.by_layer:
             st.subheader("Per layer")
             fig = _layer_chart(results)
@@ -130,9 +137,9 @@ def body() -> None:
     st.subheader("Raters")
     if results.raters:
         st.dataframe(pd.DataFrame([{
-            "rater": r.name, "votes": r.n_votes, "gold answered": r.gold_answered, "gold right": r.gold_correct,
-            "gold accuracy": r.gold_accuracy, "left out": r.excluded} for r in results.raters]),
-            hide_index=True, width="stretch", column_config={"gold accuracy": st.column_config.NumberColumn(format="percent")})
+            "rater": r.name, "rater id": r.rater_id, "votes": r.n_votes, "gold answered": r.gold_answered,
+            "gold right": r.gold_correct, "gold accuracy": _number(r.gold_accuracy, ".0%"), "left out": r.excluded}
+            for r in results.raters]), hide_index=True, width="stretch")
     else:
         st.caption("Nobody has opened the rater link yet.")
     st.subheader("Export")

@@ -99,3 +99,23 @@ def test_label_similarity_uses_the_librarys_minilm():
     similar = browse.label_similarity(table)
     assert similar.get(("dog", "puppy")) > similar.get(("dog", "car"))
     assert similar.get(("dog", "dog")) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_search_looks_at_shown_answers_unless_candidates_are_asked_for():
+    # "wolf" is only method a's runner-up for neuron 0: hidden by default (issue 12.7)
+    assert browse.browse(LABELS, STATS, 5, BrowseQuery(AB, search="wolf")).neurons == []
+    found = browse.browse(LABELS, STATS, 5, BrowseQuery(AB, search="wolf", candidates=True))
+    assert found.neurons == [0] and found.matches == {0: [("a", 1, "wolf")]}
+    shown = browse.browse(LABELS, STATS, 5, BrowseQuery(AB, search="dog"))
+    assert shown.neurons == [0, 1]
+    assert shown.matches[1] == [("b", 0, "Dog_house")] and {m for m, _, _ in shown.matches[0]} == {"a", "b"}
+    assert browse.search_hits(LABELS, AB, "3", candidates=False)[3] == [("number", -1, "3")]
+    assert browse.browse(LABELS, STATS, 5, BrowseQuery(AB)).matches == {}
+
+
+def test_score_sort_puts_the_comparable_calibrated_score_first():
+    rows = labels_table([(0, "a", 0, "x", 5.0), (1, "a", 0, "y", 1.0), (2, "a", 0, "z", 3.0)])
+    rows.loc[rows["neuron"] == 1, "calibrated"] = 0.9
+    rows.loc[rows["neuron"] == 2, "calibrated"] = 0.5
+    # calibrated neurons first (best first), then by raw score; unlabelled last
+    assert browse.browse(rows, STATS, 4, BrowseQuery(("a",), sort="score")).neurons == [1, 2, 0, 3]

@@ -19,6 +19,7 @@ from neuroviz.crops import (
     masked_region,
     model_view,
     otsu_crops,
+    region_boxes,
     select_crops,
     upsample_map,
     view_box,
@@ -166,3 +167,16 @@ def test_probe_views_loads_each_image_once(tmp_path):
     first = views(0)
     assert first.size == (32, 32)
     assert views(0) is first
+
+
+def test_a_region_inside_another_regions_hole_gives_no_box():
+    """DnD's reference boxes external contours only: a ring with an island is one box."""
+    ring = np.zeros((40, 40), bool)
+    ring[5:35, 5:35] = True
+    ring[10:30, 10:30] = False  # the hole
+    with_island = ring.copy()
+    with_island[17:23, 17:23] = True  # an island inside the hole, not touching the ring
+    apart = ring.copy()
+    apart[36:39, 36:39] = True  # a separate region outside the ring
+    assert region_boxes(ring) == region_boxes(with_island) == [Box(5, 5, 35, 35)]
+    assert region_boxes(apart) == [Box(5, 5, 35, 35), Box(36, 36, 39, 39)]

@@ -13,7 +13,7 @@ from torch import nn
 
 from neuroviz import datasets, extract
 from neuroviz.methods import MethodContext, run_method
-from neuroviz.methods.netdissect import NetDissectConfig, SegmentationSetError, dissect, load_segmentation_set
+from neuroviz.methods.netdissect import IoUTally, NetDissectConfig, SegmentationSetError, dissect, load_segmentation_set
 from neuroviz.models import Preprocessing, ProbedModel
 from neuroviz.store import Store
 
@@ -148,3 +148,51 @@ def test_netdissect_method_through_run_method(segmentation_sets, tmp_path):
     # A different segmentation set is a different provenance: it must not reuse these labels.
     other = NetDissectConfig(segmentation_set=str(segmentation_sets / "index"))
     assert run_method("netdissect", ctx, other) != key
+
+
+def pixels(on: list[int], n: int = 4) -> np.ndarray:
+    row = np.zeros(n, np.float32)
+    row[on] = 1
+    return row
+
+
+def test_iou_union_counts_only_images_annotated_for_the_concepts_category():
+    """Hand example, one unit, 4-pixel images. Image A (annotated): unit {0,1}, concept {1,2};
+    image B (annotated): unit {}, concept {0}; image C (not annotated): unit {0,1,2}.
+    Intersection 1; union over annotated images 2 + 3 - 1 = 4 -> 0.25 (the reference's rule);
+    over every image 5 + 3 - 1 = 7 -> 1/7 (the rule before)."""
+    tally = IoUTally(1, np.array([0]), 1)
+    tally.add(pixels([0, 1])[None], np.array([0]), pixels([1, 2])[None], annotated=[0])
+    tally.add(pixels([])[None], np.array([0]), pixels([0])[None], annotated=[0])
+    tally.add(pixels([0, 1, 2])[None], np.array([], np.int64), np.zeros((0, 4)), annotated=[])
+    assert tally.iou()[0, 0] == pytest.approx(1 / 4)
+    everything = IoUTally(1, np.array([0]), 1)  # the same three images, all annotated: the plain IoU
+    everything.add(pixels([0, 1])[None], np.array([0]), pixels([1, 2])[None], annotated=[0])
+    everything.add(pixels([])[None], np.array([0]), pixels([0])[None], annotated=[0])
+    everything.add(pixels([0, 1, 2])[None], np.array([], np.int64), np.zeros((0, 4)), annotated=[0])
+    assert everything.iou()[0, 0] == pytest.approx(1 / 7)
+
+
+def test_iou_union_is_per_category(tmp_path):
+    """Two categories: 'wheel' (part) is annotated on image a only, 'car' (object) on a and b.
+    The unit fires on 2 pixels of a (both car, one wheel) and 2 of b: car's union counts b,
+    wheel's does not. Read through categories.csv and the loader."""
+    root = tmp_path / "seg"
+    (root / "images").mkdir(parents=True)
+    for stem in "ab":
+        Image.new("RGB", (2, 2)).save(root / "images" / f"{stem}.png")
+        (root / "masks" / stem).mkdir(parents=True)
+    Image.fromarray(np.array([[255, 255], [0, 0]], np.uint8)).save(root / "masks" / "a" / "car.png")
+    Image.fromarray(np.array([[255, 0], [0, 0]], np.uint8)).save(root / "masks" / "a" / "wheel.png")
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(root / "masks" / "b" / "car.png")
+    (root / "categories.csv").write_text("concept,category\ncar,object\nwheel,part\n")
+    seg = load_segmentation_set(root)
+    assert seg.category_names == ["object", "part"] and seg.category_of_concepts().tolist() == [0, 1]
+    assert seg.annotated_categories(0) == [0, 1] and seg.annotated_categories(1) == [0]
+    tally = IoUTally(1, seg.category_of_concepts(), 2)
+    for i, unit in enumerate([pixels([0, 1]), pixels([2, 3])]):
+        present, masks = seg.masks(i, 2, 2, 2)
+        tally.add(unit[None], present, masks, seg.annotated_categories(i))
+    car, wheel = tally.iou()[0]
+    assert car == pytest.approx(2 / 4)  # intersection 2, union 4 + 2 - 2
+    assert wheel == pytest.approx(1 / 2)  # intersection 1, union 2 + 1 - 1 (image b not annotated for parts)

@@ -129,9 +129,15 @@ def test_browser_shows_24_cards_pages_and_searches(dash):
     labels = dash["store"].labels(dash["runs"]["layer2"].run_key, top_only=False)
     word = "red square"
     expected = sorted(set(labels.loc[labels["label"] == word, "neuron"].astype(int)))
+    answers = sorted(set(labels.loc[(labels["label"] == word) & (labels["rank"] == 0), "neuron"].astype(int)))
     at.text_input(key="browser_query").input("red squ").run()
+    # by default the search looks at what the cards show (each method's answer), not hidden candidates
+    assert card_neurons(at) == answers[:24], "the default search must match only the labels shown"
+    at.toggle(key="browser_candidates").set_value(True).run()
     shown = card_neurons(at)
     assert shown == expected[:24] and shown, "search should keep exactly the neurons with a matching label, page 1 again"
+    if set(shown) - set(answers):  # a card matched by a runner-up says so
+        assert "candidate" in texts(at) and "red square" in texts(at)
     at.text_input(key="browser_query").input("no such concept").run()
     assert card_neurons(at) == [] and any("No neuron matches" in i.value for i in at.info)
 
@@ -182,11 +188,15 @@ def test_sidebar_layer_choice_changes_the_grid_and_url(dash):
     at.run()
     layer_box = at.sidebar.selectbox(key="_w_layer")
     assert [o.split(" · ")[0] for o in layer_box.options] == ["layer2", "layer4", "fc"]
-    assert "layer4 · 512 neurons · 3 methods" in layer_box.options and "fc · 1000 neurons" in layer_box.options
-    layer_box.set_value("layer4").run()
+    # short options (the sidebar cuts longer text off); the methods are in their own picker
+    assert "layer4 · 512 neurons" in layer_box.options and "fc · 1000 neurons" in layer_box.options
+    assert all(len(o) <= 24 for o in layer_box.options)
+    # it opens on the deepest spatial layer the most methods labelled (features.18 on the demo)
+    assert layer_box.value == "layer4" and any("layer4" in c.value for c in at.caption)
+    layer_box.set_value("layer2").run()
     assert_clean(at)
-    assert any("layer4" in c.value and "512 neurons" in c.value for c in at.caption)
-    assert at.query_params["layer"] == "layer4"
+    assert any("layer2" in c.value and "128 neurons" in c.value for c in at.caption)
+    assert at.query_params["layer"] == "layer2"
 
 
 def test_deep_link_opens_exactly_that_neuron_and_steps(dash):
@@ -342,8 +352,8 @@ def test_rater_link_reaches_only_its_rating_view(dash, study):
         assert answered <= study.n_items
     assert answered == study.n_items
     assert any("All done" in t.value for t in at.title)
-    done, total = studies.rater_progress(dash["store"], study.study_id, at.query_params["rater"])
-    assert done == total == study.n_items
+    assert "rater" not in at.query_params and "key" not in at.query_params  # no identity in the address bar
+    assert [r.done for r in studies.study_progress(dash["store"], study.study_id).raters if r.name == "Ada"] == [study.n_items]
 
 
 def test_invalid_rater_link_says_so(dash):
@@ -439,3 +449,53 @@ def test_only_a_local_browser_gets_in_without_a_password(monkeypatch):
     assert auth.owner_access() == "login"
     assert not auth.check_password("nope") and auth.owner_access() == "login"
     assert auth.check_password("pw") and auth.owner_access() == "granted"
+
+
+@pytest.mark.parametrize(("query", "said"), [
+    ({"layer": "layer5"}, ["Layer 'layer5'", "Showing layer4"]),
+    ({"layer": "layer4", "neuron": 999999}, ["Neuron 999999 does not exist", "showing neuron 511"]),
+    ({"layer": "layer4", "neuron": -5}, ["showing neuron 0"]),
+    ({"probe": "nosuchset"}, ["probe set 'nosuchset'", "instead"]),
+    ({"model": "torchvision:resnet17@random"}, ["unknown", "Did you mean torchvision:resnet18@random"]),
+])
+def test_a_bad_link_says_what_it_shows_instead(dash, query, said):
+    at = app(**query)
+    at.switch_page("pages/neuron.py").run()
+    assert not at.exception
+    shown = "\n".join(w.value for w in at.warning)
+    for part in said:
+        assert part in shown, (part, shown)
+    at.button(key="neuron_prev" if at.button(key="neuron_next").disabled else "neuron_next").click().run()
+    assert not at.exception  # said once, not on every rerun:
+    assert not any("does not exist" in w.value or "instead" in w.value for w in at.warning)
+
+
+def test_cold_neuron_page_says_what_it_is_loading(dash, monkeypatch):
+    import streamlit
+
+    said = []
+    real = streamlit.spinner
+
+    def spinner(text="", *args, **kwargs):
+        said.append(text)
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(streamlit, "spinner", spinner)
+    at = app(layer="layer4", neuron=4)
+    at.switch_page("pages/neuron.py").run()
+    assert_clean(at)
+    assert any("labels" in s for s in said) and any("top images" in s for s in said), said
+
+
+def test_loopback_in_any_spelling_is_local_but_a_proxy_is_not():
+    from ui.auth import is_local
+
+    for ip, host in [(None, "localhost:8501"), (None, "127.0.0.1:8501"), ("::ffff:127.0.0.1", "127.0.0.1:8501"),
+                     ("127.0.0.2", "127.0.0.2:8501"), ("127.1.2.3", "localhost"), (None, "[::1]:8501")]:
+        assert is_local(ip, {"Host": host}), (ip, host)
+    for ip, headers in [(None, {"Host": "dashboard.example.org"}),  # a proxy that keeps the public Host
+                        (None, {"Host": "localhost:8501", "X-Forwarded-For": "203.0.113.9"}),
+                        ("::ffff:127.0.0.1", {"host": "127.0.0.1", "forwarded": "for=203.0.113.9"}),
+                        ("10.1.2.9", {"Host": "localhost:8501"}), ("::ffff:10.0.0.1", {"Host": "localhost"}),
+                        (None, {"Host": "127.0.0.1.example.org"}), (None, {})]:
+        assert not is_local(ip, headers), (ip, headers)

@@ -19,6 +19,7 @@ import pytest
 
 from neuroviz import study as st
 from neuroviz.store import LabelRow, Store
+from neuroviz.study import storage
 
 METHODS = ("alpha_method", "beta_method", "gamma_method")
 VOCABULARY = ("striped texture", "red circle", "dog face", "blue sky", "wheel", "grass", "text", "water",
@@ -67,6 +68,12 @@ def _owner_items(store, study_id):
     return {row.item_id: row for row in st.study_items(store, study_id).itertuples()}
 
 
+def _shown_ids(store, study_id, item_id):
+    """The probe image ids frozen into an item's mosaic (what the rater sees)."""
+    with storage.reading(store) as tables:
+        return tables.pictures(study_id, item_id)["mosaic"][1]
+
+
 def _letter_for(task, label):
     return next(o.letter for o in task.options if o.label == label)
 
@@ -104,10 +111,13 @@ def test_create_captures_labels_skips_incomplete_and_builds_gold(workspace):
     rater = st.register_rater(store, study.study_id, "Ada")
     owner_items = _owner_items(store, study.study_id)
     seen = set()
+    probe = {im["image_id"]: im["path"] for im in store.probe_images(workspace["runs"]["layer2"].probe_set_id)}
     while (task := st.next_item(store, study.study_id, rater.rater_id)) is not None:
         seen |= {o.label for o in task.options}
-        paths = st.task_images(store, task)
-        assert len(paths) == study.n_images
+        pictures = st.task_pictures(store, task)
+        assert pictures.mosaic[:2] == b"\xff\xd8" and pictures.n_images == study.n_images  # a JPEG of 10 images
+        paths = [probe[i] for i in _shown_ids(store, study.study_id, task.item_id)]
+        assert len(set(paths)) == len(paths) == study.n_images
         item = owner_items[task.item_id]
         if item.is_gold:  # the right answer is what most of the shown images are
             right = next(o["label"] for o in item.options if o["key"] == "gold")
@@ -197,8 +207,10 @@ def test_letter_order_is_stored_and_differs_between_raters(workspace):
             again = st.task_for(store, study.study_id, rater_id, item_id)
             assert tuple(o.label for o in again.options) in orders[item_id]
     assert st.task_for(store, study.study_id, raters[0], first.item_id).options == first.options
-    # A returning rater (same name) continues as the same rater.
-    assert st.register_rater(store, study.study_id, "rater 0").rater_id == raters[0]
+    # A name is not an identity: the same name again is a new rater; the secret finds the old one.
+    second = st.register_rater(store, study.study_id, "rater 0")
+    assert second.rater_id not in raters and second.secret
+    assert st.rater_by_secret(store, study.study_id, second.secret).rater_id == second.rater_id
 
 
 def test_votes_are_idempotent_and_validated(workspace):
@@ -480,7 +492,13 @@ def test_cli_create_list_results_export(workspace, capsys, tmp_path):
     study_id = out.split()[1].rstrip(":")
     study = st.get_study(workspace["store"], study_id)
     assert f"?study={study.token}" in out
-    rater = st.register_rater(workspace["store"], study_id, "cli rater").rater_id
+    # The owner hands out a personal link: its secret is the rater.
+    assert cli.main(["--cache", root, "study", "add-rater", study_id, "cli rater"]) == 0
+    out = capsys.readouterr().out
+    secret = out.split(f"?study={study.token}&key=")[1].split()[0]
+    rater = st.rater_by_secret(workspace["store"], study_id, secret)
+    assert rater.name == "cli rater" and rater.rater_id in out
+    rater = rater.rater_id
     _answer_all(workspace["store"], study_id, rater, lambda task, owner: ("A", {"A": 4}))
 
     assert cli.main(["--cache", root, "study", "list"]) == 0

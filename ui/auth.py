@@ -6,19 +6,25 @@
 - Every other page needs the owner's password, read from ``.streamlit/secrets.toml``
   (``owner_password = "..."``) or the environment (``NEUROVIZ_OWNER_PASSWORD``).
 - Without a configured password the dashboard stays open only to a browser on the same
-  machine (loopback connection and a localhost Host header); anyone else is told to ask the
-  owner to set a password. So a laptop demo needs no setup and a shared server is not open.
+  machine: a loopback connection (127.0.0.0/8, ::1, or IPv4 loopback mapped into IPv6 as
+  ``::ffff:127.x.x.x``), addressed by a loopback name (``localhost``, a 127.x address,
+  ``[::1]``), with no proxy forwarding header. A reverse proxy on the same machine connects
+  over loopback too, so it is told apart by what it adds: an X-Forwarded-For / Forwarded /
+  X-Real-IP header, or the public Host name it keeps. Anyone else is told to ask the owner to
+  set a password. So a laptop demo needs no setup and a shared server is not open.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
+from collections.abc import Mapping
 
 import streamlit as st
 
 _OWNER_FLAG = "nv_owner_ok"
-_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+_PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host")
 
 
 def owner_password() -> str | None:
@@ -31,6 +37,44 @@ def owner_password() -> str | None:
     return str(value) if value else None
 
 
+def is_loopback_address(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4 loopback mapped into IPv6 (``::ffff:127.0.0.1``)."""
+    text = address.strip().strip("[]").split("%", 1)[0]  # "[::1]", "fe80::1%eth0"
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when a Host header names this machine over loopback: localhost (any port), a
+    127.x address, [::1] or a mapped IPv4 loopback address."""
+    host = host.strip().lower()
+    if host.startswith("["):  # "[::1]:8501"
+        name = host[1:host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:  # "localhost:8501", "127.0.0.2:8501"
+        name = host.split(":", 1)[0]
+    else:  # no port, or a bare IPv6 address
+        name = host
+    name = name.rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or is_loopback_address(name)
+
+
+def is_local(ip: str | None, headers: Mapping[str, str]) -> bool:
+    """Whether a request comes from a browser on this machine (see the module doc).
+
+    ``ip`` is Streamlit's ``st.context.ip_address``: None stands for 127.0.0.1 and ::1.
+    """
+    if ip is not None and not is_loopback_address(ip):
+        return False
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if any(h.lower() in lowered for h in _PROXY_HEADERS):
+        return False  # a proxy on this machine relays someone else
+    return is_loopback_host(lowered.get("host", ""))
+
+
 def is_local_request() -> bool:
     """True when the browser talks to the server over loopback (or there is no browser:
     AppTest and direct script runs)."""
@@ -39,13 +83,12 @@ def is_local_request() -> bool:
         ip = st.context.ip_address
     except Exception:
         return True
-    if not isinstance(ip, str):  # AppTest has no real connection (a mock stands in)
+    if not isinstance(ip, str):  # AppTest has no real connection (a mock stands in); None = loopback
         ip = None
-    host = (headers.get("Host") or "") if headers else ""
-    if not host and ip is None:
+    headers = dict(headers) if headers else {}
+    if not headers.get("Host") and not headers.get("host") and ip is None:
         return True  # no HTTP request behind this run (tests, bare mode)
-    hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-    return ip is None and hostname.lower() in _LOCAL_HOSTS
+    return is_local(ip, headers)
 
 
 def owner_access() -> str:

@@ -63,27 +63,65 @@ def format_score(score: float | None) -> str:
     return f"{score:.3g}" if abs(score) < 1000 else f"{score:.0f}"
 
 
-def label_line_html(method: str, entry: dict | None, compact: bool = False) -> str:
-    """One method's answer as a small HTML line: title, label, score, backend (hover)."""
+# What each method's raw score measures (hover text); the calibrated score is the comparable one.
+SCORE_SCALES = {
+    "clip_dissect": "CLIP-Dissect raw score: the concept's similarity to the neuron's top images (soft-WPMI by "
+                    "default), higher is better; its scale depends on the layer, concept set and backend.",
+    "milan": "MILAN raw score: pointwise mutual information, log p(label | top image regions) minus lambda x "
+             "log p(label), in nats per word; higher is better, about -5 to 5.",
+    "dnd": "Describe-and-Dissect raw score: the candidate's rank among the neuron's candidates times its image "
+           "similarity weight (-1 to 1); higher is better, at most the number of candidates.",
+    "netdissect": "Network Dissection raw score: IoU of the neuron's thresholded maps with the concept's masks, 0 to 1.",
+}
+CALIBRATED_HELP = ("Comparable across methods and layers: the share of chance scores (the same method with the "
+                   "images shuffled) that this label beats. 100 % = no shuffle scored as high.")
+
+
+def score_scale(method: str) -> str:
+    """Hover text for a method's raw score."""
+    return SCORE_SCALES.get(method, f"{data.method_title(method)} raw score: higher is better, on the method's own scale.")
+
+
+def calibrated_text(calibrated: float | None) -> str:
+    """The calibrated percentile in words ("beats 73 % of chance"), or "" without one."""
+    if calibrated is None or (isinstance(calibrated, float) and not math.isfinite(calibrated)):
+        return ""
+    return f"beats {100 * calibrated:.0f} % of chance"
+
+
+def score_text(method: str, score: float | None, calibrated: float | None) -> str:
+    """The comparable score first, then the raw one with its method's name: plain text."""
+    raw = f"{data.method_title(method)} score {format_score(score)}"
+    comparable = calibrated_text(calibrated)
+    return f"{comparable} · {raw}" if comparable else raw
+
+
+def label_line_html(method: str, entry: dict | None) -> str:
+    """One method's answer as a small HTML line: title, label, score (comparable first, each
+    explained on hover); the backend only on hover (long strings clutter the cards)."""
     title = html.escape(data.method_title(method))
     if entry is None:
         return f"<div class='nv-label nv-missing'><span class='nv-method'>{title}</span> <i>not labelled</i></div>"
-    backend = html.escape(entry.get("backend") or "")
+    backend = html.escape(entry.get("backend") or "", quote=True)
     score = format_score(entry.get("score"))
-    cal = entry.get("calibrated")
-    cal_txt = f" · p={cal:.2f}" if cal is not None else ""
+    comparable = calibrated_text(entry.get("calibrated"))
+    parts = []
+    if comparable:
+        parts.append(f"<span class='nv-calibrated' title='{html.escape(CALIBRATED_HELP, quote=True)}'>{comparable}</span>")
+    parts.append(f"<span class='nv-score' title='{html.escape(score_scale(method), quote=True)}'>"
+                 f"{'raw ' if comparable else 'score '}{score}</span>")
     label = html.escape(entry["label"])
-    extra = "" if compact else f" <span class='nv-backend'>{backend}</span>"
     return (f"<div class='nv-label' title='{title} via {backend}'><span class='nv-method'>{title}</span> "
-            f"<b>{label}</b> <span class='nv-score'>{score}{cal_txt}</span>{extra}</div>")
+            f"<b>{label}</b> {' · '.join(parts)}</div>")
 
 
 CARD_CSS = """
 <style>
 .nv-label {font-size: 0.82rem; line-height: 1.25; margin: 0.1rem 0; overflow-wrap: anywhere;}
 .nv-method {color: #6b7280; font-size: 0.74rem; text-transform: uppercase; letter-spacing: 0.02em; margin-right: 0.25rem;}
-.nv-score {color: #2563eb; font-variant-numeric: tabular-nums; margin-left: 0.2rem;}
-.nv-backend {color: #9ca3af; font-size: 0.7rem; margin-left: 0.2rem;}
+.nv-score {color: #6b7280; font-variant-numeric: tabular-nums; margin-left: 0.2rem; cursor: help;}
+.nv-calibrated {color: #2563eb; font-variant-numeric: tabular-nums; margin-left: 0.2rem; cursor: help;}
+.nv-match {color: #7c3aed; font-size: 0.74rem;}
 .nv-missing {color: #9ca3af;}
 .nv-agree {color: #059669; font-size: 0.75rem;}
 .nv-disagree {color: #d97706; font-size: 0.75rem;}

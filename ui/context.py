@@ -11,6 +11,7 @@ Pages call :func:`selection_from_state` and never touch these keys themselves.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import streamlit as st
 
 from neuroviz import catalog
 from neuroviz.demo import DEMO_MODEL, DEMO_PROBE
+from neuroviz.errors import close_names
 from neuroviz.store import RunInfo, Store
 from neuroviz.units import short_units
 from ui import data
@@ -25,6 +27,8 @@ from ui import data
 QUERY_KEYS = ("model", "probe", "layer", "neuron", "units")
 _STATE = "nv_selection"
 _LAST_URL = "nv_last_url"
+_FROM_URL = "nv_from_url"  # selection keys set by the link and not yet checked against the cache
+_NOTICES = "nv_notices"  # what a bad link asked for and what is shown instead (shown once)
 
 
 @dataclass
@@ -91,15 +95,17 @@ def _read_url_if_changed() -> None:
     if last is not None and all(current[k] in (None, last.get(k)) for k in QUERY_KEYS):
         return
     sel = _selection()
+    from_url = st.session_state.setdefault(_FROM_URL, set())
     for key in QUERY_KEYS:
         value = current[key]
         if value is None or value == "":
             continue
+        from_url.add(key)
         if key == "neuron":
             try:
                 sel["neuron"] = int(value)
             except ValueError:
-                st.warning(f"The neuron in the link, '{value}', is not a number; showing the first neuron.")
+                _notice(f"The link's neuron '{value}' is not a number; showing neuron 0.")
                 sel["neuron"] = None
         else:
             if sel.get(key) != value and key in ("model", "probe"):
@@ -134,6 +140,19 @@ def write_url(sel: Selection, with_neuron: bool = True) -> None:
     st.session_state[_LAST_URL] = dict(wanted)
 
 
+def _notice(text: str) -> None:
+    """Remember that a link asked for something that does not exist (:func:`show_notices` draws it)."""
+    notices = st.session_state.setdefault(_NOTICES, [])
+    if text not in notices:
+        notices.append(text)
+
+
+def show_notices() -> None:
+    """Say, once, what a bad link asked for and what the page shows instead."""
+    for text in st.session_state.pop(_NOTICES, []):
+        st.warning(text, icon=":material/link_off:")
+
+
 def _resolve_probe(cat: data.Catalog, model_spec: str, probe: str | None) -> tuple[str, str | None]:
     """(probe_spec, probe_set_id): match an id, then a name, else fall back to what has runs."""
     with_runs = list(dict.fromkeys(r.probe_set_id for r in cat.runs_for(model_spec)))
@@ -156,6 +175,37 @@ def probe_label(cat: data.Catalog, probe_set_id: str) -> str:
     return catalog.short_probe_name(probe_set_id, cat.probe_sets)
 
 
+def _natural_key(name: str) -> list:
+    """'features.18' after 'features.4': numbers in a layer name compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def default_layer(latest: dict[str, RunInfo], methods_by_run: dict) -> str | None:
+    """The layer a page opens on: the deepest spatial (conv) layer among those most methods
+    labelled (features.18 on the demo), else the deepest layer."""
+    if not latest:
+        return None
+    spatial = [r for r in latest.values() if r.map_shape is not None] or list(latest.values())
+    return max(spatial, key=lambda r: (len(methods_by_run.get(r.run_key, [])), _natural_key(r.layer))).layer
+
+
+def _checked_model(cat: data.Catalog, requested: str | None, from_url: set) -> str:
+    """The model to show: a link's model that has no run in this workspace falls back, and says so.
+
+    A spec typed into the sidebar stays selected (it may be extracted on the Workspace page next).
+    """
+    fallback = default_model(cat)
+    if requested is None:
+        return fallback
+    if "model" not in from_url or requested in cat.model_specs() or not cat.runs:
+        return requested
+    close = close_names(requested, cat.model_specs())
+    hint = f" Did you mean {', '.join(close)}?" if close else f" Models with runs: {', '.join(cat.model_specs())}."
+    _notice(f"The link's model '{requested}' is unknown in this workspace (no run of it).{hint} Showing {fallback} instead.")
+    _selection()["model"] = fallback
+    return fallback
+
+
 def default_model(cat: data.Catalog) -> str:
     """The demo model when it has runs or nothing is extracted yet, else the model of the newest run."""
     specs = cat.model_specs()
@@ -170,23 +220,51 @@ def selection_from_state() -> Selection:
     _read_url_if_changed()
     sel = _selection()
     cat = data.catalog(store)
-    model_spec = sel["model"] or default_model(cat)
+    from_url: set = st.session_state.get(_FROM_URL, set()) if _has_session() else set()
+    model_spec = _checked_model(cat, sel["model"], from_url)
     probe_spec, probe_set_id = _resolve_probe(cat, model_spec, sel["probe"])
+    if "probe" in from_url and sel["probe"] and probe_set_id and sel["probe"] != probe_spec:
+        names = [probe_label(cat, p) for p in dict.fromkeys(r.probe_set_id for r in cat.runs_for(model_spec))]
+        _notice(f"The link's probe set '{sel['probe']}' has no run of {model_spec}"
+                f" (probe sets with runs: {', '.join(names)}); showing {probe_spec} instead.")
+        sel["probe"] = probe_spec
     latest = catalog.newest_per_layer(cat.runs_for(model_spec, probe_set_id) if probe_set_id else [])
-    layer = sel["layer"] if sel["layer"] in latest else (next(iter(latest)) if latest else sel["layer"])
+    layer = sel["layer"] if sel["layer"] in latest else (default_layer(latest, cat.methods_by_run) or sel["layer"])
+    if sel["layer"] and layer != sel["layer"] and latest:
+        close = close_names(sel["layer"], latest)
+        hint = f"Did you mean {', '.join(close)}? " if close else ""
+        _notice(f"Layer '{sel['layer']}' is not extracted for {model_spec} over {probe_spec}. {hint}"
+                f"Layers: {', '.join(latest)}. Showing {layer} instead.")
+        sel["layer"] = layer
     run = latest.get(layer) if layer else None
     units = "neurons"
     if run is not None and sel.get("units") not in (None, "neurons"):
         unit_run = catalog.newest_per_layer(cat.runs_for(model_spec, probe_set_id), sel["units"]).get(layer)
-        run, units = (unit_run, unit_run.units) if unit_run else (run, units)  # another layer: its neurons
+        if unit_run is not None:
+            run, units = unit_run, unit_run.units
+        elif "units" in from_url:
+            _notice(f"The link's units '{sel['units']}' have no run of layer {layer}; showing its neurons.")
     neuron = sel["neuron"]
     if run is not None and neuron is not None and not 0 <= neuron < run.n_neurons:
         neuron = min(max(0, neuron), run.n_neurons - 1)
+        _notice(f"Neuron {sel['neuron']} does not exist in layer {layer} (neurons 0 to {run.n_neurons - 1}); "
+                f"showing neuron {neuron} instead.")
+        sel["neuron"] = neuron
     if run is None:
         neuron = None
+    if from_url and _has_session():
+        st.session_state[_FROM_URL] = set()
     have = cat.methods_by_run.get(run.run_key, []) if run else []
     methods = [m for m in (sel["methods"] if sel["methods"] is not None else have) if m in have]
     return Selection(store, model_spec, probe_spec, probe_set_id, layer, run, neuron, methods, cat, units)
+
+
+def _has_session() -> bool:
+    try:
+        st.session_state.get(_FROM_URL)
+        return True
+    except Exception:  # no script context (direct calls from benchmarks)
+        return False
 
 
 def select(**changes: Any) -> None:
@@ -209,9 +287,16 @@ def select(**changes: Any) -> None:
 
 # -- the shared sidebar ----------------------------------------------------------------------
 def _bound(key: str, value: Any) -> str:
-    """Prepare a widget key that mirrors selection[key]: seeded from it when absent."""
+    """Prepare the widget key that mirrors selection[key]: set from the selection on every run.
+
+    The selection is the one source of truth (widgets write to it in their callbacks). Setting
+    the widget's value each run matters when a widget with the same key is drawn by another
+    page: Streamlit drops the old page's widget value then, and the widget would fall back to
+    its default (neuron 0 instead of the neuron shown, issue 12.1), or keep a stale list
+    (methods chips that disagree with the cards, issue 12.5).
+    """
     wkey = f"_w_{key}"
-    if wkey not in st.session_state and value is not None:
+    if value is not None:
         st.session_state[wkey] = value
     return wkey
 
@@ -245,17 +330,15 @@ def draw_sidebar(with_neuron: bool = True) -> Selection:
         probe_ids = list(dict.fromkeys(r.probe_set_id for r in cat.runs_for(sel.model_spec)))
         probe_opts = list(dict.fromkeys([probe_label(cat, p) for p in probe_ids] + [sel.probe_spec]))
         _bound("probe", sel.probe_spec)
-        if st.session_state.get("_w_probe") not in probe_opts:
-            st.session_state["_w_probe"] = sel.probe_spec
         st.selectbox("Probe set", probe_opts, key="_w_probe", on_change=_on_widget, args=("probe",),
                      format_func=lambda p: _probe_caption(cat, p),
                      help="Probe sets this model was extracted over. Extract over a new image folder on the Workspace page.")
         layers = [r.layer for r in sel.runs]
         if layers:
-            if st.session_state.get("_w_layer") not in layers:
-                st.session_state["_w_layer"] = sel.layer
+            _bound("layer", sel.layer)
             st.selectbox("Layer", layers, key="_w_layer", on_change=_on_widget, args=("layer",),
-                         format_func=lambda name: _layer_caption(sel, name))
+                         format_func=lambda name: _layer_caption(sel, name),
+                         help="Layers of this model extracted over this probe set: neurons and labelling methods.")
             from ui.units import unit_picker  # the picker reads the selection this module defines
 
             unit_picker(sel)
@@ -263,11 +346,10 @@ def draw_sidebar(with_neuron: bool = True) -> Selection:
             st.caption("No layer of this model is extracted over this probe set yet.")
         have = sel.available_methods
         if have:
-            wanted = [m for m in sel.methods if m in have]
-            if st.session_state.get("_w_methods") is None or not set(st.session_state["_w_methods"]) <= set(have):
-                st.session_state["_w_methods"] = wanted
+            _bound("methods", list(sel.methods))
             st.multiselect("Methods shown", have, key="_w_methods", format_func=data.method_title,
-                           on_change=_on_widget, args=("methods",))
+                           on_change=_on_widget, args=("methods",),
+                           help="The methods whose labels the cards and pages show (all that labelled this layer by default).")
     sel = selection_from_state()
     write_url(sel, with_neuron=with_neuron)
     return sel
@@ -284,8 +366,7 @@ def _layer_caption(sel: Selection, name: str) -> str:
     run = next((r for r in sel.runs if r.layer == name), None)
     if run is None:
         return name
-    n_methods = len(sel.catalog.methods_by_run.get(run.run_key, []))
-    return f"{name} · {run.n_neurons} neurons" + (f" · {n_methods} methods" if n_methods else "")
+    return f"{name} · {run.n_neurons} neurons"  # short: the sidebar cuts longer text off
 
 
 def neuron_input(sel: Selection, label: str = "Neuron", container: Any = None) -> int | None:
@@ -294,9 +375,6 @@ def neuron_input(sel: Selection, label: str = "Neuron", container: Any = None) -
         return None
     where = container or st
     wkey = _bound("neuron", sel.neuron if sel.neuron is not None else 0)
-    current = st.session_state.get(wkey)
-    if not isinstance(current, int) or not 0 <= current < sel.run.n_neurons:
-        st.session_state[wkey] = sel.neuron if sel.neuron is not None else 0
     value = where.number_input(label, min_value=0, max_value=sel.run.n_neurons - 1, step=1, key=wkey,
                                on_change=_on_neuron_widget, help=f"0..{sel.run.n_neurons - 1} in layer {sel.layer}")
     return int(value)

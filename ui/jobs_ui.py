@@ -40,12 +40,13 @@ def command_line(argv: list[str]) -> str:
     return "python -m neuroviz " + " ".join(shlex.quote(a) for a in argv)
 
 
-def draw_job(store: Store, job: jobs.JobRecord, key: str) -> None:
-    """One job: status, progress bar, message, cancel button, error and log."""
+def draw_job(store: Store, job: jobs.JobRecord, key: str, with_command: bool = True) -> None:
+    """One job: status, (command line), progress bar, message, cancel button, error and log."""
     icon = STATUS_ICON.get(job.status, "")
     title = f"{icon} **{job.kind}** `{job.job_id}` · {job.status}"
     st.markdown(title)
-    st.caption(command_line(job.argv))
+    if with_command:
+        st.caption(command_line(job.argv))
     if not job.finished:
         st.progress(job.fraction, text=(f"{job.done}/{job.total} · " if job.total else "") + (job.message or "starting..."))
         if st.button("Cancel", key=f"cancel_{key}_{job.job_id}", icon=":material/stop:"):
@@ -68,7 +69,7 @@ def _poll(store: Store, job_id: str, key: str) -> None:
     if job is None:
         st.warning("The job record disappeared (was the cache cleared?).")
         return
-    draw_job(store, job, key)
+    draw_job(store, job, key, with_command=False)  # the button above already shows its command line
     if job.finished:
         st.rerun(scope="app")  # one full rerun: new labels/runs show, polling stops
 
@@ -93,7 +94,7 @@ def job_button(store: Store, label: str, request: JobRequest, key: str, done_mes
     elif job.status == "done":
         st.success(done_message)
     else:
-        draw_job(store, job, key)
+        draw_job(store, job, key, with_command=False)
     return job
 
 

@@ -59,6 +59,7 @@ def require_app(with_neuron: bool = False) -> None:
 
         with guard.friendly_errors("the sidebar"):
             context.draw_sidebar(with_neuron=with_neuron)
+        context.show_notices()
 
 
 def owner_page(with_neuron: bool = False) -> None:

@@ -1,10 +1,10 @@
-"""Small pieces of the study pages that are plain logic: neuron lists and rater links."""
+"""Small pieces of the study pages that are plain logic: neuron lists, gold lines, rater links."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from neuroviz.study import StudyError
+from neuroviz.study import StudyError, link_query
 
 
 def parse_neuron_list(text: str, layers: dict[str, object], default_layer: str | None) -> list[tuple[str, int]]:
@@ -32,8 +32,28 @@ def parse_neuron_list(text: str, layers: dict[str, object], default_layer: str |
     return out
 
 
-def full_link(token: str) -> str:
-    """The absolute rater URL when the browser's address is known, else the query string."""
+def parse_gold_lines(text: str, layers: dict[str, object], default_layer: str | None) -> list[tuple[str, int, str, list[str]]]:
+    """Gold items typed by the owner, one per line: 'layer4:12 = dog' or '12 = dog | cat, car'
+    (wrong labels after '|'; without them, the study draws some) -> [(layer, neuron, right, wrong)].
+
+    Raises StudyError naming the bad line, so the page says exactly what to fix.
+    """
+    out: list[tuple[str, int, str, list[str]]] = []
+    for line in [raw.strip() for raw in text.splitlines() if raw.strip()]:
+        where, sep, answer = line.partition("=")
+        right, _, wrong = answer.partition("|")
+        if not sep or not right.strip():
+            raise StudyError(f"'{line}': write a neuron, '=' and what its images plainly show, e.g. 12 = dog.")
+        pairs = parse_neuron_list(where, layers, default_layer)
+        if len(pairs) != 1:
+            raise StudyError(f"'{line}': name one neuron before '=', e.g. {default_layer or 'layer'}:12 = dog.")
+        out.append((*pairs[0], right.strip(), [w.strip() for w in wrong.split(",") if w.strip()]))
+    return out
+
+
+def full_link(token: str, secret: str | None = None) -> str:
+    """The absolute rater URL when the browser's address is known, else the query string;
+    with ``secret``, one rater's personal link."""
     base = None
     try:
         base = st.context.url
@@ -43,5 +63,5 @@ def full_link(token: str) -> str:
         from urllib.parse import urlsplit, urlunsplit
 
         parts = urlsplit(base)
-        return urlunsplit((parts.scheme, parts.netloc, "/", f"study={token}", ""))
-    return f"?study={token}"
+        return urlunsplit((parts.scheme, parts.netloc, "/", link_query(token, secret), ""))
+    return f"?{link_query(token, secret)}"

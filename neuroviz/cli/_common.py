@@ -1,12 +1,18 @@
 """What every command module shares: the store named by ``--cache``, progress bars that
 also feed the job record when the command runs as a background job, the parsing of list
-arguments, and the one error for command lines that ask for something impossible."""
+arguments, the parser's value types (every number is checked where it is parsed, so a bad
+one is one ``error:`` line and exit 2, never a traceback deep in the library), the checked
+writing of output files, and the one error for command lines that ask for something impossible."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from ..errors import NeurovizError
 from ..progress import Progress, TqdmProgress, chain
@@ -19,6 +25,53 @@ if TYPE_CHECKING:
 
 class CommandLineError(NeurovizError, ValueError):
     """Flags that are missing, malformed or contradict each other; the message says what to give."""
+
+
+class OutputFileError(NeurovizError, OSError):
+    """An output file the command was asked to write could not be written (or is not there after)."""
+
+
+class UsageError(SystemExit):
+    """The parser refused the command line (exit 2); ``message`` is the one line it printed."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``error: <what>; see `<prog> --help```, exit 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        line = f"{message}; see `{self.prog} --help`"
+        print(f"error: {line}", file=sys.stderr)
+        raise UsageError(line)
+
+
+Number = TypeVar("Number", int, float)
+
+
+def _number(parse: Callable[[str], Number], kind: str, ok: Callable[[Number], bool], rule: str) -> Callable[[str], Number]:
+    """An argparse type: ``parse`` the text, then refuse non-finite values and those ``ok`` rejects."""
+
+    def convert(text: str) -> Number:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {kind}") from None
+        if not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
+        return value
+
+    convert.__name__ = rule
+    return convert
+
+
+positive_int = _number(int, "a whole number", lambda v: v >= 1, "a whole number >= 1")
+non_negative_int = _number(int, "a whole number", lambda v: v >= 0, "a whole number >= 0")
+positive_float = _number(float, "a number", lambda v: v > 0, "a number > 0")
+non_negative_float = _number(float, "a number", lambda v: v >= 0, "a number >= 0")
+unit_float = _number(float, "a number", lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
 
 def store_from(args: argparse.Namespace) -> Store:
@@ -38,20 +91,79 @@ def comma_list(text: str | None) -> list[str] | None:
 
 
 def parse_neurons(text: str | None) -> list[int] | None:
-    """'0,1,5' or '0-15,40' -> a sorted list; None means all neurons."""
+    """'0,1,5' or '0-15,40' -> a sorted list; None means all neurons. A reversed range ('5-2')
+    or a negative number is refused: it would select nothing and report success."""
     if not text:
         return None
     out: set[int] = set()
     for part in comma_list(text) or []:
         try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                out.update(range(lo, hi + 1))
-            else:
-                out.add(int(part))
+            lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part), int(part))
         except ValueError:
             raise CommandLineError(f"'{part}' is not a neuron number or range (write e.g. 0,1,5 or 0-15).") from None
+        if lo > hi:
+            raise CommandLineError(f"'{part}' is an empty range: write the smaller neuron first (e.g. {hi}-{lo}).")
+        out.update(range(lo, hi + 1))
+    if not out:
+        raise CommandLineError(f"'{text}' names no neuron (write e.g. 0,1,5 or 0-15).")
     return sorted(out)
+
+
+def _output_problem(target: Path, folder: bool) -> str | None:
+    """Why ``target`` cannot be written as a file (or created as a folder), seen before any work."""
+    if not folder and target.is_dir():
+        return "it is a folder; give a file name"
+    blocking = next((f for f in ((target,) if folder else ()) + tuple(target.parents) if f.exists() and not f.is_dir()), None)
+    return f"{blocking} is a file, not a folder" if blocking is not None else None
+
+
+def _checked(folder: bool) -> Callable[[str], Path]:
+    def convert(text: str) -> Path:
+        target = Path(text).expanduser().absolute()
+        problem = _output_problem(target, folder)
+        if problem:
+            raise argparse.ArgumentTypeError(f"cannot write {target}: {problem}")
+        return target
+
+    convert.__name__ = "output folder" if folder else "output file"
+    return convert
+
+
+output_path = _checked(folder=False)  # parser types of output options: refused before any work is done
+output_dir = _checked(folder=True)
+
+
+@contextlib.contextmanager
+def output_file(path: str | Path) -> Iterator[Path]:
+    """The absolute path to write an output file to, checked after the block: its folder is
+    created, a failure is one clear line (naming the path and the reason), and a file that is
+    not there afterwards is an error, so no command says "wrote" for a write that did not happen."""
+    target = Path(path).expanduser().absolute()
+    problem = _output_problem(target, folder=False)
+    if problem:
+        raise OutputFileError(f"Cannot write {target}: {problem}.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        yield target
+    except OSError as exc:
+        if isinstance(exc, NeurovizError):
+            raise
+        raise OutputFileError(f"Cannot write {target}: {exc.strerror or exc}.") from None
+    if not target.is_file():
+        raise OutputFileError(f"Writing {target} did not leave a file there.")
+
+
+def output_folder(path: str | Path) -> Path:
+    """The absolute path of an output folder, created now; one clear line when it cannot be."""
+    target = Path(path).expanduser().absolute()
+    problem = _output_problem(target, folder=True)
+    if problem:
+        raise OutputFileError(f"Cannot create the folder {target}: {problem}.")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputFileError(f"Cannot create the folder {target}: {exc.strerror or exc}.") from None
+    return target
 
 
 def open_model_and_probe_set(args: argparse.Namespace) -> tuple[Store, ProbedModel, ProbeSet]:

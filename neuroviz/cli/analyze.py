@@ -7,7 +7,7 @@ import argparse
 import json
 
 from ..analysis import COUNTING_MODES, AnalysisConfig, ImportanceConfig
-from ._common import comma_list, open_model_and_probe_set, progress_for
+from ._common import comma_list, non_negative_int, open_model_and_probe_set, positive_int, progress_for, unit_float
 
 
 def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
@@ -51,17 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("analyze", help="share of neuron label categories per layer (and their importance by ablation)")
     p.add_argument("model")
     p.add_argument("--probe", default="demo", help="'demo', an image folder, an image list or a probe-set id")
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--image-size", type=positive_int)
     p.add_argument("--methods", help="comma-separated method names (default: all)")
     p.add_argument("--counting", choices=COUNTING_MODES, default="head")
     p.add_argument("--unlabelled", choices=["exclude", "uninterpretable"], default="exclude",
                    help="neurons a method did not label: left out (default) or counted as uninterpretable")
-    p.add_argument("--min-calibrated", type=float, default=AnalysisConfig.min_calibrated)
+    p.add_argument("--min-calibrated", type=unit_float, default=AnalysisConfig.min_calibrated)
     p.add_argument("--fallback", action="store_true", help="classify unmatched labels by text embedding")
     p.add_argument("--importance", metavar="METHOD", help="also ablate each category group of this method's labels")
     p.add_argument("--layers", help="comma-separated layers for --importance (default: all labelled)")
     p.add_argument("--mode", choices=["zero", "mean"], default="zero", help="ablation for --importance")
-    p.add_argument("--max-images", type=int, default=ImportanceConfig.max_images, help="0 = every probe image")
+    p.add_argument("--max-images", type=non_negative_int, default=ImportanceConfig.max_images, help="0 = every probe image")
     p.add_argument("--no-random", action="store_true", help="skip the equal-size random-group baseline")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_analyze)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..audit import AuditOptions
-from ._common import CommandLineError, open_model_and_probe_set, store_from
+from ._common import CommandLineError, open_model_and_probe_set, output_dir, output_folder, positive_int, store_from, unit_float
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -30,7 +30,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.save:
         print("saved as", audit_mod.save_audit(store, audit))
     if args.export:
-        for path in audit_mod.export_audit(audit, args.export):
+        for path in audit_mod.export_audit(audit, output_folder(args.export)):
             print("wrote", path)
     args._result = {"audit": audit.id, "n_hits": len(audit.hits)}
     return 0
@@ -42,11 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?")
     p.add_argument("query", nargs="?")
     p.add_argument("--probe", default="demo")
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--image-size", type=positive_int)
     p.add_argument("--text-only", action="store_true")
     p.add_argument("--meaning-only", action="store_true")
-    p.add_argument("--min-similarity", type=float, default=AuditOptions.min_similarity)
+    p.add_argument("--min-similarity", type=unit_float, default=AuditOptions.min_similarity)
     p.add_argument("--save", action="store_true", help="store the audit in the cache")
-    p.add_argument("--export", metavar="FOLDER", help="write <id>.csv and <id>.json there")
+    p.add_argument("--export", metavar="FOLDER", type=output_dir, help="write <id>.csv and <id>.json there")
     p.add_argument("--list", action="store_true", help="list saved audits")
     p.set_defaults(func=cmd_audit)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..demo import DEMO_DND_LAYER, DEMO_DND_NEURONS
-from ._common import store_from
+from ._common import non_negative_int, store_from
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -23,6 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` command."""
     p = subparsers.add_parser("demo", help="build the offline demo workspace (demo set, MobileNetV2 activations, labels)")
     p.add_argument("--no-labels", action="store_true", help="only the images and activations")
-    p.add_argument("--dnd-neurons", type=int, default=DEMO_DND_NEURONS,
+    p.add_argument("--dnd-neurons", type=non_negative_int, default=DEMO_DND_NEURONS,
                    help=f"DnD labels for the first N neurons of {DEMO_DND_LAYER}")
     p.set_defaults(func=cmd_demo)

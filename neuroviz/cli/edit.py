@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import CommandLineError, open_model_and_probe_set, progress_for
+from ._common import CommandLineError, non_negative_int, open_model_and_probe_set, positive_int, progress_for
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -45,13 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("edit", help="ablate neurons and compare predictions before/after")
     p.add_argument("model")
     p.add_argument("--probe", default="demo")
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--image-size", type=positive_int)
     p.add_argument("--name", help="name of a saved edit to evaluate, or of the new edit to save")
     p.add_argument("--neurons", help="LAYER:N,N,...;LAYER:N (new edit)")
     p.add_argument("--from-audit", help="use the neurons of a saved audit")
     p.add_argument("--mode", choices=["zero", "mean"], default="zero")
     p.add_argument("--save", action="store_true")
-    p.add_argument("--max-images", type=int)
-    p.add_argument("--random-groups", type=int, default=0, metavar="N",
+    p.add_argument("--max-images", type=positive_int)
+    p.add_argument("--random-groups", type=non_negative_int, default=0, metavar="N",
                    help="also ablate N random groups of as many neurons per layer (the control), and compare")
     p.set_defaults(func=cmd_edit)

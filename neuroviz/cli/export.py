@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..labels_io import FORMATS
-from ._common import CommandLineError, add_run_arguments, comma_list, store_from
+from ._common import CommandLineError, add_run_arguments, comma_list, output_file, output_path, store_from
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -24,7 +24,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         runs = [r for r in runs if (store.label_runs(r.run_key)["method"] == args.method).any()]
         if not runs:
             raise CommandLineError(f"No layer of {args.model} has labels by '{args.method}' yet.")
-    path = export_labels(store, runs, args.method, args.out, args.format, args.label_key)
+    with output_file(args.out) as out:
+        path = export_labels(store, runs, args.method, out, args.format, args.label_key)
     print(f"wrote {path} ({', '.join(r.layer for r in runs)})")
     args._result = {"path": str(path)}
     return 0
@@ -36,6 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_arguments(p)
     p.add_argument("--method", default="clip_dissect")
     p.add_argument("--format", choices=FORMATS, help="default: from the file name (.json -> json, else clip_dissect)")
-    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--out", required=True, type=output_path, help="output file")
     p.add_argument("--label-key", help="a specific label run (default: the newest of the method)")
     p.set_defaults(func=cmd_export)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import comma_list, progress_for, store_from
+from ._common import comma_list, non_negative_int, positive_int, progress_for, store_from
 
 # hooks.POOLINGS and "default" (the layer's own); written out because hooks imports torch, which --help must not.
 POOLING_CHOICES = ["default", "mean", "max", "cls", "tokens_mean"]
@@ -42,10 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--probe", default="demo", help="'demo', an image folder, or a .txt/.csv list")
     p.add_argument("--layers", help="comma-separated module names (default: suggested layers)")
     p.add_argument("--pooling", choices=POOLING_CHOICES, default="default")
-    p.add_argument("--k", type=int, default=50, help="top images kept per neuron")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--k", type=positive_int, default=50, help="top images kept per neuron")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--chunk-size", type=positive_int, default=256, help="images per resumable chunk")
+    p.add_argument("--image-size", type=positive_int)
+    p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--no-thumbnails", action="store_true", help="skip building the thumbnails the pages draw from")
     p.set_defaults(func=cmd_extract)

@@ -13,8 +13,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     store = store_from(args)
     if args.cancel:
-        job = jobs.cancel_job(store, args.cancel)
-        print(f"{args.cancel}: {job.status if job else 'no such job'}")
+        job = jobs.cancel_job(store, args.cancel)  # an unknown id is an error (exit 2)
+        print(f"{args.cancel}: {job.status}")
         return 0
     for job in jobs.list_jobs(store):
         print(f"{job.job_id}  {job.kind:10s} {job.status:11s} {job.done}/{job.total}  {job.message or job.error}")

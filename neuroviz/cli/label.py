@@ -1,4 +1,4 @@
-"""``python -m neuroviz label MODEL``: describe neurons with methods (CLIP-Dissect, MILAN, DnD, NetDissect).
+"""``python -m neuroviz label MODEL``: describe neurons with methods (CLIP-Dissect, MILAN, DnD, NetDissect, Linear Explanations).
 
     python -m neuroviz label offline:mobilenet_v2 --probe demo --layers features.14,classifier.1 \\
         --methods clip_dissect --concepts words20k --multimodal conse
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import CommandLineError, add_run_arguments, comma_list, parse_neurons, store_from
+from ._common import CommandLineError, add_run_arguments, comma_list, non_negative_int, parse_neurons, store_from
 
 if TYPE_CHECKING:
     from ..backends.pool import BackendPool
@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``label`` command."""
     p = subparsers.add_parser("label", help="describe neurons with methods (CLIP-Dissect, ...); cached")
     add_run_arguments(p)
-    p.add_argument("--methods", default="clip_dissect", help="comma-separated: clip_dissect, milan, dnd, netdissect")
+    p.add_argument("--methods", default="clip_dissect", help="comma-separated: clip_dissect, milan, dnd, netdissect, linear_explanations")
     p.add_argument("--concepts", default="words20k", help="imagenet, words20k, demo_labels or a text file (one concept per line)")
     p.add_argument("--multimodal", help="multimodal backend (default: offline ConSE, not the probed network)")
     p.add_argument("--captioner", default="retrieval", help="captioner backend for methods that caption")
@@ -94,5 +94,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--segmentation-set", help="folder with images/ and masks/ for netdissect")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyperparameter (repeatable)")
-    p.add_argument("--preview", type=int, default=8, help="labels printed per layer")
+    p.add_argument("--preview", type=non_negative_int, default=8, help="labels printed per layer")
     p.set_defaults(func=cmd_label)

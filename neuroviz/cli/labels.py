@@ -6,7 +6,7 @@ import argparse
 
 import pandas as pd
 
-from ._common import add_run_arguments, parse_neurons, store_from
+from ._common import add_run_arguments, parse_neurons, positive_int, store_from
 
 
 def format_label_table(df: pd.DataFrame, all_ranks: bool = False) -> str:
@@ -54,5 +54,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", help="only this method")
     p.add_argument("--neurons", help="only these neurons, e.g. 0-15")
     p.add_argument("--all-ranks", action="store_true", help="also the candidate labels (ranks 1..)")
-    p.add_argument("--limit", type=int, default=50, help="neurons shown")
+    p.add_argument("--limit", type=positive_int, default=50, help="neurons shown")
     p.set_defaults(func=cmd_labels)

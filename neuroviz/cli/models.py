@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import positive_int
+
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the model specs of a source (or all), offline ones with their description."""
@@ -23,5 +25,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("models", help="list probed models the registry knows")
     p.add_argument("--source", choices=["offline", "torchvision", "timm", "open_clip"])
     p.add_argument("--filter", help="substring to match")
-    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--limit", type=positive_int, default=200)
     p.set_defaults(func=cmd_models)

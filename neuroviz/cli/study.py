@@ -1,9 +1,8 @@
-"""``python -m neuroviz study create|list|results|export|close|delete``: blind user studies."""
+"""``python -m neuroviz study create|list|add-rater|results|export|close|delete``: blind user studies."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .. import catalog
 from ..store import Store
@@ -13,15 +12,19 @@ from ..study import (
     choose_items,
     create_study,
     delete_study,
+    freeze_missing_pictures,
+    get_study,
     labelled_methods,
+    link_query,
     list_studies,
+    register_rater,
     results_csv,
     set_study_open,
     study_progress,
     study_results,
     votes_csv,
 )
-from ._common import comma_list, store_from
+from ._common import comma_list, non_negative_int, output_file, output_path, positive_int, store_from
 
 
 def _resolve_runs(store: Store, args: argparse.Namespace) -> list[str]:
@@ -64,11 +67,22 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not studies:
         print("no studies yet; create one with `python -m neuroviz study create`")
     for s in studies:
+        freeze_missing_pictures(store, s.study_id)  # a study of an older version: raters need only it
         progress = study_progress(store, s.study_id)
         state = "open" if s.is_open else "closed"
         print(f"{s.study_id}  '{s.name}'  {state}  items={s.n_items - s.n_gold}+{s.n_gold} gold  "
               f"complete={progress.items_complete}  votes={progress.n_votes}  raters={len(progress.raters)}  "
               f"methods={','.join(s.methods)}  link={s.rater_link}")
+    return 0
+
+
+def _cmd_add_rater(args: argparse.Namespace) -> int:
+    store = store_from(args)
+    study = get_study(store, args.study_id)
+    rater = register_rater(store, study.study_id, args.name)
+    print(f"rater {rater.rater_id} '{rater.name}' in study {study.study_id}")
+    print(f"personal link: ?{link_query(study.token, rater.secret)}   (append to the dashboard's URL; "
+          "give it to this person only: it lets its holder answer as them, and it is not shown again)")
     return 0
 
 
@@ -96,12 +110,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(votes_csv(store, args.study_id), end="")
         return 0
     if args.votes:
-        Path(args.votes).write_text(votes_csv(store, args.study_id))
-        print(f"wrote {args.votes}")
+        with output_file(args.votes) as path:
+            path.write_text(votes_csv(store, args.study_id))
+        print(f"wrote {path}")
     if args.results:
         results = study_results(store, args.study_id, exclude_failed_gold=not args.keep_failed_gold)
-        Path(args.results).write_text(results_csv(results))
-        print(f"wrote {args.results}")
+        with output_file(args.results) as path:
+            path.write_text(results_csv(results))
+        print(f"wrote {path}")
     return 0
 
 
@@ -130,15 +146,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", help="comma-separated layers (default: every extracted layer)")
     p.add_argument("--probe", help="probe set id, name or folder (when a layer was extracted over several)")
     p.add_argument("--methods", help="comma-separated methods (default: every method with labels on these runs)")
-    p.add_argument("--per-layer", type=int, default=10, help="random neurons per layer")
-    p.add_argument("--raters-per-item", type=int, default=3)
-    p.add_argument("--gold", type=int, default=2, help="gold (attention-check) items to build from probe labels")
-    p.add_argument("--images", type=int, default=10, help="top images shown per neuron")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-layer", type=positive_int, default=10, help="random neurons per layer")
+    p.add_argument("--raters-per-item", type=positive_int, default=3)
+    p.add_argument("--gold", type=non_negative_int, default=2, help="gold (attention-check) items to build from probe labels")
+    p.add_argument("--images", type=positive_int, default=10, help="top images shown per neuron")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_cmd_create)
 
     p = sub.add_parser("list", help="list studies with progress and rater links")
     p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("add-rater", help="register a rater and print their personal link (hand it to them)")
+    p.add_argument("study_id")
+    p.add_argument("name", nargs="?", help="a label for you (names are not identities: two raters may share one)")
+    p.set_defaults(func=_cmd_add_rater)
 
     p = sub.add_parser("results", help="win rates, ratings and agreement of a study")
     p.add_argument("study_id")
@@ -147,8 +168,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="write votes and results as CSV (votes to stdout by default)")
     p.add_argument("study_id")
-    p.add_argument("--votes", help="file for the de-blinded votes CSV")
-    p.add_argument("--results", help="file for the scores CSV")
+    p.add_argument("--votes", type=output_path, help="file for the de-blinded votes CSV")
+    p.add_argument("--results", type=output_path, help="file for the scores CSV")
     p.add_argument("--keep-failed-gold", action="store_true")
     p.set_defaults(func=_cmd_export)
 

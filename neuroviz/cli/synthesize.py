@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import CommandLineError, progress_for, store_from
+from ._common import (
+    CommandLineError,
+    non_negative_float,
+    non_negative_int,
+    output_file,
+    output_path,
+    positive_float,
+    positive_int,
+    progress_for,
+    store_from,
+)
 from .extract import POOLING_CHOICES
 
 if TYPE_CHECKING:
@@ -93,9 +102,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     plan_synthesis(model, request, store, run)  # a bad request fails here, before a progress bar is drawn
     result = synthesize(model, request, store, run, progress=progress_for(args, "synthesizing", "step"),
                         device=args.device, use_cache=not args.no_cache)
-    out = Path(args.out) if args.out else store.synthesis_dir() / f"{result.key}.png"
     probe_rows = probe_images_at_levels(store, result.plan, args.probe_columns) if args.probe_columns else None
-    with atomic_open(out, "wb") as fh:
+    with output_file(args.out or store.synthesis_dir() / f"{result.key}.png") as out, atomic_open(out, "wb") as fh:
         render_grid(result, probe_rows, tile=min(request.config.image_size, 160)).save(fh, format="PNG")
     print(("(cached) " if result.from_cache else "") + result.summary())
     for li, name in enumerate(result.plan.level_names()):
@@ -112,29 +120,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("synthesize", help="sample images that drive a neuron to given levels (inverse sets)")
     p.add_argument("model", help="model spec, e.g. offline:mobilenet_v2")
     p.add_argument("--layer", help="layer of the neuron (default: the layer of --run-key)")
-    p.add_argument("--neuron", type=int, required=True)
+    p.add_argument("--neuron", type=non_negative_int, required=True)
     p.add_argument("--levels", default="0.25,0.5,0.75,1", help="comma-separated fractions of the observed max (or 25%%,...)")
     p.add_argument("--absolute", action="store_true", help="levels are activation values, not fractions of the max")
-    p.add_argument("--neuron2", type=int, help="a second neuron that must hit --levels2 at the same time (intersection)")
+    p.add_argument("--neuron2", type=non_negative_int, help="a second neuron that must hit --levels2 at the same time (intersection)")
     p.add_argument("--layer2", help="layer of --neuron2 (default: --layer)")
     p.add_argument("--levels2", default="0", help="levels of --neuron2, one per level of --levels, or a single one")
     p.add_argument("--and", dest="also", action="append", metavar="LAYER:NEURON:LEVELS",
                    help="another neuron that must hit its levels at the same time (repeatable), e.g. features.14:3:0.1")
-    p.add_argument("--samples", type=int, default=4, help="samples per level")
+    p.add_argument("--samples", type=positive_int, default=4, help="samples per level")
     p.add_argument("--start", default="noise", help="start from noise or from the nearest probe images (noise, probe)")
     p.add_argument("--probe", default="demo", help="probe set giving the observed max: 'demo', a folder or a list")
     p.add_argument("--run-key", help="use this extraction run (and its probe set) instead of --probe")
     p.add_argument("--pooling", default="default", choices=POOLING_CHOICES)
-    p.add_argument("--k", type=int, default=50, help="top-k of the extraction, when one is needed")
-    p.add_argument("--steps", type=int, help="optimisation steps, at most (default: SynthesisConfig's)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--tolerance", type=float)
-    p.add_argument("--diversity-weight", type=float)
-    p.add_argument("--tv-weight", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=positive_int, default=50, help="top-k of the extraction, when one is needed")
+    p.add_argument("--steps", type=positive_int, help="optimisation steps, at most (default: SynthesisConfig's)")
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--image-size", type=positive_int)
+    p.add_argument("--tolerance", type=positive_float)
+    p.add_argument("--diversity-weight", type=non_negative_float)
+    p.add_argument("--tv-weight", type=non_negative_float)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--probe-columns", type=int, default=3, help="real probe images shown beside each level")
-    p.add_argument("--out", help="PNG path of the grid (default: cache/synthesis/<key>.png)")
+    p.add_argument("--probe-columns", type=non_negative_int, default=3, help="real probe images shown beside each level")
+    p.add_argument("--out", type=output_path, help="PNG path of the grid (default: cache/synthesis/<key>.png)")
     p.add_argument("--no-cache", action="store_true", help="recompute even when the result is cached")
     p.set_defaults(func=cmd_synthesize)

@@ -6,7 +6,7 @@ one import line below.
 """
 
 # Registration order is listing order (the pages show methods in it).
-from . import clip_dissect, milan, dnd, netdissect  # noqa: F401, I001  (imported to register them)
+from . import clip_dissect, milan, dnd, netdissect, linear_explanations  # noqa: F401, I001  (imported to register them)
 from .base import METHODS, DescriptionMethod, MethodContext, get_method, list_methods, register_method, run_method
 
 __all__ = ["METHODS", "DescriptionMethod", "MethodContext", "get_method", "list_methods", "register_method", "run_method"]

@@ -3,8 +3,17 @@
 For each neuron: threshold T_n at the top 0.5% of its spatial activations over the whole
 segmentation set; upsample each activation map (bilinear) to the mask resolution; the
 neuron's mask is ``upsampled > T_n``; IoU with concept c is
-``sum_x |M_n(x) & L_c(x)| / sum_x |M_n(x) | L_c(x)|`` over the dataset. Label = argmax IoU;
-the unit counts as "interpretable" when that IoU >= 0.04.
+``sum_x |M_n(x) & L_c(x)| / sum_x |M_n(x) | L_c(x)|`` over the images annotated for c's
+category. Label = argmax IoU; the unit counts as "interpretable" when that IoU >= 0.04.
+
+Partly annotated sets (Broden: an image may have object masks but no part masks): as in the
+reference code, the union for concept c counts the unit's active pixels only on images
+annotated for c's category, so an image nobody labelled for parts does not count as a miss
+for every part. :class:`IoUTally` keeps one unit-area tally per category. Categories come
+from an optional ``categories.csv`` (columns ``concept,category``); without it every concept
+is in one category. An image is annotated for a category when it has a mask file of one of
+its concepts (binary layout) or an index mask (index layout, which annotates every category).
+On a fully annotated set this is the plain dataset-wide IoU.
 
 The store keeps spatial maps only for each neuron's top-k images, so this method makes its
 own two passes over the segmentation set with :class:`~neuroviz.hooks.LayerRecorder`: the
@@ -26,7 +35,7 @@ Segmentation set format (a folder), one of:
 
 Masks may have any size; they are put through the same resize and centre crop as the image
 (nearest neighbour), so they stay aligned with the activation maps. An image without masks
-takes part in the thresholds (it is part of the dataset) and contributes no concept pixels.
+takes part in the thresholds (it is part of the dataset) but not in any IoU.
 """
 
 from __future__ import annotations
@@ -71,6 +80,25 @@ class SegmentationSet:
     items: list[SegmentationItem]
     layout: str  # "binary" or "index"
     index_to_concept: dict[int, int] = field(default_factory=dict)  # index format: pixel value -> concept row
+    concept_category: dict[str, str] = field(default_factory=dict)  # categories.csv; empty: one category
+
+    @property
+    def category_names(self) -> list[str]:
+        """The categories, in first-seen order (one unnamed category without categories.csv)."""
+        return list(dict.fromkeys(self.concept_category.get(c, "") for c in self.concepts))
+
+    def category_of_concepts(self) -> np.ndarray:
+        """Category row of every concept row."""
+        names = self.category_names
+        return np.array([names.index(self.concept_category.get(c, "")) for c in self.concepts], dtype=np.int64)
+
+    def annotated_categories(self, i: int) -> list[int]:
+        """Category rows image i is annotated for (see the module docstring)."""
+        item = self.items[i]
+        if self.layout == "index":
+            return list(range(len(self.category_names))) if item.index_path is not None else []
+        names = self.category_names
+        return sorted({names.index(self.concept_category.get(c, "")) for c in item.mask_paths if c in self.concepts})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -133,6 +161,7 @@ def load_segmentation_set(root: str | Path) -> SegmentationSet:
     if not masks_dir.is_dir():
         raise SegmentationSetError(f"Segmentation set {root} has no masks/ folder. {layout_help}")
     items: list[SegmentationItem] = []
+    categories = read_categories(root / "categories.csv")
     concepts_csv = root / "concepts.csv"
     if concepts_csv.exists():
         with open(concepts_csv, newline="", encoding="utf-8") as fh:
@@ -147,7 +176,7 @@ def load_segmentation_set(root: str | Path) -> SegmentationSet:
             items.append(SegmentationItem(img, index_path=mask if mask.exists() else None))
         if not any(it.index_path for it in items):
             raise SegmentationSetError(f"No index masks masks/<stem>.png match the images in {root}. {layout_help}")
-        return SegmentationSet(root, concepts, items, "index", index_to_concept)
+        return SegmentationSet(root, concepts, items, "index", index_to_concept, categories)
     names: set[str] = set()
     for img in images:
         folder = masks_dir / img.stem
@@ -156,7 +185,50 @@ def load_segmentation_set(root: str | Path) -> SegmentationSet:
         items.append(SegmentationItem(img, mask_paths=paths))
     if not names:
         raise SegmentationSetError(f"No masks/<stem>/<concept>.png files match the images in {root}. {layout_help}")
-    return SegmentationSet(root, sorted(names), items, "binary")
+    return SegmentationSet(root, sorted(names), items, "binary", concept_category=categories)
+
+
+def read_categories(path: Path) -> dict[str, str]:
+    """concept -> category from ``categories.csv`` (columns concept,category); {} when absent."""
+    if not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"concept", "category"} <= set(reader.fieldnames):
+            raise SegmentationSetError(f"{path} needs columns 'concept' and 'category'.")
+        return {r["concept"].strip(): r["category"].strip() for r in reader if r["concept"].strip()}
+
+
+class IoUTally:
+    """Running intersection and union counts of unit masks with concept masks, image by image.
+
+    The unit's active pixels are tallied per category, over only the images annotated for
+    it, and each concept's union uses its own category's tally (the reference's rule for
+    partly annotated sets). Counts are plain sums, so tallies of disjoint image sets add up.
+    """
+
+    def __init__(self, n_neurons: int, concept_category: np.ndarray, n_categories: int):
+        self.concept_category = np.asarray(concept_category, dtype=np.int64)
+        self.intersection = np.zeros((n_neurons, len(self.concept_category)), dtype=np.float64)
+        self.unit_area = np.zeros((n_neurons, n_categories), dtype=np.float64)
+        self.concept_area = np.zeros(len(self.concept_category), dtype=np.float64)
+
+    def add(self, unit_masks: np.ndarray, present: np.ndarray, concept_masks: np.ndarray, annotated: Sequence[int]) -> None:
+        """One image: ``unit_masks`` (neurons, pixels) 0/1, ``concept_masks`` (len(present), pixels) 0/1 of the
+        concepts present, ``annotated`` the category rows the image is annotated for."""
+        if not len(annotated):
+            return
+        units = np.asarray(unit_masks, dtype=np.float32)
+        self.unit_area[:, list(annotated)] += units.sum(axis=1, dtype=np.float64)[:, None]
+        if len(present):
+            masks = np.asarray(concept_masks, dtype=np.float32).reshape(len(present), -1)  # (m, h, w) or (m, pixels)
+            self.intersection[:, present] += units @ masks.T
+            self.concept_area[present] += masks.sum(axis=1, dtype=np.float64)
+
+    def iou(self) -> np.ndarray:
+        """(neurons, concepts) IoU; 0 where the union is empty."""
+        union = self.unit_area[:, self.concept_category] + self.concept_area[None, :] - self.intersection
+        return np.where(union > 0, self.intersection / np.maximum(union, 1e-12), 0.0)
 
 
 @dataclass
@@ -233,29 +305,21 @@ def dissect(model, layer: str, segmentation: SegmentationSet, config: NetDissect
             thresholds[start: start + chunk] = np.quantile(values, 1.0 - config.top_quantile, axis=1)
 
         size = min(config.mask_size, prep.image_size)
-        n_concepts = len(segmentation.concepts)
-        intersection = np.zeros((n_neurons, n_concepts), dtype=np.float64)
-        unit_area = np.zeros(n_neurons, dtype=np.float64)
-        concept_area = np.zeros(n_concepts, dtype=np.float64)
+        categories = segmentation.category_of_concepts()
+        tally = IoUTally(n_neurons, categories, len(segmentation.category_names))
         t = torch.from_numpy(thresholds)[None, :, None, None]
         for start in range(0, n, _BATCH):
             stop = min(n, start + _BATCH)
             maps = torch.from_numpy(np.asarray(maps_file[start:stop], dtype=np.float32))
             up = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
-            unit_masks = (up > t).reshape(stop - start, n_neurons, -1).float()
-            unit_area += unit_masks.sum(dim=(0, 2)).double().numpy()
+            unit_masks = (up > t).reshape(stop - start, n_neurons, -1).float().numpy()
             for b, i in enumerate(range(start, stop)):
                 present, masks = segmentation.masks(i, prep.image_size, prep.resize_size, size)
-                if not len(present):
-                    continue
-                concept_masks = torch.from_numpy(masks.reshape(len(present), -1).astype(np.float32))
-                intersection[:, present] += (unit_masks[b] @ concept_masks.T).double().numpy()
-                concept_area[present] += concept_masks.sum(dim=1).double().numpy()
+                tally.add(unit_masks[b], present, masks, segmentation.annotated_categories(i))
             if progress:
                 progress(n + stop, total_steps, "intersecting with concept masks")
         del maps_file
-    union = unit_area[:, None] + concept_area[None, :] - intersection
-    iou = np.where(union > 0, intersection / np.maximum(union, 1e-12), 0.0)
+    iou = tally.iou()
     return DissectionResult(list(segmentation.concepts), iou, thresholds)
 
 
@@ -269,7 +333,7 @@ class NetDissect(DescriptionMethod):
     needs = ()
     config_class = NetDissectConfig
     per_neuron = False
-    code_version = "1"
+    code_version = "2"  # 2: union over images annotated for the concept's category
 
     @staticmethod
     def segmentation_path(ctx: MethodContext, config: NetDissectConfig) -> Path:

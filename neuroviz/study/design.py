@@ -6,8 +6,9 @@ A/B/C... in a random order, never with the method's name; they pick the best lab
 "none fits" / "uninterpretable") and may rate each label 1-5. Each item is seen by a few
 raters. Gold items (one obviously right option among decoys) catch inattentive raters.
 
-Labels are captured when the study is created, so relabelling a run later does not change
-what raters saw or what the results attribute to each method.
+Labels and pictures are captured when the study is created, so relabelling a run later
+does not change what raters saw or what the results attribute to each method, and raters
+never read the workspace.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import random
 import secrets
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import NeurovizError
 from ..store import RunInfo, Store
-from . import storage
+from . import pictures, storage
 
 NONE_FITS = "none"
 UNINTERPRETABLE = "uninterpretable"
@@ -30,6 +31,13 @@ SPECIAL_CHOICES = (NONE_FITS, UNINTERPRETABLE)
 DEFAULT_PUBLIC_TITLE = "Which description fits these images best?"
 #: The letters options are shown as; also the most methods one study can compare.
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+#: Query parameters of a rater link: the study's token, and a rater's secret in a personal link.
+TOKEN_PARAM, SECRET_PARAM = "study", "key"
+
+
+def link_query(token: str, secret: str | None = None) -> str:
+    """The query string of a rater link (no '?'): the study's, or one rater's personal link."""
+    return f"{TOKEN_PARAM}={token}" + (f"&{SECRET_PARAM}={secret}" if secret else "")
 
 
 class StudyError(NeurovizError, ValueError):
@@ -91,7 +99,7 @@ class Study:
     @property
     def rater_link(self) -> str:
         """The query string that opens the rater-only view of this study."""
-        return f"?study={self.token}"
+        return f"?{link_query(self.token)}"
 
     @classmethod
     def from_row(cls, row: storage.StudyRow) -> Study:
@@ -114,7 +122,7 @@ def require_study(tables: storage.StudyTables, study_id: str) -> Study:
     if row is None:
         known = tables.recent_study_ids()
         hint = (f"Known studies: {', '.join(known)}." if known
-                else "No study exists yet; create one with `python -m neuroviz study create`.")
+                else "No study exists yet; create one on the Study setup page or with `python -m neuroviz study create`.")
         raise StudyError(f"No study '{study_id}'. {hint}")
     return Study.from_row(row)
 
@@ -153,6 +161,29 @@ def labelled_methods(store: Store, run_keys: Sequence[str]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def default_methods(store: Store, run_keys: Sequence[str], enough: int = 10) -> list[str]:
+    """The methods a new study should compare by default: the pair that labelled the most
+    neurons together, then each further method that keeps at least ``enough`` neurons (or
+    all of them, when fewer) labelled by every chosen method. Fewer than two when fewer exist."""
+    methods = list(labelled_methods(store, run_keys))
+    if len(methods) < 2:
+        return methods
+    sets = [frozenset(by_method) for run_key in run_keys
+            for by_method in _captured_labels(store, run_key, methods).values()]
+
+    def together(chosen: Sequence[str]) -> int:
+        return sum(1 for s in sets if s.issuperset(chosen))
+
+    pairs = [[a, b] for i, a in enumerate(methods) for b in methods[i + 1:]]
+    # most neurons in common; among ties, the methods that labelled most (listed first)
+    chosen = max(pairs, key=lambda pair: (together(pair), -methods.index(pair[0]) - methods.index(pair[1])))
+    for method in methods:
+        kept = together([*chosen, method])
+        if method not in chosen and kept > 0 and kept >= min(enough, together(chosen)):
+            chosen.append(method)
+    return [m for m in methods if m in chosen]
+
+
 def _require_run(store: Store, run_key: str) -> RunInfo:
     run = store.get_run(run_key)
     if run is None:
@@ -170,7 +201,7 @@ def choose_items(store: Store, run_keys: Sequence[str], methods: Sequence[str], 
     with fewer eligible neurons contributes all of them.
     """
     if not methods:
-        raise StudyError("Choose at least two methods to compare (see labelled_methods()).")
+        raise StudyError("Choose at least two methods to compare.")
     items: list[StudyItem] = []
     for run_key in run_keys:
         _require_run(store, run_key)
@@ -186,6 +217,18 @@ def _probe_label_text(label: str) -> str:
     return str(label).replace("\\", "/").rstrip("/").split("/")[-1].replace("_", " ").strip()
 
 
+def _absent_labels(texts: Sequence[str], vocabulary: Sequence[str], top: Iterable[int]) -> list[str]:
+    """Probe-set label texts of no image among ``top``: decoys a rater who looks cannot pick."""
+    shown = {texts[i] for i in top}
+    return [t for t in vocabulary if t not in shown]
+
+
+def _probe_texts(store: Store, run: RunInfo) -> tuple[list[str], list[str]]:
+    """(each probe image's label as text, the sorted distinct texts) of a run's probe set."""
+    texts = [_probe_label_text(im["label"] or "") for im in store.probe_images(run.probe_set_id)]
+    return texts, sorted({t for t in texts if t})
+
+
 def choose_gold_items(store: Store, run_keys: Sequence[str], n: int, n_options: int, seed: int = 0,
                       n_images: int = 10, min_purity: float = 0.7,
                       exclude: Sequence[tuple[str, int]] = ()) -> list[GoldItem]:
@@ -194,7 +237,8 @@ def choose_gold_items(store: Store, run_keys: Sequence[str], n: int, n_options: 
     A neuron qualifies when at least ``min_purity`` of its top ``n_images`` images share one
     probe-set label: that label is the right answer, and the decoys are labels of probe images
     that are absent from its top images, so a rater who looks at the images cannot miss it.
-    Needs a probe set whose labels repeat (class folders); returns fewer (or none) otherwise.
+    Needs a probe set whose labels repeat (class folders); returns fewer (or none) otherwise:
+    then the owner makes gold items by hand (:func:`make_gold_item`).
     """
     if n <= 0:
         return []
@@ -203,20 +247,17 @@ def choose_gold_items(store: Store, run_keys: Sequence[str], n: int, n_options: 
     candidates: list[GoldItem] = []
     for run_key in run_keys:
         run = _require_run(store, run_key)
-        images = store.probe_images(run.probe_set_id)
-        texts = [_probe_label_text(im["label"] or "") for im in images]
-        vocabulary = sorted({t for t in texts if t})
+        texts, vocabulary = _probe_texts(store, run)
         if len(vocabulary) < n_options:
             continue
         top = store.top_indices(run_key)[:, :n_images]
         for neuron in range(len(top)):
             if (run_key, neuron) in excluded:
                 continue
-            shown = [texts[i] for i in top[neuron]]
-            label, count = Counter(shown).most_common(1)[0]
-            if not label or count < min_purity * len(shown):
+            label, count = Counter(texts[i] for i in top[neuron]).most_common(1)[0]
+            if not label or count < min_purity * len(top[neuron]):
                 continue
-            absent = [t for t in vocabulary if t not in set(shown)]
+            absent = _absent_labels(texts, vocabulary, top[neuron])
             if len(absent) < n_options - 1:
                 continue
             candidates.append(GoldItem(run_key, neuron, label, tuple(rng.sample(absent, n_options - 1))))
@@ -229,6 +270,30 @@ def choose_gold_items(store: Store, run_keys: Sequence[str], n: int, n_options: 
             seen.add(gold.correct_label)
     picked += [g for g in candidates if g not in picked]
     return picked[:n]
+
+
+def make_gold_item(store: Store, run_key: str, neuron: int, correct_label: str, decoys: Sequence[str] = (),
+                   n_options: int = 3, seed: int = 0, n_images: int = 10) -> GoldItem:
+    """A gold item the owner made: a neuron whose images plainly show ``correct_label``.
+
+    Without ``decoys``, ``n_options - 1`` are drawn from the probe set's labels of images that
+    are not among the neuron's top ``n_images`` (so none of them fits what the rater sees).
+    """
+    run = _require_run(store, run_key)
+    _check_neuron(run, neuron, "Gold neuron")
+    correct = " ".join(str(correct_label).split())
+    if not correct:
+        raise StudyError(f"Gold item {run.layer}:{neuron} needs the right label (what its images plainly show).")
+    given = [d for d in dict.fromkeys(" ".join(str(d).split()) for d in decoys) if d and _normalise(d) != _normalise(correct)]
+    if not given:
+        texts, vocabulary = _probe_texts(store, run)
+        absent = [t for t in _absent_labels(texts, vocabulary, store.top_indices(run_key)[neuron, :n_images])
+                  if _normalise(t) != _normalise(correct)]
+        if not absent:
+            raise StudyError(f"Gold item {run.layer}:{neuron}: no decoy labels could be drawn from the probe set; "
+                             "type a few wrong labels after the right one.")
+        given = seeded_rng(seed, "gold decoys", run_key, neuron).sample(absent, min(len(absent), max(1, n_options - 1)))
+    return GoldItem(run_key, int(neuron), correct, tuple(given))
 
 
 # -- creating and managing studies ----------------------------------------------------------
@@ -251,7 +316,7 @@ def _regular_options(labels: dict[str, str], methods: Sequence[str]) -> list[dic
 
 def _check_request(name: str, methods: Sequence[str], raters_per_item: int, n_images: int) -> None:
     if len(methods) < 2:
-        raise StudyError("A study compares at least two methods; pass e.g. methods=['clip_dissect', 'dnd'].")
+        raise StudyError("A study compares at least two methods: choose two or more.")
     if len(methods) > len(LETTERS):
         raise StudyError(f"At most {len(LETTERS)} methods fit on one page.")
     if raters_per_item < 1:
@@ -313,7 +378,7 @@ def _regular_items(store: Store, items: Sequence[StudyItem | tuple[str, int]], m
     if not kept:
         raise StudyError(
             f"None of the {len(seen)} items has a label from every method ({', '.join(methods)}). "
-            "Run the missing methods on these neurons first, or choose items with choose_items().")
+            "Run the missing methods on these neurons first, or choose neurons every method labelled.")
     return kept, skipped
 
 
@@ -325,15 +390,18 @@ def _gold_items(store: Store, gold_items: int | Sequence[GoldItem], n_options: i
         golds = choose_gold_items(store, list(runs), gold_items, n_options=n_options, seed=seed,
                                   n_images=n_images, exclude=[(r, n) for r, n, _, _ in kept])
         if len(golds) < gold_items:
-            notes.append(f"Only {len(golds)} of {gold_items} gold items could be built: the probe set's labels "
-                         "do not dominate enough neurons' top images. Pass GoldItem(...)s to add your own.")
+            notes.append(f"Only {len(golds)} of {gold_items} gold items could be built from the probe set's labels "
+                         "(no label dominates enough neurons' top images). Make your own gold items: a neuron whose "
+                         "images plainly show something, and that thing as the right label.")
     else:
         golds = list(gold_items)
-    for gold in golds:
-        _check_neuron(_run(store, runs, gold.run_key), gold.neuron, "Gold neuron")
-        if len(gold.decoys) < 1:
-            raise StudyError(f"Gold item {gold.run_key}/{gold.neuron} needs at least one decoy label.")
     return golds, notes
+
+
+def _check_gold(run: RunInfo, gold: GoldItem) -> None:
+    _check_neuron(run, gold.neuron, "Gold neuron")
+    if len(gold.decoys) < 1:
+        raise StudyError(f"Gold item {run.layer}:{gold.neuron} needs at least one wrong label beside the right one.")
 
 
 def _item_rows(kept: list[_Kept], golds: list[GoldItem], methods: Sequence[str], runs: dict[str, RunInfo],
@@ -356,20 +424,26 @@ def _item_rows(kept: list[_Kept], golds: list[GoldItem], methods: Sequence[str],
 
 def create_study(store: Store, name: str, items: Sequence[StudyItem | tuple[str, int]], methods: Sequence[str],
                  raters_per_item: int = 3, gold_items: int | Sequence[GoldItem] = 2, seed: int = 0,
-                 n_images: int = 10, public_title: str = DEFAULT_PUBLIC_TITLE) -> Study:
+                 n_images: int = 10, public_title: str = DEFAULT_PUBLIC_TITLE, own_gold: Sequence[GoldItem] = ()) -> Study:
     """Create a blind study comparing ``methods`` on ``items`` and return it (with its token).
 
     Items given as (run_key, neuron) or with empty ``item_labels`` get each method's current
     top label, captured now. Items lacking a label from any method are skipped and listed in
     ``study.skipped``. ``gold_items`` is a count to build automatically (see
-    choose_gold_items) or explicit GoldItems; gold items are excluded from method scores.
+    choose_gold_items) or explicit GoldItems; ``own_gold`` (made with :func:`make_gold_item`)
+    are added to them. Gold items are excluded from method scores.
+    The pictures raters see are rendered now and kept in the study (see :mod:`.pictures`).
     """
     methods = list(dict.fromkeys(methods))
     _check_request(name, methods, raters_per_item, n_images)
     runs: dict[str, RunInfo] = {}
     kept, skipped = _regular_items(store, items, methods, runs)
     golds, notes = _gold_items(store, gold_items, len(methods), seed, n_images, runs, kept)
+    golds += [g for g in own_gold if g not in golds]
+    for gold in golds:
+        _check_gold(_run(store, runs, gold.run_key), gold)
     rows = _item_rows(kept, golds, methods, runs, seed)
+    frozen = pictures.pictures_of_items(store, [(r.item_id, runs[r.run_key], r.neuron) for r in rows], n_images)
 
     # Random, not derived from the name: the id reaches rater pages, the owner's name must not.
     study_id = f"s-{secrets.token_hex(4)}"
@@ -377,8 +451,29 @@ def create_study(store: Store, name: str, items: Sequence[StudyItem | tuple[str,
                           for s in skipped], "notes": notes}
     study = storage.StudyRow(study_id, name.strip(), public_title, secrets.token_urlsafe(18), tuple(methods),
                              raters_per_item, n_images, seed, True, config, time.time(), len(rows), len(golds))
-    storage.write(store, lambda tables: tables.insert_study(study, rows))
+
+    def insert(tables: storage.StudyTables) -> None:
+        tables.insert_study(study, rows)
+        tables.insert_pictures(study_id, frozen)
+
+    storage.write(store, insert)
     return get_study(store, study_id)
+
+
+def freeze_missing_pictures(store: Store, study_id: str) -> int:
+    """Render and keep the pictures of items that have none (a study made by an older version,
+    whose rating pages read the workspace): from now on raters need only the study. Returns
+    how many items got pictures; items whose run is gone are left (their raters see a note)."""
+    with storage.reading(store) as tables:
+        study = require_study(tables, study_id)
+        missing = tables.items_without_pictures(study_id)
+    runs = {key: run for key in {item.run_key for item in missing} if (run := store.get_run(key)) is not None}
+    todo = [(item.item_id, runs[item.run_key], item.neuron) for item in missing if item.run_key in runs]
+    if not todo:
+        return 0
+    frozen = pictures.pictures_of_items(store, todo, study.n_images)
+    storage.write(store, lambda tables: tables.insert_pictures(study_id, frozen))
+    return len({row[0] for row in frozen})
 
 
 def get_study(store: Store, study_id: str) -> Study:

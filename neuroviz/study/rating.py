@@ -1,7 +1,14 @@
 """The rater's side of a study: open it by link, register, get the next item, vote.
 
 Everything a rater receives is blind by construction: options are letters and label texts,
-never method names, the owner's study name or a gold flag. Letter orders are drawn once per
+never method names, the owner's study name or a gold flag. Everything here reads and writes
+the studies file alone (pictures included, frozen at creation), never the workspace's runs,
+so it takes a :class:`~neuroviz.store.CacheLayout` and a job busy in the workspace never
+delays a rater.
+
+A rater is known by a secret handed out when they register (the rating page keeps it in a
+cookie; an owner can hand it out as a personal link): never by the name they type, which
+is only a label for the owner. Two people typing the same name are two raters. Letter orders are drawn once per
 (rater, item) and stored, so a reload, a return visit or the results all see the same
 letters. Every call that records something (an assignment, a vote) returns only once it is
 durable and visible to every later read, from any process (see :mod:`.storage`).
@@ -9,9 +16,10 @@ durable and visible to every later read, from any process (see :mod:`.storage`).
 Typical use::
 
     public = study_by_token(store, token)   # RaterStudy: no method names in it
-    rater = register_rater(store, public.study_id, "Ada")
+    rater = register_rater(store, public.study_id, "Ada")   # keep rater.secret (cookie, link)
+    rater = rater_by_secret(store, public.study_id, secret)  # later: the same rater, or None
     task = next_item(store, public.study_id, rater.rater_id)   # RatingTask or None when done
-    # show the pictures at task_images(store, task), then task.options and SPECIAL_CHOICES
+    # show task_pictures(store, task), then task.options and SPECIAL_CHOICES
     submit_vote(store, public.study_id, rater.rater_id, task.item_id, "B", {"A": 2, "B": 5})
 """
 
@@ -20,13 +28,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..store import Store
+from ..store import CacheLayout
 from . import storage
 from .design import LETTERS, NONE_FITS, UNINTERPRETABLE, Study, StudyError, require_study, seeded_rng
+from .pictures import CLOSE_UPS, MOSAIC
 
 CHOICE_TITLES = {NONE_FITS: "None of the labels fits", UNINTERPRETABLE: "The images have nothing in common"}
 RATING_SCALE = {
@@ -64,11 +73,25 @@ class RaterStudy:
 
 @dataclass(frozen=True)
 class Rater:
-    """One person rating one study (a rater id is only valid within its study)."""
+    """One person rating one study (a rater id is only valid within its study).
+
+    ``secret`` is what proves it is them: keep it from everyone else (the rater id is shown
+    to the owner and in exports, the secret never is; only its hash is stored).
+    """
 
     study_id: str
     rater_id: str
     name: str
+    secret: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class TaskPictures:
+    """What a rater looks at for one item: the top images as one JPEG, and close-ups (or None)."""
+
+    mosaic: bytes | None
+    close_ups: bytes | None
+    n_images: int
 
 
 @dataclass(frozen=True)
@@ -83,7 +106,7 @@ class RatingOption:
 class RatingTask:
     """One item as a rater sees it. Blind by construction: no method names, no gold flag.
 
-    Show ``task_images(store, task)``, then ``options`` and the special choices NONE_FITS /
+    Show ``task_pictures(store, task)``, then ``options`` and the special choices NONE_FITS /
     UNINTERPRETABLE. ``done``/``total`` is this rater's progress.
     """
 
@@ -111,7 +134,7 @@ class VoteReceipt:
     total: int
 
 
-def study_by_token(store: Store, token: str) -> RaterStudy | None:
+def study_by_token(store: CacheLayout, token: str) -> RaterStudy | None:
     """The rater's view of the study behind a link token, or None for an unknown token."""
     if not token:
         return None
@@ -122,26 +145,40 @@ def study_by_token(store: Store, token: str) -> RaterStudy | None:
     return RaterStudy(row.study_id, row.public_title, INSTRUCTIONS, row.n_items, row.n_images, row.is_open)
 
 
-def register_rater(store: Store, study_id: str, name: str | None = None) -> Rater:
-    """Register a rater (or return the one already registered under that name in this study,
-    so a returning rater continues where they left off). No name: a random id is the name."""
+def _secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def register_rater(store: CacheLayout, study_id: str, name: str | None = None) -> Rater:
+    """Register a new rater and return them with their secret (keep it: it is shown only now).
+
+    The name is a display label for the owner and nothing else: registering twice, with the
+    same name or none, gives two raters. No name: the rater id is the label.
+    """
     label = " ".join((name or "").split())[:80]
+    secret = secrets.token_hex(16)  # 128 bits, in letters a-f and digits: no word can appear in it
 
     def register(tables: storage.StudyTables) -> Rater:
         require_study(tables, study_id)
-        existing = tables.rater_named(study_id, label) if label else None
-        if existing:
-            return Rater(study_id, existing, label)
         rater_id = f"r-{secrets.token_hex(5)}"
-        tables.insert_rater(study_id, rater_id, label or rater_id, time.time())
-        return Rater(study_id, rater_id, label or rater_id)
+        tables.insert_rater(study_id, rater_id, label or rater_id, _secret_hash(secret), time.time())
+        return Rater(study_id, rater_id, label or rater_id, secret)
 
     return storage.write(store, register)
 
 
+def rater_by_secret(store: CacheLayout, study_id: str, secret: str | None) -> Rater | None:
+    """The rater of this study holding ``secret`` (from their cookie or personal link), or None."""
+    if not secret:
+        return None
+    with storage.reading(store) as tables:
+        found = tables.rater_by_secret(study_id, _secret_hash(str(secret)))
+    return Rater(study_id, found[0], found[1], str(secret)) if found else None
+
+
 def _require_rater(tables: storage.StudyTables, study_id: str, rater_id: str) -> None:
     if tables.rater_name(study_id, rater_id) is None:
-        raise StudyError(f"Rater '{rater_id}' is not registered in study {study_id}; register with register_rater() first.")
+        raise StudyError(f"Rater '{rater_id}' is not registered in study {study_id}.")
 
 
 def _rank_key(seed: int, rater_id: str, item_id: int) -> int:
@@ -194,7 +231,7 @@ def _choose_item(tables: storage.StudyTables, study: Study, rater_id: str) -> in
     return min(regular, key=lambda i: (fill.get(i, 0) >= study.raters_per_item, _rank_key(study.seed, rater_id, i)))
 
 
-def next_item(store: Store, study_id: str, rater_id: str) -> RatingTask | None:
+def next_item(store: CacheLayout, study_id: str, rater_id: str) -> RatingTask | None:
     """The next item for this rater, or None when they rated everything (or the study closed).
 
     An item shown but not yet answered comes back first (a reload shows the same page). Then
@@ -214,7 +251,7 @@ def next_item(store: Store, study_id: str, rater_id: str) -> RatingTask | None:
     return storage.write(store, choose)
 
 
-def task_for(store: Store, study_id: str, rater_id: str, item_id: int) -> RatingTask:
+def task_for(store: CacheLayout, study_id: str, rater_id: str, item_id: int) -> RatingTask:
     """One given item for this rater (e.g. to go back and change an answer), with their
     previous choice and ratings filled in; same stored letter order as before."""
     def show(tables: storage.StudyTables) -> RatingTask:
@@ -225,17 +262,17 @@ def task_for(store: Store, study_id: str, rater_id: str, item_id: int) -> Rating
     return storage.write(store, show)
 
 
-def task_images(store: Store, task: RatingTask) -> list[str]:
-    """Paths of the images to show for a task, best first. Show the pictures only: file names
-    and folders (often the class) would give gold answers away and bias the choice."""
-    run = store.get_run(task.run_key)
-    if run is None:
-        raise StudyError(f"The run {task.run_key} behind this item is no longer in the cache; the study owner must restore it.")
-    paths = {im["idx"]: im["path"] for im in store.probe_images(run.probe_set_id)}
-    return [paths[t["image_idx"]] for t in store.top_images(task.run_key, task.neuron, k=task.n_images)]
+def task_pictures(store: CacheLayout, task: RatingTask) -> TaskPictures:
+    """The pictures of a task, as frozen in the study when it was created (no workspace read).
+    Pictures only: file names and folders (often the class) would give gold answers away."""
+    with storage.reading(store) as tables:
+        found = tables.pictures(task.study_id, task.item_id)
+    mosaic, close_ups = found.get(MOSAIC), found.get(CLOSE_UPS)
+    return TaskPictures(mosaic[0] if mosaic else None, close_ups[0] if close_ups else None,
+                        len(mosaic[1]) if mosaic else 0)
 
 
-def rater_progress(store: Store, study_id: str, rater_id: str) -> tuple[int, int]:
+def rater_progress(store: CacheLayout, study_id: str, rater_id: str) -> tuple[int, int]:
     """(items this rater answered, items in the study)."""
     with storage.reading(store) as tables:
         study = require_study(tables, study_id)
@@ -267,7 +304,7 @@ def _parse_ratings(ratings: dict[str, int] | None, letters: dict[str, str]) -> l
     return out
 
 
-def submit_vote(store: Store, study_id: str, rater_id: str, item_id: int, choice: str,
+def submit_vote(store: CacheLayout, study_id: str, rater_id: str, item_id: int, choice: str,
                 ratings: dict[str, int] | None = None) -> VoteReceipt:
     """Store a rater's answer for an item they were shown: a letter, NONE_FITS or UNINTERPRETABLE,
     plus optional 1-5 ratings per letter. Idempotent per (study, rater, item): resubmitting
@@ -280,7 +317,7 @@ def submit_vote(store: Store, study_id: str, rater_id: str, item_id: int, choice
             raise StudyError(f"Study {study_id} is closed; votes are no longer accepted.")
         assignment = tables.assignment(study_id, rater_id, item_id)
         if assignment is None:
-            raise StudyError(f"Item {item_id} was never shown to rater {rater_id}; get it from next_item() or task_for() first.")
+            raise StudyError(f"Item {item_id} was never shown to rater {rater_id}; ask for it (next item) before answering.")
         letters = {LETTERS[i]: key for i, key in enumerate(assignment.order)}
         letter, key = _parse_choice(str(choice).strip(), letters)
         rating_rows = _parse_ratings(ratings, letters)

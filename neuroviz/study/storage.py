@@ -1,4 +1,5 @@
-"""Where studies, raters, letter orders and votes are kept: one SQLite file per workspace.
+"""Where studies, raters, letter orders, votes and the pictures raters see are kept: one
+SQLite file per workspace, the only file a rater's page reads or writes.
 
 This module holds the schema and every SQL statement of studies; the rest of the package
 speaks to it through :func:`reading` (a read transaction) and :func:`write` (a function run
@@ -26,13 +27,24 @@ How it is used:
 - threads of one process queue their writes and whoever's turn it is commits all queued
   ones in one transaction, each in its own savepoint (group commit: one disk flush for many
   raters, ~4 ms here, instead of one each); processes take turns on SQLite's write lock.
-  Both waits are bounded by ``store.lock_timeout``; past it, :class:`StudiesBusyError` says
+  Both waits are bounded by :func:`wait_seconds`; past it, :class:`StudiesBusyError` says
   to try again, without paths or process ids.
+
+What is kept: studies and their items (labels captured at creation), raters (a display name
+and the SHA-256 of their secret: a rater is found by the secret, never by the name), letter
+orders, votes, ratings, and each item's pictures as JPEG bytes (``item_pictures``, frozen at
+creation, see :mod:`.pictures`).
 
 A workspace made before this file existed kept its studies in ``studies.duckdb``; the first
 connection copies every table from there once (the old file is opened read-only and left in
-place), in the same transaction that creates the schema. Keep the cache on a local disk:
-WAL needs shared memory between the processes that open the file.
+place), in the same transaction that creates the schema. A file of an older schema version is
+upgraded in place, step by step (``_UPGRADES``), also in one transaction. Keep the cache on a
+local disk: WAL needs shared memory between the processes that open the file.
+
+Issue 15.1 (acknowledged assignments and votes missing from the next read, a raw DuckDB
+IOException) and 15.9 (441 lock errors, p95 31 s) were measured on the DuckDB storage; the
+guarantees here are checked with 20 separate processes over three rounds in
+tests/test_study_storage.py, every acknowledgement read back at once by another process.
 """
 
 from __future__ import annotations
@@ -50,12 +62,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import NeurovizError
-from ..store import Store
+from ..store import CacheLayout
 
 T = TypeVar("T")
 
-#: Bump when the schema changes; a file with a lower PRAGMA user_version is upgraded.
-SCHEMA_VERSION = 1
+#: Bump when the schema changes; a file with a lower PRAGMA user_version is upgraded
+#: (version 0, a new file: every table; older versions: the steps in ``_UPGRADES``).
+SCHEMA_VERSION = 2
 
 _TABLES = {
     "studies": """CREATE TABLE studies (
@@ -67,7 +80,7 @@ _TABLES = {
         neuron INTEGER, is_gold INTEGER, labels_json TEXT, label_keys_json TEXT,
         options_json TEXT, PRIMARY KEY (study_id, item_id))""",
     "raters": """CREATE TABLE raters (
-        study_id TEXT, rater_id TEXT, name TEXT, created_at REAL,
+        study_id TEXT, rater_id TEXT, name TEXT, created_at REAL, secret_hash TEXT,
         PRIMARY KEY (study_id, rater_id))""",
     "assignments": """CREATE TABLE assignments (
         study_id TEXT, rater_id TEXT, item_id INTEGER, order_json TEXT, assigned_at REAL,
@@ -78,10 +91,20 @@ _TABLES = {
     "ratings": """CREATE TABLE ratings (
         study_id TEXT, rater_id TEXT, item_id INTEGER, letter TEXT, option_key TEXT,
         rating INTEGER, PRIMARY KEY (study_id, rater_id, item_id, letter))""",
+    "item_pictures": """CREATE TABLE item_pictures (
+        study_id TEXT, item_id INTEGER, kind TEXT, image_ids_json TEXT, jpeg BLOB,
+        PRIMARY KEY (study_id, item_id, kind))""",
 }
-_INDEXES = ("CREATE INDEX raters_by_name ON raters (study_id, name)",)
+#: A rater is found by the hash of their secret, never by name (several may share a name).
+_SECRET_INDEX = "CREATE UNIQUE INDEX raters_by_secret ON raters (study_id, secret_hash)"
+_INDEXES = (_SECRET_INDEX,)
+#: version -> the statements that bring a file of that version to the next one.
+_UPGRADES = {
+    1: ("ALTER TABLE raters ADD COLUMN secret_hash TEXT", _TABLES["item_pictures"], _SECRET_INDEX,
+        "DROP INDEX IF EXISTS raters_by_name"),
+}
 #: Children before parents, so a study is deleted bottom-up.
-_DELETE_ORDER = ("ratings", "votes", "assignments", "raters", "study_items", "studies")
+_DELETE_ORDER = ("item_pictures", "ratings", "votes", "assignments", "raters", "study_items", "studies")
 
 _STUDY_COLUMNS = ("study_id, name, public_title, token, methods_json, raters_per_item, n_images, seed, is_open, "
                   "config_json, created_at")
@@ -102,9 +125,19 @@ class StudiesMigrationError(NeurovizError, RuntimeError):
 LEGACY_FILE = "studies.duckdb"
 
 
-def studies_path(store: Store) -> Path:
-    """The SQLite file of a workspace's studies (the store names every path)."""
+#: How long a write waits for its turn when the caller has no ``lock_timeout`` of its own
+#: (the rating page opens only a workspace's layout, not its Store): what a rater may wait.
+WRITE_WAIT_SECONDS = 10.0
+
+
+def studies_path(store: CacheLayout) -> Path:
+    """The SQLite file of a workspace's studies (the layout names every path)."""
     return store.studies_file()
+
+
+def wait_seconds(store: CacheLayout) -> float:
+    """The longest a read or write of the studies waits: the Store's lock_timeout, else WRITE_WAIT_SECONDS."""
+    return float(getattr(store, "lock_timeout", WRITE_WAIT_SECONDS))
 
 
 # -- records --------------------------------------------------------------------------------
@@ -247,14 +280,15 @@ class StudyTables:
         return [(i, bool(g)) for i, g in self._all("SELECT item_id, is_gold FROM study_items WHERE study_id = ?", (study_id,))]
 
     # -- raters ---------------------------------------------------------------------------
-    def insert_rater(self, study_id: str, rater_id: str, name: str, created_at: float) -> None:
-        """Register a rater."""
-        self._con.execute("INSERT INTO raters VALUES (?, ?, ?, ?)", (study_id, rater_id, name, created_at))
+    def insert_rater(self, study_id: str, rater_id: str, name: str, secret_hash: str, created_at: float) -> None:
+        """Register a rater, known from now on by the hash of their secret."""
+        self._con.execute("INSERT INTO raters (study_id, rater_id, name, created_at, secret_hash) VALUES (?, ?, ?, ?, ?)",
+                          (study_id, rater_id, name, created_at, secret_hash))
 
-    def rater_named(self, study_id: str, name: str) -> str | None:
-        """The id of the first rater registered under ``name``, or None."""
-        row = self._one("SELECT rater_id FROM raters WHERE study_id = ? AND name = ? ORDER BY created_at", (study_id, name))
-        return row[0] if row else None
+    def rater_by_secret(self, study_id: str, secret_hash: str) -> tuple[str, str] | None:
+        """(rater id, name) of the rater holding this secret in this study, or None."""
+        row = self._one("SELECT rater_id, name FROM raters WHERE study_id = ? AND secret_hash = ?", (study_id, secret_hash))
+        return (row[0], row[1]) if row else None
 
     def rater_name(self, study_id: str, rater_id: str) -> str | None:
         """A rater's name, or None when the rater is not registered in the study."""
@@ -264,6 +298,24 @@ class StudyTables:
     def raters(self, study_id: str) -> dict[str, str]:
         """rater id -> name, in order of registration."""
         return dict(self._all("SELECT rater_id, name FROM raters WHERE study_id = ? ORDER BY created_at, rowid", (study_id,)))
+
+    # -- pictures -------------------------------------------------------------------------
+    def insert_pictures(self, study_id: str, pictures: Sequence[tuple[int, str, list[str], bytes]]) -> None:
+        """Store the pictures frozen for items: (item id, kind, image ids shown, JPEG bytes)."""
+        self._con.executemany("INSERT OR IGNORE INTO item_pictures VALUES (?, ?, ?, ?, ?)",
+                              [(study_id, item_id, kind, json.dumps(ids), sqlite3.Binary(jpeg))
+                               for item_id, kind, ids, jpeg in pictures])
+
+    def items_without_pictures(self, study_id: str) -> list[ItemRow]:
+        """The items of a study that have no frozen picture (studies made before pictures were)."""
+        return [_item_row(r) for r in self._all(
+            f"SELECT {_ITEM_COLUMNS} FROM study_items i WHERE study_id = ? AND NOT EXISTS (SELECT 1 FROM item_pictures p "
+            "WHERE p.study_id = i.study_id AND p.item_id = i.item_id) ORDER BY item_id", (study_id,))]
+
+    def pictures(self, study_id: str, item_id: int) -> dict[str, tuple[bytes, list[str]]]:
+        """kind -> (JPEG bytes, image ids shown) of one item's frozen pictures."""
+        return {kind: (bytes(jpeg), json.loads(ids)) for kind, ids, jpeg in self._all(
+            "SELECT kind, image_ids_json, jpeg FROM item_pictures WHERE study_id = ? AND item_id = ?", (study_id, item_id))}
 
     # -- assignments ----------------------------------------------------------------------
     def assignment(self, study_id: str, rater_id: str, item_id: int) -> Assignment | None:
@@ -393,14 +445,21 @@ def _open(path: Path, timeout: float) -> sqlite3.Connection:
 
 
 def _create_schema(con: sqlite3.Connection, path: Path, timeout: float) -> None:
+    """Create the tables of a new file, or upgrade an older one step by step, in one transaction."""
     _begin_immediate(con, timeout)
     try:
-        if con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # another process may have won
+        version = con.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it meanwhile
+        if version == 0:
             for ddl in (*_TABLES.values(), *_INDEXES):
                 con.execute(ddl)
             legacy = path.with_name(LEGACY_FILE)
             if legacy.exists():
                 _copy_legacy(con, legacy)
+        else:
+            for step in range(version, SCHEMA_VERSION):
+                for ddl in _UPGRADES[step]:
+                    con.execute(ddl)
+        if version < SCHEMA_VERSION:
             con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         con.execute("ROLLBACK")
@@ -486,9 +545,9 @@ def _begin_immediate(con: sqlite3.Connection, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def reading(store: Store) -> Iterator[StudyTables]:
+def reading(store: CacheLayout) -> Iterator[StudyTables]:
     """A read transaction: one consistent picture of the studies; never waits for writers."""
-    timeout = store.lock_timeout
+    timeout = wait_seconds(store)
     with _busy_as_error(timeout):
         con = _connection(studies_path(store), timeout)
         con.execute("BEGIN")
@@ -560,16 +619,16 @@ def _commit(path: Path, timeout: float, batch: list[_Job]) -> None:
             job.done = True
 
 
-def write(store: Store, work: Callable[[StudyTables], T]) -> T:
+def write(store: CacheLayout, work: Callable[[StudyTables], T]) -> T:
     """Run ``work`` in a write transaction and return its result once it is committed:
     durable, and visible to every later read from any process. All or nothing.
 
     One writer at a time: threads of this process queue and are committed together,
     processes wait for the file's write lock; both waits are bounded by
-    ``store.lock_timeout`` (then StudiesBusyError). ``work`` may run in another thread of
+    :func:`wait_seconds` (then StudiesBusyError). ``work`` may run in another thread of
     this process and must not call ``write`` itself.
     """
-    path, timeout = studies_path(store), store.lock_timeout
+    path, timeout = studies_path(store), wait_seconds(store)
     queue = _queue(path)
     job = _Job(work)
     with queue.guard:
