@@ -82,7 +82,7 @@ def runs_for_analysis(store: Store, model_spec: str, probe_set_id: str, layers: 
                       layer_order: Sequence[str] | None = None) -> list[RunInfo]:
     """One run per layer (a mean/CLS-pooled one when there is a choice, else the newest), in
     network order when ``layer_order`` (e.g. the model's module names) is given."""
-    runs = store.find_runs(model_spec, probe_set_id)
+    runs = [r for r in store.find_runs(model_spec, probe_set_id) if r.units == "neurons"]  # an SAE's run is not the layer
     if layers:
         runs = [r for r in runs if r.layer in set(layers)]
     chosen: dict[str, RunInfo] = {}

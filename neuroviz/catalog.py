@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .errors import NeurovizError, close_names
 from .store import RunInfo, Store
+from .units import units_match
 
 if TYPE_CHECKING:
     from .datasets import ProbeSet
@@ -91,10 +92,14 @@ def short_probe_name(probe_set_id: str, probe_sets: Sequence[dict]) -> str:
     return probe_set_id
 
 
-def newest_per_layer(runs: Iterable[RunInfo]) -> dict[str, RunInfo]:
-    """The newest of ``runs`` for each layer, layers in the order they were first extracted."""
+def newest_per_layer(runs: Iterable[RunInfo], units: str | None = None) -> dict[str, RunInfo]:
+    """The newest of ``runs`` for each layer, layers in the order they were first extracted.
+
+    Only runs of ``units`` (default: neurons), so an SAE's run never hides the layer's neurons."""
     newest: dict[str, RunInfo] = {}
     for r in runs:
+        if not units_match(r.units, units):
+            continue
         if r.layer not in newest or r.created_at >= newest[r.layer].created_at:
             newest[r.layer] = r
     return newest
@@ -114,24 +119,27 @@ def model_specs(store: Store, model_spec: str, probe_set_id: str | None = None) 
 
 
 def latest_runs(store: Store, model_spec: str, probe_set_id: str, pooling: str | None = None,
-                weights_id: str | None = None) -> dict[str, RunInfo]:
+                weights_id: str | None = None, units: str | None = None) -> dict[str, RunInfo]:
     """The newest run of every extracted layer (in extraction order), optionally with a pooling or weights."""
     runs = [r for spec in model_specs(store, model_spec, probe_set_id) for r in store.find_runs(spec, probe_set_id)
             if (not pooling or pooling == "default" or r.pooling == pooling) and weights_id in (None, r.weights_id)]
-    return newest_per_layer(runs)
+    return newest_per_layer(runs, units)
 
 
 def find_run(store: Store, model_spec: str, probe_spec: str, layer: str, pooling: str | None = None,
-             weights_id: str | None = None) -> RunInfo:
+             weights_id: str | None = None, units: str | None = None) -> RunInfo:
     """The newest cached run of ``layer`` of ``model_spec`` over ``probe_spec``.
 
     Optionally only runs with ``pooling`` or extracted with ``weights_id``. Raises
     RunNotFoundError with close layer names and the extract command to run when there is none.
     """
     probe_set_id = resolve_probe_set_id(store, probe_spec)
-    runs = latest_runs(store, model_spec, probe_set_id, pooling, weights_id)
+    runs = latest_runs(store, model_spec, probe_set_id, pooling, weights_id, units)
     if layer in runs:
         return runs[layer]
+    if units not in (None, "neurons"):
+        raise RunNotFoundError(f"No run of units '{units}' for layer '{layer}' of {model_spec} over '{probe_spec}'; "
+                               "see `python -m neuroviz units list`, or make one with `python -m neuroviz sae train`.")
     raise RunNotFoundError(_missing_message(store, model_spec, probe_spec, probe_set_id, layer, pooling, list(runs)))
 
 
@@ -155,12 +163,13 @@ def _missing_message(store: Store, model_spec: str, probe_spec: str, probe_set_i
 
 
 def runs_for(store: Store, model_spec: str, probe_spec: str, layers: Sequence[str] | None = None,
-             pooling: str | None = None) -> list[RunInfo]:
-    """Runs of the given layers, or of every extracted layer of the model on the probe set."""
+             pooling: str | None = None, units: str | None = None) -> list[RunInfo]:
+    """Runs of the given layers, or of every extracted layer of the model on the probe set
+    (of ``units``: neurons by default, or a dictionary's ``sae:<key>``)."""
     if layers:
-        return [find_run(store, model_spec, probe_spec, layer, pooling) for layer in layers]
+        return [find_run(store, model_spec, probe_spec, layer, pooling, units=units) for layer in layers]
     probe_set_id = resolve_probe_set_id(store, probe_spec)
-    runs = latest_runs(store, model_spec, probe_set_id, pooling)
+    runs = latest_runs(store, model_spec, probe_set_id, pooling, units=units)
     if not runs:
         raise RunNotFoundError(_missing_message(store, model_spec, probe_spec, probe_set_id, None, pooling, []))
     return list(runs.values())
@@ -179,7 +188,7 @@ def sibling_run(store: Store, base: RunInfo, layer: str) -> RunInfo:
     if layer == base.layer:
         return base
     for run in reversed(store.find_runs(base.model_spec, base.probe_set_id, layer)):
-        if run.weights_id == base.weights_id:
+        if run.weights_id == base.weights_id and units_match(run.units, None):
             return run
     raise RunNotFoundError(
         f"Layer '{layer}' of {base.model_spec} has not been extracted over this probe set with the same weights. "
@@ -216,8 +225,8 @@ def newest_runs_by_layer(store: Store, model_spec: str, layers: Sequence[str] | 
     if probe_spec:
         return runs_for(store, model_spec, probe_spec, layers)
     by_layer: dict[str, dict[str, RunInfo]] = {}  # layer -> probe set id -> newest run, layers in extraction order
-    for run in sorted((r for spec in model_specs(store, model_spec) for r in store.find_runs(spec)),
-                      key=lambda r: r.created_at):
+    for run in sorted((r for spec in model_specs(store, model_spec) for r in store.find_runs(spec)
+                       if units_match(r.units, None)), key=lambda r: r.created_at):
         by_layer.setdefault(run.layer, {})[run.probe_set_id] = run
     if not by_layer and not layers:
         raise RunNotFoundError(f"No extracted runs of {model_spec} in the cache; "

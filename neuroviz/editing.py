@@ -700,3 +700,56 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+# ----------------------------------------------------------------------------------------
+# units beyond neurons (neuroviz.units): ablate SAE latents or directions
+
+
+@contextmanager
+def units_ablated(model: ProbedModel, dictionary: Any, units: Sequence[int]) -> Iterator[ProbedModel]:
+    """Run the model with ``units`` of ``dictionary`` (a :class:`neuroviz.units.Dictionary`)
+    removed at its layer: at every position the units' decoded contribution (their codes times
+    their decoder rows) is subtracted, so every other unit's contribution and the SAE's
+    reconstruction error stay as they were. A forward hook, gone on exit; this thread only."""
+    import torch
+
+    from .hooks import first_tensor, resolve_layer, to_batch_first
+    from .units import per_position
+
+    layer = dictionary.meta["layer"]
+    info = model.layer(layer)
+    dictionary.check_layer(info.n_neurons, layer)
+    bad = [u for u in units if not 0 <= int(u) < dictionary.n_units]
+    if bad or not units:
+        raise EditError(f"Choose units among 0..{dictionary.n_units - 1}" + (f"; {bad[:5]} do not exist." if bad else "."))
+    owner = threading.get_ident()
+
+    def hook(_module, _inputs, output):
+        if threading.get_ident() != owner or not isinstance(output, torch.Tensor):
+            return None
+        out = to_batch_first(first_tensor(output), info.layout)
+        rows, fold = per_position(out, info.layout)
+        edited = rows.float() - dictionary.contribution(dictionary.encode(rows), units)
+        new = fold(edited).to(out.dtype)
+        return to_batch_first(new, info.layout)  # (T, B, D) layers: the same transpose undoes itself
+
+    handle = resolve_layer(model.module, layer).register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def evaluate_unit_ablation(model: ProbedModel, dictionary: Any, units: Sequence[int], probe_set: ProbeSet,
+                           store: Store | None = None, max_images: int | None = None, batch_size: int = 32,
+                           progress: Progress | None = None) -> Comparison:
+    """Predictions before and after ablating ``units`` of a dictionary, compared as for neurons.
+
+    The original pass is cached like any; the ablated pass is not (its key would need the
+    dictionary), which keeps :func:`predict` unchanged.
+    """
+    before = predict(model, probe_set, store, None, max_images, batch_size, progress)
+    with units_ablated(model, dictionary, units):
+        after = predict(model, probe_set, None, None, max_images, batch_size, progress)
+    return compare(before, after, probe_set, model.class_names)

@@ -26,7 +26,7 @@ from .images import record_view
 from .models import LayerInfo, ProbedModel
 from .progress import Progress
 from .provenance import provenance_key
-from .shards import MAP_MAX_SIDE, LayerPlan, ShardJob, StreamingTopK, path_loader
+from .shards import MAP_MAX_SIDE, LayerPlan, ShardJob, StreamingTopK, UnitTransform, path_loader
 from .store import RunInfo, Store
 
 __all__ = ["CODE_VERSION", "MAP_MAX_SIDE", "ExtractionError", "StreamingTopK", "extract", "image_loader",
@@ -56,13 +56,15 @@ def resolve_pooling(layer: LayerInfo, pooling: str | None) -> str:
     return pooling
 
 
-def run_key_for(model: ProbedModel, layer: str, pooling: str, probe_set: ProbeSet, k: int) -> str:
-    """The provenance key of one layer's extraction."""
-    return provenance_key({
+def run_key_for(model: ProbedModel, layer: str, pooling: str, probe_set: ProbeSet, k: int,
+                units_key: str | None = None) -> str:
+    """The provenance key of one layer's extraction (of its neurons, or of the units ``units_key`` names)."""
+    key = provenance_key({
         "model": model.spec, "weights": model.weights_id, "layer": layer, "pooling": pooling,
         "probe_set": probe_set.id, "preprocess": model.preprocessing.id, "k": k,
         "code": CODE_VERSION, "map_max_side": MAP_MAX_SIDE,
     })
+    return key if units_key is None else provenance_key({"run": key, "units": units_key})
 
 
 def image_loader(probe_set: ProbeSet, transform, start: int = 0, batch_size: int = 32, num_workers: int = 0):
@@ -84,14 +86,16 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
             pooling: str | None = None, k: int = 50, batch_size: int = 32, chunk_size: int = 256,
             progress: Progress | None = None, num_workers: int = 0, device: str | None = None,
             stop_after_chunks: int | None = None, engine: str = "inprocess", shard_size: int | None = None,
-            address: str | None = None) -> list[RunInfo]:
+            address: str | None = None, unit_transform: UnitTransform | None = None) -> list[RunInfo]:
     """Extract ``layers`` over ``probe_set`` into ``store``; cached layers are not recomputed.
 
     Returns the RunInfo of every requested layer. ``engine`` runs the shards: "inprocess" or
     "ray" (``address``: "auto", "HOST:PORT", or None for a new local cluster). ``shard_size``
     cuts the probe set into shards of that many images (a multiple of ``batch_size``; default:
     one shard in process, 16 shards on Ray). ``stop_after_chunks`` stops early (for tests
-    of resumption) without finishing the run.
+    of resumption) without finishing the run. ``unit_transform`` (one layer only) turns the
+    layer's batch-first output into units (neuroviz.units) before pooling and maps
+    (``neuroviz.sae.extract_units`` gives one).
     """
     if not layers:
         raise ExtractionError("Choose at least one layer.")
@@ -114,7 +118,7 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
         for name in dict.fromkeys(layers):
             info = model.layer(name)
             pooling_l = resolve_pooling(info, pooling)
-            key = run_key_for(model, name, pooling_l, probe_set, k)
+            key = run_key_for(model, name, pooling_l, probe_set, k, getattr(unit_transform, "key", None))
             if locks.enter_context(store.run_writer_lock(key)):
                 owned.add(key)
                 store.clean_run_leftovers(key)  # a killed writer's temporary files; partial/ of a committed run
@@ -134,7 +138,8 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
         manifest = {"chunk_size": chunk_size, "shard_size": size, "n_images": n_images, "probe_set": probe_set.id}
         for plan in plans:
             shards.prepare_partial(plan, manifest)
-        job = ShardJob(tuple(plans), tuple(im.path for im in probe_set.images), batch_size, chunk_size, num_workers, device)
+        job = ShardJob(tuple(plans), tuple(im.path for im in probe_set.images), batch_size, chunk_size, num_workers, device,
+                       unit_transform)
         todo = [s for s in all_shards if not all(shards.shard_done(p, s.index) for p in plans)]
         done_images = n_images - sum(len(s) for s in todo)
         if progress:
@@ -155,8 +160,10 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
             info = infos[plan.layer]
             reduced = shards.reduce_run(plan, all_shards, k_eff)
             run_info = RunInfo(plan.run_key, model.spec, model.weights_id, plan.layer, plan.pooling, probe_set.id,
-                               model.preprocessing.id, k, CODE_VERSION, n_images, info.n_neurons,
-                               tuple(reduced.maps.shape[2:]) if reduced.maps is not None else None, info.layout.kind)
+                               model.preprocessing.id, k, CODE_VERSION, n_images,
+                               getattr(unit_transform, "n_units", info.n_neurons),
+                               tuple(reduced.maps.shape[2:]) if reduced.maps is not None else None, info.layout.kind,
+                               units=getattr(unit_transform, "units_id", "neurons"))
             store.write_run(run_info, reduced.acts_parts, reduced.top_values, reduced.top_indices, image_ids,
                             reduced.maps, reduced.stats)
             if plan.run_key in owned:

@@ -73,10 +73,13 @@ class LabelRequest(JobRequest):
     methods: tuple[str, ...]
     neurons: str = ""  # e.g. "0-15" or "3,5"
     concepts: str | None = None
+    units: str = "neurons"  # or an SAE's / directions' units id (neuroviz.units)
 
     def argv(self) -> list[str]:
         argv = ["label", self.model, "--probe", self.probe, "--layers", ",".join(self.layers),
                 "--methods", ",".join(self.methods)]
+        if self.units != "neurons":
+            argv += ["--units", self.units]
         if self.neurons.strip():
             argv += ["--neurons", self.neurons.strip().replace(" ", "")]
         if self.concepts:
@@ -165,6 +168,24 @@ class EditRequest(JobRequest):
         argv = ["edit", self.model, "--probe", self.probe, "--name", self.name, "--neurons", neurons, "--mode", self.mode]
         argv += ["--max-images", str(int(self.max_images))] if self.max_images else []
         return argv + (["--random-groups", str(int(self.random_groups))] if self.random_groups else [])
+
+
+@dataclass(frozen=True)
+class SaeTrainRequest(JobRequest):
+    """``sae train``: fit a sparse autoencoder to a layer and extract its latents (neuroviz.sae)."""
+
+    kind: ClassVar[str] = "sae"
+    model: str
+    probe: str
+    layer: str
+    expansion: int = 4
+    k: int = 32
+    variant: str = "topk"
+    epochs: int = 10
+
+    def argv(self) -> list[str]:
+        return ["sae", "train", self.model, "--probe", self.probe, "--layer", self.layer, "--expansion",
+                str(int(self.expansion)), "--k", str(int(self.k)), "--variant", self.variant, "--epochs", str(int(self.epochs))]
 
 
 @dataclass(frozen=True)

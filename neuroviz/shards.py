@@ -27,7 +27,7 @@ import json
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from .sketches import NeuronStats
 from .store import _cursor, _write_parquet, row_blocks
 
 MAP_MAX_SIDE = 32  # top-k maps are stored at most 32x32: enough for crops, masks and heatmaps
-UnitTransform = Callable[[str, torch.Tensor], torch.Tensor]  # (layer, batch-first output) -> output
+UnitTransform = Callable[[torch.Tensor], torch.Tensor]  # batch-first layer output -> units (neuroviz.units)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class ShardJob:
     chunk_size: int
     num_workers: int = 0
     device: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # room for forwarded options (e.g. a unit transform)
+    unit_transform: Any = None  # neuroviz.units.UnitTransform: the layer's units instead of its neurons
 
 
 def plan_shards(n_images: int, shard_size: int | None) -> list[Shard]:
@@ -247,12 +247,13 @@ def _latest_state(folder: Path) -> int:
 class _LayerWork:
     """One layer's running state over one shard."""
 
-    def __init__(self, plan: LayerPlan, info: LayerInfo, shard: Shard):
+    def __init__(self, plan: LayerPlan, info: LayerInfo, shard: Shard, n_units: int | None = None):
         self.plan, self.info = plan, info
         self.work = work_dir(plan, shard.index)
         self.shape = map_shape(info)
-        self.top = StreamingTopK(info.n_neurons, min(plan.k, len(shard)), self.shape)
-        self.stats = NeuronStats(info.n_neurons, spatial=self.shape is not None)
+        n = n_units or info.n_neurons
+        self.top = StreamingTopK(n, min(plan.k, len(shard)), self.shape)
+        self.stats = NeuronStats(n, spatial=self.shape is not None)
         self.pooled: list[np.ndarray] = []
 
     def save_chunk(self, chunk: int, with_state: bool = True) -> None:
@@ -299,14 +300,16 @@ def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None 
     """Extract one shard of every layer of ``job`` not yet finished; resumes from its last chunk.
 
     ``model`` is a :class:`~neuroviz.models.ProbedModel`. ``chunk_budget`` stops after that many
-    chunks (tests of resumption). ``unit_transform(layer, output)`` rewrites each batch-first
-    layer output before pooling and maps. Returns the number of chunks written.
+    chunks (tests of resumption). ``unit_transform`` (default: the job's) turns each batch-first
+    layer output into units (neuroviz.units) before pooling and maps. Returns the number of chunks written.
     """
     plans = [p for p in job.plans if not shard_done(p, shard.index)]
     if not plans:
         return 0
     chunk_size = job.chunk_size
-    works = [_LayerWork(p, model.layer(p.layer), shard) for p in plans]
+    transform = unit_transform if unit_transform is not None else job.unit_transform
+    n_units = getattr(transform, "n_units", None)
+    works = [_LayerWork(p, model.layer(p.layer), shard, n_units) for p in plans]
     for w in works:
         w.work.mkdir(parents=True, exist_ok=True)
     resume = min(_latest_state(w.work) for w in works)
@@ -337,8 +340,8 @@ def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None 
             updates = []
             for w in works:
                 out = to_batch_first(rec.outputs[w.plan.layer], w.info.layout)
-                if unit_transform is not None:
-                    out = unit_transform(w.plan.layer, out)
+                if transform is not None:
+                    out = transform(out)
                 pooled = pool(out, w.info.layout, w.plan.pooling).float().cpu()
                 smap = spatial_map(out, w.info.layout) if w.shape is not None else None
                 small = shrink(smap.float()).cpu() if smap is not None else None

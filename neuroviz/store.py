@@ -20,6 +20,7 @@ Layout under the workspace root (``CacheLayout`` names every path)::
                                      stored before sketches lack it (mask level then approximate)
                    partial/          the shards of an unfinished extraction (neuroviz.shards)
                    .writer.lock      held (flock) by the process extracting the run
+    dictionaries/<key>/dictionary.npz, meta.json   SAE latents or user directions (neuroviz.units)
     probesets/<probe_set_id>/meta.json    name, source, sizes, skipped files (written last)
                              images.parquet  idx, image_id, path, label
     probesets/scan-<key>.json        memo of image checks per (path, size, mtime) of a source
@@ -128,6 +129,7 @@ class RunInfo:
     map_shape: tuple[int, int] | None
     layer_kind: str
     created_at: float = 0.0
+    units: str = "neurons"  # or "sae:<key>" / "directions:<key>" (neuroviz.units); absent in older run.json
 
 
 @dataclass(frozen=True)
@@ -340,6 +342,13 @@ class CacheLayout:
     def partial_dir(self, run_key: str) -> Path:
         """Resumable chunks of an unfinished extraction (deleted when the run is finished)."""
         return self.run_dir(run_key) / "partial"
+
+    def dictionaries_dir(self) -> Path:
+        return self.root / "dictionaries"
+
+    def dictionary_dir(self, key: str) -> Path:
+        """An SAE's or a set of directions' arrays and meta (neuroviz.units), by provenance key."""
+        return self.dictionaries_dir() / safe_name(key)
 
     def probe_sets_dir(self) -> Path:
         return self.root / "probesets"

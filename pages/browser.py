@@ -7,7 +7,7 @@ import html
 import streamlit as st
 
 from neuroviz import browse
-from ui import cards, context, data, guard, shell, trust_view
+from ui import cards, context, data, guard, shell, trust_view, units
 
 PER_PAGE = 24
 COLUMNS = 4
@@ -60,7 +60,7 @@ def match_html(hits: list[tuple[str, int, str]]) -> str:
 def draw_card(sel: context.Selection, neuron: int, tops: dict, agreement: bool | None, mosaic,
               hits: list[tuple[str, int, str]] | None = None) -> None:
     with st.container(border=True):
-        st.page_link("pages/neuron.py", label=f"**Neuron {neuron}**", icon=":material/open_in_new:",
+        st.page_link("pages/neuron.py", label=f"**{units.unit_heading(sel, neuron)}**", icon=":material/open_in_new:",
                      query_params=sel.query_params(neuron), help="Open this neuron")
         cards.show_image(mosaic, width="stretch")
         lines = [cards.label_line_html(m, tops.get(m)) for m in sel.methods]
@@ -85,7 +85,7 @@ def body() -> None:
         return
     run = sel.run
     cards.inject_css()
-    st.caption(f"{sel.model_spec} · **{sel.layer}** · {run.n_neurons} neurons over {run.n_images} images "
+    st.caption(f"{sel.model_spec} · **{sel.layer}** · {run.n_neurons} {units.unit_heading(sel)} over {run.n_images} images "
                f"({run.pooling} pooling, top {run.k} kept)")
     if not sel.methods:
         st.info("No labels for this layer yet: start a labelling job on the Workspace page "

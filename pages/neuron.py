@@ -15,7 +15,7 @@ from neuroviz import images
 from neuroviz.methods import list_methods
 from neuroviz.methods.base import HeatmapOverlay, Overlay
 from neuroviz.requests import LabelRequest
-from ui import cards, context, data, guard, jobs_ui, shell, trust_view
+from ui import cards, context, data, guard, jobs_ui, shell, trust_view, units
 
 NO_OVERLAY = "none"
 QUANTILE_EDGES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
@@ -196,7 +196,7 @@ def _on_demand(sel: context.Selection, neuron: int) -> None:
         st.caption("Slow (captioner + language model per neuron), so it runs on demand as a background job.")
         have = "dnd" in sel.available_methods and not data.run_labels(sel.store, sel.run.run_key).query(
             "method == 'dnd' and neuron == @neuron").empty
-        request = LabelRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), (sel.layer,), ("dnd",), str(neuron))
+        request = LabelRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), (sel.layer,), ("dnd",), str(neuron), units=sel.units)
         jobs_ui.job_button(sel.store, "Run DnD again" if have else "Run DnD now", request,
                            key=f"dnd_{sel.run.run_key}_{neuron}", done_message="DnD finished; its label is shown above.")
     with c2.container(border=True):
@@ -251,8 +251,8 @@ def body() -> None:
         context.write_url(sel)
     neuron = sel.neuron
     cards.inject_css()
-    st.title(f"Neuron {neuron}")
-    st.caption(f"{sel.model_spec} · **{sel.layer}** · {sel.run.n_neurons} neurons · probe set {sel.probe_spec} "
+    st.title(units.unit_heading(sel, neuron))
+    st.caption(f"{sel.model_spec} · **{sel.layer}** · {sel.run.n_neurons} {units.unit_heading(sel)} · probe set {sel.probe_spec} "
                f"({sel.run.n_images} images) · the address bar names this neuron: copy it to share")
     _nav(sel, neuron)
     # a cold page reads the layer's tables and builds thumbnails: say what is loading meanwhile

@@ -9,7 +9,7 @@ import streamlit as st
 
 from neuroviz import jobs
 from neuroviz.requests import DemoRequest, ExtractRequest, LabelRequest, LayersRequest
-from ui import context, data, guard, jobs_ui, shell
+from ui import context, data, guard, jobs_ui, shell, units
 
 POOLINGS = ["default", "mean", "max", "cls", "tokens_mean"]
 
@@ -45,7 +45,7 @@ def _cache_overview(sel: context.Selection) -> None:
     else:
         ps_names = {p["probe_set_id"]: f"{p['name']} ({p['n_images']})" for p in cat.probe_sets}
         runs = pd.DataFrame([{
-            "model": r.model_spec, "layer": r.layer, "probe set": ps_names.get(r.probe_set_id, r.probe_set_id),
+            "model": r.model_spec, "layer": r.layer, "units": r.units, "probe set": ps_names.get(r.probe_set_id, r.probe_set_id),
             "neurons": r.n_neurons, "images": r.n_images, "pooling": r.pooling, "top k": r.k,
             "methods": ", ".join(data.method_title(m) for m in cat.methods_by_run.get(r.run_key, [])),
             "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)), "run": r.run_key,
@@ -137,11 +137,13 @@ def body() -> None:
         _cache_overview(sel)
         if not sel.catalog.runs:
             _demo_button(sel)
-        tab_extract, tab_label = st.tabs(["Extract", "Label"])
+        tab_extract, tab_label, tab_sae = st.tabs(["Extract", "Label", "SAE"])
         with tab_extract:
             _extract_form(sel)
         with tab_label:
             _label_form(sel)
+        with tab_sae:
+            units.sae_form(sel)
     with right:
         st.subheader("Jobs")
         st.caption("Jobs run in their own processes; closing the browser does not stop them. "

@@ -21,9 +21,10 @@ from neuroviz import catalog
 from neuroviz.demo import DEMO_MODEL, DEMO_PROBE
 from neuroviz.errors import close_names
 from neuroviz.store import RunInfo, Store
+from neuroviz.units import short_units
 from ui import data
 
-QUERY_KEYS = ("model", "probe", "layer", "neuron")
+QUERY_KEYS = ("model", "probe", "layer", "neuron", "units")
 _STATE = "nv_selection"
 _LAST_URL = "nv_last_url"
 _FROM_URL = "nv_from_url"  # selection keys set by the link and not yet checked against the cache
@@ -44,13 +45,15 @@ class Selection:
     neuron: int | None
     methods: list[str] = field(default_factory=list)  # methods to show (those with labels on the run)
     catalog: data.Catalog = field(default_factory=data.Catalog)
+    units: str = "neurons"  # or the run's dictionary, "sae:<key>" (neuroviz.units); ``run`` is that unit run
 
     @property
     def runs(self) -> list[RunInfo]:
         """Cached runs of this model over this probe set, one per layer (newest wins)."""
         latest: dict[str, RunInfo] = {}
         for r in self.catalog.runs_for(self.model_spec, self.probe_set_id):
-            latest[r.layer] = r
+            if r.units == "neurons":  # an SAE's run is not the layer
+                latest[r.layer] = r
         return list(latest.values())
 
     @property
@@ -62,6 +65,8 @@ class Selection:
         params = {"model": self.model_spec, "probe": self.probe_spec} if self.model_spec else {"probe": self.probe_spec}
         if self.layer:
             params["layer"] = self.layer
+        if self.units != "neurons":
+            params["units"] = short_units(self.units)
         n = self.neuron if neuron is None else neuron
         if n is not None:
             params["neuron"] = str(int(n))
@@ -71,7 +76,8 @@ class Selection:
 # -- selection state ------------------------------------------------------------------------
 def _selection() -> dict:
     if _STATE not in st.session_state:
-        st.session_state[_STATE] = {"model": None, "probe": None, "layer": None, "neuron": None, "methods": None}
+        st.session_state[_STATE] = {"model": None, "probe": None, "layer": None, "neuron": None, "methods": None,
+                                    "units": None}
     return st.session_state[_STATE]
 
 
@@ -231,6 +237,13 @@ def selection_from_state() -> Selection:
                 f"Layers: {', '.join(latest)}. Showing {layer} instead.")
         sel["layer"] = layer
     run = latest.get(layer) if layer else None
+    units = "neurons"
+    if run is not None and sel.get("units") not in (None, "neurons"):
+        unit_run = catalog.newest_per_layer(cat.runs_for(model_spec, probe_set_id), sel["units"]).get(layer)
+        if unit_run is not None:
+            run, units = unit_run, unit_run.units
+        elif "units" in from_url:
+            _notice(f"The link's units '{sel['units']}' have no run of layer {layer}; showing its neurons.")
     neuron = sel["neuron"]
     if run is not None and neuron is not None and not 0 <= neuron < run.n_neurons:
         neuron = min(max(0, neuron), run.n_neurons - 1)
@@ -243,7 +256,7 @@ def selection_from_state() -> Selection:
         st.session_state[_FROM_URL] = set()
     have = cat.methods_by_run.get(run.run_key, []) if run else []
     methods = [m for m in (sel["methods"] if sel["methods"] is not None else have) if m in have]
-    return Selection(store, model_spec, probe_spec, probe_set_id, layer, run, neuron, methods, cat)
+    return Selection(store, model_spec, probe_spec, probe_set_id, layer, run, neuron, methods, cat, units)
 
 
 def _has_session() -> bool:
@@ -294,8 +307,13 @@ def _on_widget(key: str) -> None:
     if key in ("model", "probe"):
         sel["layer"] = None
         sel["neuron"] = None
-    elif key == "layer":
+    elif key in ("layer", "units"):
         sel["neuron"] = None
+
+
+def on_units_widget() -> None:
+    """The unit picker (ui.units) changed: show unit 0 of the new units."""
+    _on_widget("units")
 
 
 def draw_sidebar(with_neuron: bool = True) -> Selection:
@@ -321,6 +339,9 @@ def draw_sidebar(with_neuron: bool = True) -> Selection:
             st.selectbox("Layer", layers, key="_w_layer", on_change=_on_widget, args=("layer",),
                          format_func=lambda name: _layer_caption(sel, name),
                          help="Layers of this model extracted over this probe set: neurons and labelling methods.")
+            from ui.units import unit_picker  # the picker reads the selection this module defines
+
+            unit_picker(sel)
         else:
             st.caption("No layer of this model is extracted over this probe set yet.")
         have = sel.available_methods

@@ -31,7 +31,7 @@ BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE
 
 # In the order --help lists them; module names are the commands with '_' for '-' ('import_': a keyword).
 COMMANDS = ("models", "layers", "demo_set", "extract", "cache", "jobs", "demo", "label", "labels", "export", "import_",
-            "evaluate", "synthesize", "analyze", "audit", "edit", "study")
+            "evaluate", "synthesize", "analyze", "audit", "edit", "study", "sae", "units")
 
 
 def build_parser() -> argparse.ArgumentParser:

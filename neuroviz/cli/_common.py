@@ -185,3 +185,5 @@ def add_run_arguments(parser: argparse.ArgumentParser, one_layer: bool = False) 
     else:
         parser.add_argument("--layers", help="comma-separated layer names (default: every extracted layer)")
     parser.add_argument("--pooling", help="only runs with this pooling (mean, max, cls, ...)")
+    parser.add_argument("--units", help="the layer's units: neurons (default), or a dictionary such as sae:<key> "
+                                        "(python -m neuroviz units list)")

@@ -16,8 +16,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..models import create
 
     store = store_from(args)
-    run = find_run(store, args.model, args.probe, args.layer, args.pooling)
-    score_run = find_run(store, args.model, args.score_probe, args.layer, args.pooling) if args.score_probe else None
+    run = find_run(store, args.model, args.probe, args.layer, args.pooling, units=args.units)
+    score_run = (find_run(store, args.model, args.score_probe, args.layer, args.pooling, units=args.units)
+                 if args.score_probe else None)
     class_names = None
     try:
         class_names = create(run.model_spec).class_names

@@ -19,7 +19,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     store = store_from(args)
     layers = comma_list(args.layers)
-    runs = runs_for(store, args.model, args.probe, layers, args.pooling)
+    runs = runs_for(store, args.model, args.probe, layers, args.pooling, units=args.units)
     if not layers:  # every layer that has labels by this method
         runs = [r for r in runs if (store.label_runs(r.run_key)["method"] == args.method).any()]
         if not runs:

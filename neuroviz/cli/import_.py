@@ -18,7 +18,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from ..labels_io import import_labels
 
     store = store_from(args)
-    run = find_run(store, args.model, args.probe, args.layer, args.pooling)
+    run = find_run(store, args.model, args.probe, args.layer, args.pooling, units=args.units)
     keys = import_labels(store, args.file, run, args.format, args.method)
     for key in keys:
         meta = store.label_runs(run.run_key)

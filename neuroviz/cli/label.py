@@ -43,7 +43,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     if args.segmentation_set:
         params.append(f"segmentation_set={json.dumps(str(Path(args.segmentation_set).expanduser().resolve()))}")
     configs = configs_for(names, params)
-    runs = runs_for(store, args.model, args.probe, comma_list(args.layers), args.pooling)
+    runs = runs_for(store, args.model, args.probe, comma_list(args.layers), args.pooling, units=args.units)
     pool = BackendPool(store, BackendChoice(args.multimodal, args.concepts, args.captioner, args.language_model))
     keys: list[str] = []
     with reuse_probabilities():  # layers over the same probe set share CLIP-Dissect's p(c|x)

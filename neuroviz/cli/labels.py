@@ -28,7 +28,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from ..catalog import find_run
 
     store = store_from(args)
-    run = find_run(store, args.model, args.probe, args.layer, args.pooling)
+    run = find_run(store, args.model, args.probe, args.layer, args.pooling, units=args.units)
     df = store.labels(run.run_key, method=args.method)
     neurons = parse_neurons(args.neurons)
     if neurons is not None:
