@@ -1,12 +1,14 @@
 """The first lines of every page: make sure app.py decided who sees it.
 
 app.py builds the navigation (which pages exist for this visitor) and draws the shared
-sidebar. But when a ``pages/`` folder exists, Streamlit runs a requested page file
-*directly*, without app.py, until some run has called ``st.navigation`` (the first request
-after a server start, e.g. a deep link, and every AppTest rerun). Such a page would skip
-the login and the rater-only rules. So each page begins with :func:`owner_page` (or
-:func:`rater_page`): if app.py did not run, it switches Streamlit to ``st.navigation`` mode
-for good and reruns, so app.py runs and shows this same page (or the login) properly.
+sidebar. The page scripts live in ``pages/views/``, not directly in ``pages/``: with page
+files directly in a ``pages/`` folder next to app.py, Streamlit's pages-folder mode sends
+every page file's name to the first session after a server start (even a rater's, issue
+15.13) and runs a requested page file *directly*, without app.py; with none there, that
+mode knows only app.py. Each page still begins with :func:`owner_page` (or
+:func:`rater_page`) as a backstop: where a page runs without app.py (AppTest, a future
+Streamlit), it switches Streamlit to ``st.navigation`` mode and reruns, so app.py runs and
+shows this same page (or the login) properly.
 """
 
 from __future__ import annotations
