@@ -329,3 +329,19 @@ def test_humans_against_metrics_rank_methods_alike(planted):
     assert result.spearman == pytest.approx(1.0)
     table = format_humans_vs_metrics(result)
     assert "| truth |" in table and "Spearman rank correlation" in table
+
+    # what `evaluate --study` saves is what the Study results page shows (no backend loaded there)
+    from neuroviz.trust.humans import save_humans_vs_metrics, stored_humans_vs_metrics
+    from tests.conftest import dashboard_env, open_page
+
+    assert stored_humans_vs_metrics(store, study.study_id) is None
+    save_humans_vs_metrics(store, study.study_id, result)
+    assert stored_humans_vs_metrics(store, study.study_id) == result
+    with pytest.MonkeyPatch.context() as env:
+        dashboard_env(env, store.root)
+        at = open_page("pages/views/study_results.py", sid=study.study_id)
+    assert not at.exception, at.exception
+    shown = [df.value for df in at.dataframe if "held-out simulation_r" in df.value.columns]
+    assert shown and len(shown[0]) == 3
+    assert list(shown[0]["votes"]) == [r.votes for r in result.rows]
+    assert any("Spearman rank correlation between the human win rate" in c.value for c in at.caption)

@@ -39,9 +39,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"\nNo method has labelled this layer yet: python -m neuroviz evaluate {args.model} --probe {args.probe} "
               f"--layer {args.layer} --fit clip_dissect  (labels the fit part, then scores on the held-out part)")
     if args.study:
-        from ..trust.humans import format_humans_vs_metrics, humans_vs_metrics
+        from ..trust.humans import format_humans_vs_metrics, humans_vs_metrics, save_humans_vs_metrics
 
         agreement = humans_vs_metrics(store, args.study, multimodal, args.split_seed, n_boot=args.bootstrap)
+        save_humans_vs_metrics(store, args.study, agreement)  # the Study results page shows it
         print(f"\n## Humans against metrics (study {args.study}; scored on {agreement.images})\n")
         print(format_humans_vs_metrics(agreement))
     args._result = {"rows": [r.__dict__ for r in evaluation.rows], "neurons": evaluation.neurons}

@@ -11,7 +11,7 @@ points: the result carries the count and SciPy's p-value.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from ..store import Store
 from .metrics import DEFAULT_BOOTSTRAP
 from .scoring import LabelSet, score_label_sets, scoring_images
 from .split import HeldOutSplit
+
+HUMANS_RECORD = "humans_vs_metrics"  # records/<this>/<study_id>.json: the last comparison, for the results page
 
 
 @dataclass(frozen=True)
@@ -107,3 +109,17 @@ def format_humans_vs_metrics(result: HumansVsMetrics) -> str:
         lines.append(f"\nSpearman rank correlation between human win rate and {result.metric}: "
                      f"{result.spearman:.2f} (p = {result.spearman_p:.2g}, {len(result.rows)} methods).")
     return "\n".join(lines)
+
+
+def save_humans_vs_metrics(store: Store, study_id: str, result: HumansVsMetrics) -> None:
+    """Keep the comparison so the Study results page can show it without loading any backend."""
+    store.put_record(HUMANS_RECORD, study_id, asdict(result))
+
+
+def stored_humans_vs_metrics(store: Store, study_id: str) -> HumansVsMetrics | None:
+    """The last comparison saved for a study (None if ``evaluate --study`` never ran for it)."""
+    value = store.get_record(HUMANS_RECORD, study_id)
+    if not value:
+        return None
+    rows = tuple(MethodAgreement(**row) for row in value["rows"])
+    return HumansVsMetrics(value["metric"], rows, value["spearman"], value["spearman_p"], value["images"])

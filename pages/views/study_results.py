@@ -70,7 +70,7 @@ MISSING = "–"  # a value that does not exist yet (no ratings, no gold item met
 
 
 def _number(value: float | None, fmt: str) -> str:
-    return MISSING if value is None else format(value, fmt)
+    return MISSING if value is None or value != value else format(value, fmt)  # None or NaN: no value yet
 
 
 def _score_table(scores) -> pd.DataFrame:
@@ -82,6 +82,33 @@ def _score_table(scores) -> pd.DataFrame:
                           if s.rating_low is not None and s.rating_high is not None else MISSING),
         "ratings": s.n_ratings,
     } for s in scores])
+
+
+def _humans_vs_metrics(sel, study_id: str) -> None:
+    """Each method's human win rate beside its held-out automatic score (saved by ``evaluate --study``)."""
+    from neuroviz.trust.humans import stored_humans_vs_metrics
+
+    st.subheader("Humans against the held-out metric")
+    saved = stored_humans_vs_metrics(sel.store, study_id)
+    command = (f"python -m neuroviz evaluate MODEL --probe PROBE --layer LAYER --study {study_id}")
+    if saved is None:
+        st.caption("Not computed yet: the automatic scores need the multimodal backend, so they are computed "
+                   "by a command (any run of the study; the study's own units are scored on held-out images):")
+        st.code(command, language="bash")
+        return
+    st.dataframe(pd.DataFrame([{
+        "method": data.method_title(r.method), "human win rate": _number(r.win_rate, ".0%"),
+        "95% CI (humans)": f"{_number(r.win_low, '.0%')} to {_number(r.win_high, '.0%')}", "votes": r.votes,
+        f"held-out {saved.metric}": _number(r.automatic, ".3f"),
+        "95% CI (metric)": f"{_number(r.automatic_low, '.3f')} to {_number(r.automatic_high, '.3f')}", "units": r.units}
+        for r in saved.rows]), hide_index=True, width="stretch")
+    if saved.spearman is None:
+        st.caption("Spearman rank correlation: undefined (fewer than 3 methods with votes and scores, or no variation).")
+    else:
+        st.caption(f"Spearman rank correlation between the human win rate and {saved.metric}: {saved.spearman:.2f} "
+                   f"(p = {saved.spearman_p:.2g}, {len(saved.rows)} methods). Scored on {saved.images}. "
+                   "A study also tests the metric: a high correlation means it orders methods as people do.")
+    st.caption(f"Recompute after more votes: `{command}`")
 
 
 def body() -> None:
@@ -134,6 +161,7 @@ def body() -> None:
                 with st.expander(f"{layer.model_spec} · {layer.layer} · {layer.n_votes} votes"):
                     st.dataframe(_score_table(layer.scores), hide_index=True, width="stretch",
                                  column_config={"win rate": st.column_config.NumberColumn(format="percent")})
+    _humans_vs_metrics(sel, study_id)
     st.subheader("Raters")
     if results.raters:
         st.dataframe(pd.DataFrame([{
