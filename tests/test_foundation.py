@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,8 +170,10 @@ def test_streaming_topk_matches_brute_force(tiny_workspace):
     assert counts.sum() == len(ps) and len(edges) == len(counts) + 1
 
 
-def test_provenance_changes_recompute(tiny_workspace):
-    store, model, ps = tiny_workspace["store"], tiny_workspace["model"], tiny_workspace["probe_set"]
+def test_provenance_changes_recompute(tiny_workspace, tmp_path):
+    # a private copy: the extra max-pooling run must not leak into the shared workspace other modules copy
+    shutil.copytree(tiny_workspace["store"].root, tmp_path / "cache")
+    store, model, ps = Store(tmp_path / "cache"), tiny_workspace["model"], tiny_workspace["probe_set"]
     cached = extract.extract(model, ps, ["layer2"], store, k=10)[0]
     assert cached.run_key == tiny_workspace["runs"]["layer2"].run_key
     other_pool = extract.extract(model, ps, ["layer2"], store, k=10, pooling="max")[0]

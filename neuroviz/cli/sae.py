@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import open_model_and_probe_set, progress_for
+from ._common import non_negative_int, open_model_and_probe_set, positive_float, positive_int, progress_for
 
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
@@ -43,14 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("model", help="model spec, e.g. offline:mobilenet_v2")
     t.add_argument("--layer", required=True, help="a conv or token layer")
     t.add_argument("--probe", default="demo", help="'demo', an image folder, an image list or a probe-set id")
-    t.add_argument("--expansion", type=int, default=4, help="latents = expansion x the layer's neurons")
-    t.add_argument("--k", type=int, default=32, help="codes kept per position")
+    t.add_argument("--expansion", type=positive_int, default=4, help="latents = expansion x the layer's neurons")
+    t.add_argument("--k", type=positive_int, default=32, help="codes kept per position")
     t.add_argument("--variant", default="topk", help="topk (default) or batchtopk")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=1024, help="positions per step")
-    t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--max-positions", type=int, default=200_000, help="a seeded subset when the probe set has more")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--top-k", type=int, default=50, help="top images kept per latent")
-    t.add_argument("--image-size", type=int)
+    t.add_argument("--epochs", type=positive_int, default=10)
+    t.add_argument("--batch-size", type=positive_int, default=1024, help="positions per step")
+    t.add_argument("--lr", type=positive_float, default=5e-4)
+    t.add_argument("--max-positions", type=positive_int, default=200_000, help="a seeded subset when the probe set has more")
+    t.add_argument("--seed", type=non_negative_int, default=0)
+    t.add_argument("--top-k", type=positive_int, default=50, help="top images kept per latent")
+    t.add_argument("--image-size", type=positive_int)
     t.set_defaults(func=cmd_sae_train)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import open_model_and_probe_set, progress_for, store_from
+from ._common import non_negative_int, open_model_and_probe_set, positive_int, progress_for, store_from
 
 
 def cmd_units_add(args: argparse.Namespace) -> int:
@@ -84,16 +84,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--directions", required=True, help=".npy, .npz or .pt file: units x neurons")
     a.add_argument("--names", help="text file, one unit name per line")
     a.add_argument("--probe", default="demo")
-    a.add_argument("--top-k", type=int, default=50, help="top images kept per unit")
-    a.add_argument("--image-size", type=int)
+    a.add_argument("--top-k", type=positive_int, default=50, help="top images kept per unit")
+    a.add_argument("--image-size", type=positive_int)
     a.set_defaults(func=cmd_units_add)
     ab = sub.add_parser("ablate", help="remove units' decoded contribution at their layer; predictions before/after")
     ab.add_argument("model", help="model spec (the dictionary's own is used when it records one)")
     ab.add_argument("--units", required=True, help="the dictionary, e.g. sae:<key> (python -m neuroviz units list)")
     ab.add_argument("--unit", required=True, help="units to ablate, e.g. 12 or 3,5,40-45")
     ab.add_argument("--probe", default="demo")
-    ab.add_argument("--max-images", type=int, default=0, help="an evenly spaced subset (0: all)")
-    ab.add_argument("--image-size", type=int)
+    ab.add_argument("--max-images", type=non_negative_int, default=0, help="an evenly spaced subset (0: all)")
+    ab.add_argument("--image-size", type=positive_int)
     ab.set_defaults(func=cmd_units_ablate)
     ls = sub.add_parser("list", help="the SAEs and directions of this cache")
     ls.add_argument("--model", help="only this model")
