@@ -22,7 +22,7 @@ from ui import auth, context, guard, shell, warmup  # noqa: E402
 
 st.set_page_config(page_title="neuroviz", page_icon=":material/neurology:", layout="wide")
 
-# (file under pages/views/, title, icon, section), in the order of the navigation.
+# (file under views/, title, icon, section), in the order of the navigation.
 OWNER_PAGES = [
     ("browser.py", "Layer browser", ":material/grid_view:", "Explore"),
     ("neuron.py", "Neuron", ":material/neurology:", "Explore"),
@@ -43,7 +43,7 @@ def rater_navigation(token: str):
     """Only the rating page of this study, or a message for an unknown token (see ui/rating.py)."""
     from ui import rating
 
-    return rating.navigation(token, ROOT / "pages" / "views" / "rate.py")
+    return rating.navigation(token, ROOT / "views" / "rate.py")
 
 
 def login_navigation():
@@ -59,7 +59,7 @@ def owner_navigation():
     sections: dict[str, list] = {}
     pages = {}
     for file, title, icon, section in OWNER_PAGES:
-        page = st.Page(ROOT / "pages" / "views" / file, title=title, icon=icon, default=file == DEFAULT_PAGE)
+        page = st.Page(ROOT / "views" / file, title=title, icon=icon, default=file == DEFAULT_PAGE)
         pages[file] = page
         sections.setdefault(section, []).append(page)
     nav = st.navigation(sections)

@@ -43,17 +43,17 @@ sys.path.insert(0, str(REPO / "tests"))
 
 # name -> (page file, the page body's ui.guard name, widget changes after the first run)
 PAGES = {
-    "browser": ("pages/views/browser.py", "the layer browser", ()),
-    "neuron": ("pages/views/neuron.py", "the neuron", ()),
-    "compare": ("pages/views/compare.py", "the comparison", ()),
-    "compare-methods": ("pages/views/compare.py", "the comparison", (("button_group", 0, "methods"),)),
-    "synthesize": ("pages/views/synthesize.py", "the synthesis page", ()),
-    "analysis": ("pages/views/analysis.py", "the analysis page", ()),
-    "audit": ("pages/views/audit.py", "the audit page", ()),
-    "editing": ("pages/views/editing.py", "the editing page", ()),
-    "workspace": ("pages/views/workspace.py", "the workspace", ()),
-    "study_setup": ("pages/views/study_setup.py", "the study setup", ()),
-    "study_results": ("pages/views/study_results.py", "the study results", ()),
+    "browser": ("views/browser.py", "the layer browser", ()),
+    "neuron": ("views/neuron.py", "the neuron", ()),
+    "compare": ("views/compare.py", "the comparison", ()),
+    "compare-methods": ("views/compare.py", "the comparison", (("button_group", 0, "methods"),)),
+    "synthesize": ("views/synthesize.py", "the synthesis page", ()),
+    "analysis": ("views/analysis.py", "the analysis page", ()),
+    "audit": ("views/audit.py", "the audit page", ()),
+    "editing": ("views/editing.py", "the editing page", ()),
+    "workspace": ("views/workspace.py", "the workspace", ()),
+    "study_setup": ("views/study_setup.py", "the study setup", ()),
+    "study_results": ("views/study_results.py", "the study results", ()),
 }
 PICTURE_PAGES = ("browser", "neuron")  # the pages whose first visit builds pictures: also timed after extraction
 

@@ -55,10 +55,6 @@ def main() -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1500, "height": 1000}, device_scale_factor=1)
-        # the first deep link after a server start shows Streamlit's "Page not found" notice over the
-        # right page (its pages-folder mode knows only app.py then): open the app once first
-        page.goto(args.url)
-        wait_ready(page, '[data-testid="stMain"]')
         for name, path, params, height, drawn in shots:
             page.set_viewport_size({"width": 1500, "height": height})
             page.goto(f"{args.url.rstrip('/')}/{path}?{urlencode(params)}")

@@ -133,7 +133,7 @@ def test_analysis_page_draws_shares_and_a_stored_importance_table(labelled, monk
     imp = analysis.ImportanceConfig(max_images=12, random_baseline=False)
     analysis.group_importance(ws["model"], ws["store"], ws["probe_set"], "clip_dissect", layers=["layer4"], importance=imp)
     dashboard_env(monkeypatch, ws["store"].root)
-    at = open_page("pages/views/analysis.py", model=ws["model"].spec, probe=ws["probe_set"].id)
+    at = open_page("views/analysis.py", model=ws["model"].spec, probe=ws["probe_set"].id)
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     assert len(at.get("plotly_chart")) == 1  # shares; no importance table for the default settings yet
     at.number_input(key="analysis_imp_images").set_value(12)

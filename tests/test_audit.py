@@ -119,7 +119,7 @@ def test_audit_page_searches_saves_and_links_to_neurons(audited, monkeypatch):
     from tests.conftest import dashboard_env, open_page
 
     dashboard_env(monkeypatch, audited["store"].root)
-    at = open_page("pages/views/audit.py", model=audited["model"].spec)
+    at = open_page("views/audit.py", model=audited["model"].spec)
     at.text_input(key="audit_query").input("face")
     at.radio(key="audit_mode").set_value("text")
     next(b for b in at.button if b.label == "Search").click().run()

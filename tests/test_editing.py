@@ -250,7 +250,7 @@ def test_editing_page_evaluates_as_a_job_and_saves_an_edit(workspace, monkeypatc
 
     store = workspace["store"]
     dashboard_env(monkeypatch, store.root)
-    at = open_page("pages/views/editing.py", model=workspace["model"].spec)
+    at = open_page("views/editing.py", model=workspace["model"].spec)
     at.radio(key="editing_source_radio").set_value("list").run()
     at.text_area(key="editing_list").input("layer4:" + ",".join(map(str, range(0, 512, 2)))).run()
     at.number_input(key="editing_max_images").set_value(10).run()
@@ -331,7 +331,7 @@ def test_editing_page_reopens_on_the_latest_result_with_downloads(workspace, mon
     dashboard_env(monkeypatch, store.root)
     edit = editing.make_edit("reopened", probed.spec, {"layer4": [1, 3]}, "zero")
     cmp = editing.evaluate_edit(probed, edit, ps, store, max_images=8)
-    at = open_page("pages/views/editing.py", model=probed.spec)
+    at = open_page("views/editing.py", model=probed.spec)
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     assert at.radio(key="editing_source_radio").value == "earlier"
     assert at.number_input(key="editing_max_images").value == 8

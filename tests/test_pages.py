@@ -18,8 +18,8 @@ import pytest
 from tests.conftest import APP_PATH
 
 APP = str(APP_PATH)
-OWNER_PAGES = ["pages/views/workspace.py", "pages/views/browser.py", "pages/views/neuron.py", "pages/views/compare.py",
-               "pages/views/study_setup.py", "pages/views/study_results.py"]
+OWNER_PAGES = ["views/workspace.py", "views/browser.py", "views/neuron.py", "views/compare.py",
+               "views/study_setup.py", "views/study_results.py"]
 METHODS = ("clip_dissect", "milan")
 METHOD_WORDS = ("clip_dissect", "CLIP-Dissect", "milan", "MILAN", "dnd", "Describe-and-Dissect")
 
@@ -218,14 +218,14 @@ def test_deep_link_opens_exactly_that_neuron_and_steps(dash):
 
 def test_neuron_overlays_and_vector_layer(dash):
     at = app(layer="layer2", neuron=3)
-    at.switch_page("pages/views/neuron.py").run()
+    at.switch_page("views/neuron.py").run()
     for overlay in ("heatmap", "crops", "masks", "none"):
         at.get("button_group")[0].set_value(overlay).run()
         assert_clean(at)
         assert len(at.get("image")) >= 1
     # fc has no spatial maps: overlays explain that instead of failing
     at2 = app(layer="fc", neuron=5)
-    at2.switch_page("pages/views/neuron.py").run()
+    at2.switch_page("views/neuron.py").run()
     at2.get("button_group")[0].set_value("heatmap").run()
     assert_clean(at2)
     assert any("no spatial maps" in i.value for i in at2.info)
@@ -234,7 +234,7 @@ def test_neuron_overlays_and_vector_layer(dash):
 
 def test_compare_two_methods(dash):
     at = app(layer="layer2")
-    at.switch_page("pages/views/compare.py").run()
+    at.switch_page("views/compare.py").run()
     assert_clean(at)
     at.get("button_group")[0].set_value("methods").run()
     assert_clean(at)
@@ -251,7 +251,7 @@ def test_empty_cache_is_friendly(tmp_path, dash):
         at.run()
         assert_clean(at)
         assert any("No runs yet" in i.value for i in at.info)
-        at.switch_page("pages/views/neuron.py").run()
+        at.switch_page("views/neuron.py").run()
         assert_clean(at)
         assert any("No runs yet" in i.value for i in at.info)
     finally:
@@ -263,7 +263,7 @@ def test_workspace_starts_and_cancels_a_job(dash):
     from neuroviz import jobs
 
     at = app(layer="layer2")
-    at.switch_page("pages/views/workspace.py").run()
+    at.switch_page("views/workspace.py").run()
     assert_clean(at)
     before = {j.job_id for j in jobs.list_jobs(dash["store"])}
     at.text_input(key="ws_layers_typed").input("layer1").run()
@@ -284,7 +284,7 @@ def test_owner_password_gates_every_owner_page(dash):
     at.run()
     assert not card_neurons(at)
     with pytest.raises(ValueError):
-        at.switch_page("pages/views/browser.py")  # not even registered before logging in
+        at.switch_page("views/browser.py")  # not even registered before logging in
     at.text_input[0].input("wrong")
     at.button[0].click().run()
     assert any("Wrong password" in e.value for e in at.error)
@@ -292,7 +292,7 @@ def test_owner_password_gates_every_owner_page(dash):
     at.button[0].click().run()
     assert not at.exception
     assert card_neurons(at) == list(range(24))
-    at.switch_page("pages/views/study_results.py").run()
+    at.switch_page("views/study_results.py").run()
     assert_clean(at)
 
 
@@ -374,7 +374,7 @@ def test_results_page_counts_votes_and_exports(dash, study):
     # Bob's first item may be the gold one and "A" a decoy: count every rater, so the vote shows either way.
     expected = studies.study_results(dash["store"], study.study_id, exclude_failed_gold=False)
     at = app(sid=study.study_id)
-    at.switch_page("pages/views/study_results.py").run()
+    at.switch_page("views/study_results.py").run()
     assert_clean(at)
     at.selectbox(key="results_study").set_value(study.study_id).run()
     at.toggle(key="results_exclude").set_value(False).run()
@@ -387,7 +387,7 @@ def test_study_setup_creates_a_study_with_a_rater_link(dash):
     from neuroviz import study as studies
 
     at = app(layer="layer2")
-    at.switch_page("pages/views/study_setup.py").run()
+    at.switch_page("views/study_setup.py").run()
     assert_clean(at)
     n_before = len(studies.list_studies(dash["store"]))
     at.radio(key="study_how").set_value("list").run()
@@ -417,7 +417,7 @@ def test_neuron_page_runs_dnd_for_this_neuron_as_a_job(dash):
 
     run = dash["runs"]["layer4"]
     at = app(layer="layer4", neuron=11)
-    at.switch_page("pages/views/neuron.py").run()
+    at.switch_page("views/neuron.py").run()
     before = {j.job_id for j in jobs.list_jobs(dash["store"])}
     at.button(key=f"start_dnd_{run.run_key}_11").click().run()
     assert_clean(at)
@@ -460,7 +460,7 @@ def test_only_a_local_browser_gets_in_without_a_password(monkeypatch):
 ])
 def test_a_bad_link_says_what_it_shows_instead(dash, query, said):
     at = app(**query)
-    at.switch_page("pages/views/neuron.py").run()
+    at.switch_page("views/neuron.py").run()
     assert not at.exception
     shown = "\n".join(w.value for w in at.warning)
     for part in said:
@@ -482,7 +482,7 @@ def test_cold_neuron_page_says_what_it_is_loading(dash, monkeypatch):
 
     monkeypatch.setattr(streamlit, "spinner", spinner)
     at = app(layer="layer4", neuron=4)
-    at.switch_page("pages/views/neuron.py").run()
+    at.switch_page("views/neuron.py").run()
     assert_clean(at)
     assert any("labels" in s for s in said) and any("top images" in s for s in said), said
 

@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import APP_PATH
 
 ROOT = APP_PATH.parent
-PAGES = sorted(p.name for p in (ROOT / "pages" / "views").glob("*.py"))
+PAGES = sorted(p.name for p in (ROOT / "views").glob("*.py"))
 
 RUN_PAGE = """
 import json, sys
@@ -79,10 +79,10 @@ def test_page_runs_without_importing_torch(workspace, page):
     if page == "rate.py":  # raters reach only their rating page, through their link
         report = run_page(workspace["store"].root, None, study=workspace["study"].token)
     else:
-        report = run_page(workspace["store"].root, f"pages/views/{page}", layer=layer.layer, neuron="3")
+        report = run_page(workspace["store"].root, f"views/{page}", layer=layer.layer, neuron="3")
     assert not report["exceptions"] and not report["errors"], report
     assert report["titles"], f"{page} drew no title"
-    assert not report["torch"], f"pages/views/{page} imported torch"
+    assert not report["torch"], f"views/{page} imported torch"
 
 
 def test_imagenet_class_names_are_torchvisions():

@@ -290,7 +290,7 @@ def test_study_setup_defaults_submit_and_results_show_no_none(workspace, monkeyp
 
     store = workspace["store"]
     dashboard_env(monkeypatch, store.root)
-    at = open_page("pages/views/study_setup.py", layer="layer2")
+    at = open_page("views/study_setup.py", layer="layer2")
     assert not at.exception and not at.error, [e.value for e in at.error]
     methods = next(m for m in at.multiselect if m.label == "Methods to compare")
     assert methods.value == ["alpha_method", "beta_method"]  # the two that labelled neurons together
@@ -315,7 +315,7 @@ def test_study_setup_defaults_submit_and_results_show_no_none(workspace, monkeyp
     regular = int(owner[~owner["is_gold"]].iloc[0]["item_id"])
     st.task_for(store, created.study_id, rater.rater_id, regular)
     st.submit_vote(store, created.study_id, rater.rater_id, regular, "A")
-    at.switch_page("pages/views/study_results.py").run()
+    at.switch_page("views/study_results.py").run()
     at.toggle(key="results_exclude").set_value(False).run()
     assert not at.exception and not at.error
     cells = [str(v) for frame in at.dataframe for v in frame.value.to_numpy().ravel()]

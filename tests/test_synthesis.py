@@ -208,7 +208,7 @@ def _page(ws, neuron: int):
     at = AppTest.from_file(str(APP_PATH), default_timeout=60)
     at.query_params["layer"] = "layer2"
     at.query_params["neuron"] = str(neuron)
-    at.switch_page("pages/views/synthesize.py").run()
+    at.switch_page("views/synthesize.py").run()
     return at
 
 

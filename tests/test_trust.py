@@ -339,7 +339,7 @@ def test_humans_against_metrics_rank_methods_alike(planted):
     assert stored_humans_vs_metrics(store, study.study_id) == result
     with pytest.MonkeyPatch.context() as env:
         dashboard_env(env, store.root)
-        at = open_page("pages/views/study_results.py", sid=study.study_id)
+        at = open_page("views/study_results.py", sid=study.study_id)
     assert not at.exception, at.exception
     shown = [df.value for df in at.dataframe if "held-out simulation_r" in df.value.columns]
     assert shown and len(shown[0]) == 3

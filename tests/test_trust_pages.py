@@ -63,7 +63,7 @@ def test_browser_cards_show_the_badge_and_filter_and_sort_by_it(trusted):
 def test_neuron_page_shows_the_comparison_and_offers_to_score_again(trusted):
     at = app(layer="layer2", neuron=4)
     at.run()
-    at.switch_page("pages/views/neuron.py").run()
+    at.switch_page("views/neuron.py").run()
     assert_clean(at)
     page = texts(at)
     assert "How far to trust these labels" in page and "beats shuffled" in page and "20 held-out images" in page

@@ -223,19 +223,19 @@ def test_every_page_renders_for_a_latent_and_the_url_names_it(unit_dash):
     at = app(layer="layer2", units=short)
     at.run()
     assert_clean(at)
-    for page in sorted(p.name for p in (APP_PATH.parent / "pages" / "views").glob("*.py")):
+    for page in sorted(p.name for p in (APP_PATH.parent / "views").glob("*.py")):
         if page != "rate.py":  # the rater's view is reached through a study link, not the selection
-            at.switch_page(f"pages/views/{page}").run()
+            at.switch_page(f"views/{page}").run()
             assert_clean(at)
     at = app(layer="layer2", units=short)
-    at.switch_page("pages/views/browser.py").run()
+    at.switch_page("views/browser.py").run()
     assert_clean(at)
     cards = [link.proto.label for link in at.get("page_link") if link.proto.label.startswith("**Latent ")]
     assert len(cards) == 24 and "latents of SAE 1x k=8" in texts(at)
     picker = at.selectbox(key="_w_units")
     assert picker.value == unit_dash["dictionary"].units_id and NEURONS in picker.options
     at = app(layer="layer2", units=short, neuron=5)
-    at.switch_page("pages/views/neuron.py").run()
+    at.switch_page("views/neuron.py").run()
     assert_clean(at)
     assert at.title[0].value == "Latent 5" and at.query_params["units"] == short
     assert len(at.get("image")) >= 1

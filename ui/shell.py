@@ -1,14 +1,13 @@
 """The first lines of every page: make sure app.py decided who sees it.
 
 app.py builds the navigation (which pages exist for this visitor) and draws the shared
-sidebar. The page scripts live in ``pages/views/``, not directly in ``pages/``: with page
-files directly in a ``pages/`` folder next to app.py, Streamlit's pages-folder mode sends
-every page file's name to the first session after a server start (even a rater's, issue
-15.13) and runs a requested page file *directly*, without app.py; with none there, that
-mode knows only app.py. Each page still begins with :func:`owner_page` (or
-:func:`rater_page`) as a backstop: where a page runs without app.py (AppTest, a future
-Streamlit), it switches Streamlit to ``st.navigation`` mode and reruns, so app.py runs and
-shows this same page (or the login) properly.
+sidebar. The page scripts live in ``views/``, not in a ``pages/`` folder: with a ``pages/``
+folder next to app.py, Streamlit starts in its old pages-folder mode, which sends every page
+file's name to the first session after a server start (even a rater's, issue 15.13) and, with
+no page file there, answers the first deep link with a "Page not found" notice over the page.
+Each page still begins with :func:`owner_page` (or :func:`rater_page`) as a backstop: where a
+page runs without app.py (AppTest, a future Streamlit), it switches Streamlit to
+``st.navigation`` mode and reruns, so app.py runs and shows this same page (or the login).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def _existing(store) -> None:
                          width="stretch"):
                 studies.set_study_open(store, s.study_id, not s.is_open)
                 st.rerun()
-            b2.page_link("pages/views/study_results.py", label="Results", icon=":material/leaderboard:", query_params={"sid": s.study_id})
+            b2.page_link("views/study_results.py", label="Results", icon=":material/leaderboard:", query_params={"sid": s.study_id})
             if b3.button("Delete", key=f"delete_{s.study_id}", icon=":material/delete:", width="stretch"):
                 st.session_state["study_confirm_delete"] = s.study_id
             if st.session_state.get("study_confirm_delete") == s.study_id:

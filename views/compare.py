@@ -34,7 +34,7 @@ def _neuron_panel(sel: context.Selection, run, neuron: int, column) -> None:
             _backend_details(entries)
         else:
             st.caption("No labels.")
-        st.page_link("pages/views/neuron.py", label="Open this neuron", icon=":material/open_in_new:",
+        st.page_link("views/neuron.py", label="Open this neuron", icon=":material/open_in_new:",
                      query_params={**sel.query_params(neuron), "layer": run.layer})
 
 
@@ -200,7 +200,7 @@ def _two_methods(sel: context.Selection) -> None:
         cols = st.columns(4)
         for col, n in zip(cols, shown[start:start + 4]):
             with col.container(border=True):
-                st.page_link("pages/views/neuron.py", label=f"Neuron {n}", query_params=sel.query_params(n))
+                st.page_link("views/neuron.py", label=f"Neuron {n}", query_params=sel.query_params(n))
                 if mosaics.get(n) is not None:
                     cards.show_image(mosaics[n], width="stretch")
                 st.html(cards.label_line_html(m_a, tops[n][m_a]) + cards.label_line_html(m_b, tops[n][m_b]))

@@ -71,7 +71,7 @@ def draw_hit(sel, result: audit.Audit, hit: audit.AuditHit, index: int) -> None:
                        + (f" · rank {hit.rank + 1}" if hit.rank else ""))
             st.caption(f"match {hit.match_score:.2f} ({hit.match_kind}) for '{hit.matched_term}'")
             params = {"model": result.model_spec, "probe": result.probe_set_id, "layer": hit.layer, "neuron": str(hit.neuron)}
-            st.page_link("pages/views/neuron.py", label="Open neuron", icon=":material/open_in_new:", query_params=params)
+            st.page_link("views/neuron.py", label="Open neuron", icon=":material/open_in_new:", query_params=params)
         with right:
             pics = thumbnails(sel.store, hit)
             if pics:
@@ -121,7 +121,7 @@ def actions(sel, result: audit.Audit) -> None:
         audit.save_audit(sel.store, result)
         st.session_state["editing_audit_id"] = result.id
         st.session_state["editing_source"] = "audit"
-        st.switch_page("pages/views/editing.py")
+        st.switch_page("views/editing.py")
 
 
 def saved_audits(sel) -> None:

@@ -60,7 +60,7 @@ def match_html(hits: list[tuple[str, int, str]]) -> str:
 def draw_card(sel: context.Selection, neuron: int, tops: dict, agreement: bool | None, mosaic,
               hits: list[tuple[str, int, str]] | None = None) -> None:
     with st.container(border=True):
-        st.page_link("pages/views/neuron.py", label=f"**{units.unit_heading(sel, neuron)}**", icon=":material/open_in_new:",
+        st.page_link("views/neuron.py", label=f"**{units.unit_heading(sel, neuron)}**", icon=":material/open_in_new:",
                      query_params=sel.query_params(neuron), help="Open this neuron")
         cards.show_image(mosaic, width="stretch")
         lines = [cards.label_line_html(m, tops.get(m)) for m in sel.methods]

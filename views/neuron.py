@@ -44,7 +44,7 @@ def _nav(sel: context.Selection, neuron: int) -> None:
               on_click=context.select, kwargs={"neuron": neuron + 1}, shortcut="Right",
               help="Next neuron (keyboard: right arrow)")
     with c4:
-        st.page_link("pages/views/browser.py", label="Back to the layer browser", icon=":material/grid_view:")
+        st.page_link("views/browser.py", label="Back to the layer browser", icon=":material/grid_view:")
 
 
 def _labels(sel: context.Selection, neuron: int) -> None:
@@ -202,7 +202,7 @@ def _on_demand(sel: context.Selection, neuron: int) -> None:
     with c2.container(border=True):
         st.markdown("**Synthesis**")
         st.caption("Generate images that drive this neuron (inverse sets / feature visualisation).")
-        st.page_link("pages/views/synthesize.py", label="Open in Synthesise", icon=":material/auto_awesome:",
+        st.page_link("views/synthesize.py", label="Open in Synthesise", icon=":material/auto_awesome:",
                      query_params=sel.query_params(neuron))
 
 
