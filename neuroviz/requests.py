@@ -171,6 +171,21 @@ class EditRequest(JobRequest):
 
 
 @dataclass(frozen=True)
+class EvaluateRequest(JobRequest):
+    """``evaluate``: score a layer's labels on held-out images (and keep the per-unit tables)."""
+
+    kind: ClassVar[str] = "evaluate"
+    model: str
+    probe: str
+    layer: str
+    fit: tuple[str, ...] = field(default=())  # methods to label the fit part with first
+
+    def argv(self) -> list[str]:
+        argv = ["evaluate", self.model, "--probe", self.probe, "--layer", self.layer]
+        return argv + (["--fit", ",".join(self.fit)] if self.fit else [])
+
+
+@dataclass(frozen=True)
 class SaeTrainRequest(JobRequest):
     """``sae train``: fit a sparse autoencoder to a layer and extract its latents (neuroviz.sae)."""
 

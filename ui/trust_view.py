@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import streamlit as st
 
+from neuroviz.requests import EvaluateRequest
 from neuroviz.trust import badges as badge_lib
-from neuroviz.trust.compare import EvaluateRequest, comparison_about, comparison_table, unit_comparison
+from neuroviz.trust.compare import comparison_about, comparison_table, unit_comparison
 from ui import context, data, jobs_ui
 
 BADGE_SORTS = {"off": "Layer order", "trusted": "Trusted first"}

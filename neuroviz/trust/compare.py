@@ -3,18 +3,17 @@
 ``evaluate`` (a CLI command, so a page can start it as a background job: scoring needs the
 multimodal backend, which pages never load) keeps every label set's per-unit metrics as a
 record of the run; :func:`unit_comparison` reads one unit's rows from it, baselines included,
-and :class:`EvaluateRequest` is the job a page starts when there is none yet.
+and :class:`neuroviz.requests.EvaluateRequest` is the job a page starts when there is none yet.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..requests import JobRequest
 from ..store import Store
 from .metrics import METRIC_TITLES, METRICS
 
@@ -35,21 +34,6 @@ class ComparisonRow:
     held_out: bool
     metrics: dict[str, tuple[float, float, float]]
     note: str = ""
-
-
-@dataclass(frozen=True)
-class EvaluateRequest(JobRequest):
-    """``evaluate``: score a layer's labels on held-out images (and keep the per-unit tables)."""
-
-    kind: ClassVar[str] = "evaluate"
-    model: str
-    probe: str
-    layer: str
-    fit: tuple[str, ...] = field(default=())  # methods to label the fit part with first
-
-    def argv(self) -> list[str]:
-        argv = ["evaluate", self.model, "--probe", self.probe, "--layer", self.layer]
-        return argv + (["--fit", ",".join(self.fit)] if self.fit else [])
 
 
 def _rounded(values: np.ndarray) -> list[float | None]:
