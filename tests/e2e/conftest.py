@@ -13,7 +13,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,47 +51,53 @@ def _build_workspace(root: Path, image_folder: Path) -> dict:
     return info
 
 
+@contextmanager
+def streamlit_server(port: int, env: dict, log_path: Path, address: str, extra_args: Sequence[str] = (),
+                     while_booting: Callable[[], Any] = lambda: None) -> Iterator[Any]:
+    """`streamlit run app.py` on ``port``: ``while_booting()`` runs while the server starts (the
+    server reads the cache only when the first page is requested, after the health check), then
+    its result is yielded once /_stcore/health answers; the server is stopped on exit."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+             "--server.headless", "true", "--server.address", address, "--browser.gatherUsageStats", "false",
+             *extra_args],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            result = while_booting()
+            deadline = time.monotonic() + STARTUP_SECONDS
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"streamlit did not start; log:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.3)
+            yield result
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 @pytest.fixture(scope="session")
 def e2e_server(tmp_path_factory, image_folder):
-    """(base URL, workspace) of `streamlit run app.py` on a free port over a tiny workspace.
-
-    The server starts first and the workspace is built while it boots: the server reads the
-    cache only when the first page is requested, after the health check.
-    """
+    """(base URL, workspace) of `streamlit run app.py` on a free port over a tiny workspace,
+    built while the server boots."""
     root = tmp_path_factory.mktemp("e2e_cache")
     port = _free_port()
     env = dict(os.environ, NEUROVIZ_CACHE=str(root), NEUROVIZ_OWNER_PASSWORD=OWNER_PASSWORD,
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("NEUROVIZ_UI_RAISE", None)  # the server behaves as in production
     log_path = root.parent / f"{root.name}-streamlit.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-         "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        info = _build_workspace(root, image_folder)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start; log:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield base, info
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with streamlit_server(port, env, log_path, "127.0.0.1", ("--server.fileWatcherType", "none"),
+                          lambda: _build_workspace(root, image_folder)) as info:
+        yield f"http://127.0.0.1:{port}", info
     text = log_path.read_text(errors="replace")
     # a traceback in the server log is a bug even when the page showed a polite message
     assert "Traceback" not in text, text[-4000:]

@@ -16,16 +16,13 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, ROOT, STARTUP_SECONDS, _build_workspace
+from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, _build_workspace, streamlit_server
 from tests.e2e.test_browser_e2e import assert_no_exception, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -65,34 +62,15 @@ def open_server(tmp_path_factory, image_folder):
     env.pop("NEUROVIZ_OWNER_PASSWORD", None)
     env.pop("NEUROVIZ_UI_RAISE", None)
     log_path = root.parent / f"{root.name}-streamlit.log"
-    log = open(log_path, "w")
-    # no --server.fileWatcherType here: the repository's .streamlit/config.toml must turn it off
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-         "--server.headless", "true", "--server.address", "::", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+
+    def workspace() -> dict:
         info = _build_workspace(root, image_folder)
         _calibrate_layer4(info)
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start; log:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
+        return info
+
+    # no --server.fileWatcherType here: the repository's .streamlit/config.toml must turn it off
+    with streamlit_server(port, env, log_path, "::", while_booting=workspace) as info:
         yield port, info
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
     text = log_path.read_text(errors="replace")
     assert "Traceback" not in text, text[-4000:]
     assert "Inotify" not in text and "inotify" not in text, text[-2000:]
