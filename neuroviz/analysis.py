@@ -38,6 +38,7 @@ from .lexicon import CATEGORY_ORDER, CONTENT_CATEGORIES, UNINTERPRETABLE_LABELS,
 from .progress import Progress
 from .provenance import provenance_key
 from .store import RunInfo, Store
+from .units import NEURONS, units_match
 
 COUNTING_MODES = ("head", "fractional")
 
@@ -79,10 +80,14 @@ def _lexicon_for(config: AnalysisConfig, lexicon: Lexicon | None) -> Lexicon:
 
 
 def runs_for_analysis(store: Store, model_spec: str, probe_set_id: str, layers: Sequence[str] | None = None,
-                      layer_order: Sequence[str] | None = None) -> list[RunInfo]:
+                      layer_order: Sequence[str] | None = None, units: str | None = None) -> list[RunInfo]:
     """One run per layer (a mean/CLS-pooled one when there is a choice, else the newest), in
-    network order when ``layer_order`` (e.g. the model's module names) is given."""
-    runs = [r for r in store.find_runs(model_spec, probe_set_id) if r.units == "neurons"]  # an SAE's run is not the layer
+    network order when ``layer_order`` (e.g. the model's module names) is given.
+
+    ``units`` picks whose runs: the layers' neurons (None or "neurons"), or one dictionary's
+    units ("sae:<key>", a key prefix is enough), so an SAE's latents are analysed apart from
+    the neurons of the same layer and never mixed with them."""
+    runs = [r for r in store.find_runs(model_spec, probe_set_id) if units_match(r.units, units)]
     if layers:
         runs = [r for r in runs if r.layer in set(layers)]
     chosen: dict[str, RunInfo] = {}
@@ -98,8 +103,12 @@ def runs_for_analysis(store: Store, model_spec: str, probe_set_id: str, layers: 
 
 
 def latest_labels(store: Store, run: RunInfo, methods: Sequence[str] | None = None):
-    """The rank-0 label of every neuron from each method's newest label run on ``run``."""
+    """The rank-0 label of every neuron from each method's newest label run on ``run``
+    (none for dead units: labels stored before labelling skipped them describe nothing)."""
+    from .methods.base import dead_units
+
     labels = store.labels(run.run_key, top_only=True)
+    labels = labels[~labels["neuron"].isin(dead_units(store, run))]
     if methods:
         labels = labels[labels["method"].isin(list(methods))]
     if not len(labels):
@@ -167,8 +176,9 @@ def categorize_labels(labels, config: AnalysisConfig = AnalysisConfig(), lexicon
 
 def category_shares(store: Store, model_spec: str, probe_set_id: str, config: AnalysisConfig = AnalysisConfig(),
                     layers: Sequence[str] | None = None, layer_order: Sequence[str] | None = None,
-                    methods: Sequence[str] | None = None, lexicon: Lexicon | None = None, encoder=None):
-    """Share of neurons per category, per layer and method, as a long DataFrame:
+                    methods: Sequence[str] | None = None, lexicon: Lexicon | None = None, encoder=None,
+                    units: str | None = None):
+    """Share of neurons (or of ``units``: an SAE's latents) per category, per layer and method, as a long DataFrame:
     layer, layer_index, method, category, count, n_neurons, n_labelled, share.
 
     Every category appears for every (layer, method) pair (share 0 when empty), so charts
@@ -178,8 +188,11 @@ def category_shares(store: Store, model_spec: str, probe_set_id: str, config: An
     import pandas as pd
 
     _check(config)
-    runs = runs_for_analysis(store, model_spec, probe_set_id, layers, layer_order)
+    runs = runs_for_analysis(store, model_spec, probe_set_id, layers, layer_order, units)
     if not runs:
+        if units not in (None, NEURONS):
+            raise AnalysisError(f"No runs of units '{units}' of {model_spec} over probe set {probe_set_id}; "
+                                "see `python -m neuroviz units list`.")
         raise AnalysisError(f"No layers of {model_spec} are extracted over probe set {probe_set_id}; extract some layers first.")
     rows = []
     for li, run in enumerate(runs):
@@ -245,11 +258,12 @@ IMPORTANCE_VERSION = "importance-1"
 
 def importance_key(store: Store, model_spec: str, probe_set_id: str, method: str, config: AnalysisConfig,
                    importance: ImportanceConfig, layers: Sequence[str] | None = None,
-                   categories: Sequence[str] | None = None) -> str:
+                   categories: Sequence[str] | None = None, units: str | None = None) -> str:
     """Provenance of an importance table: the runs (which hash the weights), the label runs
     it read, and every setting. Computable from the store alone, so a page can find a table
-    a background job wrote without loading the model."""
-    runs = runs_for_analysis(store, model_spec, probe_set_id, layers)
+    a background job wrote without loading the model. (The run keys name the units: a table of
+    an SAE's latents never stands for the neurons' table.)"""
+    runs = runs_for_analysis(store, model_spec, probe_set_id, layers, units=units)
     label_keys = []
     for run in runs:
         labels = latest_labels(store, run, [method])
@@ -270,7 +284,7 @@ def load_importance(store: Store, key: str):
 def group_importance(model, store: Store, probe_set, method: str, config: AnalysisConfig = AnalysisConfig(),
                      importance: ImportanceConfig = ImportanceConfig(), layers: Sequence[str] | None = None,
                      categories: Sequence[str] | None = None, progress: Progress | None = None,
-                     lexicon: Lexicon | None = None, encoder=None, save: bool = True):
+                     lexicon: Lexicon | None = None, encoder=None, save: bool = True, units: str | None = None):
     """Ablate each (layer, category) group of ``method``'s labels and measure the damage.
 
     Returns a DataFrame: layer, category, n_neurons, metric ("accuracy_drop" when probe
@@ -278,13 +292,15 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
     confidence_drop, accuracy_drop, random_importance (an equal-size random group of the
     same layer) and importance_per_neuron. Every prediction pass is cached, and with
     ``save`` the table is stored under :func:`importance_key` for the Analysis page.
+    With ``units`` (an SAE's, "sae:<key>") the groups are latents, ablated by removing their
+    decoded contribution (:func:`neuroviz.editing.units_ablated`); "n_neurons" then counts latents.
     """
     import pandas as pd
 
     from . import editing
 
     order = [name for name, _ in model.module.named_modules()]
-    runs = runs_for_analysis(store, model.spec, probe_set.id, layers, order)
+    runs = runs_for_analysis(store, model.spec, probe_set.id, layers, order, units)
     plan: list[tuple[RunInfo, str, list[int]]] = []
     for run in runs:
         for category, neurons in neuron_categories(store, run, method, config, lexicon, encoder).items():
@@ -314,7 +330,7 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
     for run, category, neurons in plan:
         def measure(ids: list[int], tag: str, run=run, category=category) -> editing.Comparison:
             edit = editing.make_edit(f"{tag} {run.layer} {category}"[:80].replace("/", " ").replace("\\", " "), model.spec, {run.layer: ids},
-                                     importance.mode, store, probe_set.id)
+                                     importance.mode, store, probe_set.id, units=run.units)
             after = editing.predict(model, probe_set, store, edit, None, importance.batch_size,
                                     step(f"ablating {category} in {run.layer} ({len(ids)} neurons)"), rows_used)
             state["pass"] += 1
@@ -338,9 +354,9 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
         progress(passes * n, passes * n, "done")
     table = pd.DataFrame(rows)
     if save:
-        key = importance_key(store, model.spec, probe_set.id, method, config, importance, layers, categories)
+        key = importance_key(store, model.spec, probe_set.id, method, config, importance, layers, categories, units)
         store.put_record(IMPORTANCE_NAMESPACE, key, {
-            "model_spec": model.spec, "probe_set_id": probe_set.id, "method": method, "config": asdict(config),
+            "model_spec": model.spec, "probe_set_id": probe_set.id, "units": units or NEURONS, "method": method, "config": asdict(config),
             "importance": asdict(importance), "layers": list(layers) if layers else None, "created": time.time(),
             "rows": json.loads(table.to_json(orient="records")),
         })

@@ -63,7 +63,7 @@ def draw_card(sel: context.Selection, neuron: int, tops: dict, agreement: bool |
         st.page_link("views/neuron.py", label=f"**{units.unit_heading(sel, neuron)}**", icon=":material/open_in_new:",
                      query_params=sel.query_params(neuron), help="Open this neuron")
         cards.show_image(mosaic, width="stretch")
-        lines = [cards.label_line_html(m, tops.get(m)) for m in sel.methods]
+        lines = [units.dead_html()] if neuron in units.dead(sel) else [cards.label_line_html(m, tops.get(m)) for m in sel.methods]
         if hits:
             lines.append(match_html(hits))
         if agreement is True:

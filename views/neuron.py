@@ -51,6 +51,9 @@ def _labels(sel: context.Selection, neuron: int) -> None:
     labels = data.run_labels(sel.store, sel.run.run_key)
     mine = labels[labels["neuron"] == neuron] if not labels.empty else labels
     st.subheader("Labels")
+    if neuron in units.dead(sel):
+        st.info(f"{units.unit_heading(sel, neuron)} is {units.DEAD_CAPTION}: it has no label.")
+        return
     if not sel.available_methods:
         st.info("No method has labelled this layer yet: start one on the Workspace page.")
         return
