@@ -130,7 +130,7 @@ def importance_section(sel, config: analysis.AnalysisConfig, methods: list[str],
                "the drop in accuracy (when probe labels are class names) or the share of changed top-1 "
                "predictions is compared with an equally large random group of the same layer.")
     method, imp, chosen = importance_settings(sel, methods, layers)
-    key = analysis.importance_key(sel.store, sel.model_spec, sel.probe_set_id, method, config, imp, chosen, sel.units)
+    key = analysis.importance_key(sel.store, sel.model_spec, sel.probe_set_id, method, config, imp, chosen, units=sel.units)
     table = analysis.load_importance(sel.store, key)
     if table is None:
         start_importance(sel, method, config, imp, chosen)

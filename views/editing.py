@@ -76,8 +76,7 @@ def choose_neurons(sel: context.Selection) -> tuple[dict[str, list[int]], dict |
         return neurons, {"audit": chosen, "query": result.query}, None
     if source == "list":
         start = f"{sel.layer}:{sel.neuron if sel.neuron is not None else 0}" if sel.layer else ""
-        text = st.text_area("LAYER:N,N,... (one layer per line or separated by ';')", value=start,
-                            key=f"editing_list_{sel.units}")
+        text = st.text_area("LAYER:N,N,... (one layer per line or separated by ';')", value=start, key="editing_list")
         return editing.parse_neuron_list(text), None, None
     edits = editing.list_edits(sel.store, sel.model_spec)
     if not edits:
