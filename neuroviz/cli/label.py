@@ -80,7 +80,7 @@ def _label_run(args: argparse.Namespace, store: Store, run: RunInfo, name: str, 
         print(f"  skipped {len(dead)} {word}{'s' if len(dead) != 1 else ''}: {DEAD_CAPTION}")
     for row in top.head(args.preview).itertuples():
         cal = "" if row.calibrated is None or row.calibrated != row.calibrated else f"  calibrated {row.calibrated:.2f}"
-        print(f"  neuron {row.neuron:5d}  {row.label:30s}  score {row.score:.4g}{cal}")
+        print(f"  {word} {row.neuron:5d}  {row.label:30s}  score {row.score:.4g}{cal}")
     return key
 
 
