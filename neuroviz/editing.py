@@ -321,8 +321,9 @@ def dictionary_of_edit(edit: Edit, store: Store | None) -> Dictionary | None:
     return dictionary
 
 
-def check_edit(model: ProbedModel, edit: Edit, store: Store | None = None) -> None:
-    """Fail before any work when the edit names a layer or neuron (or unit) the model lacks."""
+def check_edit(model: ProbedModel, edit: Edit, store: Store | None = None) -> Dictionary | None:
+    """Fail before any work when the edit names a layer or neuron (or unit) the model lacks;
+    returns the dictionary whose units the edit ablates (None for a neuron edit)."""
     dictionary = dictionary_of_edit(edit, store)
     for layer, neurons in edit.neurons.items():
         info = model.layer(layer)  # unknown layers raise with suggestions
@@ -334,6 +335,7 @@ def check_edit(model: ProbedModel, edit: Edit, store: Store | None = None) -> No
             raise EditError(f"Layer '{layer}' has {word} 0..{size - 1}; {bad[:5]} do not exist.")
         if edit.mode == "mean" and (not edit.values or len(edit.values.get(layer, [])) != len(neurons)):
             raise EditError(f"Edit '{edit.name}' has no mean values for layer '{layer}'; rebuild it with make_edit.")
+    return dictionary
 
 
 @contextmanager
@@ -350,8 +352,7 @@ def applied(model: ProbedModel, edit: Edit | None, store: Store | None = None) -
     from .hooks import resolve_layer
 
     if edit is not None and edit.units != NEURONS:
-        check_edit(model, edit, store)
-        dictionary = dictionary_of_edit(edit, store)
+        dictionary = check_edit(model, edit, store)
         assert dictionary is not None, "a units edit always has its dictionary"
         (layer, units), = edit.neurons.items()
         with units_ablated(model, dictionary, units, edit.values[layer] if edit.mode == "mean" and edit.values else None):

@@ -51,7 +51,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
         print(f"{len(dead)} {word}{'s' if len(dead) != 1 else ''} unlabelled, {DEAD_CAPTION}: "
               + ", ".join(map(str, dead[:20])) + (" ..." if len(dead) > 20 else ""))
     if n_neurons > args.limit:
-        print(f"... {n_neurons - args.limit} more neurons (use --limit or --neurons)")
+        print(f"... {n_neurons - args.limit} more {word}s (use --limit or --neurons)")
     return 0
 
 
