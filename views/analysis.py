@@ -126,7 +126,7 @@ def importance_chart(table: pd.DataFrame):
 
 def importance_section(sel, config: analysis.AnalysisConfig, methods: list[str], layers: list[str]) -> None:
     st.subheader("Importance: what ablating each group costs")
-    st.caption("Each group (the neurons of one layer whose label falls in one category) is ablated on its own; "
+    st.caption(f"Each group (the {unit_word(sel.units).lower()}s of one layer whose label falls in one category) is ablated on its own; "
                "the drop in accuracy (when probe labels are class names) or the share of changed top-1 "
                "predictions is compared with an equally large random group of the same layer.")
     method, imp, chosen = importance_settings(sel, methods, layers)

@@ -38,7 +38,7 @@ def choose_neurons(sel: context.Selection) -> tuple[dict[str, list[int]], dict |
         st.session_state["editing_source_radio"] = "earlier" if earlier else "list"
     word = unit_word(sel.units).lower()
     source = st.radio(f"{word.capitalize()}s", list(SOURCES), horizontal=True, key="editing_source_radio",
-                      format_func=lambda s: SOURCES[s].replace("neurons", f"{word}s"))
+                      format_func=lambda s: SOURCES[s].replace("Neurons", f"{word.capitalize()}s").replace("neurons", f"{word}s"))
     if source == "earlier":
         return earlier_result(earlier)
     if source == "audit":
