@@ -177,8 +177,10 @@ def make_edit(name: str, model_spec: str, neurons: Mapping[str, Sequence[int]], 
     return Edit(_check_name(name), model_spec, clean, mode, values, probe_set_id, description, source, units=units)
 
 
-def random_counterpart(edit: Edit, layer_sizes: dict[str, int], seed: int = 0, store: Store | None = None) -> Edit:
-    """An edit of as many neurons per layer as ``edit``, drawn at random from the rest of each layer.
+def random_counterpart(edit: Edit, layer_sizes: dict[str, int], seed: int = 0, store: Store | None = None,
+                       exclude: Mapping[str, Sequence[int]] | None = None) -> Edit:
+    """An edit of as many neurons per layer as ``edit``, drawn at random from the rest of each layer
+    (never from ``exclude[layer]``: see :func:`control_exclusions`).
 
     The control an ablation needs: removing k "text" neurons means something only if it
     changes more than removing k neurons picked by chance from the same layers.
@@ -186,7 +188,8 @@ def random_counterpart(edit: Edit, layer_sizes: dict[str, int], seed: int = 0, s
     rng = np.random.default_rng(seed)
     neurons = {}
     for layer, chosen in edit.neurons.items():
-        others = np.setdiff1d(np.arange(int(layer_sizes[layer])), np.asarray(chosen, dtype=int))
+        left_out = np.union1d(np.asarray(chosen, dtype=int), np.asarray((exclude or {}).get(layer, []), dtype=int))
+        others = np.setdiff1d(np.arange(int(layer_sizes[layer])), left_out)
         if len(others) < len(chosen):
             raise EditError(f"Layer {layer} has too few other neurons for a random group of {len(chosen)}.")
         neurons[layer] = sorted(rng.choice(others, size=len(chosen), replace=False).tolist())
@@ -194,14 +197,32 @@ def random_counterpart(edit: Edit, layer_sizes: dict[str, int], seed: int = 0, s
                      description=f"random control for '{edit.name}' (seed {seed})", units=edit.units)
 
 
+def control_exclusions(store: Store | None, edit: Edit, probe_set_id: str) -> dict[str, list[int]]:
+    """Per layer of ``edit``, the units random controls never draw: the dead ones (never active
+    on the probe set, from the layer's newest run of the edit's units). Ablating a dead latent
+    changes nothing, so an SAE with many of them would make any edit look better than chance."""
+    from .methods.base import dead_units
+
+    out: dict[str, list[int]] = {}
+    if store is None:
+        return out
+    for layer in edit.neurons:
+        runs = [r for r in store.find_runs(edit.model_spec, probe_set_id, layer) if units_match(r.units, edit.units)]
+        dead = dead_units(store, max(runs, key=lambda r: r.created_at)) if runs else []
+        if dead:
+            out[layer] = dead
+    return out
+
+
 def evaluate_controls(model: ProbedModel, edit: Edit, probe_set: ProbeSet, store: Store | None = None,
                       n_groups: int = 3, max_images: int | None = None, progress: Progress | None = None) -> list[Comparison]:
     """Evaluate ``n_groups`` random counterparts of ``edit`` (seeds 0..n-1, each pass cached)."""
     dictionary = dictionary_of_edit(edit, store)
     sizes = {layer: dictionary.n_units if dictionary else model.layer(layer).n_neurons for layer in edit.neurons}
+    exclude = control_exclusions(store, edit, probe_set.id)
     out = []
     for seed in range(n_groups):
-        control = random_counterpart(edit, sizes, seed, store if edit.mode == "mean" else None)
+        control = random_counterpart(edit, sizes, seed, store if edit.mode == "mean" else None, exclude)
         stage = None if progress is None else (
             lambda d, t, m, seed=seed: progress(seed * t + d, n_groups * t, f"random group {seed + 1}/{n_groups}: {m}"))
         out.append(evaluate_edit(model, control, probe_set, store, max_images, progress=stage))
@@ -663,8 +684,9 @@ def stored_controls(store: Store, edit: Edit, weights_id: str, probe_set_id: str
     """The comparisons of :func:`evaluate_controls` (the same random groups, rebuilt from the
     layer sizes), or None when any of them has not run."""
     out = []
+    exclude = control_exclusions(store, edit, probe_set_id)
     for seed in range(n_groups):
-        control = random_counterpart(edit, layer_sizes, seed, store if edit.mode == "mean" else None)
+        control = random_counterpart(edit, layer_sizes, seed, store if edit.mode == "mean" else None, exclude)
         found = stored_comparison(store, control, weights_id, probe_set_id, max_images)
         if found is None:
             return None

@@ -262,6 +262,13 @@ def test_editing_a_latent_is_a_cached_edit_with_controls(unit_ws, capsys):
         editing.evaluate_edit(model, editing.make_edit("x", model.spec, {"layer2": [LATENTS]}, units=d.units_id), ps, store)
     with pytest.raises(editing.EditError, match="dictionary of layer layer2"):
         editing.evaluate_edit(model, editing.make_edit("x", model.spec, {"layer4": [1]}, units=d.units_id), ps, store)
+    # random controls are live latents: a dead one would change nothing and flatter any edit
+    assert editing.control_exclusions(store, edit, ps.id) == {"layer2": [DEAD]}
+    assert editing.control_exclusions(store, same_numbers, ps.id) == {}  # the layer's neurons all fire
+    drawn = {n for seed in range(40) for n in editing.random_counterpart(
+        editing.make_edit("many", model.spec, {"layer2": list(range(20))}, units=d.units_id), {"layer2": LATENTS}, seed,
+        exclude={"layer2": [DEAD]}).neurons["layer2"]}
+    assert drawn == set(range(20, LATENTS)) - {DEAD}
     # the job the page starts: `edit --units`, cached by provenance, with a random control of latents
     request = EditRequest.of(model.spec, ps.id, edit.name, edit.neurons, max_images=10, random_groups=1, units=d.units_id)
     assert build_parser().parse_args(request.argv()).units == d.units_id
