@@ -35,6 +35,7 @@ import numpy as np
 
 from .errors import NeurovizError
 from .lexicon import CATEGORY_ORDER, CONTENT_CATEGORIES, UNINTERPRETABLE_LABELS, Lexicon, default_lexicon
+from .methods.base import dead_units
 from .progress import Progress
 from .provenance import provenance_key
 from .store import RunInfo, Store
@@ -105,8 +106,6 @@ def runs_for_analysis(store: Store, model_spec: str, probe_set_id: str, layers: 
 def latest_labels(store: Store, run: RunInfo, methods: Sequence[str] | None = None):
     """The rank-0 label of every neuron from each method's newest label run on ``run``
     (none for dead units: labels stored before labelling skipped them describe nothing)."""
-    from .methods.base import dead_units
-
     labels = store.labels(run.run_key, top_only=True)
     labels = labels[~labels["neuron"].isin(dead_units(store, run))]
     if methods:
@@ -200,17 +199,18 @@ def category_shares(store: Store, model_spec: str, probe_set_id: str, config: An
         if not len(labels):
             continue
         cats = categorize_labels(labels, config, lexicon, encoder, store)
+        n_live = run.n_neurons - len(dead_units(store, run))  # dead units are neither labelled nor uninterpretable
         for method, group in cats.groupby("method"):
             labelled = group["neuron"].nunique()
             counts = group.groupby("category")["weight"].sum().to_dict()
-            total = run.n_neurons if config.unlabelled == "uninterpretable" else labelled
+            total = n_live if config.unlabelled == "uninterpretable" else labelled
             if config.unlabelled == "uninterpretable":
-                counts["uninterpretable"] = counts.get("uninterpretable", 0.0) + (run.n_neurons - labelled)
+                counts["uninterpretable"] = counts.get("uninterpretable", 0.0) + (n_live - labelled)
             for category in CATEGORY_ORDER:
                 count = float(counts.get(category, 0.0))
                 rows.append({"layer": run.layer, "layer_index": li, "method": method, "category": category, "count": count,
                              "n_neurons": run.n_neurons, "n_labelled": int(labelled), "share": count / total if total else 0.0,
-                             "run_key": run.run_key})
+                             "n_dead": run.n_neurons - n_live, "run_key": run.run_key})
     if not rows:
         raise AnalysisError("No labels in these layers yet. Run a description method first (e.g. CLIP-Dissect on the Browse page "
                             "or `python -m neuroviz label ...`).")
@@ -220,7 +220,7 @@ def category_shares(store: Store, model_spec: str, probe_set_id: str, config: An
 def neuron_categories(store: Store, run: RunInfo, method: str, config: AnalysisConfig = AnalysisConfig(),
                       lexicon: Lexicon | None = None, encoder=None) -> dict[str, list[int]]:
     """``{category: [neurons]}`` of one layer under one method, each neuron in its head
-    category (unlabelled neurons in "uninterpretable" unless config says exclude)."""
+    category (unlabelled live neurons in "uninterpretable" unless config says exclude; dead ones in none)."""
     head_config = AnalysisConfig(**{**asdict(config), "counting": "head"})
     labels = latest_labels(store, run, [method])
     cats = categorize_labels(labels, head_config, lexicon, encoder, store)
@@ -230,7 +230,8 @@ def neuron_categories(store: Store, run: RunInfo, method: str, config: AnalysisC
     if config.unlabelled == "uninterpretable":
         labelled = set(cats["neuron"].astype(int))
         groups.setdefault("uninterpretable", [])
-        groups["uninterpretable"] = sorted(set(groups["uninterpretable"]) | (set(range(run.n_neurons)) - labelled))
+        unlabelled = set(range(run.n_neurons)) - labelled - set(dead_units(store, run))
+        groups["uninterpretable"] = sorted(set(groups["uninterpretable"]) | unlabelled)
     return {c: groups[c] for c in CATEGORY_ORDER if groups.get(c)}
 
 
@@ -345,7 +346,9 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
                "accuracy_drop": cmp.accuracy_drop, "n_images": cmp.n_images, "n_labelled": cmp.n_labelled,
                "importance_per_neuron": value / len(neurons) if neurons else 0.0}
         if importance.random_baseline:
-            random_ids = sorted(rng.choice(run.n_neurons, size=len(neurons), replace=False).tolist())
+            dead = dead_units(store, run)  # a random group of the layer's live units (a dead one changes nothing)
+            pool = np.setdiff1d(np.arange(run.n_neurons), dead) if dead else run.n_neurons
+            random_ids = sorted(rng.choice(pool, size=len(neurons), replace=False).tolist())
             rnd = measure(random_ids, "random")
             row["random_importance"] = rnd.accuracy_drop if metric == "accuracy_drop" else 1.0 - rnd.agreement
             row["random_confidence_drop"] = rnd.confidence_drop

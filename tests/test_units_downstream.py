@@ -139,6 +139,11 @@ def test_analysis_takes_a_unit_run_apart_from_the_neurons(unit_ws, capsys):
     assert run.run_key not in set(neurons["run_key"]) and set(neurons["layer"]) == {"layer2", "layer4"}
     assert set(latents["n_labelled"]) == {LATENTS - 1}  # the dead latent's stale label is not counted
     assert latents.groupby("method")["share"].sum().to_numpy() == pytest.approx(1.0)
+    every = analysis.category_shares(store, spec, ps_id, analysis.AnalysisConfig(unlabelled="uninterpretable"),
+                                     methods=["milan"], units=unit_ws["short"])
+    assert every["count"].sum() == pytest.approx(LATENTS - 1) and set(every["n_dead"]) == {1}  # dead: not uninterpretable
+    groups = analysis.neuron_categories(store, run, "milan", analysis.AnalysisConfig(unlabelled="uninterpretable"))
+    assert sum(map(len, groups.values())) == LATENTS - 1 and DEAD not in {n for g in groups.values() for n in g}
     config, imp = analysis.AnalysisConfig(), analysis.ImportanceConfig()
     assert analysis.importance_key(store, spec, ps_id, "milan", config, imp, units=unit_ws["short"]) != \
         analysis.importance_key(store, spec, ps_id, "milan", config, imp)
