@@ -58,7 +58,7 @@ def _methods(sel: context.Selection) -> list[str]:
 
 
 def _unit_kinds(sel: context.Selection) -> list[str]:
-    """'neurons' and every dictionary with a labelled or unlabelled run of this model and probe set."""
+    """'neurons' and every dictionary with a run of this model over this probe set."""
     runs = sel.catalog.runs_for(sel.model_spec, sel.probe_set_id)
     return [NEURONS, *dict.fromkeys(r.units for r in runs if r.units != NEURONS)]
 
@@ -134,7 +134,7 @@ def actions(sel, result: audit.Audit) -> None:
                        icon=":material/download:", key="audit_csv")
     c3.download_button("JSON", audit.audit_to_json(result), file_name=f"{result.id}.json", mime="application/json",
                        icon=":material/download:", key="audit_json")
-    if c4.button(f"Ablate these {audit.units_place('', sel.units).strip(' ·') or 'neurons'}", icon=":material/edit:",
+    if c4.button(f"Ablate these {audit.units_noun(sel.units)}", icon=":material/edit:",
                  key="audit_to_edit",
                  help="Open the Editing page with the hits of the units picked in the sidebar selected "
                       "(the neurons, or one SAE's latents)."):
