@@ -18,7 +18,7 @@ import numpy as np
 import streamlit as st
 
 from neuroviz import images
-from neuroviz.store import RunInfo, Store
+from neuroviz.store import ProbeRow, RunInfo, Store
 from ui import data
 
 MOSAIC_IMAGES = 9
@@ -143,21 +143,27 @@ def mosaic_for(store: Store, run: RunInfo, neuron: int, n: int = MOSAIC_IMAGES, 
     """
     top = top or data.top_k(store, run.run_key)
     files = files or data.run_files(store, run.run_key)
-    if not 0 <= neuron < len(top.image_idx):
-        return None
-    idxs = [int(i) for i in top.image_idx[neuron][:n] if 0 <= i < len(files)]
-    if not idxs:
-        return None
-    rows = files.rows(idxs)
-    return images.neuron_mosaic(store.root, run.run_key, neuron, [r.path for r in rows], tile=tile,
-                                geometry=geometry or run_geometry(store, run), content_ids=[r.image_id for r in rows])
+    rows = top_probe_rows(top, files, [neuron], n)
+    return _mosaic(store, run, neuron, rows[neuron], tile, geometry or run_geometry(store, run))
 
 
-def read_top_rows(top: data.TopK, files: data.ProbeFiles, neurons: Sequence[int], n: int = MOSAIC_IMAGES) -> None:
-    """Read the probe rows of ``neurons``' top ``n`` images in one query (``files`` keeps them),
-    so drawing their cards one by one reads nothing more."""
-    idxs = {int(i) for neuron in neurons if 0 <= neuron < len(top.image_idx) for i in top.image_idx[neuron][:n]}
-    files.rows(sorted(i for i in idxs if 0 <= i < len(files)))
+def top_probe_rows(top: data.TopK, files: data.ProbeFiles, neurons: Sequence[int],
+                   n: int = MOSAIC_IMAGES) -> dict[int, list[ProbeRow]]:
+    """neuron -> the probe rows of its top ``n`` images, all read in one query."""
+    idxs = {neuron: [int(i) for i in top.image_idx[neuron][:n] if 0 <= i < len(files)] if 0 <= neuron < len(top.image_idx)
+            else [] for neuron in neurons}
+    wanted = sorted({i for row in idxs.values() for i in row})
+    found = dict(zip(wanted, files.rows(wanted)))
+    return {neuron: [found[i] for i in row] for neuron, row in idxs.items()}
+
+
+def _mosaic(store: Store, run: RunInfo, neuron: int, rows: Sequence[ProbeRow], tile: int,
+            geometry: images.ViewGeometry) -> Path | None:
+    """Pure PIL and disk work (safe in any thread): the mosaic of these probe rows' pictures."""
+    if not rows:
+        return None
+    return images.neuron_mosaic(store.root, run.run_key, neuron, [r.path for r in rows], tile=tile, geometry=geometry,
+                                content_ids=[r.image_id for r in rows])
 
 
 def mosaics_for(store: Store, run: RunInfo, neurons: Sequence[int], geometry: images.ViewGeometry,
@@ -165,13 +171,15 @@ def mosaics_for(store: Store, run: RunInfo, neurons: Sequence[int], geometry: im
     """The card mosaics of ``neurons``, built in a few threads when not yet on disk.
 
     Decoding and resizing JPEGs releases the GIL, so on the first visit of a page (24 mosaics
-    of 9 images) the threads decode on every core instead of one.
+    of 9 images) the threads decode on every core instead of one. The probe rows are read
+    first, in this thread and one query.
     """
+    rows = top_probe_rows(top, files, neurons)
+
     def one(neuron: int) -> Path | None:
-        return mosaic_for(store, run, neuron, geometry=geometry, top=top, files=files)
+        return _mosaic(store, run, neuron, rows[neuron], MOSAIC_TILE, geometry)
 
     neurons = list(neurons)
-    read_top_rows(top, files, neurons)
     if len(neurons) <= 1:
         return {n: one(n) for n in neurons}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic") as pool:
@@ -186,24 +194,22 @@ def prerender_mosaics(store: Store, run: RunInfo, neurons: Sequence[int], geomet
     """Build the card mosaics of ``neurons`` in a background thread, once per run and geometry.
 
     The first visit of a layer pays for decoding its probe images; doing the following pages'
-    pictures while the user looks at the first makes paging instant. Pure PIL/disk work, no
-    Streamlit calls in the thread; files are written atomically, so a page racing it is safe.
-    Returns whether a thread was started.
+    pictures while the user looks at the first makes paging instant. The probe rows are read
+    here (one query); the thread does pure PIL/disk work: no Streamlit call and no DuckDB query
+    (a daemon thread inside DuckDB when the interpreter exits aborts the process). Files are
+    written atomically, so a page racing it is safe. Returns whether a thread was started.
     """
     key = (str(store.root), run.run_key, geometry)
     with _prerender_lock:
         if key in _prerendering:
             return False
         _prerendering.add(key)
+    rows = top_probe_rows(top, files, neurons)
 
     def work() -> None:
-        try:
-            read_top_rows(top, files, neurons)
-        except Exception:  # a background nicety: the page reads what it shows itself (and says why if it cannot)
-            return
         for neuron in list(neurons):
             try:
-                mosaic_for(store, run, neuron, geometry=geometry, top=top, files=files)
+                _mosaic(store, run, neuron, rows[neuron], MOSAIC_TILE, geometry)
             except OSError:  # cache folder gone or full: the page builds what it shows
                 return
 
