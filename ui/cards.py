@@ -167,54 +167,46 @@ def _mosaic(store: Store, run: RunInfo, neuron: int, rows: Sequence[ProbeRow], t
 
 
 def mosaics_for(store: Store, run: RunInfo, neurons: Sequence[int], geometry: images.ViewGeometry,
-                top: data.TopK, files: data.ProbeFiles, workers: int = 4) -> dict[int, Path | None]:
-    """The card mosaics of ``neurons``, built in a few threads when not yet on disk.
+                top: data.TopK, files: data.ProbeFiles, ahead: Sequence[int] = (), workers: int = 4) -> dict[int, Path | None]:
+    """The card mosaics of ``neurons``, built in a few threads when not yet on disk, and those
+    of ``ahead`` (the following pages) in a background thread, once per run and geometry.
 
     Decoding and resizing JPEGs releases the GIL, so on the first visit of a page (24 mosaics
-    of 9 images) the threads decode on every core instead of one. The probe rows are read
-    first, in this thread and one query.
+    of 9 images) the threads decode on every core instead of one; doing the following pages'
+    pictures while the user looks at the first makes paging instant. The probe rows of both
+    are read first, here, in one query: the threads do only PIL and disk work (no Streamlit
+    call, and no DuckDB query: a daemon thread inside one when the interpreter exits aborts
+    the process). Files are written atomically, so a page racing the background thread is safe.
     """
-    rows = top_probe_rows(top, files, neurons)
+    neurons = list(neurons)
+    key = (str(store.root), run.run_key, geometry)
+    with _prerender_lock:
+        ahead = list(ahead) if ahead and key not in _prerendering else []
+        if ahead:
+            _prerendering.add(key)
+    rows = top_probe_rows(top, files, neurons + ahead)
 
     def one(neuron: int) -> Path | None:
         return _mosaic(store, run, neuron, rows[neuron], MOSAIC_TILE, geometry)
 
-    neurons = list(neurons)
-    if len(neurons) <= 1:
-        return {n: one(n) for n in neurons}
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic") as pool:
-        return dict(zip(neurons, pool.map(one, neurons)))
-
-
-_prerendering: set[tuple] = set()
-
-
-def prerender_mosaics(store: Store, run: RunInfo, neurons: Sequence[int], geometry: images.ViewGeometry,
-                      top: data.TopK, files: data.ProbeFiles) -> bool:
-    """Build the card mosaics of ``neurons`` in a background thread, once per run and geometry.
-
-    The first visit of a layer pays for decoding its probe images; doing the following pages'
-    pictures while the user looks at the first makes paging instant. The probe rows are read
-    here (one query); the thread does pure PIL/disk work: no Streamlit call and no DuckDB query
-    (a daemon thread inside DuckDB when the interpreter exits aborts the process). Files are
-    written atomically, so a page racing it is safe. Returns whether a thread was started.
-    """
-    key = (str(store.root), run.run_key, geometry)
-    with _prerender_lock:
-        if key in _prerendering:
-            return False
-        _prerendering.add(key)
-    rows = top_probe_rows(top, files, neurons)
-
     def work() -> None:
-        for neuron in list(neurons):
+        for neuron in ahead:
             try:
-                _mosaic(store, run, neuron, rows[neuron], MOSAIC_TILE, geometry)
+                one(neuron)
             except OSError:  # cache folder gone or full: the page builds what it shows
                 return
 
-    threading.Thread(target=work, name=f"prerender-{run.run_key}", daemon=True).start()
-    return True
+    if len(neurons) <= 1:
+        shown = {n: one(n) for n in neurons}
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic") as pool:
+            shown = dict(zip(neurons, pool.map(one, neurons)))
+    if ahead:
+        threading.Thread(target=work, name=f"prerender-{run.run_key}", daemon=True).start()
+    return shown
+
+
+_prerendering: set[tuple] = set()  # (cache, run, geometry) whose following pages' mosaics were started
 
 
 def show_image(path: Path | str | None, where=None, **kwargs) -> None:
