@@ -10,9 +10,10 @@ from __future__ import annotations
 import html
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import streamlit as st
@@ -166,6 +167,19 @@ def _mosaic(store: Store, run: RunInfo, neuron: int, rows: Sequence[ProbeRow], t
                                 content_ids=[r.image_id for r in rows])
 
 
+T = TypeVar("T")
+
+
+def in_threads(builders: Sequence[Callable[[], T]], workers: int = 4) -> list[T]:
+    """Each builder's result, in order, made in a few threads: building a picture is decoding,
+    resizing and a synced write, which release the GIL, so a cold page's pictures are made on
+    every core and their disk waits overlap. Builders must not call Streamlit."""
+    if len(builders) <= 1:
+        return [build() for build in builders]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="picture") as pool:
+        return list(pool.map(lambda build: build(), builders))
+
+
 def mosaics_for(store: Store, run: RunInfo, neurons: Sequence[int], geometry: images.ViewGeometry,
                 top: data.TopK, files: data.ProbeFiles, ahead: Sequence[int] = (), workers: int = 4) -> dict[int, Path | None]:
     """The card mosaics of ``neurons``, built in a few threads when not yet on disk, and those
@@ -196,11 +210,7 @@ def mosaics_for(store: Store, run: RunInfo, neurons: Sequence[int], geometry: im
             except OSError:  # cache folder gone or full: the page builds what it shows
                 return
 
-    if len(neurons) <= 1:
-        shown = {n: one(n) for n in neurons}
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic") as pool:
-            shown = dict(zip(neurons, pool.map(one, neurons)))
+    shown = dict(zip(neurons, in_threads([lambda n=n: one(n) for n in neurons], workers)))
     if ahead:
         threading.Thread(target=work, name=f"prerender-{run.run_key}", daemon=True).start()
     return shown
@@ -224,7 +234,8 @@ def thumb_paths(store: Store, run: RunInfo, image_idxs: Sequence[int], size: int
     geometry = geometry or run_geometry(store, run)
     inside = [int(i) for i in image_idxs if 0 <= i < len(files)]
     paths = dict(zip(inside, (r.path for r in files.rows(inside))))
-    return [images.thumbnail(store.root, paths[int(i)], size, geometry) if int(i) in paths else None for i in image_idxs]
+    return in_threads([(lambda src=paths[int(i)]: images.thumbnail(store.root, src, size, geometry)) if int(i) in paths
+                       else (lambda: None) for i in image_idxs])
 
 
 def image_grid(paths: Sequence[Path | str | None], captions: Sequence[str], cols: int = 6) -> None:

@@ -123,20 +123,21 @@ def _top_images(sel: context.Selection, neuron: int) -> None:
     if overlay is not None and not cards.geometry_known(sel.store, run):
         st.caption(cards.UNKNOWN_GEOMETRY_NOTE)
     settings = overlay.settings(maps, run, _overlay_extra(sel, overlay, method, neuron)) if overlay is not None else {}
-    paths, captions = [], []
+    builders: list = []
+    captions = []
     for row in rows:
         captions.append(f"#{row['rank'] + 1} · {row['activation']:.3g}" + (f" · {Path(row['label']).name}" if row["label"] else ""))
         src, i = row["path"], row["rank"]
         if src is None:
-            paths.append(None)
+            builders.append(lambda: None)
         elif overlay is None or i >= len(maps):
-            paths.append(images.thumbnail(sel.store.root, src, THUMB, geometry))
+            builders.append(lambda src=src: images.thumbnail(sel.store.root, src, THUMB, geometry))
         else:
             amap = np.asarray(maps[i], dtype=np.float32)
             key = {"run": run.run_key, "neuron": neuron, "rank": i, **settings}
-            paths.append(images.annotated_view(sel.store.root, src, THUMB, geometry, overlay.key, key,
-                                               lambda view, a=amap: overlay.draw(view, a, settings)))
-    cards.image_grid(paths, captions, cols=8)
+            builders.append(lambda src=src, key=key, a=amap: images.annotated_view(
+                sel.store.root, src, THUMB, geometry, overlay.key, key, lambda view: overlay.draw(view, a, settings)))
+    cards.image_grid(cards.in_threads(builders), captions, cols=8)
     if overlay is not None and overlay.caption(settings):
         st.caption(overlay.caption(settings))
 
@@ -206,12 +207,14 @@ def _distribution(sel: context.Selection, neuron: int) -> None:
     rows = dict(zip(shown, files.rows(shown)))  # one read of just these rows
     geometry = cards.run_geometry(sel.store, run)
     st.markdown("**Samples across the distribution** (random images from each quantile bin, lowest first)")
-    for b in summary.bins:
+    mosaics = cards.in_threads([lambda b=b: images.mosaic(sel.store.root, [rows[i].path for i in b.samples], tile=96,
+                                                          cols=neuron_activations.SAMPLES_PER_BIN, geometry=geometry,
+                                                          content_ids=[rows[i].image_id for i in b.samples])
+                                for b in summary.bins])
+    for b, mosaic in zip(summary.bins, mosaics):
         c1, c2 = st.columns([1, 5], vertical_alignment="center")
         c1.caption(f"q{int(b.low * 100)}–q{int(b.high * 100)}\n\n{b.values[0]:.3g} … {b.values[-1]:.3g}")
-        cards.show_image(images.mosaic(sel.store.root, [rows[i].path for i in b.samples], tile=96,
-                                       cols=neuron_activations.SAMPLES_PER_BIN, geometry=geometry,
-                                       content_ids=[rows[i].image_id for i in b.samples]), c2)
+        cards.show_image(mosaic, c2)
     st.markdown("**Lowest activations** (contrast: what this neuron does *not* respond to)")
     cards.image_grid(cards.thumb_paths(sel.store, run, list(summary.lowest), THUMB, geometry),
                      [f"{v:.3g}" + (f" · {Path(rows[i].label).name}" if rows[i].label else "")
