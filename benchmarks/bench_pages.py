@@ -103,6 +103,8 @@ class ScriptTimer:
         timer = self
 
         def run(thread):
+            if "script" not in thread.name.lower():  # a page's picture or prerender threads are not the script
+                return timer._orig(thread)
             start = time.perf_counter()
             try:
                 timer._orig(thread)

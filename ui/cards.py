@@ -182,41 +182,49 @@ def in_threads(builders: Sequence[Callable[[], T]], workers: int = 4) -> list[T]
 
 def mosaics_for(store: Store, run: RunInfo, neurons: Sequence[int], geometry: images.ViewGeometry,
                 top: data.TopK, files: data.ProbeFiles, ahead: Sequence[int] = (), workers: int = 4) -> dict[int, Path | None]:
-    """The card mosaics of ``neurons``, built in a few threads when not yet on disk, and those
-    of ``ahead`` (the following pages) in a background thread, once per run and geometry.
-
-    Decoding and resizing JPEGs releases the GIL, so on the first visit of a page (24 mosaics
-    of 9 images) the threads decode on every core instead of one; doing the following pages'
-    pictures while the user looks at the first makes paging instant. The probe rows of both
-    are read first, here, in one query: the threads do only PIL and disk work (no Streamlit
-    call, and no DuckDB query: a daemon thread inside one when the interpreter exits aborts
-    the process). Files are written atomically, so a page racing the background thread is safe.
-    """
+    """The card mosaics of ``neurons``, built in a few threads when not yet on disk
+    (:func:`in_threads`). Their probe rows are read in one query, with those of ``ahead`` (the
+    neurons a :func:`prerender_mosaics` call after drawing the page will need) while their
+    mosaics have not been started, so that call reads nothing."""
     neurons = list(neurons)
+    with _prerender_lock:
+        started = (str(store.root), run.run_key, geometry) in _prerendering
+    rows = top_probe_rows(top, files, neurons + ([] if started else list(ahead)))
+    return dict(zip(neurons, in_threads([lambda n=n: _mosaic(store, run, n, rows[n], MOSAIC_TILE, geometry)
+                                         for n in neurons], workers)))
+
+
+_prerendering: set[tuple] = set()  # (cache, run, geometry) whose mosaics a background thread has made
+
+
+def prerender_mosaics(store: Store, run: RunInfo, neurons: Sequence[int], geometry: images.ViewGeometry,
+                      top: data.TopK, files: data.ProbeFiles) -> bool:
+    """Build the card mosaics of ``neurons`` in a background thread, once per run and geometry.
+
+    The first visit of a layer pays for decoding its probe images; doing the following pages'
+    pictures while the user looks at the first makes paging instant. Call it after drawing the
+    page (the thread competes for the interpreter). The probe rows are read here, in this
+    thread (kept already when :func:`mosaics_for` had them as ``ahead``); the background thread
+    does only PIL and disk work: no Streamlit call and no DuckDB query (a daemon thread inside
+    one when the interpreter exits aborts the process). Files are written atomically, so a page
+    racing it is safe. Returns whether a thread was started.
+    """
     key = (str(store.root), run.run_key, geometry)
     with _prerender_lock:
-        ahead = list(ahead) if ahead and key not in _prerendering else []
-        if ahead:
-            _prerendering.add(key)
-    rows = top_probe_rows(top, files, neurons + ahead)
-
-    def one(neuron: int) -> Path | None:
-        return _mosaic(store, run, neuron, rows[neuron], MOSAIC_TILE, geometry)
+        if key in _prerendering:
+            return False
+        _prerendering.add(key)
+    rows = top_probe_rows(top, files, neurons)
 
     def work() -> None:
-        for neuron in ahead:
+        for neuron in list(neurons):
             try:
-                one(neuron)
+                _mosaic(store, run, neuron, rows[neuron], MOSAIC_TILE, geometry)
             except OSError:  # cache folder gone or full: the page builds what it shows
                 return
 
-    shown = dict(zip(neurons, in_threads([lambda n=n: one(n) for n in neurons], workers)))
-    if ahead:
-        threading.Thread(target=work, name=f"prerender-{run.run_key}", daemon=True).start()
-    return shown
-
-
-_prerendering: set[tuple] = set()  # (cache, run, geometry) whose following pages' mosaics were started
+    threading.Thread(target=work, name=f"prerender-{run.run_key}", daemon=True).start()
+    return True
 
 
 def show_image(path: Path | str | None, where=None, **kwargs) -> None:

@@ -203,7 +203,7 @@ def _two_methods(sel: context.Selection) -> None:
     cards.inject_css()
     pictures = {"geometry": cards.run_geometry(sel.store, sel.run), "top": data.top_k(sel.store, sel.run.run_key),
                 "files": data.run_files(sel.store, sel.run.run_key)}
-    mosaics = cards.mosaics_for(sel.store, sel.run, shown, ahead=order[page * PER_PAGE:], **pictures)  # in threads
+    mosaics = cards.mosaics_for(sel.store, sel.run, shown, ahead=order[page * PER_PAGE:], **pictures)
     for start in range(0, len(shown), 4):
         cols = st.columns(4)
         for col, n in zip(cols, shown[start:start + 4]):
@@ -212,6 +212,7 @@ def _two_methods(sel: context.Selection) -> None:
                 if mosaics.get(n) is not None:
                     cards.show_image(mosaics[n], width="stretch")
                 st.html(cards.label_line_html(m_a, tops[n][m_a]) + cards.label_line_html(m_b, tops[n][m_b]))
+    cards.prerender_mosaics(sel.store, sel.run, order[page * PER_PAGE:], **pictures)
 
 
 def body() -> None:
