@@ -52,6 +52,7 @@ from ..store import LabelRow, RunInfo, Store
 from .base import DescriptionMethod, MethodContext, MethodError, Overlay, register_method
 
 NEURONS_PER_BATCH = 8
+MASK_LEVEL_SKETCH = "sketch"  # a label's mask_level_source when its level came from the run's sketch
 MASK_LEVEL_APPROXIMATE = "top-k estimate (approximate: the run was stored without a map sketch)"  # exemplar images of this many neurons are encoded in one backend call
 
 
@@ -119,9 +120,10 @@ class ExemplarMaskOverlay(Overlay):
 
     def settings(self, maps: np.ndarray, run: RunInfo, extra: dict) -> dict:
         """The level the label used, else the run's sketch (``map_level``), else the top-k
-        estimate, which is marked approximate (a run stored without a sketch)."""
+        estimate. A level not from a sketch (labels made before sketches say no source) is
+        marked approximate."""
         if extra.get("mask_threshold") is not None:
-            threshold, approximate = extra["mask_threshold"], extra.get("mask_level_source") == MASK_LEVEL_APPROXIMATE
+            threshold, approximate = extra["mask_threshold"], extra.get("mask_level_source") != MASK_LEVEL_SKETCH
         elif extra.get("map_level") is not None:
             threshold, approximate = extra["map_level"], False
         else:
@@ -328,7 +330,7 @@ class MilanPMI(DescriptionMethod):
         loglik = conditional_log_likelihood(store, ctx.language_model, all_candidates, config.prior_context, ctx.progress)
         prior = dict(zip(all_candidates, description_prior(loglik, all_candidates, config.prior_normalisation)))
 
-        level_source = None if not masked else "sketch" if levels is not None else MASK_LEVEL_APPROXIMATE
+        level_source = None if not masked else MASK_LEVEL_SKETCH if levels is not None else MASK_LEVEL_APPROXIMATE
         out: list[LabelRow] = []
         for g in gathered:
             source: dict[str, str] = {}
