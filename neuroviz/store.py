@@ -767,6 +767,26 @@ class Store(CacheLayout):
             _mask_level_memo[stamp] = level
         return _mask_level_memo[stamp]
 
+    def mask_level(self, run_key: str, neuron: int, quantile: float) -> float | None:
+        """One neuron's value of :meth:`mask_levels`, read from its own sketch only (a page
+        showing one neuron: all of a 512-neuron layer's sketches take ~0.4 s, one takes ~20 ms)."""
+        from datasketches import vector_of_kll_floats_sketches
+
+        from .sketches import top_fraction_level
+
+        path = self.run_dir(run_key) / "sketches.npz"
+        if not _SAFE_NAME.fullmatch(run_key) or not path.exists():
+            return None
+        with np.load(path) as arrays:
+            if "spatial_bytes" not in arrays.files:
+                return None
+            offsets = arrays["spatial_offsets"]
+            if not 0 <= neuron < len(offsets) - 1:
+                return None
+            one = vector_of_kll_floats_sketches(int(arrays["spatial_k"]), 1)
+            one.deserialize(arrays["spatial_bytes"][offsets[neuron]:offsets[neuron + 1]].tobytes(), 0)
+            return float(top_fraction_level(one, int(arrays["cells"]), quantile)[0])
+
     def clean_run_leftovers(self, run_key: str) -> None:
         """Remove what a killed writer left in a run's folder: temporary files, and ``partial/``
         once the run is committed. Call it only while holding :meth:`run_writer_lock`."""

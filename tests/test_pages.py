@@ -567,6 +567,7 @@ def test_milan_masks_come_from_the_runs_sketch_else_say_approximate(dash, large_
     run = dash["runs"]["layer2"]
     level = dash["store"].mask_levels(run.run_key, 0.99)
     assert level is not None, "an extraction stores the map sketch"
+    assert [dash["store"].mask_level(run.run_key, n, 0.99) for n in range(run.n_neurons)] == [float(v) for v in level]
     at = app(layer="layer2", neuron=3)
     at.switch_page("views/neuron.py").run()
     at.get("button_group")[0].set_value("masks").run()

@@ -97,11 +97,15 @@ def _overlay_extra(sel: context.Selection, overlay: Overlay, method: str | None,
     the level of the neuron's map cells over the whole probe set at the overlay's quantile
     (from the run's sketch: runs stored without one have none, the overlay then estimates it)."""
     extra = _answer_extra(sel, method, neuron)
-    if overlay.map_quantile is not None:
-        levels = sel.store.mask_levels(sel.run.run_key, overlay.map_quantile)
-        if levels is not None and 0 <= neuron < len(levels):
-            extra = {**extra, "map_level": float(levels[neuron])}
-    return extra
+    level = _map_level(str(sel.store.root), sel.run.run_key, neuron, overlay.map_quantile) if overlay.map_quantile else None
+    return extra if level is None else {**extra, "map_level": level}
+
+
+@st.cache_resource(show_spinner=False, max_entries=256)
+def _map_level(root: str, run_key: str, neuron: int, quantile: float) -> float | None:
+    """The neuron's level of its map cells over the probe set, from the run's sketch (None for
+    runs stored without one); once per neuron: a run's files never change under its key."""
+    return data.get_store(root).mask_level(run_key, neuron, quantile)
 
 
 def _top_images(sel: context.Selection, neuron: int) -> None:
