@@ -15,9 +15,10 @@ held before the step began (imports, model, store). Per size:
    runs it, with a stand-in multimodal backend (a fixed random projection of an 8x8 thumbnail;
    seeded text vectors): the labelling cost depends on the sizes, not on the embeddings' values.
    Image-embedding seconds, labelling seconds, peak RSS;
-3. the layer browser and the neuron page of layer4 through benchmarks/bench_pages.py (Streamlit
-   AppTest): a fresh process that builds the pictures (cold), a restart with pictures on disk,
-   and the median of warm reruns;
+3. the pages that read the probe set or the activations (layer browser, neuron page, Compare,
+   Analysis, Audit) on layer4 through benchmarks/bench_pages_scale.py (Streamlit AppTest): a
+   fresh process that builds the pictures (cold), a restart with pictures on disk, and the
+   median of warm reruns;
 4. at the smallest size of at most 10,000 images: extraction on the Ray engine (2 local
    workers) against in-process, when neuroviz.engines and ray are installed.
 Targets (issue 11): peak RSS of extraction and of labelling flat from 10k to 100k within 15 %;
