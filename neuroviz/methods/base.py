@@ -83,10 +83,14 @@ class Overlay(ABC):
     ``settings`` turns the neuron's maps (and its label's details from the overlay's method)
     into the few numbers the pictures depend on; they also key the cached pictures, so they
     must be JSON values. ``draw`` paints one image; ``caption`` says what the grid shows.
+    An overlay that needs a quantile of the neuron's map cells over the whole probe set names
+    it in ``map_quantile``; the page then adds ``extra["map_level"]`` from the run's sketch
+    (:meth:`Store.mask_levels`) when the run has one.
     """
 
     key: str = ""  # unique over every method's overlays, e.g. "crops"
     title: str = ""  # the neuron page's name for it, e.g. "DnD crops"
+    map_quantile: float | None = None  # e.g. MILAN's 0.99 mask level
 
     def settings(self, maps: np.ndarray, run: RunInfo, extra: dict) -> dict:
         """Per-neuron parameters from its top-k ``maps`` (k, h, w) and ``extra`` (the details of

@@ -52,6 +52,7 @@ from ..store import LabelRow, RunInfo, Store
 from .base import DescriptionMethod, MethodContext, MethodError, Overlay, register_method
 
 NEURONS_PER_BATCH = 8
+MASK_LEVEL_SKETCH = "sketch"  # a label's mask_level_source when its level came from the run's sketch
 MASK_LEVEL_APPROXIMATE = "top-k estimate (approximate: the run was stored without a map sketch)"  # exemplar images of this many neurons are encoded in one backend call
 
 
@@ -115,19 +116,30 @@ class ExemplarMaskOverlay(Overlay):
 
     key = "masks"
     title = "MILAN masks"
+    map_quantile = MilanConfig.mask_quantile
 
     def settings(self, maps: np.ndarray, run: RunInfo, extra: dict) -> dict:
-        threshold = extra.get("mask_threshold")  # the level the label used (from the run's sketch)
-        if threshold is None:
-            threshold = spatial_quantile_threshold(maps, run.n_images, MilanConfig.mask_quantile)
-        return {"threshold": float(threshold)}
+        """The level the label used, else the run's sketch (``map_level``), else the top-k
+        estimate. A level not from a sketch (labels made before sketches say no source) is
+        marked approximate."""
+        if extra.get("mask_threshold") is not None:
+            threshold, approximate = extra["mask_threshold"], extra.get("mask_level_source") != MASK_LEVEL_SKETCH
+        elif extra.get("map_level") is not None:
+            threshold, approximate = extra["map_level"], False
+        else:
+            threshold, approximate = spatial_quantile_threshold(maps, run.n_images, MilanConfig.mask_quantile), True
+        return {"threshold": float(threshold), **({"approximate": True} if approximate else {})}
 
     def draw(self, view: Image.Image, activation_map: np.ndarray, settings: dict) -> Image.Image:
         return mask_overlay(view, exemplar_mask(activation_map, settings["threshold"], view.size))
 
     def caption(self, settings: dict) -> str:
         top = 100 * (1 - MilanConfig.mask_quantile)
-        return f"MILAN exemplar masks: the map above {settings['threshold']:.3g} (the neuron's top {top:g}% of map values)."
+        text = f"MILAN exemplar masks: the map above {settings['threshold']:.3g} (the neuron's top {top:g}% of map values"
+        if settings.get("approximate"):
+            return text + ", approximate: estimated from the top images' maps, as this run was stored without a sketch of " \
+                          "every map cell; extract the layer again for the exact level)."
+        return text + ")."
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -318,7 +330,7 @@ class MilanPMI(DescriptionMethod):
         loglik = conditional_log_likelihood(store, ctx.language_model, all_candidates, config.prior_context, ctx.progress)
         prior = dict(zip(all_candidates, description_prior(loglik, all_candidates, config.prior_normalisation)))
 
-        level_source = None if not masked else "sketch" if levels is not None else MASK_LEVEL_APPROXIMATE
+        level_source = None if not masked else MASK_LEVEL_SKETCH if levels is not None else MASK_LEVEL_APPROXIMATE
         out: list[LabelRow] = []
         for g in gathered:
             source: dict[str, str] = {}
