@@ -231,6 +231,13 @@ def score_columns(acts: np.ndarray, predicted: np.ndarray, presence: np.ndarray 
     return score_prepared(a, p, w, seed, metrics, max_auprc_resampled, per_unit)
 
 
+def auprc_resampled_columns(n_cols: int, seed: int = 0, max_columns: int | None = AUPRC_RESAMPLED_COLUMNS) -> np.ndarray:
+    """The columns whose AUPRC gets resamples: every one, or a seeded sample of ``max_columns`` on wider layers."""
+    if max_columns is None or n_cols <= max_columns:
+        return np.arange(n_cols)
+    return np.sort(np.random.default_rng(seed).choice(n_cols, max_columns, replace=False))
+
+
 def score_prepared(a: Prepared, p: Prepared, w: np.ndarray, seed: int = 0, metrics: tuple[str, ...] = METRICS,
                    max_auprc_resampled: int | None = AUPRC_RESAMPLED_COLUMNS, per_unit: bool = True) -> MetricScores:
     """:func:`score_columns` on prepared sides, with bootstrap weights ``w`` (resamples x images; none: no intervals)."""
@@ -271,9 +278,7 @@ def score_prepared(a: Prepared, p: Prepared, w: np.ndarray, seed: int = 0, metri
     if "auprc" in metrics:
         order = a.order if a.order is not None else np.argsort(-a.z, axis=0)
         values["auprc"] = _auprc(order, y)
-        cols = every
-        if max_auprc_resampled is not None and n_cols > max_auprc_resampled:
-            cols = np.sort(np.random.default_rng(seed).choice(n_cols, max_auprc_resampled, replace=False))
+        cols = auprc_resampled_columns(n_cols, seed, max_auprc_resampled)
         resamples["auprc"], resampled["auprc"] = _weighted_auprc(w, order[:, cols], y[:, cols]), cols
     keep = [m for m in metrics if m in values]
     return MetricScores({m: values[m] for m in keep}, {m: resamples[m] for m in keep}, {m: resampled[m] for m in keep},
