@@ -557,7 +557,7 @@ class Store(CacheLayout):
         stats.update(acts)
         self.write_run(info, lambda: [acts], top_values, top_indices, image_ids, maps, stats, hist_bins)
 
-    def write_run(self, info: RunInfo, acts_parts: Callable[[], Sequence[np.ndarray]], top_values: np.ndarray,
+    def write_run(self, info: RunInfo, acts_parts: Callable[[], Iterable[np.ndarray]], top_values: np.ndarray,
                   top_indices: np.ndarray, image_ids: Sequence[str], maps: np.ndarray | None, stats,
                   hist_bins: int = 50) -> None:
         """Store a finished extraction: arrays and tables first, ``run.json`` last.

@@ -21,8 +21,17 @@ import numpy as np
 from .. import column_scan
 from ..errors import NeurovizError
 from ..store import RunInfo, Store
-from .metrics import DEFAULT_BOOTSTRAP, DEFAULT_TOP_FRACTION, METRICS, MetricScores, Prepared, auprc_resampled_columns
-from .metrics import bootstrap_weights, prepare, score_prepared
+from .metrics import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_TOP_FRACTION,
+    METRICS,
+    MetricScores,
+    Prepared,
+    auprc_resampled_columns,
+    bootstrap_weights,
+    prepare,
+    score_prepared,
+)
 from .split import HeldOutSplit, parent_of
 
 
@@ -247,6 +256,6 @@ def _joined(parts: Sequence[MetricScores], metrics: tuple[str, ...]) -> MetricSc
     values = {m: np.concatenate([p.values[m] for p in parts]) for m in keep}
     resamples = {m: np.concatenate([p.resamples[m] for p in parts], axis=1) if parts else np.zeros((0, 0)) for m in keep}
     resampled = {m: np.concatenate([p.resampled[m] + o for p, o in zip(parts, offsets)]).astype(np.int64) for m in keep}
-    means = {m: sum(p.mean_resamples[m] * (size / total) for p, size in zip(parts, sizes))
+    means = {m: np.sum([p.mean_resamples[m] * (size / total) for p, size in zip(parts, sizes)], axis=0)
              for m in keep if parts and all(m in p.mean_resamples for p in parts)}
     return MetricScores(values, resamples, resampled, means)
