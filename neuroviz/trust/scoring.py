@@ -159,26 +159,28 @@ def scoring_images(store: Store, run: RunInfo, multimodal, split: HeldOutSplit, 
 
     parent = parent_of(store, run)
     base = parent[0] if parent else run
-    fit_ids = {im["image_id"] for im, s in zip(store.probe_images(base.probe_set_id),
-                                                split.score_mask([im["image_id"] for im in store.probe_images(base.probe_set_id)]))
-               if not s}
+    base_images = store.probe_images(base.probe_set_id)  # read once: a list of dicts per image is not small at 100k
+    base_ids = [im["image_id"] for im in base_images]
+    fit_ids = {image_id for image_id, s in zip(base_ids, split.score_mask(base_ids)) if not s}
     if score_run is not None:
         if (score_run.model_spec, score_run.weights_id, score_run.layer, score_run.pooling) != \
                 (base.model_spec, base.weights_id, base.layer, base.pooling):
             raise ScoringError(f"Run {score_run.run_key} is not the same layer of the same model and pooling as {base.run_key}.")
         source = score_run
-        ids = [im["image_id"] for im in store.probe_images(source.probe_set_id)]
+        source_images = store.probe_images(source.probe_set_id)
+        ids = [im["image_id"] for im in source_images]
         rows = np.array([i for i, image_id in enumerate(ids) if image_id not in fit_ids], dtype=np.int64)
         what = f"{len(rows)} images of probe set {source.probe_set_id[:8]} (not in the fit part)"
     else:
         source = base
-        ids = [im["image_id"] for im in store.probe_images(source.probe_set_id)]
+        source_images, ids = base_images, base_ids
         rows = np.flatnonzero([i not in fit_ids for i in ids])
         what = f"{len(rows)} held-out images ({split.describe()})"
     if len(rows) < MIN_SCORING_IMAGES:
         raise ScoringError(f"Only {len(rows)} scoring images: too few to score labels (need {MIN_SCORING_IMAGES}).")
     emb = embeddings.image_embeddings(multimodal, store, source.probe_set_id)  # memory-mapped, like the activations
-    classes = [normalise_label(Path(im["label"]).name) if im["label"] else "" for im in store.probe_images(source.probe_set_id)]
+    classes = [normalise_label(Path(im["label"]).name) if im["label"] else "" for im in source_images]
+    del base_images, source_images
     return ScoringImages(store.activations(source.run_key), emb, [ids[i] for i in rows], what, [classes[i] for i in rows],
                          np.asarray(rows, dtype=np.int64))
 
