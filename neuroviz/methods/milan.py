@@ -248,12 +248,12 @@ class MilanPMI(DescriptionMethod):
         store, run = ctx.store, ctx.run
         neurons = [int(n) for n in neurons]
         progress = chain(ctx.progress)  # a no-op when the context has no progress callback
-        paths = [p["path"] for p in store.probe_images(run.probe_set_id)]
         view_cache: list[ProbeViews] = []
 
         def views(image_idx: int):
-            # The probed model (for its crop geometry) is loaded only when pixels are needed.
+            # The probed model (for its crop geometry) and the probe paths are loaded only when pixels are needed.
             if not view_cache:
+                paths = list(store.probe_files(run.probe_set_id).paths)
                 view_cache.append(ProbeViews(paths, ctx.probed_model().preprocessing, config.view_size))
             return view_cache[0](image_idx)
 

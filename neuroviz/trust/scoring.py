@@ -45,7 +45,7 @@ MIN_SCORING_IMAGES = 3
 SCORING_BLOCK_BYTES = 64 * 2**20  # a block of units (or labels) over every scoring image, while it is scored
 # bytes per image and unit while a block is scored: activations and predictions standardised,
 # binarised and ranked, and the metrics' temporaries
-SCORING_BYTES_PER_CELL = 64
+SCORING_BYTES_PER_CELL = 32
 
 
 class ScoringError(NeurovizError, ValueError):
@@ -103,10 +103,12 @@ class ScoringImages:
         out = np.empty((len(index), len(labels)), dtype=np.float32)
         if not len(labels):
             return out
-        step = max(1, column_scan.ROW_BLOCK_BYTES // (4 * (self.image_emb.shape[1] + len(text_emb) + len(labels))))
+        needed = sorted({text for label in labels for _, text in label_terms(label)})  # only these labels' texts
+        texts, text_row = text_emb[[row_of[t] for t in needed]], {t: i for i, t in enumerate(needed)}
+        step = max(1, column_scan.ROW_BLOCK_BYTES // (4 * (self.image_emb.shape[1] + len(needed) + len(labels))))
         for start in range(0, len(index), step):
             emb = column_scan.take_rows(self.image_emb, index[start:start + step])
-            out[start:start + step] = predicted_activations(multimodal, emb, text_emb, row_of, labels)
+            out[start:start + step] = predicted_activations(multimodal, emb, texts, text_row, labels)
         return out
 
 
@@ -159,29 +161,27 @@ def scoring_images(store: Store, run: RunInfo, multimodal, split: HeldOutSplit, 
 
     parent = parent_of(store, run)
     base = parent[0] if parent else run
-    base_images = store.probe_images(base.probe_set_id)  # read once: a list of dicts per image is not small at 100k
-    base_ids = [im["image_id"] for im in base_images]
+    base_files = store.probe_files(base.probe_set_id)
+    base_ids = list(base_files.image_ids)
     fit_ids = {image_id for image_id, s in zip(base_ids, split.score_mask(base_ids)) if not s}
     if score_run is not None:
         if (score_run.model_spec, score_run.weights_id, score_run.layer, score_run.pooling) != \
                 (base.model_spec, base.weights_id, base.layer, base.pooling):
             raise ScoringError(f"Run {score_run.run_key} is not the same layer of the same model and pooling as {base.run_key}.")
         source = score_run
-        source_images = store.probe_images(source.probe_set_id)
-        ids = [im["image_id"] for im in source_images]
+        files = store.probe_files(source.probe_set_id)
+        ids = list(files.image_ids)
         rows = np.array([i for i, image_id in enumerate(ids) if image_id not in fit_ids], dtype=np.int64)
         what = f"{len(rows)} images of probe set {source.probe_set_id[:8]} (not in the fit part)"
     else:
-        source = base
-        source_images, ids = base_images, base_ids
+        source, files, ids = base, base_files, base_ids
         rows = np.flatnonzero([i not in fit_ids for i in ids])
         what = f"{len(rows)} held-out images ({split.describe()})"
     if len(rows) < MIN_SCORING_IMAGES:
         raise ScoringError(f"Only {len(rows)} scoring images: too few to score labels (need {MIN_SCORING_IMAGES}).")
     emb = embeddings.image_embeddings(multimodal, store, source.probe_set_id)  # memory-mapped, like the activations
-    classes = [normalise_label(Path(im["label"]).name) if im["label"] else "" for im in source_images]
-    del base_images, source_images
-    return ScoringImages(store.activations(source.run_key), emb, [ids[i] for i in rows], what, [classes[i] for i in rows],
+    classes = [normalise_label(Path(files.labels[i]).name) if files.labels[i] else "" for i in rows]
+    return ScoringImages(store.activations(source.run_key), emb, [ids[i] for i in rows], what, classes,
                          np.asarray(rows, dtype=np.int64))
 
 
