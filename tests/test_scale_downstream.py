@@ -293,7 +293,7 @@ def test_scoring_in_blocks_of_units_equals_one_block(tmp_path, monkeypatch, per_
     monkeypatch.setattr(scoring, "SCORING_BLOCK_BYTES", 2**40)  # one block: every unit at once
     whole = scoring.score_label_sets(None, images, backend, sets, n_boot=20, per_unit=per_unit)
     whole_badges = badges.unit_badges(None, images, backend, sets[:2])
-    monkeypatch.setattr(scoring, "SCORING_BLOCK_BYTES", 2 * 2**20)
+    monkeypatch.setattr(scoring, "SCORING_BLOCK_BYTES", 6 * 2**20)
     monkeypatch.setattr(column_scan, "ROW_BLOCK_BYTES", 2**20)
     growth, blocked = peak_growth_mb(lambda: scoring.score_label_sets(None, images, backend, sets, n_boot=20, per_unit=per_unit))
     assert growth < 0.5 * _mb(images.acts), f"scoring held {growth:.0f} MB beside a {_mb(images.acts):.0f} MB matrix"
