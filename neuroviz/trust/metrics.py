@@ -45,6 +45,7 @@ METRIC_TITLES = {"simulation_r": "simulation r", "auprc": "AUPRC", "f1": "F1", "
 DEFAULT_TOP_FRACTION = 0.05  # binarise at each unit's top 5 % of images
 DEFAULT_BOOTSTRAP = 200
 AUPRC_RESAMPLED_COLUMNS = 32  # see score_columns
+AUPRC_RESAMPLE_CHUNK = 16  # resamples whose weighted cumulative sums are held at once
 
 
 def pearson_columns(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -106,12 +107,14 @@ def _weighted_auprc(w: np.ndarray, order: np.ndarray, y: np.ndarray) -> np.ndarr
         pos = np.flatnonzero(y[ranked, j])
         if not len(pos):
             continue
-        ws = w[:, ranked]  # (resamples, images), contiguous
-        seen = np.cumsum(ws, axis=1)[:, pos]  # weighted images up to each positive
-        hits = ws[:, pos]
-        found = np.cumsum(hits, axis=1)  # weighted positives up to each positive
-        total = hits.sum(axis=1)
-        out[:, j] = np.where(total > 0, (hits * found / np.maximum(seen, 1e-12)).sum(axis=1) / np.maximum(total, 1e-12), 0.0)
+        for r in range(0, len(w), AUPRC_RESAMPLE_CHUNK):  # a few resamples at a time: (resamples x images) copies stay small
+            ws = w[r:r + AUPRC_RESAMPLE_CHUNK, ranked]  # (resamples, images), contiguous
+            seen = np.cumsum(ws, axis=1)[:, pos]  # weighted images up to each positive
+            hits = ws[:, pos]
+            found = np.cumsum(hits, axis=1)  # weighted positives up to each positive
+            total = hits.sum(axis=1)
+            out[r:r + AUPRC_RESAMPLE_CHUNK, j] = np.where(
+                total > 0, (hits * found / np.maximum(seen, 1e-12)).sum(axis=1) / np.maximum(total, 1e-12), 0.0)
     return out
 
 
