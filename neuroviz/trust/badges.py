@@ -69,7 +69,8 @@ def unit_badges(store: Store | None, images: ScoringImages, multimodal, method_s
     text_emb = embed_texts(store, multimodal, concept_texts)
     row_of = {t: i for i, t in enumerate(concept_texts)}
     r_all = np.empty((len(units), len(texts)))  # r of every layer label on every unit
-    step = images.columns_per_block(8)  # a block of units and one of labels, standardised, at a time
+    # a block of units and one of labels at a time, each read and standardised (a copy): 4 float32 matrices
+    step = images.columns_per_block(32)
     for u in range(0, len(units), step):
         acts = _standardise(images.unit_columns(units[u:u + step]))
         for t in range(0, len(texts), step):
