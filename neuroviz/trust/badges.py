@@ -70,7 +70,7 @@ def unit_badges(store: Store | None, images: ScoringImages, multimodal, method_s
     row_of = {t: i for i, t in enumerate(concept_texts)}
     r_all = np.empty((len(units), len(texts)))  # r of every layer label on every unit
     # a block of units and one of labels at a time, each read and standardised (a copy): 4 float32 matrices
-    step = images.columns_per_block(32)
+    step = images.columns_per_block(16)
     for u in range(0, len(units), step):
         acts = _standardise(images.unit_columns(units[u:u + step]))
         for t in range(0, len(texts), step):

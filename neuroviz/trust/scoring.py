@@ -45,7 +45,7 @@ MIN_SCORING_IMAGES = 3
 SCORING_BLOCK_BYTES = 64 * 2**20  # a block of units (or labels) over every scoring image, while it is scored
 # bytes per image and unit while a block is scored: activations and predictions standardised,
 # binarised and ranked, and the metrics' temporaries
-SCORING_BYTES_PER_CELL = 32
+SCORING_BYTES_PER_CELL = 16
 
 
 class ScoringError(NeurovizError, ValueError):
