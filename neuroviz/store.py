@@ -660,7 +660,7 @@ class Store(CacheLayout):
         stats.update(acts)
         self.write_run(info, lambda: [acts], top_values, top_indices, image_ids, maps, stats, hist_bins)
 
-    def write_run(self, info: RunInfo, acts_parts: Callable[[], Sequence[np.ndarray]], top_values: np.ndarray,
+    def write_run(self, info: RunInfo, acts_parts: Callable[[], Iterable[np.ndarray]], top_values: np.ndarray,
                   top_indices: np.ndarray, image_ids: Sequence[str], maps: np.ndarray | None, stats,
                   hist_bins: int = 50) -> None:
         """Store a finished extraction: arrays and tables first, ``run.json`` last.
@@ -1051,6 +1051,7 @@ class Store(CacheLayout):
 _neuron_count_memo: dict[tuple[str, ...], int] = {}
 _mask_level_memo: dict[tuple[str, int, float], np.ndarray | None] = {}
 MAX_PARTS = 16  # append-only caches merge their parts beyond this many
+EMBEDDING_BLOCK_ROWS = 4096  # rows of a shared image-embedding part read at once
 PART_GRACE = 60.0  # seconds after which a label part is surely committed and may be merged
 
 
@@ -1148,20 +1149,34 @@ class SharedCache:
         return target
 
     def image_embeddings(self, backend_key: str, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
-        """The embeddings of ``image_ids`` already in the cache (image id -> vector)."""
-        wanted = set(image_ids)
+        """The embeddings of ``image_ids`` already in the cache (image id -> vector); for a few
+        images (a probe set's matrix is read with :meth:`image_embedding_blocks`)."""
+        found: dict[str, np.ndarray] = {}
+        for positions, emb in self.image_embedding_blocks(backend_key, image_ids):
+            found.update((image_ids[int(p)], row) for p, row in zip(positions, emb))
+        return found
 
-        def read() -> dict[str, np.ndarray]:
-            found: dict[str, np.ndarray] = {}
-            for path in sorted(self.image_embeddings_dir(backend_key).glob("part-*.npz")):
-                with np.load(path) as part:
-                    ids, emb = part["image_ids"], part["embeddings"]
-                for i, image_id in enumerate(ids.tolist()):
-                    if image_id in wanted:
-                        found[image_id] = emb[i]
-            return found
-
-        return _retrying(read)
+    def image_embedding_blocks(self, backend_key: str, image_ids: Sequence[str],
+                               block_rows: int = EMBEDDING_BLOCK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in ``image_ids``, their embeddings) of the cached ones, a block of a part's
+        rows at a time, oldest part first: where an image is in two parts the newer one comes
+        later. A part merged away meanwhile restarts the pass (blocks repeat; later still wins)."""
+        position = {image_id: i for i, image_id in enumerate(image_ids)}
+        while True:
+            try:
+                for path in sorted(self.image_embeddings_dir(backend_key).glob("part-*.npz")):
+                    ids = _npz_member(path, "image_ids").tolist()
+                    wanted = np.array([position.get(i, -1) for i in ids], dtype=np.int64)
+                    if not (wanted >= 0).any():
+                        continue
+                    for start, block in _npz_row_blocks(path, "embeddings", block_rows):
+                        mine = wanted[start:start + len(block)]
+                        keep = mine >= 0
+                        if keep.any():
+                            yield mine[keep], np.asarray(block[keep], dtype=np.float32)
+                return
+            except FileNotFoundError:
+                continue
 
     def add_image_embeddings(self, backend_key: str, image_ids: Sequence[str], embeddings: np.ndarray) -> None:
         """Append embeddings as one part; merge the parts once there are many."""
@@ -1172,14 +1187,55 @@ class SharedCache:
                      embeddings=np.asarray(embeddings, dtype=np.float32))
         parts = sorted(folder.glob("part-*.npz"))
         if len(parts) > MAX_PARTS:
-            ids: dict[str, np.ndarray] = {}
-            for path in parts:
-                with np.load(path) as part:
-                    ids.update(zip(part["image_ids"].tolist(), part["embeddings"]))
-            atomic_savez(folder / f"part-{new_part_id()}.npz", image_ids=np.asarray(list(ids), dtype=str),
-                         embeddings=np.stack(list(ids.values())).astype(np.float32))
+            _merge_embedding_parts(folder / f"part-{new_part_id()}.npz", parts)
             for path in parts:
                 path.unlink(missing_ok=True)
+
+
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    with np.load(path) as npz:
+        return npz[name]
+
+
+def _npz_row_blocks(path: Path, name: str, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of a 2-D array in an .npz, read as a stream: np.load reads a member whole."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(fh)
+        if fortran_order or len(shape) != 2:
+            raise ValueError(f"{path}: {name} is not a C-ordered matrix")
+        row_bytes = shape[1] * dtype.itemsize
+        for start in range(0, shape[0], block_rows):
+            rows = min(block_rows, shape[0] - start)
+            yield start, np.frombuffer(fh.read(rows * row_bytes), dtype=dtype).reshape(rows, shape[1])
+
+
+def _merge_embedding_parts(target: Path, parts: Sequence[Path]) -> None:
+    """One part holding every image of ``parts`` once (the newest part's row wins), written as a
+    stream: the merged embeddings are never whole in memory (np.savez needs whole arrays)."""
+    import zipfile
+
+    seen: set[str] = set()
+    keep: list[np.ndarray] = []
+    for path in reversed(parts):
+        ids = _npz_member(path, "image_ids")
+        keep.append(np.array([i not in seen for i in ids.tolist()], dtype=bool))
+        seen.update(ids.tolist())
+    keep.reverse()
+    ids = np.concatenate([_npz_member(path, "image_ids")[mask] for path, mask in zip(parts, keep)])
+    dim = next(block.shape[1] for _, block in _npz_row_blocks(parts[0], "embeddings", 1))
+    with atomic_open(target, "wb", suffix=".tmp.npz") as fh, zipfile.ZipFile(fh, "w", allowZip64=True) as archive:
+        with archive.open("image_ids.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, ids)
+        with archive.open("embeddings.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                          "fortran_order": False, "shape": (len(ids), dim)})
+            for path, mask in zip(parts, keep):
+                for start, block in _npz_row_blocks(path, "embeddings", EMBEDDING_BLOCK_ROWS):
+                    member.write(np.ascontiguousarray(block[mask[start:start + len(block)]], dtype=np.float32).tobytes())
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..column_scan import take_rows
 from ..crops import ProbeViews, exemplar_mask, mask_overlay, masked_region
 from ..progress import Progress, chain
 from ..store import LabelRow, RunInfo, Store
@@ -259,12 +260,12 @@ class MilanPMI(DescriptionMethod):
         store, run = ctx.store, ctx.run
         neurons = [int(n) for n in neurons]
         progress = chain(ctx.progress)  # a no-op when the context has no progress callback
-        paths = [p["path"] for p in store.probe_images(run.probe_set_id)]
         view_cache: list[ProbeViews] = []
 
         def views(image_idx: int):
-            # The probed model (for its crop geometry) is loaded only when pixels are needed.
+            # The probed model (for its crop geometry) and the probe paths are loaded only when pixels are needed.
             if not view_cache:
+                paths = list(store.probe_files(run.probe_set_id).paths)
                 view_cache.append(ProbeViews(paths, ctx.probed_model().preprocessing, config.view_size))
             return view_cache[0](image_idx)
 
@@ -275,7 +276,7 @@ class MilanPMI(DescriptionMethod):
         # Unmasked exemplars (fc layers, or exemplar_region="full") are whole probe images, whose
         # embeddings are cached for the probe set: no image needs encoding for them.
         masked = run.map_shape is not None and config.exemplar_region != "full"
-        whole_emb = None if masked else np.asarray(image_embeddings(ctx.multimodal, store, run.probe_set_id), dtype=np.float32)
+        whole_emb = None if masked else image_embeddings(ctx.multimodal, store, run.probe_set_id)  # memory-mapped: rows read as needed
         levels = store.mask_levels(run.run_key, config.mask_quantile) if masked else None
         total_steps = len(neurons) + 2
         progress(0, total_steps, f"exemplars of the first {min(len(neurons), NEURONS_PER_BATCH)} neurons")
@@ -303,7 +304,7 @@ class MilanPMI(DescriptionMethod):
             else:
                 assert whole_emb is not None, "unmasked exemplars use the cached whole-image embeddings"
                 whole_idx = [int(t["image_idx"]) for _, picked, _ in chosen for t in picked]
-                emb = whole_emb[whole_idx]
+                emb = take_rows(whole_emb, whole_idx)
                 owners_arr = np.array([n for n, picked, _ in chosen for _ in picked])
                 regions = [views(i) for i in whole_idx] if config.caption_candidates and not _reuses_embeddings(ctx) else []
             captions = [caption_phrase(c) for c in captions_of(ctx, regions, emb)] if config.caption_candidates else [""] * len(emb)
