@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import load_rgb
-from .files import atomic_directory, atomic_save_npy, atomic_save_npy_blocks, atomic_savez, atomic_write_text
+from .files import atomic_directory, atomic_save_npy, atomic_save_npy_blocks, atomic_savez, atomic_write_text, npy_header, npy_row_blocks
 from .hooks import LayerRecorder, pool, spatial_map, to_batch_first
 from .models import LayerInfo
 from .progress import Progress
 from .sketches import NeuronStats
-from .store import _cursor, _write_parquet, row_blocks
+from .store import _cursor, _write_parquet
 
 MAP_MAX_SIDE = 32  # top-k maps are stored at most 32x32: enough for crops, masks and heatmaps
 UnitTransform = Callable[[torch.Tensor], torch.Tensor]  # batch-first layer output -> units (neuroviz.units)
@@ -279,8 +279,9 @@ class _LayerWork:
         values, indices, maps = self.top.sorted()
         n_neurons, k = indices.shape
         with atomic_directory(shard_dir(self.plan, shard.index)) as tmp:
-            acts = [np.load(self.work / f"chunk-{c:05d}.npy", mmap_mode="r") for c in range(n_chunks)]
-            atomic_save_npy_blocks(tmp / "acts.npy", (sum(len(a) for a in acts), n_neurons), row_blocks(acts))
+            chunks = [self.work / f"chunk-{c:05d}.npy" for c in range(n_chunks)]
+            rows = sum(npy_header(c)[0][0] for c in chunks)
+            atomic_save_npy_blocks(tmp / "acts.npy", (rows, n_neurons), npy_row_blocks(chunks))
             if maps is not None:
                 atomic_save_npy(tmp / "maps.npy", maps.astype(np.float16))
             _write_parquet(tmp / "topk.parquet", "shard_topk", {
@@ -383,7 +384,7 @@ def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None 
 class ReducedRun:
     """A layer's merged shards: what Store.write_run stores."""
 
-    acts_parts: Callable[[], list[np.ndarray]]  # the shards' activations in order (memory-mapped)
+    acts_blocks: Callable[[], Iterator[np.ndarray]]  # the shards' activations in row blocks, in order (a fresh stream per call)
     n_images: int
     top_values: np.ndarray
     top_indices: np.ndarray
@@ -425,10 +426,10 @@ def reduce_run(plan: LayerPlan, shards: Sequence[Shard], k: int) -> ReducedRun:
             shard_maps = np.load(Path(name).parent / "maps.npy", mmap_mode="r")
             maps[neuron_col[group], out_rank[group]] = shard_maps[neuron_col[group], slot_col[group]]
 
-    def acts_parts() -> list[np.ndarray]:
-        return [np.load(f / "acts.npy", mmap_mode="r") for f in folders]
+    def acts_blocks() -> Iterator[np.ndarray]:
+        return npy_row_blocks([f / "acts.npy" for f in folders])
 
-    return ReducedRun(acts_parts, shards[-1].stop, top_values, top_indices, maps, stats)
+    return ReducedRun(acts_blocks, shards[-1].stop, top_values, top_indices, maps, stats)
 
 
 def _top_rows(files: Sequence[Path], starts: dict[str, int], k: int):
