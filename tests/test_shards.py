@@ -82,6 +82,11 @@ def test_finished_shards_are_not_redone(setup, tmp_path, monkeypatch):
     finished = sorted(p.name for p in plan_dir.glob("shard-*"))
     assert finished == ["shard-00000", "shard-00001"]  # 3 chunks each; the third shard stopped mid-way
     assert list(plan_dir.glob("work-00002/state-*.npz"))
+    from neuroviz import engines
+
+    job = shards.ShardJob((shards.LayerPlan("conv1", "mean", setup["runs"][0].run_key, 6, str(plan_dir)),), (), 4, 4)
+    # what the Ray driver reports between shards: 2 finished shards of 12 and 1 chunk of 4 images
+    assert engines.images_written(job, shards.plan_shards(len(setup["ps"]), 12)) == 28
     stamps = {p: p.stat().st_mtime_ns for p in plan_dir.glob("shard-*/*")}
     seen: list[tuple[int, int]] = []
     real = shards.extract_shard
