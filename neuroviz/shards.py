@@ -44,6 +44,7 @@ from .sketches import NeuronStats
 from .store import _cursor, _write_parquet
 
 MAP_MAX_SIDE = 32  # top-k maps are stored at most 32x32: enough for crops, masks and heatmaps
+MAP_DTYPE = torch.float16  # and in half precision (maps.npy)
 UnitTransform = Callable[[torch.Tensor], torch.Tensor]  # batch-first layer output -> units (neuroviz.units)
 
 
@@ -129,13 +130,15 @@ class StreamingTopK:
     first batches almost no map is copied: the cost follows the number of replacements, not
     neurons x k x map size. Ties go to the smaller image index (batches come in image order),
     as in the reduce, so shards merge to what one pass would keep. ``sorted()`` orders once.
+    Maps are kept in float16, the precision they are stored in: slots only copy maps, so the
+    stored values are the same as rounding at the end, at half the memory and copying.
     """
 
     def __init__(self, n_neurons: int, k: int, map_shape: tuple[int, int] | None):
         self.k = k
         self.values = torch.full((n_neurons, k), -torch.inf)
         self.indices = torch.full((n_neurons, k), -1, dtype=torch.long)
-        self.maps = torch.zeros((n_neurons, k, *map_shape)) if map_shape else None
+        self.maps = torch.zeros((n_neurons, k, *map_shape), dtype=MAP_DTYPE) if map_shape else None
 
     def update(self, pooled: torch.Tensor, maps: torch.Tensor | None, first_index: int,
                map_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -162,9 +165,9 @@ class StreamingTopK:
         self.indices[ev_neuron, ev_slot] = in_batch + first_index
         if self.maps is not None:
             if map_fn is not None:
-                self.maps[ev_neuron, ev_slot] = map_fn(in_batch, in_neuron)
+                self.maps[ev_neuron, ev_slot] = map_fn(in_batch, in_neuron).to(MAP_DTYPE)
             elif maps is not None:
-                self.maps[ev_neuron, ev_slot] = maps[in_batch, in_neuron].float()
+                self.maps[ev_neuron, ev_slot] = maps[in_batch, in_neuron].to(MAP_DTYPE)
 
     def sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(values, indices, maps) with each neuron's entries in descending activation."""
@@ -187,7 +190,7 @@ class StreamingTopK:
         self.values = torch.from_numpy(np.array(state["values"]))
         self.indices = torch.from_numpy(np.array(state["indices"]))
         if "maps" in state:
-            self.maps = torch.from_numpy(np.array(state["maps"]))
+            self.maps = torch.from_numpy(np.array(state["maps"])).to(MAP_DTYPE)  # states saved before were float32
 
 
 def shrink(maps: torch.Tensor) -> torch.Tensor:
@@ -283,7 +286,7 @@ class _LayerWork:
             rows = sum(npy_header(c)[0][0] for c in chunks)
             atomic_save_npy_blocks(tmp / "acts.npy", (rows, n_neurons), npy_row_blocks(chunks))
             if maps is not None:
-                atomic_save_npy(tmp / "maps.npy", maps.astype(np.float16))
+                atomic_save_npy(tmp / "maps.npy", maps)
             _write_parquet(tmp / "topk.parquet", "shard_topk", {
                 "neuron": np.repeat(np.arange(n_neurons, dtype=np.int32), k), "rank": np.tile(np.arange(k, dtype=np.int32), n_neurons),
                 "image_idx": indices.reshape(-1).astype(np.int32), "activation": values.reshape(-1).astype(np.float32)})
@@ -416,7 +419,9 @@ def reduce_run(plan: LayerPlan, shards: Sequence[Shard], k: int) -> ReducedRun:
     top_indices = rows["global_idx"].to_numpy(dtype=np.int64).reshape(n_neurons, k_eff)
     top_values = rows["activation"].to_numpy(dtype=np.float32).reshape(n_neurons, k_eff)
     maps = None
-    if (folders[0] / "maps.npy").exists():
+    if len(folders) == 1 and (folders[0] / "maps.npy").exists():
+        maps = np.load(folders[0] / "maps.npy")  # one shard: its own top k, already in the run's order
+    elif (folders[0] / "maps.npy").exists():
         first = np.load(folders[0] / "maps.npy", mmap_mode="r")
         maps = np.zeros((n_neurons, k_eff, *first.shape[2:]), dtype=np.float16)
         neuron_col = rows["neuron"].to_numpy(dtype=np.int64)

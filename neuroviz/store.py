@@ -572,7 +572,7 @@ class Store(CacheLayout):
         shape = (int(stats.count), n_neurons)
         atomic_save_npy_blocks(run_dir / "acts.npy", shape, acts_blocks())
         if maps is not None:
-            atomic_save_npy(run_dir / "maps.npy", maps.astype(np.float16))
+            atomic_save_npy(run_dir / "maps.npy", np.asarray(maps, dtype=np.float16))
         lo = np.where(stats.count, stats.lo, 0).astype(np.float32)
         hi = np.where(stats.count, stats.hi, 0).astype(np.float32)
         counts = np.zeros((n_neurons, hist_bins), dtype=np.int64)
