@@ -190,26 +190,39 @@ def started_ray_cluster(cpus: int, port: int) -> Iterator[tuple[str, float]]:
     """A local Ray head of ``cpus`` CPUs started before the extraction (as `--address` users
     have one): yields (its address, seconds it took to accept a driver). Started with
     ``--block`` so that ending this one process stops it (``ray stop`` would stop every
-    cluster on the machine)."""
+    cluster on the machine). Token authentication is off for this private head and its
+    drivers (Ray 2.60 turns it on for local clusters, and a driver of another session's token
+    is refused)."""
     address = f"127.0.0.1:{port}"
     ray_bin = Path(sys.executable).parent / "ray"
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # inherited by the head, the probe and the extraction child
     start = time.perf_counter()
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--num-cpus={cpus}", f"--port={port}",
                              "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(120):  # wait until a driver can connect
-            probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}'); ray.shutdown()"],
-                                   capture_output=True, timeout=120)
-            if probe.returncode == 0:
-                break
+        deadline = time.perf_counter() + 180
+        while True:  # until a driver can connect
+            try:
+                probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}'); ray.shutdown()"],
+                                       capture_output=True, text=True, timeout=60)
+                if probe.returncode == 0:
+                    break
+                failure = probe.stderr.strip().splitlines()[-1:] or ["?"]
+            except subprocess.TimeoutExpired:
+                failure = ["a driver did not connect within 60 s"]
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"the Ray head at {address} did not accept a driver: {failure[0]}")
             time.sleep(1)
-        else:
-            raise RuntimeError(f"the Ray head at {address} did not come up")
         yield address, time.perf_counter() - start
     finally:
         head.terminate()
         head.wait(timeout=60)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def pages(cache: Path, repeats: int) -> dict:
@@ -271,7 +284,7 @@ def main() -> None:
     parser.add_argument("--concepts", type=int, default=20_000, help="concept set size (the paper's words: 20,000)")
     parser.add_argument("--repeats", type=int, default=5, help="warm page reruns")
     parser.add_argument("--probability-mb", type=int, help="CLIP-Dissect's p(c|x) budget (default: the library's)")
-    parser.add_argument("--skip", default="", help="steps to skip: extract (reuse the runs in --workdir), label, pages, ray")
+    parser.add_argument("--skip", default="", help="steps to skip: extract (reuse the runs in --workdir), label, pages, ray (it runs its own extractions)")
     parser.add_argument("--workdir", type=Path, help="keep images and caches here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--seed", type=int, default=0)
@@ -326,7 +339,7 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=1))
 
     ray_size = next((n for n in sizes if n <= 10_000), None)
-    if "ray" not in skip and "extract" not in skip and ray_size is not None:
+    if "ray" not in skip and ray_size is not None:
         if not ray_available():
             print("\nRay engine: skipped (ray is not installed: `pip install -r requirements-ray.txt`)")
         else:
