@@ -219,6 +219,10 @@ def started_ray_cluster(cpus: int, port: int) -> Iterator[tuple[str, float]]:
     finally:
         head.terminate()
         head.wait(timeout=60)
+        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # else Ray's ray.init() tries to join the dead head
+        with contextlib.suppress(OSError):
+            if record.read_text().strip().endswith(f":{port}"):
+                record.unlink()
         if saved is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
