@@ -90,6 +90,28 @@ def atomic_save_npy_blocks(path: Path | str, shape: tuple[int, ...], blocks: Ite
             raise ValueError(f"{path}: the blocks hold {written} bytes, the shape {shape} needs {expected}")
 
 
+def atomic_link(source: Path | str, path: Path | str) -> None:
+    """Make ``path`` the same file as ``source`` (a hard link, through a temporary name and
+    rename); a copy where the file system cannot link. ``source`` stays as it was."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}{TMP_MARK}"
+    try:
+        os.link(source, tmp)
+    except OSError:  # another file system, or links not supported: copy
+        with atomic_open(path, "wb") as fh, open(source, "rb") as src:
+            shutil.copyfileobj(src, fh, 1 << 20)
+        return
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 # -- row blocks: reading an activation matrix in a stream ----------------------------------
 # Streams read .npy files with plain reads, not memory maps: the pages of a mapped file count in
 # the process's RSS for as long as the map lives, so streaming a 100,000-image layer through maps

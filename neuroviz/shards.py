@@ -393,6 +393,7 @@ class ReducedRun:
     top_indices: np.ndarray
     maps: np.ndarray | None
     stats: NeuronStats
+    ready_files: dict[str, Path]  # run files a single shard holds as they are (linked, not rewritten)
 
 
 def reduce_run(plan: LayerPlan, shards: Sequence[Shard], k: int) -> ReducedRun:
@@ -419,8 +420,12 @@ def reduce_run(plan: LayerPlan, shards: Sequence[Shard], k: int) -> ReducedRun:
     top_indices = rows["global_idx"].to_numpy(dtype=np.int64).reshape(n_neurons, k_eff)
     top_values = rows["activation"].to_numpy(dtype=np.float32).reshape(n_neurons, k_eff)
     maps = None
-    if len(folders) == 1 and (folders[0] / "maps.npy").exists():
-        maps = np.load(folders[0] / "maps.npy")  # one shard: its own top k, already in the run's order
+    ready: dict[str, Path] = {}
+    if len(folders) == 1:  # one shard: its activations and maps (top k in the run's order) are the run's
+        ready["acts.npy"] = folders[0] / "acts.npy"
+        if (folders[0] / "maps.npy").exists():
+            ready["maps.npy"] = folders[0] / "maps.npy"
+            maps = np.load(ready["maps.npy"], mmap_mode="r")  # for its shape: write_run links the file
     elif (folders[0] / "maps.npy").exists():
         first = np.load(folders[0] / "maps.npy", mmap_mode="r")
         maps = np.zeros((n_neurons, k_eff, *first.shape[2:]), dtype=np.float16)
@@ -434,7 +439,7 @@ def reduce_run(plan: LayerPlan, shards: Sequence[Shard], k: int) -> ReducedRun:
     def acts_blocks() -> Iterator[np.ndarray]:
         return npy_row_blocks([f / "acts.npy" for f in folders])
 
-    return ReducedRun(acts_blocks, shards[-1].stop, top_values, top_indices, maps, stats)
+    return ReducedRun(acts_blocks, shards[-1].stop, top_values, top_indices, maps, stats, ready)
 
 
 def _top_rows(files: Sequence[Path], starts: dict[str, int], k: int):

@@ -71,7 +71,7 @@ import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,16 @@ from typing import Any
 import numpy as np
 
 from .errors import NeurovizError
-from .files import array_row_blocks, atomic_open, atomic_save_npy, atomic_save_npy_blocks, atomic_savez, atomic_write_json, atomic_write_text
+from .files import (
+    array_row_blocks,
+    atomic_link,
+    atomic_open,
+    atomic_save_npy,
+    atomic_save_npy_blocks,
+    atomic_savez,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 DEFAULT_CACHE = Path(os.environ.get("NEUROVIZ_CACHE", Path(__file__).resolve().parent.parent / "cache"))
 SHARED_CACHE_ENV = "NEUROVIZ_SHARED_CACHE"
@@ -559,19 +568,27 @@ class Store(CacheLayout):
 
     def write_run(self, info: RunInfo, acts_blocks: Callable[[], Iterable[np.ndarray]], top_values: np.ndarray,
                   top_indices: np.ndarray, image_ids: Sequence[str], maps: np.ndarray | None, stats,
-                  hist_bins: int = 50) -> None:
+                  hist_bins: int = 50, ready_files: Mapping[str, Path] | None = None) -> None:
         """Store a finished extraction: arrays and tables first, ``run.json`` last.
 
         ``acts_blocks()`` gives the activations' row blocks in order (called twice, each a
         stream: the matrix is never whole in memory, see :func:`~neuroviz.files.npy_row_blocks`); ``stats`` is their merged
-        :class:`~neuroviz.sketches.NeuronStats`. Until ``run.json`` appears the run does not
-        exist, so a crash in between leaves nothing half-visible and the extraction reduces again.
+        :class:`~neuroviz.sketches.NeuronStats`. ``ready_files`` names files that already hold
+        ``acts.npy`` or ``maps.npy`` exactly (one shard's): they are linked in, not rewritten.
+        Until ``run.json`` appears the run does not exist, so a crash in between leaves nothing
+        half-visible and the extraction reduces again.
         """
         run_dir = self.run_dir(info.run_key)
         n_neurons = int(stats.n_neurons)
         shape = (int(stats.count), n_neurons)
-        atomic_save_npy_blocks(run_dir / "acts.npy", shape, acts_blocks())
-        if maps is not None:
+        ready = dict(ready_files or {})
+        if "acts.npy" in ready:
+            atomic_link(ready["acts.npy"], run_dir / "acts.npy")
+        else:
+            atomic_save_npy_blocks(run_dir / "acts.npy", shape, acts_blocks())
+        if "maps.npy" in ready:
+            atomic_link(ready["maps.npy"], run_dir / "maps.npy")
+        elif maps is not None:
             atomic_save_npy(run_dir / "maps.npy", np.asarray(maps, dtype=np.float16))
         lo = np.where(stats.count, stats.lo, 0).astype(np.float32)
         hi = np.where(stats.count, stats.hi, 0).astype(np.float32)

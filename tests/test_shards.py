@@ -180,6 +180,37 @@ def test_writer_lock_is_exclusive_and_leaves_no_file(tmp_path, monkeypatch):
     assert not path.exists()
 
 
+def test_one_shard_links_its_files_into_the_run(setup, tmp_path, monkeypatch):
+    import neuroviz.store
+
+    linked: list[str] = []
+    real_link = neuroviz.store.atomic_link
+    monkeypatch.setattr(neuroviz.store, "atomic_link", lambda src, dst: linked.append(f"{src.name}->{dst.name}") or real_link(src, dst))
+    store = Store(tmp_path)
+    runs = extract.extract(setup["model"], setup["ps"], LAYERS, store, k=6, batch_size=4, chunk_size=8)
+    assert sorted(linked) == sorted(["acts.npy->acts.npy"] * 3 + ["maps.npy->maps.npy"] * 2)  # fc has no maps
+    assert_same_runs(setup["single"], store, [r.run_key for r in runs])
+    assert not store.partial_dir(runs[0].run_key).exists()  # the shard's names are gone, the run's files stay
+
+
+def test_atomic_link_copies_where_links_fail(tmp_path, monkeypatch):
+    from neuroviz.files import atomic_link
+
+    source = tmp_path / "a.npy"
+    source.write_bytes(b"activations")
+    atomic_link(source, tmp_path / "run" / "linked.npy")
+    assert (tmp_path / "run" / "linked.npy").stat().st_ino == source.stat().st_ino
+
+    def no_links(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("os.link", no_links)
+    atomic_link(source, tmp_path / "run" / "copied.npy")
+    assert (tmp_path / "run" / "copied.npy").read_bytes() == b"activations"
+    assert (tmp_path / "run" / "copied.npy").stat().st_ino != source.stat().st_ino
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["copied.npy", "linked.npy"]  # no temporaries left
+
+
 def test_npy_row_blocks_stream_the_rows_of_several_files(tmp_path):
     from neuroviz.files import npy_header, npy_row_blocks
 
