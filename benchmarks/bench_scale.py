@@ -20,7 +20,8 @@ held before the step began (imports, model, store). Per size:
    fresh process that builds the pictures (cold), a restart with pictures on disk, and the
    median of warm reruns;
 4. at the smallest size of at most 10,000 images: extraction on the Ray engine (2 local
-   workers) against in-process, when neuroviz.engines and ray are installed.
+   workers) against in process, side by side: on a cluster the extraction starts itself, and
+   on one started before (as with ``--address``), when ray is installed.
 Targets (issue 11): peak RSS of extraction and of labelling flat from 10k to 100k within 15 %;
 time per image flat; Ray within 1.3x of in-process; pages warm < 150 ms and cold < 1 s at 100k;
 extraction / bare forward <= 1.15.
@@ -29,8 +30,8 @@ extraction / bare forward <= 1.15.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
-import inspect
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -181,20 +182,52 @@ def probe_list(images: Path, n: int, seed: int) -> Path:
     return path
 
 
-def ray_engine_kwargs() -> dict | None:
-    """extract()'s keyword arguments for 2 local Ray workers, or None when the engine is missing."""
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("neuroviz.engines") is None:
-        return None
-    from neuroviz import extract
+def ray_available() -> bool:
+    return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("neuroviz.engines") is not None
 
-    params = inspect.signature(extract.extract).parameters
-    if "engine" not in params:
-        return None
-    kwargs: dict = {"engine": "ray"}
-    for name, value in (("workers", 2), ("num_workers_ray", 2), ("actors", 2)):
-        if name in params:
-            kwargs[name] = value
-    return kwargs
+
+@contextlib.contextmanager
+def started_ray_cluster(cpus: int, port: int) -> Iterator[tuple[str, float]]:
+    """A local Ray head of ``cpus`` CPUs started before the extraction (as `--address` users
+    have one): yields (its address, seconds it took to accept a driver). Started with
+    ``--block`` so that ending this one process stops it (``ray stop`` would stop every
+    cluster on the machine). Token authentication is off for this private head and its
+    drivers (Ray 2.60 turns it on for local clusters, and a driver of another session's token
+    is refused)."""
+    address = f"127.0.0.1:{port}"
+    ray_bin = Path(sys.executable).parent / "ray"
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # inherited by the head, the probe and the extraction child
+    start = time.perf_counter()
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--num-cpus={cpus}", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.perf_counter() + 180
+        while True:  # until a driver can connect
+            try:
+                probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}'); ray.shutdown()"],
+                                       capture_output=True, text=True, timeout=60)
+                if probe.returncode == 0:
+                    break
+                failure = probe.stderr.strip().splitlines()[-1:] or ["?"]
+            except subprocess.TimeoutExpired:
+                failure = ["a driver did not connect within 60 s"]
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"the Ray head at {address} did not accept a driver: {failure[0]}")
+            time.sleep(1)
+        yield address, time.perf_counter() - start
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # else Ray's ray.init() tries to join the dead head
+        with contextlib.suppress(OSError):
+            if record.read_text().strip().endswith(f":{port}"):
+                record.unlink()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def pages(cache: Path, repeats: int) -> dict:
@@ -203,6 +236,32 @@ def pages(cache: Path, repeats: int) -> dict:
     import bench_pages_scale
 
     return bench_pages_scale.time_pages(cache, repeats)[str(REPO)]
+
+
+def ray_versus_inprocess(images: Path, n: int, work: Path, args: argparse.Namespace) -> dict:
+    """Extraction of ``n`` images on 2 local Ray workers against in process, side by side (in
+    process again right before, under the same machine load): once on a cluster the extraction
+    starts itself (``address=None``), once on one started before (``--address``, the realistic
+    use; its start-up is timed apart)."""
+    base = {"list": str(probe_list(images, n, args.seed)), "image_size": args.image_size, "batch_size": args.batch_size,
+            "threads": args.threads}
+    ray_engine = {"engine": "ray", "shard_size": args.ray_shard_size} if args.ray_shard_size else {"engine": "ray"}
+    caches = {name: work / f"cache-ray-{name}-{n}" for name in ("inprocess", "new_cluster", "started_cluster")}
+    out: dict = {"images": n, "shard_size": args.ray_shard_size or "default"}
+    out["inprocess"] = run_child("extract", {**base, "cache": str(caches["inprocess"])})["seconds"]
+    out["new_cluster"] = run_child("extract", {**base, "cache": str(caches["new_cluster"]), "engine": ray_engine})["seconds"]
+    with started_ray_cluster(2, args.ray_port) as (address, start_s):
+        out["started_cluster"] = run_child("extract", {**base, "cache": str(caches["started_cluster"]),
+                                                       "engine": {**ray_engine, "address": address}})["seconds"]
+    out["cluster_start_s"] = start_s
+    for cache in caches.values():
+        shutil.rmtree(cache, ignore_errors=True)
+    inproc = out["inprocess"]
+    print(f"\nRay engine, 2 local workers, {n:,} images (shard size {out['shard_size']}): in process {inproc:.1f} s; "
+          f"Ray on a cluster it starts itself {out['new_cluster']:.1f} s -> ratio {out['new_cluster'] / inproc:.2f}; "
+          f"Ray on a cluster started before ({start_s:.0f} s to start, not counted) {out['started_cluster']:.1f} s "
+          f"-> ratio {out['started_cluster'] / inproc:.2f} (target <= 1.3)", flush=True)
+    return out
 
 
 def flat(values: Sequence[float]) -> str:
@@ -219,10 +278,12 @@ def main() -> None:
     parser.add_argument("--concepts", type=int, default=20_000, help="concept set size (the paper's words: 20,000)")
     parser.add_argument("--repeats", type=int, default=5, help="warm page reruns")
     parser.add_argument("--probability-mb", type=int, help="CLIP-Dissect's p(c|x) budget (default: the library's)")
-    parser.add_argument("--skip", default="", help="steps to skip: extract (reuse the runs in --workdir), label, pages, ray")
+    parser.add_argument("--skip", default="", help="steps to skip: extract (reuse the runs in --workdir), label, pages, ray (it runs its own extractions)")
     parser.add_argument("--workdir", type=Path, help="keep images and caches here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ray-shard-size", type=int, help="images per shard on Ray (default: the engine's)")
+    parser.add_argument("--ray-port", type=int, default=6391, help="port of the Ray head the benchmark starts")
     parser.add_argument("--threads", type=int, help="torch threads in each step (default: torch's own choice); "
                         "on a machine shared with other jobs 1 thread avoids idle spinning")
     args = parser.parse_args()
@@ -272,19 +333,11 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=1))
 
     ray_size = next((n for n in sizes if n <= 10_000), None)
-    if "ray" not in skip and "extract" not in skip and ray_size is not None:
-        engine = ray_engine_kwargs()
-        if engine is None:
-            print("\nRay engine: skipped (neuroviz.engines or ray is not installed: `pip install -r requirements-ray.txt`)")
+    if "ray" not in skip and ray_size is not None:
+        if not ray_available():
+            print("\nRay engine: skipped (ray is not installed: `pip install -r requirements-ray.txt`)")
         else:
-            child = {"list": str(probe_list(images, ray_size, args.seed)), "cache": str(work / f"cache-ray-{ray_size}"),
-                     "image_size": args.image_size, "batch_size": args.batch_size, "engine": engine, "threads": args.threads}
-            ray = run_child("extract", child)
-            inproc = results["sizes"][ray_size]["extract"]["seconds"]
-            results["ray"] = {**ray, "inprocess_seconds": inproc, "ratio": ray["seconds"] / inproc, "engine": engine}
-            print(f"\nRay engine ({engine}) at {ray_size:,} images: {ray['seconds']:.0f} s vs in-process {inproc:.0f} s "
-                  f"-> ratio {ray['seconds'] / inproc:.2f} (target <= 1.3); peak RSS of the driver {ray['peak_mb']:.0f} MB")
-
+            results["ray"] = ray_versus_inprocess(images, ray_size, work, args)
     rows = results["sizes"]
     print("\n## Summary (targets: flat within 15 %, i.e. <= 1.15x; pages warm < 150 ms, cold < 1 s)")
     if "extract" not in skip:

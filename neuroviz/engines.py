@@ -10,16 +10,19 @@ extracts the shards it is given, so the cache must be storage that every node se
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
 from .errors import NeurovizError
 from .progress import Progress
-from .shards import Shard, ShardJob, extract_shard
+from .shards import Shard, ShardJob, extract_shard, shard_done, work_dir
 
 ENGINES = ("inprocess", "ray")
 RAY_INSTALL_HINT = "pip install -r requirements-ray.txt"
+PROGRESS_POLL_S = 1.0  # how often the Ray driver reports the images its workers have written
 
 
 class EngineError(NeurovizError, RuntimeError):
@@ -70,6 +73,9 @@ class _ShardActor:
     """A Ray Data actor: one model, any number of shards (one per call)."""
 
     def __init__(self, model_factory: Callable[[], Any], job: ShardJob):
+        import torch
+
+        torch.set_num_threads(1)  # each actor has one CPU (num_cpus=1): more threads fight the other actors for it
         self.model, self.job = model_factory(), job
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +88,20 @@ class _ShardActor:
             done.append(shard.index)
         return {"index": np.asarray(done, dtype=np.int64), "images": np.asarray([int(batch["stop"][i]) - int(batch["start"][i])
                                                                                  for i in range(len(done))], dtype=np.int64)}
+
+
+def images_written(job: ShardJob, shards: Sequence[Shard]) -> int:
+    """Images of ``shards`` extracted so far, read from the files the workers write (finished
+    shards, and the chunk files of unfinished ones, of the job's first layer): progress finer
+    than a shard, whichever machine runs it, as long as it writes to this cache."""
+    plan = job.plans[0]
+    done = 0
+    for shard in shards:
+        if shard_done(plan, shard.index):
+            done += len(shard)
+        else:
+            done += min(len(shard), job.chunk_size * sum(1 for _ in work_dir(plan, shard.index).glob("chunk-*.npy")))
+    return done
 
 
 def _import_path() -> str:
@@ -102,8 +122,14 @@ def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequenc
     started_here = False
     if not ray.is_initialized():
         try:
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": _import_path(), "TOKENIZERS_PARALLELISM": "false"}})
+            # "local", not None: Ray's None would join a cluster that `ray start` left on this machine. A
+            # cluster started for one extraction skips the dashboard (seconds of start-up on a small machine)
+            runtime_env = {"env_vars": {"PYTHONPATH": _import_path(), "TOKENIZERS_PARALLELISM": "false"}}
+            if address:
+                ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, runtime_env=runtime_env)
+            else:
+                ray.init(address="local", include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+                         runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise EngineError(f"Cannot reach a Ray cluster at '{address or 'a new local one'}': {exc}") from None
         started_here = True
@@ -115,11 +141,34 @@ def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequenc
         ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
         results = ds.map_batches(_ShardActor, fn_constructor_kwargs={"model_factory": model_factory, "job": job},
                                  batch_size=1, concurrency=actors, num_gpus=1 if gpus else 0, num_cpus=1)
-        for finished, row in enumerate(results.iter_rows(), start=1):
-            done_images += int(row["images"])
+        rows: queue.Queue = queue.Queue()
+
+        def drain() -> None:  # Ray hands back a row per finished shard; the driver polls the files in between
+            try:
+                for row in results.iter_rows():
+                    rows.put(row)
+                rows.put(None)
+            except BaseException as exc:  # raised again in the driver's thread
+                rows.put(exc)
+
+        threading.Thread(target=drain, name="ray-shards", daemon=True).start()
+        finished = 0
+        while True:
+            try:
+                row = rows.get(timeout=PROGRESS_POLL_S)
+            except queue.Empty:
+                if progress:
+                    progress(done_images + images_written(job, shards), n_images,
+                             f"{finished}/{len(shards)} shards done on Ray ({actors} actors)")
+                continue
+            if row is None:
+                break
+            if isinstance(row, BaseException):
+                raise row
+            finished += 1
             if progress:
-                progress(done_images, n_images, f"shard {int(row['index']) + 1}/{shards[0].count} done "
-                                               f"({finished}/{len(shards)} on Ray, {actors} actors)")
+                progress(done_images + images_written(job, shards), n_images, f"shard {int(row['index']) + 1}/{shards[0].count} done "
+                                                                     f"({finished}/{len(shards)} on Ray, {actors} actors)")
     finally:
         if started_here:
             ray.shutdown()

@@ -164,8 +164,8 @@ def extract(model: ProbedModel, probe_set: ProbeSet, layers: Sequence[str], stor
                                getattr(unit_transform, "n_units", info.n_neurons),
                                tuple(reduced.maps.shape[2:]) if reduced.maps is not None else None, info.layout.kind,
                                units=getattr(unit_transform, "units_id", "neurons"))
-            store.write_run(run_info, reduced.acts_parts, reduced.top_values, reduced.top_indices, image_ids,
-                            reduced.maps, reduced.stats)
+            store.write_run(run_info, reduced.acts_blocks, reduced.top_values, reduced.top_indices, image_ids,
+                            reduced.maps, reduced.stats, ready_files=reduced.ready_files)
             if plan.run_key in owned:
                 store.clean_run_leftovers(plan.run_key)  # the shards, now that run.json is committed
             finished = store.get_run(plan.run_key)

@@ -83,11 +83,76 @@ def atomic_save_npy_blocks(path: Path | str, shape: tuple[int, ...], blocks: Ite
                                                   "fortran_order": False, "shape": tuple(shape)})
         written = 0
         for block in blocks:
-            data = np.ascontiguousarray(block, dtype=dtype).tobytes()
-            fh.write(data)
-            written += len(data)
+            data = np.ascontiguousarray(block, dtype=dtype)
+            fh.write(data.data)
+            written += data.nbytes
         if written != expected:
             raise ValueError(f"{path}: the blocks hold {written} bytes, the shape {shape} needs {expected}")
+
+
+def atomic_link(source: Path | str, path: Path | str) -> None:
+    """Make ``path`` the same file as ``source`` (a hard link, through a temporary name and
+    rename); a copy where the file system cannot link. ``source`` stays as it was."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}{TMP_MARK}"
+    try:
+        os.link(source, tmp)
+    except OSError:  # another file system, or links not supported: copy
+        with atomic_open(path, "wb") as fh, open(source, "rb") as src:
+            shutil.copyfileobj(src, fh, 1 << 20)
+        return
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# -- row blocks: reading an activation matrix in a stream ----------------------------------
+# Streams read .npy files with plain reads, not memory maps: the pages of a mapped file count in
+# the process's RSS for as long as the map lives, so streaming a 100,000-image layer through maps
+# held ~200 MB of file pages at the reduce's peak (BENCHMARKS.md, issue 11). Read pages go to the
+# kernel's page cache instead, which the process does not own.
+ROW_BLOCK_ROWS = 4096
+
+
+def npy_header(path: Path | str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a C-ordered .npy file, from its header alone."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"{path}: .npy format {version} is not read in row blocks")
+        shape, fortran, dtype = read(fh)
+        if fortran:
+            raise ValueError(f"{path}: Fortran-ordered arrays cannot be read in row blocks")
+        return tuple(shape), dtype, fh.tell()
+
+
+def npy_row_blocks(paths: Iterable[Path | str], rows: int = ROW_BLOCK_ROWS) -> Iterator[np.ndarray]:
+    """The rows of 2-D .npy files, one after the other, in fresh blocks of at most ``rows`` rows."""
+    for path in paths:
+        shape, dtype, offset = npy_header(path)
+        n_rows, width = shape[0], int(np.prod(shape[1:]))
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            for start in range(0, n_rows, rows):
+                count = min(rows, n_rows - start)
+                block = np.empty((count, width), dtype=dtype)
+                if fh.readinto(block.data.cast("B")) != block.nbytes:
+                    raise ValueError(f"{path}: shorter than its header says ({n_rows} rows)")
+                yield block
+
+
+def array_row_blocks(arrays: Iterable[np.ndarray], rows: int = ROW_BLOCK_ROWS) -> Iterator[np.ndarray]:
+    """The rows of in-memory arrays, one after the other, in views of at most ``rows`` rows."""
+    for array in arrays:
+        for start in range(0, len(array), rows):
+            yield array[start:start + rows]
 
 
 def atomic_savez(path: Path | str, **arrays: np.ndarray) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import load_rgb
-from .files import atomic_directory, atomic_save_npy, atomic_save_npy_blocks, atomic_savez, atomic_write_text
+from .files import atomic_directory, atomic_save_npy, atomic_save_npy_blocks, atomic_savez, atomic_write_text, npy_header, npy_row_blocks
 from .hooks import LayerRecorder, pool, spatial_map, to_batch_first
 from .models import LayerInfo
 from .progress import Progress
 from .sketches import NeuronStats
-from .store import _cursor, _write_parquet, row_blocks
+from .store import _cursor, _write_parquet
 
 MAP_MAX_SIDE = 32  # top-k maps are stored at most 32x32: enough for crops, masks and heatmaps
+MAP_DTYPE = torch.float16  # and in half precision (maps.npy)
 UnitTransform = Callable[[torch.Tensor], torch.Tensor]  # batch-first layer output -> units (neuroviz.units)
 
 
@@ -129,13 +130,15 @@ class StreamingTopK:
     first batches almost no map is copied: the cost follows the number of replacements, not
     neurons x k x map size. Ties go to the smaller image index (batches come in image order),
     as in the reduce, so shards merge to what one pass would keep. ``sorted()`` orders once.
+    Maps are kept in float16, the precision they are stored in: slots only copy maps, so the
+    stored values are the same as rounding at the end, at half the memory and copying.
     """
 
     def __init__(self, n_neurons: int, k: int, map_shape: tuple[int, int] | None):
         self.k = k
         self.values = torch.full((n_neurons, k), -torch.inf)
         self.indices = torch.full((n_neurons, k), -1, dtype=torch.long)
-        self.maps = torch.zeros((n_neurons, k, *map_shape)) if map_shape else None
+        self.maps = torch.zeros((n_neurons, k, *map_shape), dtype=MAP_DTYPE) if map_shape else None
 
     def update(self, pooled: torch.Tensor, maps: torch.Tensor | None, first_index: int,
                map_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -162,9 +165,9 @@ class StreamingTopK:
         self.indices[ev_neuron, ev_slot] = in_batch + first_index
         if self.maps is not None:
             if map_fn is not None:
-                self.maps[ev_neuron, ev_slot] = map_fn(in_batch, in_neuron)
+                self.maps[ev_neuron, ev_slot] = map_fn(in_batch, in_neuron).to(MAP_DTYPE)
             elif maps is not None:
-                self.maps[ev_neuron, ev_slot] = maps[in_batch, in_neuron].float()
+                self.maps[ev_neuron, ev_slot] = maps[in_batch, in_neuron].to(MAP_DTYPE)
 
     def sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(values, indices, maps) with each neuron's entries in descending activation."""
@@ -187,7 +190,7 @@ class StreamingTopK:
         self.values = torch.from_numpy(np.array(state["values"]))
         self.indices = torch.from_numpy(np.array(state["indices"]))
         if "maps" in state:
-            self.maps = torch.from_numpy(np.array(state["maps"]))
+            self.maps = torch.from_numpy(np.array(state["maps"])).to(MAP_DTYPE)  # states saved before were float32
 
 
 def shrink(maps: torch.Tensor) -> torch.Tensor:
@@ -279,10 +282,11 @@ class _LayerWork:
         values, indices, maps = self.top.sorted()
         n_neurons, k = indices.shape
         with atomic_directory(shard_dir(self.plan, shard.index)) as tmp:
-            acts = [np.load(self.work / f"chunk-{c:05d}.npy", mmap_mode="r") for c in range(n_chunks)]
-            atomic_save_npy_blocks(tmp / "acts.npy", (sum(len(a) for a in acts), n_neurons), row_blocks(acts))
+            chunks = [self.work / f"chunk-{c:05d}.npy" for c in range(n_chunks)]
+            rows = sum(npy_header(c)[0][0] for c in chunks)
+            atomic_save_npy_blocks(tmp / "acts.npy", (rows, n_neurons), npy_row_blocks(chunks))
             if maps is not None:
-                atomic_save_npy(tmp / "maps.npy", maps.astype(np.float16))
+                atomic_save_npy(tmp / "maps.npy", maps)
             _write_parquet(tmp / "topk.parquet", "shard_topk", {
                 "neuron": np.repeat(np.arange(n_neurons, dtype=np.int32), k), "rank": np.tile(np.arange(k, dtype=np.int32), n_neurons),
                 "image_idx": indices.reshape(-1).astype(np.int32), "activation": values.reshape(-1).astype(np.float32)})
@@ -383,12 +387,13 @@ def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None 
 class ReducedRun:
     """A layer's merged shards: what Store.write_run stores."""
 
-    acts_parts: Callable[[], list[np.ndarray]]  # the shards' activations in order (memory-mapped)
+    acts_blocks: Callable[[], Iterator[np.ndarray]]  # the shards' activations in row blocks, in order (a fresh stream per call)
     n_images: int
     top_values: np.ndarray
     top_indices: np.ndarray
     maps: np.ndarray | None
     stats: NeuronStats
+    ready_files: dict[str, Path]  # run files a single shard holds as they are (linked, not rewritten)
 
 
 def reduce_run(plan: LayerPlan, shards: Sequence[Shard], k: int) -> ReducedRun:
@@ -415,7 +420,13 @@ def reduce_run(plan: LayerPlan, shards: Sequence[Shard], k: int) -> ReducedRun:
     top_indices = rows["global_idx"].to_numpy(dtype=np.int64).reshape(n_neurons, k_eff)
     top_values = rows["activation"].to_numpy(dtype=np.float32).reshape(n_neurons, k_eff)
     maps = None
-    if (folders[0] / "maps.npy").exists():
+    ready: dict[str, Path] = {}
+    if len(folders) == 1:  # one shard: its activations and maps (top k in the run's order) are the run's
+        ready["acts.npy"] = folders[0] / "acts.npy"
+        if (folders[0] / "maps.npy").exists():
+            ready["maps.npy"] = folders[0] / "maps.npy"
+            maps = np.load(ready["maps.npy"], mmap_mode="r")  # for its shape: write_run links the file
+    elif (folders[0] / "maps.npy").exists():
         first = np.load(folders[0] / "maps.npy", mmap_mode="r")
         maps = np.zeros((n_neurons, k_eff, *first.shape[2:]), dtype=np.float16)
         neuron_col = rows["neuron"].to_numpy(dtype=np.int64)
@@ -425,10 +436,10 @@ def reduce_run(plan: LayerPlan, shards: Sequence[Shard], k: int) -> ReducedRun:
             shard_maps = np.load(Path(name).parent / "maps.npy", mmap_mode="r")
             maps[neuron_col[group], out_rank[group]] = shard_maps[neuron_col[group], slot_col[group]]
 
-    def acts_parts() -> list[np.ndarray]:
-        return [np.load(f / "acts.npy", mmap_mode="r") for f in folders]
+    def acts_blocks() -> Iterator[np.ndarray]:
+        return npy_row_blocks([f / "acts.npy" for f in folders])
 
-    return ReducedRun(acts_parts, shards[-1].stop, top_values, top_indices, maps, stats)
+    return ReducedRun(acts_blocks, shards[-1].stop, top_values, top_indices, maps, stats, ready)
 
 
 def _top_rows(files: Sequence[Path], starts: dict[str, int], k: int):

@@ -19,7 +19,7 @@ Layout under the workspace root (``CacheLayout`` names every path)::
                                      activations and of the map cells (MILAN's mask level); runs
                                      stored before sketches lack it (mask level then approximate)
                    partial/          the shards of an unfinished extraction (neuroviz.shards)
-                   .writer.lock      held (flock) by the process extracting the run
+                   .writer.lock      held (flock) by the process extracting the run; deleted when it ends
     dictionaries/<key>/dictionary.npz, meta.json   SAE latents or user directions (neuroviz.units)
     probesets/<probe_set_id>/meta.json    name, source, sizes, skipped files (written last)
                              images.parquet  idx, image_id, path, label
@@ -71,7 +71,7 @@ import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -79,7 +79,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import NeurovizError
-from .files import atomic_open, atomic_save_npy, atomic_save_npy_blocks, atomic_savez, atomic_write_json, atomic_write_text
+from .files import (
+    array_row_blocks,
+    atomic_link,
+    atomic_open,
+    atomic_save_npy,
+    atomic_save_npy_blocks,
+    atomic_savez,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 DEFAULT_CACHE = Path(os.environ.get("NEUROVIZ_CACHE", Path(__file__).resolve().parent.parent / "cache"))
 SHARED_CACHE_ENV = "NEUROVIZ_SHARED_CACHE"
@@ -658,29 +667,37 @@ class Store(CacheLayout):
         acts = np.asarray(acts, dtype=np.float32)
         stats = NeuronStats(acts.shape[1], spatial=False)
         stats.update(acts)
-        self.write_run(info, lambda: [acts], top_values, top_indices, image_ids, maps, stats, hist_bins)
+        self.write_run(info, lambda: array_row_blocks([acts]), top_values, top_indices, image_ids, maps, stats, hist_bins)
 
-    def write_run(self, info: RunInfo, acts_parts: Callable[[], Iterable[np.ndarray]], top_values: np.ndarray,
+    def write_run(self, info: RunInfo, acts_blocks: Callable[[], Iterable[np.ndarray]], top_values: np.ndarray,
                   top_indices: np.ndarray, image_ids: Sequence[str], maps: np.ndarray | None, stats,
-                  hist_bins: int = 50) -> None:
+                  hist_bins: int = 50, ready_files: Mapping[str, Path] | None = None) -> None:
         """Store a finished extraction: arrays and tables first, ``run.json`` last.
 
-        ``acts_parts()`` gives the activations in row blocks (read twice, in a stream: the
-        matrix is never whole in memory); ``stats`` is their merged
-        :class:`~neuroviz.sketches.NeuronStats`. Until ``run.json`` appears the run does not
-        exist, so a crash in between leaves nothing half-visible and the extraction reduces again.
+        ``acts_blocks()`` gives the activations' row blocks in order (called twice, each a
+        stream: the matrix is never whole in memory, see :func:`~neuroviz.files.npy_row_blocks`); ``stats`` is their merged
+        :class:`~neuroviz.sketches.NeuronStats`. ``ready_files`` names files that already hold
+        ``acts.npy`` or ``maps.npy`` exactly (one shard's): they are linked in, not rewritten.
+        Until ``run.json`` appears the run does not exist, so a crash in between leaves nothing
+        half-visible and the extraction reduces again.
         """
         run_dir = self.run_dir(info.run_key)
         n_neurons = int(stats.n_neurons)
         shape = (int(stats.count), n_neurons)
-        atomic_save_npy_blocks(run_dir / "acts.npy", shape, row_blocks(acts_parts()))
-        if maps is not None:
-            atomic_save_npy(run_dir / "maps.npy", maps.astype(np.float16))
+        ready = dict(ready_files or {})
+        if "acts.npy" in ready:
+            atomic_link(ready["acts.npy"], run_dir / "acts.npy")
+        else:
+            atomic_save_npy_blocks(run_dir / "acts.npy", shape, acts_blocks())
+        if "maps.npy" in ready:
+            atomic_link(ready["maps.npy"], run_dir / "maps.npy")
+        elif maps is not None:
+            atomic_save_npy(run_dir / "maps.npy", np.asarray(maps, dtype=np.float16))
         lo = np.where(stats.count, stats.lo, 0).astype(np.float32)
         hi = np.where(stats.count, stats.hi, 0).astype(np.float32)
         counts = np.zeros((n_neurons, hist_bins), dtype=np.int64)
         edges = np.zeros((n_neurons, hist_bins + 1), dtype=np.float32)
-        for block in row_blocks(acts_parts()):  # the edges are fixed by the merged min and max: counts add up
+        for block in acts_blocks():  # the edges are fixed by the merged min and max: counts add up
             part_counts, edges = histograms(np.asarray(block), lo, hi, hist_bins)
             counts += part_counts
         atomic_savez(run_dir / "hist.npz", counts=counts.astype(np.int32), edges=edges)
@@ -803,19 +820,33 @@ class Store(CacheLayout):
     @contextlib.contextmanager
     def run_writer_lock(self, run_key: str) -> Iterator[bool]:
         """Try to become the one process writing a run (no wait): yields whether this process
-        holds the lock. The lock dies with its process, so a killed writer never keeps it."""
+        holds the lock. The lock dies with its process, so a killed writer never keeps it.
+
+        The holder deletes the lock file before it lets go, so no empty file stays behind. A
+        process that opened the file before the deletion may lock the deleted file afterwards:
+        it then sees that the path no longer names the file it locked and tries again on a
+        fresh one, so two processes never both hold a lock on what the path names."""
         path = self.run_dir(run_key) / ".writer.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                yield False
+        while True:
+            with open(path, "a") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    yield False
+                    return
+                try:
+                    current = os.stat(path).st_ino
+                except FileNotFoundError:
+                    current = None
+                if current != os.fstat(fh.fileno()).st_ino:
+                    continue  # locked a file its holder had already deleted
+                try:
+                    yield True
+                finally:
+                    path.unlink(missing_ok=True)  # while still holding it: see above
+                    fcntl.flock(fh, fcntl.LOCK_UN)
                 return
-            try:
-                yield True
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def run_tables(self, run_key: str) -> RunTables:
         """Labels, top-k, statistics and probe files of a run: what a page reads about it."""
@@ -1068,13 +1099,6 @@ def _json_lines(path: Path) -> list[dict]:
         except ValueError:
             continue
     return out
-
-
-def row_blocks(parts: Iterable[np.ndarray], rows: int = 4096) -> Iterator[np.ndarray]:
-    """The rows of (memory-mapped) arrays in blocks: a stream that never holds a whole matrix."""
-    for part in parts:
-        for start in range(0, len(part), rows):
-            yield part[start:start + rows]
 
 
 def _run_info(row: dict | None) -> RunInfo | None:

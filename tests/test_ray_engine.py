@@ -20,7 +20,7 @@ def test_ray_engine_matches_in_process(image_folder, tmp_path):
     kwargs = {"k": 5, "batch_size": 8, "chunk_size": 8}
     expected = extract.extract(model, ps, ["layer1", "fc"], local, **kwargs)
     messages: list[str] = []
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster left on the machine
     try:
         got = extract.extract(model, ps, ["layer1", "fc"], on_ray, engine="ray", shard_size=16,
                               progress=lambda done, total, message: messages.append(message), **kwargs)

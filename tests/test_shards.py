@@ -70,6 +70,7 @@ def test_shards_reduce_to_the_single_pass_result(setup, tmp_path):
     order = np.argsort(-acts, axis=0, kind="stable")[:6].T  # ties by image index, as one pass orders them
     np.testing.assert_array_equal(store.top_indices(runs[0].run_key), order)
     assert not store.partial_dir(runs[0].run_key).exists()  # shards removed once the run is committed
+    assert not list(store.runs_dir().glob("*/.writer.lock"))  # the writer deleted its lock file when it ended
 
 
 def test_finished_shards_are_not_redone(setup, tmp_path, monkeypatch):
@@ -81,6 +82,11 @@ def test_finished_shards_are_not_redone(setup, tmp_path, monkeypatch):
     finished = sorted(p.name for p in plan_dir.glob("shard-*"))
     assert finished == ["shard-00000", "shard-00001"]  # 3 chunks each; the third shard stopped mid-way
     assert list(plan_dir.glob("work-00002/state-*.npz"))
+    from neuroviz import engines
+
+    job = shards.ShardJob((shards.LayerPlan("conv1", "mean", setup["runs"][0].run_key, 6, str(plan_dir)),), (), 4, 4)
+    # what the Ray driver reports between shards: 2 finished shards of 12 and 1 chunk of 4 images
+    assert engines.images_written(job, shards.plan_shards(len(setup["ps"]), 12)) == 28
     stamps = {p: p.stat().st_mtime_ns for p in plan_dir.glob("shard-*/*")}
     seen: list[tuple[int, int]] = []
     real = shards.extract_shard
@@ -139,6 +145,86 @@ def test_crash_leftovers_are_cleared_and_files_are_readable(setup, tmp_path):
     assert again[0].run_key == run.run_key
     assert not leftover.exists()
     assert not store.partial_dir(run.run_key).exists()
+
+
+def test_writer_lock_is_exclusive_and_leaves_no_file(tmp_path, monkeypatch):
+    import builtins
+    import contextlib
+
+    store = Store(tmp_path)
+    path = store.run_dir("run") / ".writer.lock"
+    with store.run_writer_lock("run") as first:
+        assert first and path.exists()
+        with store.run_writer_lock("run") as second:
+            assert not second  # one writer at a time
+    assert not path.exists()  # no empty file stays behind
+
+    # the race the deletion opens: B opens the file, then the holder A deletes it and lets go, then
+    # B locks what it opened (a deleted file). B must end up holding the file the path names, or a
+    # third process C would create a fresh file, lock it too, and write at the same time as B.
+    holder = contextlib.ExitStack()
+    assert holder.enter_context(store.run_writer_lock("run"))
+    real_open = builtins.open
+
+    def open_then_holder_lets_go(*args, **kwargs):
+        fh = real_open(*args, **kwargs)
+        holder.close()
+        return fh
+
+    monkeypatch.setattr("neuroviz.store.open", open_then_holder_lets_go, raising=False)
+    with store.run_writer_lock("run") as b:
+        monkeypatch.undo()
+        assert b and path.exists()
+        with store.run_writer_lock("run") as c:
+            assert not c
+    assert not path.exists()
+
+
+def test_one_shard_links_its_files_into_the_run(setup, tmp_path, monkeypatch):
+    import neuroviz.store
+
+    linked: list[str] = []
+    real_link = neuroviz.store.atomic_link
+    monkeypatch.setattr(neuroviz.store, "atomic_link", lambda src, dst: linked.append(f"{src.name}->{dst.name}") or real_link(src, dst))
+    store = Store(tmp_path)
+    runs = extract.extract(setup["model"], setup["ps"], LAYERS, store, k=6, batch_size=4, chunk_size=8)
+    assert sorted(linked) == sorted(["acts.npy->acts.npy"] * 3 + ["maps.npy->maps.npy"] * 2)  # fc has no maps
+    assert_same_runs(setup["single"], store, [r.run_key for r in runs])
+    assert not store.partial_dir(runs[0].run_key).exists()  # the shard's names are gone, the run's files stay
+
+
+def test_atomic_link_copies_where_links_fail(tmp_path, monkeypatch):
+    from neuroviz.files import atomic_link
+
+    source = tmp_path / "a.npy"
+    source.write_bytes(b"activations")
+    atomic_link(source, tmp_path / "run" / "linked.npy")
+    assert (tmp_path / "run" / "linked.npy").stat().st_ino == source.stat().st_ino
+
+    def no_links(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("os.link", no_links)
+    atomic_link(source, tmp_path / "run" / "copied.npy")
+    assert (tmp_path / "run" / "copied.npy").read_bytes() == b"activations"
+    assert (tmp_path / "run" / "copied.npy").stat().st_ino != source.stat().st_ino
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["copied.npy", "linked.npy"]  # no temporaries left
+
+
+def test_npy_row_blocks_stream_the_rows_of_several_files(tmp_path):
+    from neuroviz.files import npy_header, npy_row_blocks
+
+    parts = [np.arange(n * 3, dtype=np.float32).reshape(n, 3) + i for i, n in enumerate((10, 1, 7))]
+    for i, part in enumerate(parts):
+        np.save(tmp_path / f"{i}.npy", part)
+    files = [tmp_path / f"{i}.npy" for i in range(3)]
+    assert npy_header(files[0])[0] == (10, 3)
+    blocks = list(npy_row_blocks(files, rows=4))
+    assert [len(b) for b in blocks] == [4, 4, 2, 1, 4, 3]
+    np.testing.assert_array_equal(np.concatenate(blocks), np.concatenate(parts))
+    files[2].write_bytes(files[2].read_bytes()[:-4])  # a truncated file is an error, not short rows
+    with pytest.raises(ValueError, match="shorter"):
+        list(npy_row_blocks(files[2:], rows=4))
 
 
 def test_thumbnails_get_normal_modes(setup, tmp_path):
