@@ -46,24 +46,28 @@ def make_images(folder: Path, n: int, size: int = 256, seed: int = 0) -> None:
         img.save(path, quality=85)
 
 
-def bare_forward(model, ps, batch_size: int) -> float:
-    return timed_bare_forward(model, ps, batch_size)[0]
+def bare_forward(model, ps, batch_size: int, device: str = "cpu", num_workers: int = 0) -> float:
+    return timed_bare_forward(model, ps, batch_size, device, num_workers)[0]
 
 
-def timed_bare_forward(model, ps, batch_size: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of the forward pass alone over ``ps``."""
+def timed_bare_forward(model, ps, batch_size: int, device: str = "cpu", num_workers: int = 0) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of the forward pass alone over ``ps``, on the
+    same device and loader as the extraction."""
     import torch
 
     from neuroviz.extract import image_loader
 
+    module = model.module.to(device).eval()
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        for batch in image_loader(ps, model.transform, 0, batch_size):
-            model.module(batch)
+        for batch in image_loader(ps, model.transform, 0, batch_size, num_workers):
+            module(batch.to(device))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def timed_extract(model, ps, batch_size: int) -> tuple[float, float]:
+def timed_extract(model, ps, batch_size: int, device: str = "cpu", num_workers: int = 0) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process, every thread) of the extraction of ``ps``."""
     from neuroviz import extract
     from neuroviz.store import Store
@@ -71,7 +75,8 @@ def timed_extract(model, ps, batch_size: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
         start, cpu = time.perf_counter(), time.process_time()
-        extract.extract(model, ps, LAYERS, store, k=50, batch_size=batch_size, chunk_size=256)
+        extract.extract(model, ps, LAYERS, store, k=50, batch_size=batch_size, chunk_size=256, device=device,
+                        num_workers=num_workers)
         return time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -100,6 +105,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workdir", default=str(REPO / "cache" / "bench"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both passes on it)")
+    parser.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (both passes)")
+    parser.add_argument("--skip-cache-read", action="store_true", help="skip part 3")
     args = parser.parse_args()
 
     from neuroviz import datasets, models
@@ -118,16 +126,19 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    bare_forward(model, datasets.ProbeSet("warm", "warm", ps.images[:32]), args.batch_size)  # warm-up
-    timed_extract(model, datasets.ProbeSet("warm", "warm", ps.images[:32]), args.batch_size)  # imports, DuckDB start
+    where = (args.device, args.num_workers)
+    warm = datasets.ProbeSet("warm", "warm", ps.images[:max(32, args.batch_size)])
+    bare_forward(model, warm, args.batch_size, *where)  # warm-up
+    timed_extract(model, warm, args.batch_size, *where)  # imports, DuckDB start
     bare, ext = [], []
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
-        bare.append(timed_bare_forward(model, ps, args.batch_size))
-        ext.append(timed_extract(model, ps, args.batch_size))
+        bare.append(timed_bare_forward(model, ps, args.batch_size, *where))
+        ext.append(timed_extract(model, ps, args.batch_size, *where))
     ratio = statistics.median(e[0] / b[0] for e, b in zip(ext, bare))
     cpu_ratio = statistics.median(e[1] / b[1] for e, b in zip(ext, bare))
     print("\n## 1. Extraction vs bare forward (ResNet-50 random weights, 224 px, 5 layers: " + ", ".join(LAYERS) + ")")
-    print(f"images: {args.images}, batch {args.batch_size}, repeats {args.repeats}, torch threads {args.threads or 'default'}")
+    print(f"images: {args.images}, batch {args.batch_size}, repeats {args.repeats}, torch threads {args.threads or 'default'}, "
+          f"device {args.device}, loader workers {args.num_workers}")
     print(f"bare forward:  {statistics.median(b[0] for b in bare):7.2f} s   ({args.images / statistics.median(b[0] for b in bare):.1f} img/s)"
           f"   CPU {statistics.median(b[1] for b in bare):7.2f} s")
     print(f"extraction:    {statistics.median(e[0] for e in ext):7.2f} s   ({args.images / statistics.median(e[0] for e in ext):.1f} img/s)"
@@ -146,12 +157,14 @@ def main() -> None:
     if len(rows) > 1:
         print(f"growth from {rows[0]['n']} to {rows[-1]['n']} images: {rows[-1]['max_rss_mb'] / rows[0]['max_rss_mb']:.2f}x (target: flat, and < 2048 MB)")
 
+    if args.skip_cache_read:
+        return
     print("\n## 3. Reading from the cache")
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
         from neuroviz import extract
 
-        runs = extract.extract(model, ps, LAYERS, store, k=50, batch_size=args.batch_size)
+        runs = extract.extract(model, ps, LAYERS, store, k=50, batch_size=args.batch_size, device=args.device)
         run = runs[-1]
         t = []
         for neuron in range(0, run.n_neurons, max(1, run.n_neurons // 50)):

@@ -24,6 +24,7 @@ shards stay until the run is committed, and the next call reduces again.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -294,9 +295,13 @@ class _LayerWork:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-def _update_stats(updates: list[tuple[NeuronStats, np.ndarray, np.ndarray | None]], first_index: int) -> None:
-    for stats, pooled, maps in updates:
-        stats.update(pooled, maps, first_index)
+def sketch_threads(n_layers: int, cpu_count: int | None = None) -> int:
+    """Threads that feed the layers' sketches: one per layer, up to half the cores (1 on 2 cores).
+
+    Each layer's sketches are fed by one thread in batch order, so the result does not depend on
+    the count; on a GPU machine the CPU-side sketches would otherwise bound the throughput.
+    """
+    return max(1, min(n_layers, (cpu_count or os.cpu_count() or 1) // 2))
 
 
 def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None = None,
@@ -334,11 +339,11 @@ def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None 
     written = 0
     loader = path_loader(job.paths[position:shard.stop], model.transform, job.batch_size, job.num_workers) \
         if position < shard.stop else []
-    # The sketches are fed on a second thread (DataSketches releases the GIL), one batch behind
+    # The sketches are fed on other threads (DataSketches releases the GIL), one batch behind
     # the forward pass: on a GPU their CPU work then hides behind the next batch.
     with torch.inference_mode(), LayerRecorder(module, [w.plan.layer for w in works]) as rec, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sketches") as sketcher:
-        pending: Future | None = None
+            ThreadPoolExecutor(max_workers=sketch_threads(len(works)), thread_name_prefix="sketches") as sketcher:
+        pending: list[Future] = []
         for batch in loader:
             module(batch.to(dev))
             updates = []
@@ -357,14 +362,15 @@ def extract_shard(model, job: ShardJob, shard: Shard, progress: Progress | None 
                 updates.append((w.stats, pooled.numpy(), small.numpy() if small is not None else None))
                 w.pooled.append(pooled.numpy())
             rec.outputs.clear()  # release this batch's layer outputs before the next forward pass
-            if pending is not None:
-                pending.result()
-            pending = sketcher.submit(_update_stats, updates, position)
+            for done in pending:
+                done.result()
+            pending = [sketcher.submit(stats.update, pooled, maps, position) for stats, pooled, maps in updates]
             position += batch.shape[0]
             report(position)
             local = position - shard.start
             if local % chunk_size == 0 or position == shard.stop:
-                pending.result()
+                for done in pending:
+                    done.result()
                 chunk = (local - 1) // chunk_size
                 last = position == shard.stop  # the shard's files come next: a kill before them redoes this chunk
                 for w in works:

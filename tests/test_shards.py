@@ -241,3 +241,13 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_sketch_threads_per_layer_give_the_single_thread_result(setup, tmp_path, monkeypatch):
+    """On a many-core machine each layer's sketches get their own thread; the run is the same."""
+    assert shards.sketch_threads(5, cpu_count=2) == 1 and shards.sketch_threads(5, cpu_count=16) == 5
+    assert shards.sketch_threads(3, cpu_count=16) == 3 and shards.sketch_threads(1, cpu_count=1) == 1
+    monkeypatch.setattr(shards, "sketch_threads", lambda n_layers, cpu_count=None: n_layers)
+    threaded = Store(tmp_path)
+    runs = extract.extract(setup["model"], setup["ps"], LAYERS, threaded, k=6, batch_size=4, chunk_size=8)
+    assert_same_runs(setup["single"], threaded, [r.run_key for r in runs])
