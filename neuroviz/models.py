@@ -131,7 +131,8 @@ class ProbedModel:
         if self._layers is None:
             names = [n for n, _ in self.module.named_modules() if n]
             size = self.preprocessing.image_size
-            x = torch.zeros(2, 3, size, size)
+            first = next(self.module.parameters(), None)  # the probe input goes where the model is (a GPU after an extraction)
+            x = torch.zeros(2, 3, size, size, device=first.device if first is not None else None)
             with torch.no_grad(), LayerRecorder(self.module, names) as rec:
                 self.module(x)
             layers = {}
