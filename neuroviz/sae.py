@@ -221,7 +221,9 @@ def train_sae(positions: np.ndarray, config: SaeConfig, progress: Progress | Non
             if progress:
                 done = epoch * steps_per_epoch + step + 1
                 dead_note = f" dead {dead_per_epoch[-1]}/{n_latents} last epoch" if dead_per_epoch else ""
-                progress(done, total, f"epoch {epoch + 1}/{config.epochs} loss {history[-1]:.4f}{dead_note}")
+                with torch.no_grad():  # the batch's explained variance: readable where the loss (~1e-4) is not
+                    r2 = 1 - float((xb - x_hat).square().sum() / (xb - xb.mean(dim=0)).square().sum().clamp_min(1e-12))
+                progress(done, total, f"epoch {epoch + 1}/{config.epochs} loss {history[-1]:.3g} R^2 {r2:.3f}{dead_note}")
         dead_per_epoch.append(int(round(fired.get_dead_ratio() * n_latents)))
     sae.eval()
     with torch.no_grad():

@@ -62,7 +62,7 @@ def test_training_reports_dead_latents_in_the_live_message():
     train_sae(sparse_set(n=1200), SaeConfig(expansion=2, k=4, epochs=2, batch_size=256),
               progress=lambda done, total, msg: messages.append(msg))
     assert "dead" not in messages[0]  # nothing to count before one whole epoch
-    assert re.fullmatch(r"epoch 2/2 loss \d+\.\d{4} dead \d+/64 last epoch", messages[-1]), messages[-1]
+    assert re.fullmatch(r"epoch 2/2 loss \S+ R\^2 -?\d\.\d{3} dead \d+/64 last epoch", messages[-1]), messages[-1]
 
 
 def test_options_at_their_defaults_keep_old_dictionary_keys(tiny_workspace):
