@@ -173,3 +173,31 @@ def test_the_workspace_job_passes_the_new_options_to_the_command():
     assert (args.init, args.schedule, args.lr, args.reanimate, args.epochs) == ("data", "cosine", 2e-3, 0.1, 12)
     defaults = build_parser().parse_args(SaeTrainRequest("offline:mobilenet_v2", "demo", "features.18").argv())
     assert (defaults.init, defaults.schedule, defaults.lr, defaults.reanimate) == ("random", "constant", 5e-4, 0.0)
+
+
+def test_the_workspace_sae_tab_puts_the_recipe_in_the_job_command(tmp_path_factory, image_folder):
+    """The SAE tab's command (shown under its button, run as the job) carries the start, schedule,
+    learning rate and reanimation fields; the tab proposes the data start."""
+    from tests.conftest import dashboard_env
+    from tests.test_pages import app, assert_clean, build_dashboard_cache
+
+    root = tmp_path_factory.mktemp("sae_tab")
+    build_dashboard_cache(root, image_folder)
+    env = pytest.MonkeyPatch()
+    dashboard_env(env, root)
+    try:
+        at = app(layer="layer2")
+        at.switch_page("views/workspace.py").run()
+        assert_clean(at)
+
+        def sae_command() -> str:
+            (line,) = [c.value for c in at.caption if "sae train" in c.value]
+            return line
+
+        assert "--init data --schedule constant --lr 0.001 --reanimate 0.0" in sae_command()
+        at.selectbox(key="sae_init").set_value("random").run()
+        at.selectbox(key="sae_schedule").set_value("cosine").run()
+        assert_clean(at)
+        assert "--init random --schedule cosine" in sae_command()
+    finally:
+        env.undo()
