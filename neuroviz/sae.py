@@ -17,8 +17,13 @@ them (``SaeConfig``): ``init="data"`` starts every latent on a seeded training p
 fires on part of the data from step one), ``reanimate`` adds overcomplete's
 ``reanimation_regularizer`` (it raises the pre-activations of latents silent in the batch, the
 ones AuxK cannot reach: its ReLU blocks their gradient), and ``schedule="cosine"`` is
-overcomplete's ``CosineScheduler`` (5 % warm-up, then cosine decay to a tenth of ``lr``). The trained weights become a :class:`~neuroviz.units.Dictionary`
-(read without overcomplete), and :func:`train_and_extract` extracts its unit run.
+overcomplete's ``CosineScheduler`` (5 % warm-up, then cosine decay to a tenth of ``lr``).
+The data start is what keeps latents alive: on the demo layer (features.18, 4x, k=32) it left 5
+of 5,120 latents dead at held-out R^2 0.84, where the random start with AuxK left 3,503; the
+reanimation regulariser revives latents too, but on a generated set it halved R^2.
+``aux_penalty=0`` skips the AuxK term (and its cost). The trained weights become a
+:class:`~neuroviz.units.Dictionary` (read without overcomplete), and :func:`train_and_extract`
+extracts its unit run.
 """
 
 from __future__ import annotations
@@ -208,7 +213,10 @@ def train_sae(positions: np.ndarray, config: SaeConfig, progress: Progress | Non
             optimizer.zero_grad()
             pre, codes, x_hat = sae(xb)
             dictionary = sae.get_dictionary()
-            loss = top_k_auxiliary_loss(xb, x_hat, pre, codes, dictionary, penalty=config.aux_penalty)
+            if config.aux_penalty:
+                loss = top_k_auxiliary_loss(xb, x_hat, pre, codes, dictionary, penalty=config.aux_penalty)
+            else:
+                loss = (xb - x_hat).square().mean()  # what AuxK's loss is at weight 0, without its top-k and product
             if config.reanimate:
                 loss = loss + reanimation_regularizer(xb, x_hat, pre, codes, dictionary, penalty=config.reanimate)
             loss.backward()
