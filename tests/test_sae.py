@@ -168,11 +168,13 @@ def test_the_workspace_job_passes_the_new_options_to_the_command():
     from neuroviz.requests import SaeTrainRequest
 
     request = SaeTrainRequest("offline:mobilenet_v2", "demo", "features.18", 4, 32, "topk", 12, init="data",
-                              schedule="cosine", lr=2e-3, reanimate=0.1)
+                              schedule="cosine", lr=2e-3, reanimate=0.1, batch_size=256, aux_penalty=0.0)
     args = build_parser().parse_args(request.argv())
-    assert (args.init, args.schedule, args.lr, args.reanimate, args.epochs) == ("data", "cosine", 2e-3, 0.1, 12)
+    assert (args.init, args.schedule, args.lr, args.reanimate, args.epochs, args.batch_size, args.aux_penalty) == \
+        ("data", "cosine", 2e-3, 0.1, 12, 256, 0.0)
     defaults = build_parser().parse_args(SaeTrainRequest("offline:mobilenet_v2", "demo", "features.18").argv())
-    assert (defaults.init, defaults.schedule, defaults.lr, defaults.reanimate) == ("random", "constant", 5e-4, 0.0)
+    assert (defaults.init, defaults.schedule, defaults.lr, defaults.reanimate, defaults.batch_size, defaults.aux_penalty) == \
+        ("random", "constant", 5e-4, 0.0, 1024, 1 / 32)
 
 
 def test_the_workspace_sae_tab_puts_the_recipe_in_the_job_command(tmp_path_factory, image_folder):
@@ -194,7 +196,7 @@ def test_the_workspace_sae_tab_puts_the_recipe_in_the_job_command(tmp_path_facto
             (line,) = [c.value for c in at.caption if "sae train" in c.value]
             return line
 
-        assert "--init data --schedule constant --lr 0.001 --reanimate 0.0" in sae_command()
+        assert "--init data --schedule constant --lr 0.001 --reanimate 0.0 --batch-size 256 --aux-penalty 0.0" in sae_command()
         at.selectbox(key="sae_init").set_value("random").run()
         at.selectbox(key="sae_schedule").set_value("cosine").run()
         assert_clean(at)
