@@ -201,10 +201,19 @@ class SaeTrainRequest(JobRequest):
     k: int = 32
     variant: str = "topk"
     epochs: int = 10
+    init: str = "random"  # "data": latents start on training positions (fewer dead latents)
+    schedule: str = "constant"  # "cosine": warm-up, then cosine decay of lr
+    lr: float = 5e-4
+    reanimate: float = 0.0
+    batch_size: int = 1024
+    aux_penalty: float = 1 / 32
 
     def argv(self) -> list[str]:
         return ["sae", "train", self.model, "--probe", self.probe, "--layer", self.layer, "--expansion",
-                str(int(self.expansion)), "--k", str(int(self.k)), "--variant", self.variant, "--epochs", str(int(self.epochs))]
+                str(int(self.expansion)), "--k", str(int(self.k)), "--variant", self.variant, "--epochs", str(int(self.epochs)),
+                "--init", self.init, "--schedule", self.schedule, "--lr", repr(float(self.lr)),
+                "--reanimate", repr(float(self.reanimate)), "--batch-size", str(int(self.batch_size)),
+                "--aux-penalty", repr(float(self.aux_penalty))]
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,22 @@ positions than ``max_positions`` a seeded random subset is used (the result says
 seeded 10 % of positions is held out to report reconstruction R^2 (explained variance).
 
 The training loop is our own, not ``overcomplete.sae.train_sae``: that one prints per epoch
-and offers no progress callback, and the pages need live loss per step. The model, the
-loss (MSE + the AuxK term of Gao et al. 2024 that revives dead latents) and the dictionary
-normalisation are overcomplete's. The trained weights become a :class:`~neuroviz.units.Dictionary`
-(read without overcomplete), and :func:`train_and_extract` extracts its unit run.
+and offers no progress callback, and the pages need live loss and dead latents per step.
+The model, the loss (MSE + overcomplete's AuxK term after Gao et al. 2024), the dead-latent
+remedies and the learning-rate schedule are overcomplete's; what is ours is the choice among
+them (``SaeConfig``): ``init="data"`` starts every latent on a seeded training position
+(decoder row = that position's direction, encoder = the decoder transposed, so each latent
+fires on part of the data from step one), ``reanimate`` adds overcomplete's
+``reanimation_regularizer`` (it raises the pre-activations of latents silent in the batch, the
+ones AuxK cannot reach: its ReLU blocks their gradient), and ``schedule="cosine"`` is
+overcomplete's ``CosineScheduler`` (5 % warm-up, then cosine decay to a tenth of ``lr``).
+The data start is what keeps latents alive: on the demo layer (features.18, 4x, k=32, batch 256,
+6 epochs) it left 2 of 5,120 latents dead at held-out R^2 0.81, where the random start with AuxK
+left 3,378 at R^2 0.76; the reanimation regulariser revives latents too, but on a generated set
+it halved R^2.
+``aux_penalty=0`` skips the AuxK term (and its cost). The trained weights become a
+:class:`~neuroviz.units.Dictionary` (read without overcomplete), and :func:`train_and_extract`
+extracts its unit run.
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,12 +42,19 @@ from .provenance import provenance_key
 from .units import Dictionary, list_dictionaries, load_dictionary, per_position, save_dictionary, unit_transform
 
 if TYPE_CHECKING:
+    import torch
+
     from .datasets import ProbeSet
     from .models import ProbedModel
     from .store import RunInfo, Store
 
 CODE_VERSION = "sae-1"
 VARIANTS = ("topk", "batchtopk")
+INITS = ("random", "data")
+SCHEDULES = ("constant", "cosine")
+# options added after the first dictionaries were made: left out of the provenance key at their
+# defaults (which train exactly as before), so those dictionaries keep their keys
+LATER_OPTIONS = ("init", "schedule", "reanimate")
 HOLDOUT = 0.1  # share of positions held out for R^2
 
 
@@ -56,12 +75,21 @@ class SaeConfig:
     aux_penalty: float = 1 / 32  # the AuxK coefficient of Gao et al.
     max_positions: int = 200_000
     seed: int = 0
+    init: str = "random"  # "data": latents start on seeded training positions (encoder = decoder transposed)
+    schedule: str = "constant"  # "cosine": warm-up then cosine decay of the learning rate
+    reanimate: float = 0.0  # weight of overcomplete's reanimation_regularizer (0 = off)
 
     def check(self, n_neurons: int) -> None:
         if self.variant not in VARIANTS:
             raise SaeError(f"Unknown SAE variant '{self.variant}'; choose {' or '.join(VARIANTS)}.")
+        if self.init not in INITS:
+            raise SaeError(f"Unknown SAE initialisation '{self.init}'; choose {' or '.join(INITS)}.")
+        if self.schedule not in SCHEDULES:
+            raise SaeError(f"Unknown learning-rate schedule '{self.schedule}'; choose {' or '.join(SCHEDULES)}.")
         if self.expansion < 1 or self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
             raise SaeError("Expansion and epochs must be at least 1, the batch at least 2 and the learning rate positive.")
+        if self.aux_penalty < 0 or self.reanimate < 0:
+            raise SaeError("The AuxK and reanimation weights must be 0 or more.")
         if not 1 <= self.k <= self.expansion * n_neurons:
             raise SaeError(f"k={self.k} must lie between 1 and the number of latents ({self.expansion * n_neurons}).")
 
@@ -85,7 +113,13 @@ def dictionary_key(model: ProbedModel, layer: str, probe_set: ProbeSet, config: 
     """The provenance of an SAE: model and weights, layer, training images, hyperparameters."""
     return provenance_key({"kind": "sae", "model": model.spec, "weights": model.weights_id, "layer": layer,
                            "probe_set": probe_set.id, "preprocess": model.preprocessing.id,
-                           "config": asdict(config), "code": CODE_VERSION})
+                           "config": _key_config(config), "code": CODE_VERSION})
+
+
+def _key_config(config: SaeConfig) -> dict:
+    """The settings that name a dictionary: every field, less the later options left at their defaults."""
+    settings, defaults = asdict(config), asdict(SaeConfig())
+    return {name: value for name, value in settings.items() if name not in LATER_OPTIONS or value != defaults[name]}
 
 
 def collect_positions(model: ProbedModel, probe_set: ProbeSet, layer: str, max_positions: int, seed: int,
@@ -132,10 +166,12 @@ def collect_positions(model: ProbedModel, probe_set: ProbeSet, layer: str, max_p
 def train_sae(positions: np.ndarray, config: SaeConfig, progress: Progress | None = None,
               device: str | None = None) -> tuple[dict, SaeMetrics, list[float]]:
     """Train on ``positions`` (rows = activation vectors); returns the dictionary's arrays and
-    settings, the metrics and the loss per step."""
+    settings (with the dead latents of each epoch), the metrics and the loss per step."""
     import torch
     from overcomplete.sae import BatchTopKSAE, TopKSAE
-    from overcomplete.sae.losses import top_k_auxiliary_loss
+    from overcomplete.sae.losses import reanimation_regularizer, top_k_auxiliary_loss
+    from overcomplete.sae.optimizer import CosineScheduler
+    from overcomplete.sae.trackers import DeadCodeTracker
 
     n, dim = positions.shape
     config.check(dim)
@@ -155,26 +191,49 @@ def train_sae(positions: np.ndarray, config: SaeConfig, progress: Progress | Non
         sae = BatchTopKSAE(dim, n_latents, top_k=config.k * batch, device=str(dev))
     else:
         sae = TopKSAE(dim, n_latents, top_k=config.k, device=str(dev))
+    gen = torch.Generator().manual_seed(config.seed)
+    if config.init == "data":
+        _start_on_positions(sae, x_train, gen)
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
     steps_per_epoch = max(1, len(train) // batch)  # the ragged last batch is dropped (BatchTopK's k is per batch)
     total = steps_per_epoch * config.epochs
+    scheduler = None
+    if config.schedule == "cosine":
+        scheduler = CosineScheduler(optimizer, config.lr, config.lr / 10, total, warmup_iters=max(1, total // 20),
+                                    start_warmup_value=config.lr / 10)
+        for group in optimizer.param_groups:
+            group["lr"] = float(scheduler[0])  # the scheduler sets the rate after each step; this is the first one
     history: list[float] = []
-    gen = torch.Generator().manual_seed(config.seed)
+    dead_per_epoch: list[int] = []
     sae.train()
     for epoch in range(config.epochs):
         perm = torch.randperm(len(train), generator=gen)
+        fired = DeadCodeTracker(n_latents, dev)
         for step in range(steps_per_epoch):
             xb = x_train[perm[step * batch:(step + 1) * batch]].to(dev)
             optimizer.zero_grad()
             pre, codes, x_hat = sae(xb)
-            loss = top_k_auxiliary_loss(xb, x_hat, pre, codes, sae.get_dictionary(), penalty=config.aux_penalty)
+            dictionary = sae.get_dictionary()
+            if config.aux_penalty:
+                loss = top_k_auxiliary_loss(xb, x_hat, pre, codes, dictionary, penalty=config.aux_penalty)
+            else:
+                loss = (xb - x_hat).square().mean()  # what AuxK's loss is at weight 0, without its top-k and product
+            if config.reanimate:
+                loss = loss + reanimation_regularizer(xb, x_hat, pre, codes, dictionary, penalty=config.reanimate)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            fired.update(codes.detach())
             history.append(float(loss.item()))
             if progress:
                 done = epoch * steps_per_epoch + step + 1
-                progress(done, total, f"epoch {epoch + 1}/{config.epochs} loss {history[-1]:.4f}")
+                dead_note = f" dead {dead_per_epoch[-1]}/{n_latents} last epoch" if dead_per_epoch else ""
+                with torch.no_grad():  # the batch's explained variance: readable where the loss (~1e-4) is not
+                    r2 = 1 - float((xb - x_hat).square().sum() / (xb - xb.mean(dim=0)).square().sum().clamp_min(1e-12))
+                progress(done, total, f"epoch {epoch + 1}/{config.epochs} loss {history[-1]:.3g} R^2 {r2:.3f}{dead_note}")
+        dead_per_epoch.append(int(round(fired.get_dead_ratio() * n_latents)))
     sae.eval()
     with torch.no_grad():
         linear = sae.encoder.final_block[0]
@@ -191,7 +250,24 @@ def train_sae(positions: np.ndarray, config: SaeConfig, progress: Progress | Non
     r2, l0, dead = fit_metrics(probe, positions, held)
     metrics = SaeMetrics(r2, l0, dead, n_latents, len(train), n_held, None, history[-1] if history else float("nan"),
                          time.perf_counter() - started)
+    arrays["dead_per_epoch"] = dead_per_epoch
     return arrays, metrics, history
+
+
+def _start_on_positions(sae: Any, x_train: torch.Tensor, gen: torch.Generator) -> None:
+    """Data-based start: each latent's decoder row is the direction of a seeded training position
+    and its encoder row the same vector (bias 0), so every latent wins the top-k somewhere at once."""
+    import torch
+
+    n_latents = sae.get_dictionary().shape[0]
+    picks = torch.randint(len(x_train), (n_latents,), generator=gen)
+    atoms = x_train[picks].float()
+    atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    with torch.no_grad():
+        sae.dictionary._weights.copy_(atoms)
+        linear = sae.encoder.final_block[0]
+        linear.weight.copy_(atoms)
+        linear.bias.zero_()
 
 
 def fit_metrics(dictionary: Dictionary, positions: np.ndarray, held: np.ndarray,
@@ -235,7 +311,7 @@ def train_dictionary(store: Store, model: ProbedModel, probe_set: ProbeSet, laye
         metrics = SaeMetrics(**{**asdict(metrics), "subsampled_from": total})
     meta = {"model_spec": model.spec, "weights_id": model.weights_id, "layer": layer, "probe_set_id": probe_set.id,
             "preprocess_id": model.preprocessing.id, "hyperparams": asdict(config), "metrics": asdict(metrics),
-            "loss_history": _thin(history), "created_at": time.time()}
+            "loss_history": _thin(history), "dead_per_epoch": arrays["dead_per_epoch"], "created_at": time.time()}
     dictionary = Dictionary("sae", key, arrays["encoder"], arrays["encoder_bias"], arrays["decoder"], arrays["center"],
                             arrays["scale"], arrays["sparsity"], arrays["k"], arrays["threshold"], meta=meta)
     save_dictionary(store, dictionary)

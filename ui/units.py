@@ -89,6 +89,17 @@ def sae_form(sel: context.Selection) -> None:
     variant = c4.selectbox("Variant", ["topk", "batchtopk"], key="sae_variant",
                            format_func={"topk": "TopK", "batchtopk": "BatchTopK"}.get)
     epochs = int(c5.number_input("Epochs", 1, 200, 10, key="sae_epochs"))
-    request = SaeTrainRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), layer, expansion, k, variant, epochs)
+    # the defaults are the recipe measured on the demo layer (R^2 0.84, 0.1 % dead latents)
+    d1, d2, d3, d4, d5, d6 = st.columns([2, 2, 1, 1, 1, 1])
+    init = d1.selectbox("Start", ["data", "random"], key="sae_init", help="data: every latent starts on a training "
+                        "position, so far fewer latents are dead; random: overcomplete's default")
+    schedule = d2.selectbox("Learning-rate schedule", ["constant", "cosine"], key="sae_schedule")
+    lr = float(d3.number_input("Learning rate", 1e-5, 1e-1, 1e-3, format="%.0e", key="sae_lr"))
+    batch = int(d4.number_input("Batch", 2, 65536, 256, key="sae_batch", help="positions per step"))
+    aux = float(d5.number_input("AuxK", 0.0, 10.0, 0.0, format="%.4f", key="sae_aux", help="weight of the AuxK loss (0 = off)"))
+    reanimate = float(d6.number_input("Reanimate", 0.0, 10.0, 0.0, key="sae_reanimate",
+                                      help="weight of overcomplete's regulariser that revives latents silent in a batch"))
+    request = SaeTrainRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), layer, expansion, k, variant, epochs,
+                              init=init, schedule=schedule, lr=lr, reanimate=reanimate, batch_size=batch, aux_penalty=aux)
     jobs_ui.job_button(sel.store, "Train the SAE", request, key="sae",
                        done_message="The SAE is trained and its latents extracted: pick them with 'Units' in the sidebar.")
