@@ -125,7 +125,8 @@ class NeuronStats:
     def update(self, pooled: np.ndarray, maps: np.ndarray | None = None, first_index: int = 0) -> None:
         """Add a batch: ``pooled`` (B, neurons); ``maps`` (B, neurons, h, w) when spatial, of the
         images ``first_index``, ``first_index + 1``, ... of the probe set."""
-        pooled = np.ascontiguousarray(pooled, dtype=np.float32)
+        # a plain, writable ndarray: the sketch binding refuses a read-only memory map (or its subclass)
+        pooled = np.require(pooled, np.float32, ["C", "W"]).view(np.ndarray)
         if not len(pooled):
             return
         batch = NeuronStats.__new__(NeuronStats)
@@ -137,7 +138,7 @@ class NeuronStats:
         self.hi = np.maximum(self.hi, pooled.max(axis=0))
         self.pooled.update(pooled)
         if self.spatial is not None and maps is not None:
-            cells = sampled_cells(maps, first_index)
+            cells = np.require(sampled_cells(maps, first_index), np.float32, ["C", "W"]).view(np.ndarray)
             self.spatial.update(cells)
             self.cells += len(cells)
 

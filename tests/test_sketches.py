@@ -152,3 +152,18 @@ def test_sampled_cells_do_not_depend_on_batching_and_cover_every_cell():
     ids = np.arange(16 * 16, dtype=np.float32).reshape(1, 1, 16, 16).repeat(16, axis=0)
     counts = np.bincount(sampled_cells(ids, 0)[:, 0].astype(int), minlength=256)
     assert (counts == 16 * CELLS_PER_IMAGE // 256).all()  # each cell equally often
+
+
+def test_memory_mapped_batches_are_taken(tmp_path):
+    """A run's activations are memory-mapped: statistics over them equal those of the same array in memory."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(200, 4)).astype(np.float32)  # under k values: both sketches are exact
+    maps = rng.normal(size=(200, 4, 3, 3)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", values)
+    np.save(tmp_path / "maps.npy", maps)
+    mapped = NeuronStats(4, spatial=True)
+    mapped.update(np.load(tmp_path / "acts.npy", mmap_mode="r"), np.load(tmp_path / "maps.npy", mmap_mode="r"))
+    plain = NeuronStats(4, spatial=True)
+    plain.update(values, maps)
+    np.testing.assert_array_equal(mapped.quantiles([0.5, 0.99]), plain.quantiles([0.5, 0.99]))
+    np.testing.assert_array_equal(mapped.spatial_level(0.99), plain.spatial_level(0.99))
