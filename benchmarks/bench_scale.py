@@ -15,9 +15,10 @@ held before the step began (imports, model, store). Per size:
    runs it, with a stand-in multimodal backend (a fixed random projection of an 8x8 thumbnail;
    seeded text vectors): the labelling cost depends on the sizes, not on the embeddings' values.
    Image-embedding seconds, labelling seconds, peak RSS;
-3. the layer browser and the neuron page of layer4 through benchmarks/bench_pages.py (Streamlit
-   AppTest): a fresh process that builds the pictures (cold), a restart with pictures on disk,
-   and the median of warm reruns;
+3. the pages that read the probe set or the activations (layer browser, neuron page, Compare,
+   Analysis, Audit) on layer4 through benchmarks/bench_pages_scale.py (Streamlit AppTest): a
+   fresh process that builds the pictures (cold), a restart with pictures on disk, and the
+   median of warm reruns;
 4. at the smallest size of at most 10,000 images: extraction on the Ray engine (2 local
    workers) against in process, side by side: on a cluster the extraction starts itself, and
    on one started before (as with ``--address``), when ray is installed.
@@ -230,22 +231,11 @@ def started_ray_cluster(cpus: int, port: int) -> Iterator[tuple[str, float]]:
 
 
 def pages(cache: Path, repeats: int) -> dict:
-    """Cold (a fresh process that builds its pictures), restart (pictures on disk), warm median."""
-    import bench_pages
+    """Cold (a fresh process that builds its pictures), restart (pictures on disk), warm median
+    of the pages that read the probe set or the activations (benchmarks/bench_pages_scale.py)."""
+    import bench_pages_scale
 
-    from neuroviz.store import Store
-
-    run = next(r for r in Store(cache).find_runs(MODEL) if r.layer == "layer4")
-    workspace = {"cache": str(cache), "model": MODEL, "layer": run.layer, "n_neurons": run.n_neurons, "n_images": run.n_images}
-    out = {}
-    for page in bench_pages.PAGES:
-        shutil.rmtree(cache / "thumbs", ignore_errors=True)
-        cold = bench_pages.fresh_process(page, workspace, repeats)
-        restart = bench_pages.fresh_process(page, workspace, 0)
-        out[page] = {"cold_script": cold["first_script"], "cold_body": cold["first_body"],
-                     "restart_script": restart["first_script"], "restart_body": restart["first_body"],
-                     "warm_script": cold["warm_script"], "warm_body": cold["warm_body"]}
-    return out
+    return bench_pages_scale.time_pages(cache, repeats)[str(REPO)]
 
 
 def ray_versus_inprocess(images: Path, n: int, work: Path, args: argparse.Namespace) -> dict:

@@ -35,9 +35,11 @@ import numpy as np
 
 from .errors import NeurovizError
 from .lexicon import CATEGORY_ORDER, CONTENT_CATEGORIES, UNINTERPRETABLE_LABELS, Lexicon, default_lexicon
+from .methods.base import dead_units
 from .progress import Progress
 from .provenance import provenance_key
 from .store import RunInfo, Store
+from .units import NEURONS, units_match
 
 COUNTING_MODES = ("head", "fractional")
 
@@ -79,10 +81,14 @@ def _lexicon_for(config: AnalysisConfig, lexicon: Lexicon | None) -> Lexicon:
 
 
 def runs_for_analysis(store: Store, model_spec: str, probe_set_id: str, layers: Sequence[str] | None = None,
-                      layer_order: Sequence[str] | None = None) -> list[RunInfo]:
+                      layer_order: Sequence[str] | None = None, units: str | None = None) -> list[RunInfo]:
     """One run per layer (a mean/CLS-pooled one when there is a choice, else the newest), in
-    network order when ``layer_order`` (e.g. the model's module names) is given."""
-    runs = [r for r in store.find_runs(model_spec, probe_set_id) if r.units == "neurons"]  # an SAE's run is not the layer
+    network order when ``layer_order`` (e.g. the model's module names) is given.
+
+    ``units`` picks whose runs: the layers' neurons (None or "neurons"), or one dictionary's
+    units ("sae:<key>", a key prefix is enough), so an SAE's latents are analysed apart from
+    the neurons of the same layer and never mixed with them."""
+    runs = [r for r in store.find_runs(model_spec, probe_set_id) if units_match(r.units, units)]
     if layers:
         runs = [r for r in runs if r.layer in set(layers)]
     chosen: dict[str, RunInfo] = {}
@@ -98,8 +104,10 @@ def runs_for_analysis(store: Store, model_spec: str, probe_set_id: str, layers: 
 
 
 def latest_labels(store: Store, run: RunInfo, methods: Sequence[str] | None = None):
-    """The rank-0 label of every neuron from each method's newest label run on ``run``."""
+    """The rank-0 label of every neuron from each method's newest label run on ``run``
+    (none for dead units: labels stored before labelling skipped them describe nothing)."""
     labels = store.labels(run.run_key, top_only=True)
+    labels = labels[~labels["neuron"].isin(dead_units(store, run))]
     if methods:
         labels = labels[labels["method"].isin(list(methods))]
     if not len(labels):
@@ -167,8 +175,9 @@ def categorize_labels(labels, config: AnalysisConfig = AnalysisConfig(), lexicon
 
 def category_shares(store: Store, model_spec: str, probe_set_id: str, config: AnalysisConfig = AnalysisConfig(),
                     layers: Sequence[str] | None = None, layer_order: Sequence[str] | None = None,
-                    methods: Sequence[str] | None = None, lexicon: Lexicon | None = None, encoder=None):
-    """Share of neurons per category, per layer and method, as a long DataFrame:
+                    methods: Sequence[str] | None = None, lexicon: Lexicon | None = None, encoder=None,
+                    units: str | None = None):
+    """Share of neurons (or of ``units``: an SAE's latents) per category, per layer and method, as a long DataFrame:
     layer, layer_index, method, category, count, n_neurons, n_labelled, share.
 
     Every category appears for every (layer, method) pair (share 0 when empty), so charts
@@ -178,8 +187,11 @@ def category_shares(store: Store, model_spec: str, probe_set_id: str, config: An
     import pandas as pd
 
     _check(config)
-    runs = runs_for_analysis(store, model_spec, probe_set_id, layers, layer_order)
+    runs = runs_for_analysis(store, model_spec, probe_set_id, layers, layer_order, units)
     if not runs:
+        if units not in (None, NEURONS):
+            raise AnalysisError(f"No runs of units '{units}' of {model_spec} over probe set {probe_set_id}; "
+                                "see `python -m neuroviz units list`.")
         raise AnalysisError(f"No layers of {model_spec} are extracted over probe set {probe_set_id}; extract some layers first.")
     rows = []
     for li, run in enumerate(runs):
@@ -187,17 +199,18 @@ def category_shares(store: Store, model_spec: str, probe_set_id: str, config: An
         if not len(labels):
             continue
         cats = categorize_labels(labels, config, lexicon, encoder, store)
+        n_live = run.n_neurons - len(dead_units(store, run))  # dead units are neither labelled nor uninterpretable
         for method, group in cats.groupby("method"):
             labelled = group["neuron"].nunique()
             counts = group.groupby("category")["weight"].sum().to_dict()
-            total = run.n_neurons if config.unlabelled == "uninterpretable" else labelled
+            total = n_live if config.unlabelled == "uninterpretable" else labelled
             if config.unlabelled == "uninterpretable":
-                counts["uninterpretable"] = counts.get("uninterpretable", 0.0) + (run.n_neurons - labelled)
+                counts["uninterpretable"] = counts.get("uninterpretable", 0.0) + (n_live - labelled)
             for category in CATEGORY_ORDER:
                 count = float(counts.get(category, 0.0))
                 rows.append({"layer": run.layer, "layer_index": li, "method": method, "category": category, "count": count,
                              "n_neurons": run.n_neurons, "n_labelled": int(labelled), "share": count / total if total else 0.0,
-                             "run_key": run.run_key})
+                             "n_dead": run.n_neurons - n_live, "run_key": run.run_key})
     if not rows:
         raise AnalysisError("No labels in these layers yet. Run a description method first (e.g. CLIP-Dissect on the Browse page "
                             "or `python -m neuroviz label ...`).")
@@ -207,7 +220,7 @@ def category_shares(store: Store, model_spec: str, probe_set_id: str, config: An
 def neuron_categories(store: Store, run: RunInfo, method: str, config: AnalysisConfig = AnalysisConfig(),
                       lexicon: Lexicon | None = None, encoder=None) -> dict[str, list[int]]:
     """``{category: [neurons]}`` of one layer under one method, each neuron in its head
-    category (unlabelled neurons in "uninterpretable" unless config says exclude)."""
+    category (unlabelled live neurons in "uninterpretable" unless config says exclude; dead ones in none)."""
     head_config = AnalysisConfig(**{**asdict(config), "counting": "head"})
     labels = latest_labels(store, run, [method])
     cats = categorize_labels(labels, head_config, lexicon, encoder, store)
@@ -217,7 +230,8 @@ def neuron_categories(store: Store, run: RunInfo, method: str, config: AnalysisC
     if config.unlabelled == "uninterpretable":
         labelled = set(cats["neuron"].astype(int))
         groups.setdefault("uninterpretable", [])
-        groups["uninterpretable"] = sorted(set(groups["uninterpretable"]) | (set(range(run.n_neurons)) - labelled))
+        unlabelled = set(range(run.n_neurons)) - labelled - set(dead_units(store, run))
+        groups["uninterpretable"] = sorted(set(groups["uninterpretable"]) | unlabelled)
     return {c: groups[c] for c in CATEGORY_ORDER if groups.get(c)}
 
 
@@ -245,11 +259,12 @@ IMPORTANCE_VERSION = "importance-1"
 
 def importance_key(store: Store, model_spec: str, probe_set_id: str, method: str, config: AnalysisConfig,
                    importance: ImportanceConfig, layers: Sequence[str] | None = None,
-                   categories: Sequence[str] | None = None) -> str:
+                   categories: Sequence[str] | None = None, units: str | None = None) -> str:
     """Provenance of an importance table: the runs (which hash the weights), the label runs
     it read, and every setting. Computable from the store alone, so a page can find a table
-    a background job wrote without loading the model."""
-    runs = runs_for_analysis(store, model_spec, probe_set_id, layers)
+    a background job wrote without loading the model. (The run keys name the units: a table of
+    an SAE's latents never stands for the neurons' table.)"""
+    runs = runs_for_analysis(store, model_spec, probe_set_id, layers, units=units)
     label_keys = []
     for run in runs:
         labels = latest_labels(store, run, [method])
@@ -270,7 +285,7 @@ def load_importance(store: Store, key: str):
 def group_importance(model, store: Store, probe_set, method: str, config: AnalysisConfig = AnalysisConfig(),
                      importance: ImportanceConfig = ImportanceConfig(), layers: Sequence[str] | None = None,
                      categories: Sequence[str] | None = None, progress: Progress | None = None,
-                     lexicon: Lexicon | None = None, encoder=None, save: bool = True):
+                     lexicon: Lexicon | None = None, encoder=None, save: bool = True, units: str | None = None):
     """Ablate each (layer, category) group of ``method``'s labels and measure the damage.
 
     Returns a DataFrame: layer, category, n_neurons, metric ("accuracy_drop" when probe
@@ -278,13 +293,15 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
     confidence_drop, accuracy_drop, random_importance (an equal-size random group of the
     same layer) and importance_per_neuron. Every prediction pass is cached, and with
     ``save`` the table is stored under :func:`importance_key` for the Analysis page.
+    With ``units`` (an SAE's, "sae:<key>") the groups are latents, ablated by removing their
+    decoded contribution (:func:`neuroviz.editing.units_ablated`); "n_neurons" then counts latents.
     """
     import pandas as pd
 
     from . import editing
 
     order = [name for name, _ in model.module.named_modules()]
-    runs = runs_for_analysis(store, model.spec, probe_set.id, layers, order)
+    runs = runs_for_analysis(store, model.spec, probe_set.id, layers, order, units)
     plan: list[tuple[RunInfo, str, list[int]]] = []
     for run in runs:
         for category, neurons in neuron_categories(store, run, method, config, lexicon, encoder).items():
@@ -314,7 +331,7 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
     for run, category, neurons in plan:
         def measure(ids: list[int], tag: str, run=run, category=category) -> editing.Comparison:
             edit = editing.make_edit(f"{tag} {run.layer} {category}"[:80].replace("/", " ").replace("\\", " "), model.spec, {run.layer: ids},
-                                     importance.mode, store, probe_set.id)
+                                     importance.mode, store, probe_set.id, units=run.units)
             after = editing.predict(model, probe_set, store, edit, None, importance.batch_size,
                                     step(f"ablating {category} in {run.layer} ({len(ids)} neurons)"), rows_used)
             state["pass"] += 1
@@ -329,7 +346,9 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
                "accuracy_drop": cmp.accuracy_drop, "n_images": cmp.n_images, "n_labelled": cmp.n_labelled,
                "importance_per_neuron": value / len(neurons) if neurons else 0.0}
         if importance.random_baseline:
-            random_ids = sorted(rng.choice(run.n_neurons, size=len(neurons), replace=False).tolist())
+            dead = dead_units(store, run)  # a random group of the layer's live units (a dead one changes nothing)
+            pool = np.setdiff1d(np.arange(run.n_neurons), dead) if dead else run.n_neurons
+            random_ids = sorted(rng.choice(pool, size=len(neurons), replace=False).tolist())
             rnd = measure(random_ids, "random")
             row["random_importance"] = rnd.accuracy_drop if metric == "accuracy_drop" else 1.0 - rnd.agreement
             row["random_confidence_drop"] = rnd.confidence_drop
@@ -338,9 +357,9 @@ def group_importance(model, store: Store, probe_set, method: str, config: Analys
         progress(passes * n, passes * n, "done")
     table = pd.DataFrame(rows)
     if save:
-        key = importance_key(store, model.spec, probe_set.id, method, config, importance, layers, categories)
+        key = importance_key(store, model.spec, probe_set.id, method, config, importance, layers, categories, units)
         store.put_record(IMPORTANCE_NAMESPACE, key, {
-            "model_spec": model.spec, "probe_set_id": probe_set.id, "method": method, "config": asdict(config),
+            "model_spec": model.spec, "probe_set_id": probe_set.id, "units": units or NEURONS, "method": method, "config": asdict(config),
             "importance": asdict(importance), "layers": list(layers) if layers else None, "created": time.time(),
             "rows": json.loads(table.to_json(orient="records")),
         })

@@ -13,6 +13,11 @@ model over one probe set, in two ways:
 A query may hold several terms separated by commas or "|" ("face, skin, hair"); a label's
 score is its best over the terms. Results are ranked by match score, carry each neuron's
 top images, and can be saved in the store (``audit/<id>`` records) and exported as CSV/JSON.
+
+Labels of units beyond neurons (an SAE's latents or user directions, :mod:`neuroviz.units`)
+are searched too but kept apart: each hit carries its run's ``units``, and is placed at
+"features.18 · SAE latents 3f2a1b2c" rather than under the bare layer name, so latent 12
+is never read as neuron 12. ``AuditOptions.units`` limits a search to some kinds.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ import numpy as np
 
 from .errors import NeurovizError
 from .lexicon import singular, tokens
+from .methods.base import dead_units
 from .progress import Progress
 from .provenance import provenance_key
 from .store import Store
+from .units import NEURONS, short_units, units_match
 
 AUDIT_NAMESPACE = "audit"
 
@@ -58,6 +65,7 @@ class AuditOptions:
     all_ranks: bool = False  # also search each method's runner-up labels
     max_results: int = 200
     text_backend: str = "conse"  # multimodal backend whose encode_texts embeds query and labels
+    units: list[str] | None = None  # None: neurons and every dictionary's units; else e.g. ["neurons"], ["sae:3f2a1b2c"]
 
 
 @dataclass
@@ -77,6 +85,19 @@ class AuditHit:
     run_key: str = ""
     label_key: str = ""
     top_images: list[dict] = field(default_factory=list)  # rank, image_idx, image_id, activation, path
+    units: str = NEURONS  # the run's units: "neurons", or "sae:<key>" when ``neuron`` is a latent
+
+    @property
+    def place(self) -> str:
+        """Where the hit is: the layer, or the layer and its units ("features.18 · SAE latents 3f2a1b2c")."""
+        return units_place(self.layer, self.units)
+
+    @property
+    def unit_word(self) -> str:
+        """'neuron', 'latent' or 'direction'."""
+        from .units import unit_word
+
+        return unit_word(self.units).lower()
 
 
 @dataclass
@@ -106,14 +127,34 @@ class Audit:
         data["hits"] = [AuditHit(**h) for h in data.get("hits", [])]
         return cls(**data)
 
-    def neurons_by_layer(self) -> dict[str, list[int]]:
-        """The hits as ``{layer: [neurons]}``, ready for an edit."""
+    def neurons_by_layer(self, units: str = NEURONS) -> dict[str, list[int]]:
+        """The hits of ``units`` (the neurons by default, or one dictionary's latents) as
+        ``{layer: [numbers]}``, ready for an edit of those units."""
         out: dict[str, list[int]] = {}
         for hit in self.hits:
+            if not (hit.units == units or (units != NEURONS and units_match(hit.units, units))):
+                continue
             out.setdefault(hit.layer, [])
             if hit.neuron not in out[hit.layer]:
                 out[hit.layer].append(hit.neuron)
         return {k: sorted(v) for k, v in out.items()}
+
+
+UNIT_PLURALS = {"sae": "SAE latents", "directions": "directions"}
+
+
+def units_noun(units: str) -> str:
+    """A run's units as a plural noun: "neurons", "SAE latents 3f2a1b2c" (the dictionary's short id, as in URLs)."""
+    if units == NEURONS or ":" not in units:
+        return NEURONS
+    kind, _ = units.split(":", 1)
+    return f"{UNIT_PLURALS.get(kind, kind)} {short_units(units).split(':', 1)[1]}"
+
+
+def units_place(layer: str, units: str) -> str:
+    """A layer's name, followed by its units when they are not its neurons: "layer4",
+    "features.18 · SAE latents 3f2a1b2c"."""
+    return layer if units_noun(units) == NEURONS else f"{layer} · {units_noun(units)}"
 
 
 def query_terms(query: str) -> list[str]:
@@ -175,15 +216,18 @@ def _labels_of_model(store: Store, model_spec: str, probe_set_id: str, options: 
     runs = store.find_runs(model_spec, probe_set_id)
     if options.layers:
         runs = [r for r in runs if r.layer in set(options.layers)]
+    if options.units:
+        runs = [r for r in runs if any(units_match(r.units, wanted) for wanted in options.units)]
     frames = []
     for run in runs:
         df = store.labels(run.run_key, top_only=not options.all_ranks)
+        df = df[~df["neuron"].isin(dead_units(store, run))]  # stale labels of dead units describe nothing
         if len(df):
-            df = df.assign(layer=run.layer, run_key=run.run_key)
+            df = df.assign(layer=run.layer, run_key=run.run_key, units=run.units)
             frames.append(df)
     if not frames:
         return runs, pd.DataFrame(columns=["neuron", "method", "rank", "label", "score", "calibrated", "backend",
-                                           "label_key", "extra_json", "layer", "run_key"])
+                                           "label_key", "extra_json", "layer", "run_key", "units"])
     labels = pd.concat(frames, ignore_index=True)
     if options.methods:
         labels = labels[labels["method"].isin(options.methods)]
@@ -249,12 +293,14 @@ def search(store: Store, model_spec: str, probe_set_id: str, query: str, options
             match_kind=kind, matched_term=term, rank=int(row.rank),
             label_score=None if _isnan(row.score) else float(row.score),
             calibrated=None if _isnan(row.calibrated) else float(row.calibrated), run_key=row.run_key, label_key=row.label_key,
+            units=row.units,
         ))
-    layer_pos = {r.layer: i for i, r in enumerate(runs)}
-    hits.sort(key=lambda h: (-h.match_score, h.rank, layer_pos.get(h.layer, 0), h.neuron, h.method))
+    places = list(dict.fromkeys(units_place(r.layer, r.units) for r in runs))  # neurons and units of a layer apart
+    place_pos = {place: i for i, place in enumerate(places)}
+    hits.sort(key=lambda h: (-h.match_score, h.rank, place_pos.get(h.place, 0), h.neuron, h.method))
     hits = hits[: options.max_results]
     attach_top_images(store, hits, probe_set_id, top_k_images)
-    audit = Audit(query, model_spec, probe_set_id, options, hits, layers_searched=sorted({r.layer for r in runs}, key=lambda layer: layer_pos[layer]),
+    audit = Audit(query, model_spec, probe_set_id, options, hits, layers_searched=places,
                   n_labels_searched=int(len(labels)), text_backend_id=backend_id)
     audit.id = _audit_id(audit)
     return audit
@@ -317,7 +363,7 @@ def delete_audit(store: Store, audit_id: str) -> None:
     store.delete_record(AUDIT_NAMESPACE, audit_id)
 
 
-CSV_COLUMNS = ("layer", "neuron", "method", "label", "match_score", "match_kind", "matched_term", "rank",
+CSV_COLUMNS = ("layer", "units", "neuron", "method", "label", "match_score", "match_kind", "matched_term", "rank",
                "label_score", "calibrated", "run_key", "label_key", "top_image_ids")
 
 
@@ -350,8 +396,14 @@ def export_audit(audit: Audit, folder: str | Path) -> tuple[Path, Path]:
     return csv_path, json_path
 
 
+def page_params(hit: AuditHit, model_spec: str, probe_set_id: str) -> dict[str, str]:
+    """The dashboard's query parameters naming a hit exactly (``units`` only for a latent or direction)."""
+    params = {"model": model_spec, "layer": hit.layer, "neuron": str(hit.neuron), "probe": probe_set_id}
+    return params if hit.units == NEURONS else {**params, "units": short_units(hit.units)}
+
+
 def neuron_page_link(hit: AuditHit, model_spec: str, probe_set_id: str, page: str = "neuron") -> str:
-    """Relative URL of the dashboard's neuron page for a hit (?model=&layer=&neuron=&probe=)."""
+    """Relative URL of the dashboard's neuron page for a hit (?model=&layer=&neuron=&probe=[&units=])."""
     from urllib.parse import urlencode
 
-    return f"{page}?" + urlencode({"model": model_spec, "layer": hit.layer, "neuron": hit.neuron, "probe": probe_set_id})
+    return f"{page}?" + urlencode(page_params(hit, model_spec, probe_set_id))

@@ -18,7 +18,7 @@ extraction's top-k table).
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,15 +81,25 @@ def take_rows(matrix: np.ndarray, index: np.ndarray | Sequence[int]) -> np.ndarr
     return out
 
 
-def row_blocks(matrix: np.ndarray, columns: np.ndarray | None = None,
-               block_bytes: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+BlockTransform = Callable[[int, int, np.ndarray], np.ndarray]
+
+
+def row_blocks(matrix: np.ndarray, columns: np.ndarray | None = None, block_bytes: int | None = None,
+               transform: BlockTransform | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
     """(start, stop, float32 rows start:stop, only ``columns`` if given), each block about
-    ``block_bytes`` (default ROW_BLOCK_BYTES)."""
+    ``block_bytes`` (default ROW_BLOCK_BYTES) of the stored rows.
+
+    ``transform(start, stop, block)`` turns each block into the rows of a derived matrix
+    (e.g. image embeddings into image-text similarities), so a matrix that is never stored
+    (images x candidates) is read in the same bounded blocks.
+    """
     n_rows, n_cols = matrix.shape
     rows = max(1, (block_bytes or ROW_BLOCK_BYTES) // max(1, n_cols * matrix.dtype.itemsize))
     for start in range(0, n_rows, rows):
         stop = min(n_rows, start + rows)
         block = _read_slice(matrix, start, stop)
+        if transform is not None:
+            block = transform(start, stop, np.asarray(block, dtype=np.float32))
         if columns is not None:
             block = block[:, columns]
         yield start, stop, np.asarray(block, dtype=np.float32)
@@ -124,21 +134,26 @@ def _keep_top(values: np.ndarray, k: int, rows: np.ndarray | None = None) -> tup
 
 
 def scan_columns(matrix: np.ndarray, k: int, columns: Sequence[int] | np.ndarray | None = None,
-                 block_bytes: int | None = None) -> ColumnScan:
+                 block_bytes: int | None = None, transform: BlockTransform | None = None,
+                 width: int | None = None) -> ColumnScan:
     """One pass over ``matrix`` in row blocks: each column's top-k rows, min and max.
 
     The result does not depend on the block size: ties go to the lower row. Each block is
     cut to its own top k before it meets the running top k, so a pass holds a few blocks.
+    With ``transform`` (see :func:`row_blocks`) the columns are those of the derived
+    matrix, ``width`` of them.
     """
     cols = None if columns is None else np.asarray(columns, dtype=np.int64)
     n_rows = matrix.shape[0]
-    n_cols = matrix.shape[1] if cols is None else len(cols)
+    if transform is not None and width is None and cols is None:
+        raise ValueError("scan_columns with a transform needs the derived matrix's width")
+    n_cols = (matrix.shape[1] if width is None else width) if cols is None else len(cols)
     k = max(0, min(int(k), n_rows))
     top_v = np.empty((0, n_cols), dtype=np.float32)
     top_i = np.empty((0, n_cols), dtype=np.int64)
     lo = np.full(n_cols, np.inf, dtype=np.float32)
     hi = np.full(n_cols, -np.inf, dtype=np.float32)
-    for start, _stop, block in row_blocks(matrix, cols, block_bytes):
+    for start, _stop, block in row_blocks(matrix, cols, block_bytes, transform):
         np.minimum(lo, block.min(axis=0), out=lo)
         np.maximum(hi, block.max(axis=0), out=hi)
         if k == 0:

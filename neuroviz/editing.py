@@ -17,6 +17,13 @@ Edits never touch the weights: they are forward hooks installed by the context m
 as a small record (``store.put_record("edit", name, ...)``); deleting the record deletes
 the edit. Prediction passes are cached by provenance (model weights, preprocessing, probe
 set, the edit's neurons/mode/values), so re-evaluating an edit is instant.
+
+An edit may also name the units of a dictionary (``Edit.units = "sae:<key>"``, see
+:mod:`neuroviz.units`): its "neurons" are then latents (or directions) of that dictionary's
+layer, and ablating one subtracts its decoded contribution at every position
+(:func:`units_ablated`); ``mean`` sets its code to its mean over the probe set instead of 0.
+Everything else (caching, random controls, stored comparisons, downloads) is the same, so
+the Editing page and the ``edit`` command treat latents as they treat neurons.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from .errors import NeurovizError
 from .progress import Progress
 from .provenance import provenance_key
 from .store import Store
+from .units import NEURONS, Dictionary, load_dictionary, units_match
 
 if TYPE_CHECKING:  # torch is imported where a model runs: pages read edits without loading it
     import torch
@@ -75,6 +83,7 @@ class Edit:
     description: str = ""
     source: dict | None = None  # e.g. {"audit": "<audit id>", "query": "text"}
     created: float = field(default_factory=time.time)
+    units: str = NEURONS  # or a dictionary's units id ("sae:<key>"): then ``neurons`` are its units
 
     @property
     def n_neurons(self) -> int:
@@ -82,10 +91,18 @@ class Edit:
 
     @property
     def effect_key(self) -> str:
-        """Hash of what the edit does (not its name), for caching prediction passes."""
-        return provenance_key({"model": self.model_spec, "mode": self.mode,
-                               "neurons": {k: sorted(v) for k, v in self.neurons.items() if v},
-                               "values": self._value_map()})
+        """Hash of what the edit does (not its name), for caching prediction passes.
+        (Neuron edits hash as they did before units existed, so their cached passes stay valid.)"""
+        what = {"model": self.model_spec, "mode": self.mode, "neurons": {k: sorted(v) for k, v in self.neurons.items() if v},
+                "values": self._value_map()}
+        return provenance_key(what if self.units == NEURONS else {**what, "units": self.units})
+
+    @property
+    def unit_word(self) -> str:
+        """'neuron' or 'latent' / 'direction', for captions."""
+        from .units import unit_word
+
+        return unit_word(self.units).lower()
 
     def _value_map(self) -> dict[str, dict[int, float]] | None:
         if self.mode != "mean" or not self.values:
@@ -101,7 +118,7 @@ class Edit:
     def from_record(cls, record: dict) -> Edit:
         """Rebuild an edit from its stored record (JSON turns neuron numbers into ints again)."""
         fields = {k: record[k] for k in ("name", "model_spec", "neurons", "mode", "values", "probe_set_id",
-                                         "description", "source", "created") if k in record}
+                                         "description", "source", "created", "units") if k in record}
         fields.setdefault("model_spec", record.get("model", ""))
         fields["neurons"] = {str(k): [int(n) for n in v] for k, v in fields.get("neurons", {}).items()}
         return cls(**fields)
@@ -117,12 +134,12 @@ def _check_name(name: str) -> str:
 
 
 def mean_values(store: Store, model_spec: str, probe_set_id: str, layer: str, neurons: Sequence[int],
-                pooling: str | None = None) -> list[float]:
-    """Each neuron's mean pooled activation over the probe set, from the stored run.
+                pooling: str | None = None, units: str = NEURONS) -> list[float]:
+    """Each neuron's (or unit's) mean pooled activation over the probe set, from the stored run.
 
     Prefers a mean-pooled run of the layer (its mean is what the constant map reproduces).
     """
-    runs = store.find_runs(model_spec, probe_set_id, layer)
+    runs = [r for r in store.find_runs(model_spec, probe_set_id, layer) if units_match(r.units, units)]
     if pooling:
         runs = [r for r in runs if r.pooling == pooling]
     if not runs:
@@ -141,24 +158,29 @@ def mean_values(store: Store, model_spec: str, probe_set_id: str, layer: str, ne
 
 def make_edit(name: str, model_spec: str, neurons: Mapping[str, Sequence[int]], mode: str = "zero",
               store: Store | None = None, probe_set_id: str | None = None, description: str = "",
-              source: dict | None = None) -> Edit:
+              source: dict | None = None, units: str = NEURONS) -> Edit:
     """Build a validated edit; ``mean`` mode reads the means from the store now, so the
-    stored edit is self-contained and applies the same way later."""
+    stored edit is self-contained and applies the same way later. ``units``: a dictionary's
+    units id when ``neurons`` are its latents (one layer: the dictionary's)."""
     if mode not in ABLATION_MODES:
         raise EditError(f"Unknown ablation mode '{mode}'; choose one of {', '.join(ABLATION_MODES)}.")
     clean = {str(layer): sorted({int(n) for n in ns}) for layer, ns in neurons.items() if len(ns)}
     if not clean:
-        raise EditError("Choose at least one neuron to ablate.")
+        raise EditError(f"Choose at least one {'neuron' if units == NEURONS else 'unit'} to ablate.")
+    if units != NEURONS and len(clean) > 1:
+        raise EditError(f"An edit of units names one layer (its dictionary's), not {', '.join(clean)}.")
     values = None
     if mode == "mean":
         if store is None or probe_set_id is None:
             raise EditError("Mean ablation needs the store and the probe set whose means to use.")
-        values = {layer: mean_values(store, model_spec, probe_set_id, layer, ns) for layer, ns in clean.items()}
-    return Edit(_check_name(name), model_spec, clean, mode, values, probe_set_id, description, source)
+        values = {layer: mean_values(store, model_spec, probe_set_id, layer, ns, units=units) for layer, ns in clean.items()}
+    return Edit(_check_name(name), model_spec, clean, mode, values, probe_set_id, description, source, units=units)
 
 
-def random_counterpart(edit: Edit, layer_sizes: dict[str, int], seed: int = 0, store: Store | None = None) -> Edit:
-    """An edit of as many neurons per layer as ``edit``, drawn at random from the rest of each layer.
+def random_counterpart(edit: Edit, layer_sizes: dict[str, int], seed: int = 0, store: Store | None = None,
+                       exclude: Mapping[str, Sequence[int]] | None = None) -> Edit:
+    """An edit of as many neurons per layer as ``edit``, drawn at random from the rest of each layer
+    (never from ``exclude[layer]``: see :func:`control_exclusions`).
 
     The control an ablation needs: removing k "text" neurons means something only if it
     changes more than removing k neurons picked by chance from the same layers.
@@ -166,21 +188,41 @@ def random_counterpart(edit: Edit, layer_sizes: dict[str, int], seed: int = 0, s
     rng = np.random.default_rng(seed)
     neurons = {}
     for layer, chosen in edit.neurons.items():
-        others = np.setdiff1d(np.arange(int(layer_sizes[layer])), np.asarray(chosen, dtype=int))
+        left_out = np.union1d(np.asarray(chosen, dtype=int), np.asarray((exclude or {}).get(layer, []), dtype=int))
+        others = np.setdiff1d(np.arange(int(layer_sizes[layer])), left_out)
         if len(others) < len(chosen):
             raise EditError(f"Layer {layer} has too few other neurons for a random group of {len(chosen)}.")
         neurons[layer] = sorted(rng.choice(others, size=len(chosen), replace=False).tolist())
     return make_edit(f"{edit.name}-random-{seed}", edit.model_spec, neurons, edit.mode, store, edit.probe_set_id,
-                     description=f"random control for '{edit.name}' (seed {seed})")
+                     description=f"random control for '{edit.name}' (seed {seed})", units=edit.units)
+
+
+def control_exclusions(store: Store | None, edit: Edit, probe_set_id: str) -> dict[str, list[int]]:
+    """Per layer of ``edit``, the units random controls never draw: the dead ones (never active
+    on the probe set, from the layer's newest run of the edit's units). Ablating a dead latent
+    changes nothing, so an SAE with many of them would make any edit look better than chance."""
+    from .methods.base import dead_units
+
+    out: dict[str, list[int]] = {}
+    if store is None:
+        return out
+    for layer in edit.neurons:
+        runs = [r for r in store.find_runs(edit.model_spec, probe_set_id, layer) if units_match(r.units, edit.units)]
+        dead = dead_units(store, max(runs, key=lambda r: r.created_at)) if runs else []
+        if dead:
+            out[layer] = dead
+    return out
 
 
 def evaluate_controls(model: ProbedModel, edit: Edit, probe_set: ProbeSet, store: Store | None = None,
                       n_groups: int = 3, max_images: int | None = None, progress: Progress | None = None) -> list[Comparison]:
     """Evaluate ``n_groups`` random counterparts of ``edit`` (seeds 0..n-1, each pass cached)."""
-    sizes = {layer: model.layer(layer).n_neurons for layer in edit.neurons}
+    dictionary = dictionary_of_edit(edit, store)
+    sizes = {layer: dictionary.n_units if dictionary else model.layer(layer).n_neurons for layer in edit.neurons}
+    exclude = control_exclusions(store, edit, probe_set.id)
     out = []
     for seed in range(n_groups):
-        control = random_counterpart(edit, sizes, seed, store if edit.mode == "mean" else None)
+        control = random_counterpart(edit, sizes, seed, store if edit.mode == "mean" else None, exclude)
         stage = None if progress is None else (
             lambda d, t, m, seed=seed: progress(seed * t + d, n_groups * t, f"random group {seed + 1}/{n_groups}: {m}"))
         out.append(evaluate_edit(model, control, probe_set, store, max_images, progress=stage))
@@ -286,29 +328,57 @@ def _replacer(layout: LayerLayout, neurons: torch.Tensor, values: torch.Tensor, 
     return hook
 
 
-def check_edit(model: ProbedModel, edit: Edit) -> None:
-    """Fail before any work when the edit names a layer or neuron the model lacks."""
+def dictionary_of_edit(edit: Edit, store: Store | None) -> Dictionary | None:
+    """The dictionary whose units ``edit`` ablates (None for a neuron edit)."""
+    if edit.units == NEURONS:
+        return None
+    if store is None:
+        raise EditError(f"Edit '{edit.name}' ablates units of {edit.units}; give the store that holds that dictionary.")
+    dictionary = load_dictionary(store, edit.units)
+    wrong = [layer for layer in edit.neurons if layer != dictionary.meta.get("layer")]
+    if wrong:
+        raise EditError(f"Edit '{edit.name}' names layer {wrong[0]}, but {edit.units} is a dictionary of "
+                        f"layer {dictionary.meta.get('layer')}.")
+    return dictionary
+
+
+def check_edit(model: ProbedModel, edit: Edit, store: Store | None = None) -> Dictionary | None:
+    """Fail before any work when the edit names a layer or neuron (or unit) the model lacks;
+    returns the dictionary whose units the edit ablates (None for a neuron edit)."""
+    dictionary = dictionary_of_edit(edit, store)
     for layer, neurons in edit.neurons.items():
         info = model.layer(layer)  # unknown layers raise with suggestions
-        bad = [n for n in neurons if not 0 <= n < info.n_neurons]
+        if dictionary is not None:
+            dictionary.check_layer(info.n_neurons, layer)
+        size, word = (dictionary.n_units, "units") if dictionary is not None else (info.n_neurons, "neurons")
+        bad = [n for n in neurons if not 0 <= n < size]
         if bad:
-            raise EditError(f"Layer '{layer}' has neurons 0..{info.n_neurons - 1}; {bad[:5]} do not exist.")
+            raise EditError(f"Layer '{layer}' has {word} 0..{size - 1}; {bad[:5]} do not exist.")
         if edit.mode == "mean" and (not edit.values or len(edit.values.get(layer, [])) != len(neurons)):
             raise EditError(f"Edit '{edit.name}' has no mean values for layer '{layer}'; rebuild it with make_edit.")
+    return dictionary
 
 
 @contextmanager
-def applied(model: ProbedModel, edit: Edit | None) -> Iterator[ProbedModel]:
+def applied(model: ProbedModel, edit: Edit | None, store: Store | None = None) -> Iterator[ProbedModel]:
     """Run the model with the edit's neurons ablated; the hooks go away on exit.
 
     The hooks act only in the thread that entered the context: Streamlit sessions share one
     cached model across threads, and another session's forward pass must stay unedited.
-    ``edit=None`` applies nothing (the unedited model), which keeps callers simple.
+    ``edit=None`` applies nothing (the unedited model), which keeps callers simple. An edit of
+    a dictionary's units needs the ``store`` that holds the dictionary.
     """
     import torch
 
     from .hooks import resolve_layer
 
+    if edit is not None and edit.units != NEURONS:
+        dictionary = check_edit(model, edit, store)
+        assert dictionary is not None, "a units edit always has its dictionary"
+        (layer, units), = edit.neurons.items()
+        with units_ablated(model, dictionary, units, edit.values[layer] if edit.mode == "mean" and edit.values else None):
+            yield model
+        return
     handles = []
     try:
         if edit is not None:
@@ -401,7 +471,7 @@ def predict(model: ProbedModel, probe_set: ProbeSet, store: Store | None = None,
     device = next(module.parameters(), torch.empty(0)).device
     tops, top_p, full = [], [], []
     done = 0
-    with torch.inference_mode(), applied(model, edit):
+    with torch.inference_mode(), applied(model, edit, store):
         for batch in image_loader(subset, model.transform, batch_size=batch_size):
             out = first_tensor(module(batch.to(device))).float()
             probs = torch.softmax(out.reshape(out.shape[0], -1), dim=1)
@@ -576,7 +646,7 @@ def evaluate_edit(model: ProbedModel, edit: Edit, probe_set: ProbeSet, store: St
     """
     if edit.model_spec and edit.model_spec != model.spec:
         raise EditError(f"Edit '{edit.name}' was made for {edit.model_spec}, not {model.spec}.")
-    check_edit(model, edit)
+    check_edit(model, edit, store)
     n = len(subset_indices(len(probe_set), max_images))
 
     def stage(offset: int, label: str) -> Progress | None:
@@ -614,8 +684,9 @@ def stored_controls(store: Store, edit: Edit, weights_id: str, probe_set_id: str
     """The comparisons of :func:`evaluate_controls` (the same random groups, rebuilt from the
     layer sizes), or None when any of them has not run."""
     out = []
+    exclude = control_exclusions(store, edit, probe_set_id)
     for seed in range(n_groups):
-        control = random_counterpart(edit, layer_sizes, seed, store if edit.mode == "mean" else None)
+        control = random_counterpart(edit, layer_sizes, seed, store if edit.mode == "mean" else None, exclude)
         found = stored_comparison(store, control, weights_id, probe_set_id, max_images)
         if found is None:
             return None
@@ -707,11 +778,14 @@ def _plain(value: Any) -> Any:
 
 
 @contextmanager
-def units_ablated(model: ProbedModel, dictionary: Any, units: Sequence[int]) -> Iterator[ProbedModel]:
+def units_ablated(model: ProbedModel, dictionary: Dictionary, units: Sequence[int],
+                  values: Sequence[float] | None = None) -> Iterator[ProbedModel]:
     """Run the model with ``units`` of ``dictionary`` (a :class:`neuroviz.units.Dictionary`)
     removed at its layer: at every position the units' decoded contribution (their codes times
     their decoder rows) is subtracted, so every other unit's contribution and the SAE's
-    reconstruction error stay as they were. A forward hook, gone on exit; this thread only."""
+    reconstruction error stay as they were. With ``values`` (one per unit, e.g. its mean over
+    the probe set) each unit's code is set to that value instead of 0.
+    A forward hook, gone on exit; this thread only."""
     import torch
 
     from .hooks import first_tensor, resolve_layer, to_batch_first
@@ -723,14 +797,20 @@ def units_ablated(model: ProbedModel, dictionary: Any, units: Sequence[int]) -> 
     bad = [u for u in units if not 0 <= int(u) < dictionary.n_units]
     if bad or not units:
         raise EditError(f"Choose units among 0..{dictionary.n_units - 1}" + (f"; {bad[:5]} do not exist." if bad else "."))
+    if values is not None and len(values) != len(units):
+        raise EditError(f"{len(values)} replacement values for {len(units)} units; give one per unit.")
     owner = threading.get_ident()
+    idx = torch.as_tensor([int(u) for u in units], dtype=torch.long)
+    replacement = torch.as_tensor(list(values) if values is not None else [0.0] * len(units), dtype=torch.float32)
 
     def hook(_module, _inputs, output):
         if threading.get_ident() != owner or not isinstance(output, torch.Tensor):
             return None
         out = to_batch_first(first_tensor(output), info.layout)
         rows, fold = per_position(out, info.layout)
-        edited = rows.float() - dictionary.contribution(dictionary.encode(rows), units)
+        removed = dictionary.encode(rows)
+        removed[:, idx.to(removed.device)] -= replacement.to(removed.device)  # code minus what it becomes
+        edited = rows.float() - dictionary.contribution(removed, units)
         new = fold(edited).to(out.dtype)
         return to_batch_first(new, info.layout)  # (T, B, D) layers: the same transpose undoes itself
 

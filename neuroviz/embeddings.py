@@ -13,8 +13,10 @@ so an interrupted run resumes where it stopped, and write the workspace matrix c
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import IO
 
 import numpy as np
 
@@ -50,10 +52,10 @@ def image_embeddings(
     """(n_images, D) L2-normalised embeddings in the probe set's idx order (rows of activations),
     memory-mapped from the workspace's ``arrays/image_emb/`` (read rows with column_scan.take_rows).
 
-    When that file is missing it is written a chunk of ``IMAGE_CHUNK`` probe rows at a time:
-    rows the shared cache holds are copied from it, the others embedded (and added to the
-    shared cache chunk by chunk, so an interrupted run resumes), and no step holds the whole
-    matrix, whatever the size of the probe set.
+    When that file is missing, the rows the shared cache holds are copied from it a block at a
+    time, then the others are embedded ``IMAGE_CHUNK`` at a time (and added to the shared cache
+    chunk by chunk, so an interrupted run resumes); each block is written straight to its rows,
+    so no step holds the whole matrix, whatever the size of the probe set.
     """
     key = image_embeddings_key(backend, probe_set_id)
     cached = store.load_array("image_emb", key, mmap=True)
@@ -69,39 +71,69 @@ def image_embeddings(
         )
     ids = [r["image_id"] for r in rows]
     backend_key = image_backend_key(backend)
-    found = store.shared.image_embeddings(backend_key, ids)
     total = len(ids)
-    done = sum(1 for image_id in ids if image_id in found)
-    if progress and found:
-        progress(done, total, "image embeddings (cached)")
-    chunks = [range(start, min(total, start + IMAGE_CHUNK)) for start in range(0, total, IMAGE_CHUNK)]
-    to_embed = [[i for i in chunk if ids[i] not in found] for chunk in chunks]
-    # Decoding the next chunk's images overlaps with encoding this one (PNG decoding is not free).
     with atomic_open(store.array_path("image_emb", key), "wb") as fh, ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_all, [rows[i]["path"] for i in to_embed[0]])
-        for c, chunk in enumerate(chunks):
+        out = _RowWriter(fh, total)
+        for positions, emb in store.shared.image_embedding_blocks(backend_key, ids):
+            out.write(positions, emb)
+        done = int(out.written.sum())
+        if progress and done:
+            progress(done, total, "image embeddings (cached)")
+        chunks = [range(start, min(total, start + IMAGE_CHUNK)) for start in range(0, total, IMAGE_CHUNK)]
+        to_embed = [todo for chunk in chunks if (todo := [i for i in chunk if not out.written[i]])]
+        # Decoding the next chunk's images overlaps with encoding this one (PNG decoding is not free).
+        pending = pool.submit(_load_all, [rows[i]["path"] for i in to_embed[0]]) if to_embed else None
+        for c, chunk in enumerate(to_embed):
+            assert pending is not None
             images = pending.result()
-            if c + 1 < len(chunks):
+            if c + 1 < len(to_embed):
                 pending = pool.submit(_load_all, [rows[i]["path"] for i in to_embed[c + 1]])
-            embedded: dict[int, np.ndarray] = {}
-            if images:
-                parts = []
-                for b in range(0, len(images), batch_size):
-                    parts.append(backend.encode_images(images[b : b + batch_size], batch_size=batch_size))
-                    done += len(parts[-1])
-                    if progress:
-                        progress(done, total, f"image embeddings ({backend.id})")
-                emb = np.concatenate(parts).astype(np.float32)
-                store.shared.add_image_embeddings(backend_key, [ids[i] for i in to_embed[c]], emb)  # survives an interruption
-                embedded = dict(zip(to_embed[c], emb))
-            block = np.stack([embedded[i] if i in embedded else found[ids[i]] for i in chunk]).astype(np.float32)
-            if c == 0:
-                np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(block.dtype),
-                                                          "fortran_order": False, "shape": (total, block.shape[1])})
-            fh.write(np.ascontiguousarray(block).tobytes())
+            parts = []
+            for b in range(0, len(images), batch_size):
+                parts.append(backend.encode_images(images[b : b + batch_size], batch_size=batch_size))
+                done += len(parts[-1])
+                if progress:
+                    progress(done, total, f"image embeddings ({backend.id})")
+            emb = np.concatenate(parts).astype(np.float32)
+            store.shared.add_image_embeddings(backend_key, [ids[i] for i in chunk], emb)  # survives an interruption
+            out.write(np.asarray(chunk, dtype=np.int64), emb)
+        out.finish()
     matrix = store.load_array("image_emb", key, mmap=True)
     assert matrix is not None, "the workspace array was just written"
     return matrix
+
+
+class _RowWriter:
+    """Rows of a (rows x D) float32 .npy written in any order into an open file (D from the first
+    rows written), so cached rows and newly embedded ones go straight to their place."""
+
+    def __init__(self, fh: IO[bytes], rows: int) -> None:
+        self.fh, self.rows = fh, rows
+        self.written = np.zeros(rows, dtype=bool)
+        self.header = b""
+        self.row_bytes = 0
+
+    def _header(self, dim: int) -> bytes:
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                      "fortran_order": False, "shape": (self.rows, dim)})
+        return buffer.getvalue()
+
+    def write(self, positions: np.ndarray, emb: np.ndarray) -> None:
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        if not self.header:
+            self.header, self.row_bytes = self._header(emb.shape[1]), emb.shape[1] * 4
+        positions = np.asarray(positions, dtype=np.int64)
+        runs = np.flatnonzero(np.diff(positions) != 1) + 1  # contiguous runs of positions: one write each
+        for first, last in zip([0, *runs], [*runs, len(positions)]):
+            self.fh.seek(len(self.header) + int(positions[first]) * self.row_bytes)
+            self.fh.write(emb[first:last].tobytes())
+        self.written[positions] = True
+
+    def finish(self) -> None:
+        assert self.written.all(), "every row is written before the header"
+        self.fh.seek(0)
+        self.fh.write(self.header)
 
 
 def _load_all(paths: Sequence[str]):

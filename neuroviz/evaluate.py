@@ -150,7 +150,7 @@ def hub_images(store: Store, run: RunInfo, neurons: Sequence[int] | None = None,
     topk = store.top_k(run.run_key).image_idx[:, :top]
     if neurons is not None:
         topk = topk[list(neurons)]
-    ids = [im["image_id"] for im in store.probe_images(run.probe_set_id)]
+    ids = store.probe_files(run.probe_set_id).image_ids
     counts = Counter(int(i) for row in topk for i in set(row.tolist()))
     return [(ids[i], c) for i, c in counts.most_common(n)]
 

@@ -129,6 +129,7 @@ class AnalyzeRequest(JobRequest):
     config: AnalysisConfig = field(default_factory=AnalysisConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     layers: tuple[str, ...] = ()  # empty: every labelled layer
+    units: str = "neurons"  # or a dictionary's units id: analyse its latents' labels (neuroviz.units)
 
     def argv(self) -> list[str]:
         c, imp = self.config, self.importance
@@ -139,6 +140,7 @@ class AnalyzeRequest(JobRequest):
                 "--min-calibrated", repr(float(c.min_calibrated))]
         argv += ["--fallback"] if c.embedding_fallback else []
         argv += ["--no-random"] if not imp.random_baseline else []
+        argv += ["--units", self.units] if self.units != "neurons" else []
         return argv + (["--layers", ",".join(self.layers)] if self.layers else [])
 
 
@@ -155,17 +157,19 @@ class EditRequest(JobRequest):
     mode: str = "zero"
     max_images: int | None = None
     random_groups: int = 0
+    units: str = "neurons"  # or a dictionary's units id: the numbers are its latents (neuroviz.units)
 
     @classmethod
     def of(cls, model: str, probe: str, name: str, neurons: dict[str, Sequence[int]], mode: str = "zero",
-           max_images: int | None = None, random_groups: int = 0) -> EditRequest:
+           max_images: int | None = None, random_groups: int = 0, units: str = "neurons") -> EditRequest:
         """A request from the ``{layer: [neuron, ...]}`` mapping edits use."""
         frozen = tuple((layer, tuple(int(n) for n in ns)) for layer, ns in neurons.items() if ns)
-        return cls(model, probe, name, frozen, mode, max_images or None, int(random_groups))
+        return cls(model, probe, name, frozen, mode, max_images or None, int(random_groups), units)
 
     def argv(self) -> list[str]:
         neurons = ";".join(f"{layer}:{','.join(str(n) for n in ns)}" for layer, ns in self.neurons)
         argv = ["edit", self.model, "--probe", self.probe, "--name", self.name, "--neurons", neurons, "--mode", self.mode]
+        argv += ["--units", self.units] if self.units != "neurons" else []
         argv += ["--max-images", str(int(self.max_images))] if self.max_images else []
         return argv + (["--random-groups", str(int(self.random_groups))] if self.random_groups else [])
 

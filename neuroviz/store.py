@@ -74,7 +74,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -161,16 +161,116 @@ class TopK:
     activation: np.ndarray  # (n_neurons, k) float32
 
 
-@dataclass(frozen=True)
-class ProbeFiles:
-    """A probe set's images in activation-row order: paths, labels and ids as plain lists."""
+class ProbeRow(NamedTuple):
+    """One probe image: its file, its probe label ("" without one) and its content id."""
 
-    paths: tuple[str, ...]
-    labels: tuple[str, ...]
-    image_ids: tuple[str, ...]
+    path: str
+    label: str
+    image_id: str
+
+
+class ProbeFiles:
+    """A probe set's images in activation-row order (index = row in activations), read in place.
+
+    A page shows a few hundred images of a probe set that may hold millions, so rows are read
+    from the probe set's Parquet file only when asked for (:meth:`rows`: one DuckDB query per
+    batch) and kept once read; nothing reads the whole set unless a caller iterates over it.
+    ``paths``, ``labels`` and ``image_ids`` are sequences over the same rows (an item each is
+    one read: batch with :meth:`rows` first when reading many). Safe to share between threads.
+    """
+
+    KEEP = 1 << 16  # rows kept once read; past this the kept rows are dropped (memory stays bounded)
+    BLOCK = 1 << 16  # rows per query when iterating over a whole column
+
+    def __init__(self, source: Path | None, n_images: int):
+        self._source = source
+        self._n = int(n_images) if source is not None else 0
+        self._kept: dict[int, ProbeRow] = {}
+        self._lock = threading.Lock()
+        self.rows_read = 0  # rows read from the file so far (what a page costs; tests check it)
+
+    @classmethod
+    def empty(cls) -> ProbeFiles:
+        return cls(None, 0)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return self._n
+
+    @property
+    def paths(self) -> ProbeColumn:
+        return ProbeColumn(self, 0)
+
+    @property
+    def labels(self) -> ProbeColumn:
+        return ProbeColumn(self, 1)
+
+    @property
+    def image_ids(self) -> ProbeColumn:
+        return ProbeColumn(self, 2)
+
+    def _index(self, idx: int) -> int:
+        i = int(idx)
+        if not -self._n <= i < self._n:
+            raise IndexError(f"probe image {idx} is outside 0..{self._n - 1}")
+        return i % self._n
+
+    def rows(self, idxs: Iterable[int]) -> list[ProbeRow]:
+        """The rows of ``idxs`` (in that order), reading those not yet read in one query."""
+        wanted = [self._index(i) for i in idxs]
+        with self._lock:
+            known = {i: self._kept[i] for i in wanted if i in self._kept}
+        missing = sorted(set(wanted) - known.keys())
+        if missing:
+            found = self._read("WHERE idx BETWEEN ? AND ? AND idx IN (SELECT unnest(?))", [missing[0], missing[-1], missing])
+            known.update(found)
+            with self._lock:
+                if len(self._kept) + len(found) > self.KEEP:
+                    self._kept.clear()
+                self._kept.update(found)
+        return [known[i] for i in wanted]
+
+    def row(self, idx: int) -> ProbeRow:
+        return self.rows([idx])[0]
+
+    def __iter__(self) -> Iterator[ProbeRow]:
+        """Every row in order, a block per query (rows read this way are not kept)."""
+        for start in range(0, self._n, self.BLOCK):
+            block = self._read("WHERE idx >= ? AND idx < ?", [start, start + self.BLOCK])
+            yield from (block[i] for i in range(start, min(self._n, start + self.BLOCK)))
+
+    def _read(self, where: str, params: list) -> dict[int, ProbeRow]:
+        assert self._source is not None  # an empty set has no index to ask for
+        found = _query("probe_images", [self._source], f"SELECT idx, path, label, image_id FROM {{src}} {where}", params,
+                       frame=False)
+        with self._lock:
+            self.rows_read += len(found)
+        return {int(r[0]): ProbeRow(_stored_path(r[1]), r[2] or "", r[3]) for r in found}
+
+
+class ProbeColumn(Sequence[str]):
+    """One field of every row of a :class:`ProbeFiles` (its paths, labels or image ids), read on demand."""
+
+    def __init__(self, files: ProbeFiles, field: int):
+        self._files, self._field = files, field
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return tuple(row[self._field] for row in self._files.rows(range(*item.indices(len(self)))))
+        return self._files.row(item)[self._field]
+
+    def __iter__(self) -> Iterator[str]:
+        return (row[self._field] for row in self._files)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a tuple, list or column of the same strings (reads the whole column)."""
+        if not isinstance(other, (ProbeColumn, tuple, list)):
+            return NotImplemented
+        return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -537,10 +637,13 @@ class Store(CacheLayout):
         return [{"idx": r[0], "image_id": r[1], "path": _stored_path(r[2]), "label": r[3]} for r in rows]
 
     def probe_files(self, probe_set_id: str) -> ProbeFiles:
-        """A probe set's paths, labels and ids as tuples (index = row in activations)."""
-        rows = self.probe_images(probe_set_id)
-        return ProbeFiles(tuple(r["path"] for r in rows), tuple(r["label"] or "" for r in rows),
-                          tuple(r["image_id"] for r in rows))
+        """A probe set's paths, labels and ids (index = row in activations), read row by row
+        as they are asked for (:class:`ProbeFiles`); empty for an unknown probe set."""
+        path = self.probe_set_dir(probe_set_id) / "images.parquet"
+        if not _SAFE_NAME.fullmatch(probe_set_id) or not path.exists():
+            return ProbeFiles.empty()
+        n_images = _query("probe_images", [path], "SELECT count(*) FROM {src}", frame=False)[0][0]  # from the footer
+        return ProbeFiles(path, n_images)
 
     # -- activation runs ----------------------------------------------------------------
     def get_run(self, run_key: str) -> RunInfo | None:
@@ -681,6 +784,26 @@ class Store(CacheLayout):
             _mask_level_memo[stamp] = level
         return _mask_level_memo[stamp]
 
+    def mask_level(self, run_key: str, neuron: int, quantile: float) -> float | None:
+        """One neuron's value of :meth:`mask_levels`, read from its own sketch only (a page
+        showing one neuron: all of a 512-neuron layer's sketches take ~0.4 s, one takes ~20 ms)."""
+        from datasketches import vector_of_kll_floats_sketches
+
+        from .sketches import top_fraction_level
+
+        path = self.run_dir(run_key) / "sketches.npz"
+        if not _SAFE_NAME.fullmatch(run_key) or not path.exists():
+            return None
+        with np.load(path) as arrays:
+            if "spatial_bytes" not in arrays.files:
+                return None
+            offsets = arrays["spatial_offsets"]
+            if not 0 <= neuron < len(offsets) - 1:
+                return None
+            one = vector_of_kll_floats_sketches(int(arrays["spatial_k"]), 1)
+            one.deserialize(arrays["spatial_bytes"][offsets[neuron]:offsets[neuron + 1]].tobytes(), 0)
+            return float(top_fraction_level(one, int(arrays["cells"]), quantile)[0])
+
     def clean_run_leftovers(self, run_key: str) -> None:
         """Remove what a killed writer left in a run's folder: temporary files, and ``partial/``
         once the run is committed. Call it only while holding :meth:`run_writer_lock`."""
@@ -728,7 +851,7 @@ class Store(CacheLayout):
     def run_tables(self, run_key: str) -> RunTables:
         """Labels, top-k, statistics and probe files of a run: what a page reads about it."""
         info = self.get_run(run_key)
-        files = self.probe_files(info.probe_set_id) if info is not None else ProbeFiles((), (), ())
+        files = self.probe_files(info.probe_set_id) if info is not None else ProbeFiles.empty()
         return RunTables(self.labels(run_key), self.top_k(run_key), self.neuron_stats(run_key), files)
 
     # -- labels -------------------------------------------------------------------------
@@ -959,6 +1082,7 @@ class Store(CacheLayout):
 _neuron_count_memo: dict[tuple[str, ...], int] = {}
 _mask_level_memo: dict[tuple[str, int, float], np.ndarray | None] = {}
 MAX_PARTS = 16  # append-only caches merge their parts beyond this many
+EMBEDDING_BLOCK_ROWS = 4096  # rows of a shared image-embedding part read at once
 PART_GRACE = 60.0  # seconds after which a label part is surely committed and may be merged
 
 
@@ -1049,20 +1173,34 @@ class SharedCache:
         return target
 
     def image_embeddings(self, backend_key: str, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
-        """The embeddings of ``image_ids`` already in the cache (image id -> vector)."""
-        wanted = set(image_ids)
+        """The embeddings of ``image_ids`` already in the cache (image id -> vector); for a few
+        images (a probe set's matrix is read with :meth:`image_embedding_blocks`)."""
+        found: dict[str, np.ndarray] = {}
+        for positions, emb in self.image_embedding_blocks(backend_key, image_ids):
+            found.update((image_ids[int(p)], row) for p, row in zip(positions, emb))
+        return found
 
-        def read() -> dict[str, np.ndarray]:
-            found: dict[str, np.ndarray] = {}
-            for path in sorted(self.image_embeddings_dir(backend_key).glob("part-*.npz")):
-                with np.load(path) as part:
-                    ids, emb = part["image_ids"], part["embeddings"]
-                for i, image_id in enumerate(ids.tolist()):
-                    if image_id in wanted:
-                        found[image_id] = emb[i]
-            return found
-
-        return _retrying(read)
+    def image_embedding_blocks(self, backend_key: str, image_ids: Sequence[str],
+                               block_rows: int = EMBEDDING_BLOCK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in ``image_ids``, their embeddings) of the cached ones, a block of a part's
+        rows at a time, oldest part first: where an image is in two parts the newer one comes
+        later. A part merged away meanwhile restarts the pass (blocks repeat; later still wins)."""
+        position = {image_id: i for i, image_id in enumerate(image_ids)}
+        while True:
+            try:
+                for path in sorted(self.image_embeddings_dir(backend_key).glob("part-*.npz")):
+                    ids = _npz_member(path, "image_ids").tolist()
+                    wanted = np.array([position.get(i, -1) for i in ids], dtype=np.int64)
+                    if not (wanted >= 0).any():
+                        continue
+                    for start, block in _npz_row_blocks(path, "embeddings", block_rows):
+                        mine = wanted[start:start + len(block)]
+                        keep = mine >= 0
+                        if keep.any():
+                            yield mine[keep], np.asarray(block[keep], dtype=np.float32)
+                return
+            except FileNotFoundError:
+                continue
 
     def add_image_embeddings(self, backend_key: str, image_ids: Sequence[str], embeddings: np.ndarray) -> None:
         """Append embeddings as one part; merge the parts once there are many."""
@@ -1073,14 +1211,55 @@ class SharedCache:
                      embeddings=np.asarray(embeddings, dtype=np.float32))
         parts = sorted(folder.glob("part-*.npz"))
         if len(parts) > MAX_PARTS:
-            ids: dict[str, np.ndarray] = {}
-            for path in parts:
-                with np.load(path) as part:
-                    ids.update(zip(part["image_ids"].tolist(), part["embeddings"]))
-            atomic_savez(folder / f"part-{new_part_id()}.npz", image_ids=np.asarray(list(ids), dtype=str),
-                         embeddings=np.stack(list(ids.values())).astype(np.float32))
+            _merge_embedding_parts(folder / f"part-{new_part_id()}.npz", parts)
             for path in parts:
                 path.unlink(missing_ok=True)
+
+
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    with np.load(path) as npz:
+        return npz[name]
+
+
+def _npz_row_blocks(path: Path, name: str, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of a 2-D array in an .npz, read as a stream: np.load reads a member whole."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(fh)
+        if fortran_order or len(shape) != 2:
+            raise ValueError(f"{path}: {name} is not a C-ordered matrix")
+        row_bytes = shape[1] * dtype.itemsize
+        for start in range(0, shape[0], block_rows):
+            rows = min(block_rows, shape[0] - start)
+            yield start, np.frombuffer(fh.read(rows * row_bytes), dtype=dtype).reshape(rows, shape[1])
+
+
+def _merge_embedding_parts(target: Path, parts: Sequence[Path]) -> None:
+    """One part holding every image of ``parts`` once (the newest part's row wins), written as a
+    stream: the merged embeddings are never whole in memory (np.savez needs whole arrays)."""
+    import zipfile
+
+    seen: set[str] = set()
+    keep: list[np.ndarray] = []
+    for path in reversed(parts):
+        ids = _npz_member(path, "image_ids")
+        keep.append(np.array([i not in seen for i in ids.tolist()], dtype=bool))
+        seen.update(ids.tolist())
+    keep.reverse()
+    ids = np.concatenate([_npz_member(path, "image_ids")[mask] for path, mask in zip(parts, keep)])
+    dim = next(block.shape[1] for _, block in _npz_row_blocks(parts[0], "embeddings", 1))
+    with atomic_open(target, "wb", suffix=".tmp.npz") as fh, zipfile.ZipFile(fh, "w", allowZip64=True) as archive:
+        with archive.open("image_ids.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, ids)
+        with archive.open("embeddings.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                          "fortran_order": False, "shape": (len(ids), dim)})
+            for path, mask in zip(parts, keep):
+                for start, block in _npz_row_blocks(path, "embeddings", EMBEDDING_BLOCK_ROWS):
+                    member.write(np.ascontiguousarray(block[mask[start:start + len(block)]], dtype=np.float32).tobytes())
 
 
 def _link_or_copy(src: str, dst: str) -> None:

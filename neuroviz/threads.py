@@ -6,6 +6,9 @@ server, a second job, other users) one of those threads is often descheduled, an
 spin while they wait. Measured on the shared 2-core machine (benchmarks/bench_neuron_work.py):
 at load ~3.5, DnD on 2 neurons took 101 s and 92 CPU-s with 2 threads, 28 s and 22 CPU-s
 with 1; at load ~11, 16 synthesis steps took 139-214 s with 2 threads and 17-23 s with 1.
+numpy's BLAS (OpenBLAS) has the same barrier: evaluate_layer at 50k images took 12.8 s with
+its default threads and 7.9 s with one, at load ~9 (benchmarks/bench_downstream.py). numpy is
+loaded before a command starts, so its pool is set through threadpoolctl, not the environment.
 So a command leaves a core for the rest
 of the machine, and one more for each unit of load already on it; ``NEUROVIZ_THREADS`` (or
 an ``OMP_NUM_THREADS`` set by the user) overrides the choice.
@@ -40,6 +43,10 @@ def limit_compute_threads() -> int:
     threads = int(chosen) if chosen and chosen.isdigit() and int(chosen) > 0 else compute_threads()
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("MKL_NUM_THREADS", str(threads))
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads, user_api="blas")  # numpy's pool is already started: tell it
     return threads

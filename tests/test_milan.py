@@ -202,7 +202,7 @@ def test_milan_describes_planted_neurons_and_scores_each_string_once(planted, mo
 def test_milan_on_a_vector_layer_uses_whole_images(planted, tiny_workspace):
     from neuroviz.methods import MethodContext, run_method
 
-    store, fc = tiny_workspace["store"], tiny_workspace["runs"]["fc"]
+    store, fc = planted["store"], tiny_workspace["runs"]["fc"]  # the private copy: labels must not leak
     ctx = MethodContext(store, fc, model=tiny_workspace["model"], **planted["backends"])
     run_method("milan", ctx, config=MilanConfig(k=3, n_concept_candidates=4), neurons=[0])
     labels = store.labels(fc.run_key, method="milan")
@@ -216,7 +216,7 @@ def test_milan_takes_the_mask_level_from_the_runs_sketch(planted, tiny_workspace
     """An extracted run carries a sketch of every map cell: MILAN's mask level comes from it."""
     from neuroviz.methods import MethodContext, run_method
 
-    store, run = tiny_workspace["store"], tiny_workspace["runs"]["layer2"]
+    store, run = planted["store"], tiny_workspace["runs"]["layer2"]  # the private copy: labels must not leak
     levels = store.mask_levels(run.run_key, MilanConfig.mask_quantile)
     assert levels is not None and levels.shape == (run.n_neurons,)
     ctx = MethodContext(store, run, model=tiny_workspace["model"], **planted["backends"])

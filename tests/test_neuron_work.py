@@ -13,15 +13,20 @@ def test_commands_leave_a_core_and_the_load_to_the_rest_of_the_machine(cpus, loa
     assert compute_threads(cpus, load) == expected
 
 
-def test_the_thread_override_reaches_torch(monkeypatch):
+def test_the_thread_override_reaches_torch_and_numpys_blas(monkeypatch):
     import torch
+    from threadpoolctl import ThreadpoolController
 
-    before = torch.get_num_threads()
+    blas = ThreadpoolController().select(user_api="blas")
+    before, blas_before = torch.get_num_threads(), blas.info()
     monkeypatch.setenv("NEUROVIZ_THREADS", "1")
     try:
         assert limit_compute_threads() == 1 and torch.get_num_threads() == 1
+        assert blas.info() and all(pool["num_threads"] == 1 for pool in ThreadpoolController().select(user_api="blas").info())
     finally:
         torch.set_num_threads(before)
+        for pool, info in zip(blas.lib_controllers, blas_before):
+            pool.set_num_threads(info["num_threads"])
 
 
 class Clock:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from neuroviz.methods import get_method, list_methods
 from neuroviz.methods.base import HeatmapOverlay, Overlay
-from neuroviz.methods.milan import MilanConfig, spatial_quantile_threshold
+from neuroviz.methods.milan import MASK_LEVEL_APPROXIMATE, MASK_LEVEL_SKETCH, MilanConfig, spatial_quantile_threshold
 from neuroviz.store import RunInfo
 
 RUN = RunInfo("run", "m", "w", "layer", "mean", "ps", "prep", 3, "1", 40, 8, (8, 8), "conv")
@@ -57,9 +57,18 @@ def test_every_overlay_draws_on_the_view(overlay):
 def test_milan_masks_use_the_labels_threshold_else_milans_rule():
     masks = get_method("milan").overlays()[0]
     maps = planted_maps()
-    assert masks.settings(maps, RUN, {"mask_threshold": 0.25}) == {"threshold": 0.25}
+    assert masks.settings(maps, RUN, {"mask_threshold": 0.25, "mask_level_source": MASK_LEVEL_SKETCH}) == {"threshold": 0.25}
+    # a label from before the sketches names no source: its level was the top-k estimate
+    assert masks.settings(maps, RUN, {"mask_threshold": 0.25}) == {"threshold": 0.25, "approximate": True}
     expected = spatial_quantile_threshold(maps, RUN.n_images, MilanConfig.mask_quantile)
-    assert masks.settings(maps, RUN, {}) == {"threshold": expected}
+    assert masks.settings(maps, RUN, {}) == {"threshold": expected, "approximate": True}  # no sketch: the estimate, said
+    assert masks.settings(maps, RUN, {"map_level": 0.75}) == {"threshold": 0.75}  # the run's sketch
+    assert masks.settings(maps, RUN, {"mask_threshold": 0.25, "mask_level_source": MASK_LEVEL_SKETCH, "map_level": 0.75}) == \
+        {"threshold": 0.25}
+    assert masks.settings(maps, RUN, {"mask_threshold": 0.25, "mask_level_source": MASK_LEVEL_APPROXIMATE}) == \
+        {"threshold": 0.25, "approximate": True}
+    assert "approximate" in masks.caption({"threshold": 0.5, "approximate": True})
+    assert "approximate" not in masks.caption({"threshold": 0.5})
     assert "1%" in masks.caption({"threshold": 0.5})
     view = Image.new("RGB", (64, 64), (200, 200, 200))
     drawn = np.asarray(masks.draw(view, maps[0], {"threshold": 0.5}))

@@ -499,3 +499,87 @@ def test_loopback_in_any_spelling_is_local_but_a_proxy_is_not():
                         ("10.1.2.9", {"Host": "localhost:8501"}), ("::ffff:10.0.0.1", {"Host": "localhost"}),
                         (None, {"Host": "127.0.0.1.example.org"}), (None, {})]:
         assert not is_local(ip, headers), (ip, headers)
+
+
+@pytest.fixture(scope="module")
+def large_probe_workspace(tmp_path_factory):
+    """A layer over 3,000 generated images (a run stored from arrays, no model): large enough
+    that reading the whole probe set shows in a count of the rows read."""
+    import numpy as np
+
+    from neuroviz import datasets
+    from neuroviz.store import RunInfo, Store
+    from neuroviz.synthetic_probe import write_probe_set
+
+    root = tmp_path_factory.mktemp("large_probe")
+    store = Store(root / "cache")
+    ps = datasets.from_folder(write_probe_set(root / "images", 3000, size=16), cache_dir=store.root)
+    store.register_probe_set(ps)
+    rng = np.random.default_rng(0)
+    n_neurons, k = 12, 10
+    acts = np.maximum(rng.normal(size=(len(ps), n_neurons)), 0).astype(np.float32)  # ReLU: half the values are ties at 0
+    top_idx = np.argsort(-acts, axis=0, kind="stable")[:k].T.copy()
+    maps = rng.random((n_neurons, k, 4, 4)).astype(np.float32)
+    info = RunInfo("large-probe-run", "torchvision:resnet18@random", "random", "layer3", "mean", ps.id, "none", k, "test",
+                   len(ps), n_neurons, (4, 4), "conv")
+    store.finish_run(info, acts, np.take_along_axis(acts.T, top_idx, axis=1), top_idx, [im.image_id for im in ps.images], maps)
+    add_probe_labels(store, info, dnd_neurons=())
+    return {"store": store, "run": info}
+
+
+def test_pages_read_only_the_probe_rows_they_show(large_probe_workspace, monkeypatch):
+    """The layer browser, the neuron page (every overlay) and Compare read the probe rows of the
+    images they draw, never the whole probe set (which cost seconds at 100,000 images)."""
+    from neuroviz import store as store_module
+    from tests.conftest import dashboard_env
+
+    store, run = large_probe_workspace["store"], large_probe_workspace["run"]
+    dashboard_env(monkeypatch, store.root)
+    read = []
+    real_read = store_module.ProbeFiles._read
+
+    def counted(files, where, params):
+        rows = real_read(files, where, params)
+        read.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(store_module.ProbeFiles, "_read", counted)
+    monkeypatch.setattr(store_module.Store, "probe_images", lambda *a, **k: pytest.fail("a page read every probe row"))
+    for page in ("views/browser.py", "views/neuron.py", "views/compare.py"):
+        at = app(layer=run.layer, neuron=3)
+        at.switch_page(page).run()
+        assert_clean(at)
+        assert at.get("image"), page
+        if page == "views/neuron.py":
+            for overlay in ("heatmap", "masks", "crops"):
+                at.get("button_group")[0].set_value(overlay).run()
+                assert_clean(at)
+    # every card's mosaic (12 neurons x 9), the neuron's top 10, 6 bins x 6 samples and 8 lowest,
+    # and Compare's two panels of 16: a few hundred rows at most, of 3,000
+    assert 0 < sum(read) <= 12 * 9 + 10 + 36 + 8 + 2 * 16, read
+
+
+def test_milan_masks_come_from_the_runs_sketch_else_say_approximate(dash, large_probe_workspace, monkeypatch):
+    """The neuron page's mask overlay uses the level of the run's sketch of every map cell
+    (Store.mask_levels); a run stored without one gets the top-k estimate, said approximate."""
+    from tests.conftest import dashboard_env
+
+    run = dash["runs"]["layer2"]
+    level = dash["store"].mask_levels(run.run_key, 0.99)
+    assert level is not None, "an extraction stores the map sketch"
+    assert [dash["store"].mask_level(run.run_key, n, 0.99) for n in range(run.n_neurons)] == [float(v) for v in level]
+    at = app(layer="layer2", neuron=3)
+    at.switch_page("views/neuron.py").run()
+    at.get("button_group")[0].set_value("masks").run()
+    assert_clean(at)
+    caption = next(c.value for c in at.caption if c.value.startswith("MILAN exemplar masks"))
+    assert f"above {level[3]:.3g} " in caption and "approximate" not in caption
+
+    old = large_probe_workspace
+    assert old["store"].mask_levels(old["run"].run_key, 0.99) is None  # stored from arrays: no map sketch
+    dashboard_env(monkeypatch, old["store"].root)
+    at = app(layer=old["run"].layer, neuron=3)
+    at.switch_page("views/neuron.py").run()
+    at.get("button_group")[0].set_value("masks").run()
+    assert_clean(at)
+    assert any(c.value.startswith("MILAN exemplar masks") and "approximate" in c.value for c in at.caption)

@@ -225,6 +225,33 @@ def test_a_moved_probe_set_rewrites_its_paths_only(tmp_path):
     assert [r["path"] for r in store.probe_images(ps.id)] == [im.path for im in moved.images]
 
 
+def test_probe_files_read_only_the_rows_asked_for(tmp_path):
+    """A page shows a few hundred images of a large probe set: ProbeFiles reads those rows,
+    not the set, and still reads like the tuples it replaced (labels "" when missing)."""
+    store = Store(tmp_path)
+    ps = ProbeSet("big", "list:big", [ProbeImage(f"{i:020x}", f"/images/big/{i}.png", f"class {i % 3}" if i % 7 else None)
+                                      for i in range(3000)])
+    store.register_probe_set(ps)
+    files = store.probe_files(ps.id)
+    assert len(files) == 3000 and files.rows_read == 0  # the size comes from the footer
+    wanted = [2999, 5, 1234, 5, 0]
+    rows = files.rows(wanted)
+    assert [r.path for r in rows] == [ps.images[i].path for i in wanted]
+    assert [r.image_id for r in rows] == [ps.images[i].image_id for i in wanted]
+    assert [r.label for r in rows] == [ps.images[i].label or "" for i in wanted]
+    assert files.rows_read == 4  # each distinct row once
+    assert files.paths[1234] == ps.images[1234].path and files.labels[7] == "" and files.image_ids[-1] == ps.images[-1].image_id
+    assert files.rows_read == 5  # 1234 and 2999 (= -1) were kept: only row 7 is new
+    with pytest.raises(IndexError):
+        files.paths[3000]
+    assert files.paths[10:13] == tuple(im.path for im in ps.images[10:13])
+    assert files.rows_read < 20
+    # the whole column still compares and iterates as the tuple did (reading every row, in blocks)
+    assert files.image_ids == tuple(im.image_id for im in ps.images)
+    assert list(files.labels) == [im.label or "" for im in ps.images]
+    assert store.probe_files("unknown").paths == () and len(store.probe_files("../x")) == 0
+
+
 # -----------------------------------------------------------------------------------------
 # Concurrency: kill -9 at any point, readers during writes, two label writers at once
 # -----------------------------------------------------------------------------------------

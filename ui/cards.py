@@ -10,15 +10,16 @@ from __future__ import annotations
 import html
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import streamlit as st
 
 from neuroviz import images
-from neuroviz.store import RunInfo, Store
+from neuroviz.store import ProbeRow, RunInfo, Store
 from ui import data
 
 MOSAIC_IMAGES = 9
@@ -143,34 +144,57 @@ def mosaic_for(store: Store, run: RunInfo, neuron: int, n: int = MOSAIC_IMAGES, 
     """
     top = top or data.top_k(store, run.run_key)
     files = files or data.run_files(store, run.run_key)
-    if not 0 <= neuron < len(top.image_idx):
+    rows = top_probe_rows(top, files, [neuron], n)
+    return _mosaic(store, run, neuron, rows[neuron], tile, geometry or run_geometry(store, run))
+
+
+def top_probe_rows(top: data.TopK, files: data.ProbeFiles, neurons: Sequence[int],
+                   n: int = MOSAIC_IMAGES) -> dict[int, list[ProbeRow]]:
+    """neuron -> the probe rows of its top ``n`` images, all read in one query."""
+    idxs = {neuron: [int(i) for i in top.image_idx[neuron][:n] if 0 <= i < len(files)] if 0 <= neuron < len(top.image_idx)
+            else [] for neuron in neurons}
+    wanted = sorted({i for row in idxs.values() for i in row})
+    found = dict(zip(wanted, files.rows(wanted)))
+    return {neuron: [found[i] for i in row] for neuron, row in idxs.items()}
+
+
+def _mosaic(store: Store, run: RunInfo, neuron: int, rows: Sequence[ProbeRow], tile: int,
+            geometry: images.ViewGeometry) -> Path | None:
+    """Pure PIL and disk work (safe in any thread): the mosaic of these probe rows' pictures."""
+    if not rows:
         return None
-    idxs = [int(i) for i in top.image_idx[neuron][:n] if 0 <= i < len(files)]
-    if not idxs:
-        return None
-    return images.neuron_mosaic(store.root, run.run_key, neuron, [files.paths[i] for i in idxs], tile=tile,
-                                geometry=geometry or run_geometry(store, run),
-                                content_ids=[files.image_ids[i] for i in idxs])
+    return images.neuron_mosaic(store.root, run.run_key, neuron, [r.path for r in rows], tile=tile, geometry=geometry,
+                                content_ids=[r.image_id for r in rows])
+
+
+T = TypeVar("T")
+
+
+def in_threads(builders: Sequence[Callable[[], T]], workers: int = 4) -> list[T]:
+    """Each builder's result, in order, made in a few threads: building a picture is decoding,
+    resizing and a synced write, which release the GIL, so a cold page's pictures are made on
+    every core and their disk waits overlap. Builders must not call Streamlit."""
+    if len(builders) <= 1:
+        return [build() for build in builders]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="picture") as pool:
+        return list(pool.map(lambda build: build(), builders))
 
 
 def mosaics_for(store: Store, run: RunInfo, neurons: Sequence[int], geometry: images.ViewGeometry,
-                top: data.TopK, files: data.ProbeFiles, workers: int = 4) -> dict[int, Path | None]:
-    """The card mosaics of ``neurons``, built in a few threads when not yet on disk.
-
-    Decoding and resizing JPEGs releases the GIL, so on the first visit of a page (24 mosaics
-    of 9 images) the threads decode on every core instead of one.
-    """
-    def one(neuron: int) -> Path | None:
-        return mosaic_for(store, run, neuron, geometry=geometry, top=top, files=files)
-
+                top: data.TopK, files: data.ProbeFiles, ahead: Sequence[int] = (), workers: int = 4) -> dict[int, Path | None]:
+    """The card mosaics of ``neurons``, built in a few threads when not yet on disk
+    (:func:`in_threads`). Their probe rows are read in one query, with those of ``ahead`` (the
+    neurons a :func:`prerender_mosaics` call after drawing the page will need) while their
+    mosaics have not been started, so that call reads nothing."""
     neurons = list(neurons)
-    if len(neurons) <= 1:
-        return {n: one(n) for n in neurons}
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic") as pool:
-        return dict(zip(neurons, pool.map(one, neurons)))
+    with _prerender_lock:
+        started = (str(store.root), run.run_key, geometry) in _prerendering
+    rows = top_probe_rows(top, files, neurons + ([] if started else list(ahead)))
+    return dict(zip(neurons, in_threads([lambda n=n: _mosaic(store, run, n, rows[n], MOSAIC_TILE, geometry)
+                                         for n in neurons], workers)))
 
 
-_prerendering: set[tuple] = set()
+_prerendering: set[tuple] = set()  # (cache, run, geometry) whose mosaics a background thread has made
 
 
 def prerender_mosaics(store: Store, run: RunInfo, neurons: Sequence[int], geometry: images.ViewGeometry,
@@ -178,20 +202,24 @@ def prerender_mosaics(store: Store, run: RunInfo, neurons: Sequence[int], geomet
     """Build the card mosaics of ``neurons`` in a background thread, once per run and geometry.
 
     The first visit of a layer pays for decoding its probe images; doing the following pages'
-    pictures while the user looks at the first makes paging instant. Pure PIL/disk work, no
-    Streamlit calls in the thread; files are written atomically, so a page racing it is safe.
-    Returns whether a thread was started.
+    pictures while the user looks at the first makes paging instant. Call it after drawing the
+    page (the thread competes for the interpreter). The probe rows are read here, in this
+    thread (kept already when :func:`mosaics_for` had them as ``ahead``); the background thread
+    does only PIL and disk work: no Streamlit call and no DuckDB query (a daemon thread inside
+    one when the interpreter exits aborts the process). Files are written atomically, so a page
+    racing it is safe. Returns whether a thread was started.
     """
     key = (str(store.root), run.run_key, geometry)
     with _prerender_lock:
         if key in _prerendering:
             return False
         _prerendering.add(key)
+    rows = top_probe_rows(top, files, neurons)
 
     def work() -> None:
         for neuron in list(neurons):
             try:
-                mosaic_for(store, run, neuron, geometry=geometry, top=top, files=files)
+                _mosaic(store, run, neuron, rows[neuron], MOSAIC_TILE, geometry)
             except OSError:  # cache folder gone or full: the page builds what it shows
                 return
 
@@ -212,8 +240,10 @@ def thumb_paths(store: Store, run: RunInfo, image_idxs: Sequence[int], size: int
     """Cached square thumbnails (model view) of probe images by index."""
     files = data.run_files(store, run.run_key)
     geometry = geometry or run_geometry(store, run)
-    return [images.thumbnail(store.root, files.paths[int(i)], size, geometry) if 0 <= i < len(files) else None
-            for i in image_idxs]
+    inside = [int(i) for i in image_idxs if 0 <= i < len(files)]
+    paths = dict(zip(inside, (r.path for r in files.rows(inside))))
+    return in_threads([(lambda src=paths[int(i)]: images.thumbnail(store.root, src, size, geometry)) if int(i) in paths
+                       else (lambda: None) for i in image_idxs])
 
 
 def image_grid(paths: Sequence[Path | str | None], captions: Sequence[str], cols: int = 6) -> None:
@@ -225,5 +255,6 @@ def image_grid(paths: Sequence[Path | str | None], captions: Sequence[str], cols
 
 
 def activation_column(store: Store, run_key: str, neuron: int) -> np.ndarray:
-    """One neuron's activation over every probe image (read from the memory-mapped array)."""
-    return np.asarray(store.activations(run_key)[:, neuron], dtype=np.float32)
+    """One neuron's activation over every probe image: a copy read through the memory-mapped
+    array (the whole file is paged through, ~50 ms at 100,000 x 512: cache what is made of it)."""
+    return np.array(store.activations(run_key)[:, neuron], dtype=np.float32)

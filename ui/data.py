@@ -125,7 +125,8 @@ def neuron_stats(store: Store, run_key: str) -> pd.DataFrame:
 
 
 def run_files(store: Store, run_key: str) -> ProbeFiles:
-    """Paths, labels and ids of the run's probe images (index = row in activations)."""
+    """Paths, labels and ids of the run's probe images (index = row in activations), read as
+    they are asked for and kept while the store is unchanged: batch with ``rows(idxs)``."""
     return run_tables(store, run_key).files
 
 
@@ -137,13 +138,15 @@ def top_rows(store: Store, run_key: str, neuron: int, k: int | None = None) -> l
         return []
     idxs, acts = table.image_idx[neuron], table.activation[neuron]
     n = len(idxs) if k is None else min(k, len(idxs))
+    inside = [int(i) for i in idxs[:n] if 0 <= i < len(files)]
+    found = dict(zip(inside, files.rows(inside)))  # one read of just these rows
     out = []
     for rank in range(n):
         idx = int(idxs[rank])
-        inside = 0 <= idx < len(files)
+        row = found.get(idx)
         out.append({"rank": rank, "image_idx": idx, "activation": float(acts[rank]),
-                    "path": files.paths[idx] if inside else None, "label": files.labels[idx] if inside else "",
-                    "image_id": files.image_ids[idx] if inside else None})
+                    "path": row.path if row else None, "label": row.label if row else "",
+                    "image_id": row.image_id if row else None})
     return out
 
 

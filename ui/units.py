@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from neuroviz.methods.base import DEAD_CAPTION, dead_units
 from neuroviz.units import NEURONS, short_units, unit_word, units_title
 from ui import context, data
 
@@ -13,6 +14,23 @@ from ui import context, data
 @st.cache_data(show_spinner=False, max_entries=64)
 def _title(root: str, version: tuple, units: str) -> str:
     return units_title(data.get_store(root), units)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _dead(root: str, version: tuple, run_key: str) -> frozenset[int]:
+    store = data.get_store(root)
+    run = store.get_run(run_key)
+    return frozenset(dead_units(store, run)) if run is not None else frozenset()
+
+
+def dead(sel: context.Selection) -> frozenset[int]:
+    """The selected run's dead units (never active on the probe set): shown as dead, not labelled."""
+    return _dead(str(sel.store.root), data.db_version(sel.store), sel.run.run_key) if sel.run else frozenset()
+
+
+def dead_html() -> str:
+    """The line a card shows instead of labels for a dead unit."""
+    return f"<div class='nv-label nv-missing'><i>{DEAD_CAPTION}</i></div>"
 
 
 def unit_kinds(sel: context.Selection) -> list[str]:

@@ -5,7 +5,10 @@ each group (accuracy or confidence lost when the group is ablated).
 Layers are drawn in the order they were extracted (network order when extracted together,
 as the demo and the suggested layers are): knowing the network's own order would mean
 loading the model, which pages never do. `python -m neuroviz analyze` uses the model's order.
-The ablations run as a background job (`python -m neuroviz analyze --importance ...`)."""
+The ablations run as a background job (`python -m neuroviz analyze --importance ...`).
+With an SAE's latents (or directions) picked under Units, the page analyses those units'
+labels, layer by layer where the dictionary has runs, and ablates latent groups; the URL
+names the units (``&units=sae:<key>``)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import streamlit as st
 from neuroviz import analysis
 from neuroviz.lexicon import CATEGORY_ORDER, CATEGORY_TITLES
 from neuroviz.requests import AnalyzeRequest
-from ui import context, data, guard, jobs_ui, shell
+from neuroviz.units import NEURONS, unit_word
+from ui import context, data, guard, jobs_ui, shell, units
 
 CATEGORY_COLOURS = {
     "colour": "#ef4444", "texture": "#f59e0b", "material": "#a16207", "object": "#3b82f6",
@@ -56,7 +60,7 @@ def lexicon_table() -> None:
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 
-def shares_chart(shares: pd.DataFrame, methods: list[str], side_by_side: bool):
+def shares_chart(shares: pd.DataFrame, methods: list[str], side_by_side: bool, word: str = "neurons"):
     """Stacked bars of category shares per layer (one panel per method when side by side)."""
     df = shares[shares["method"].isin(methods)].copy()
     df["category_title"] = df["category"].map(CATEGORY_TITLES)
@@ -67,7 +71,7 @@ def shares_chart(shares: pd.DataFrame, methods: list[str], side_by_side: bool):
         facet_col="method_title" if side_by_side and len(methods) > 1 else None,
         category_orders={"layer": order, "category": list(CATEGORY_ORDER)},
         color_discrete_map=CATEGORY_COLOURS, hover_data={"count": ":.1f", "n_neurons": True, "n_labelled": True, "share": ":.1%"},
-        labels={"share": "share of neurons", "layer": "layer (shallow → deep)", "category": "category", "method_title": ""},
+        labels={"share": f"share of {word}", "layer": "layer (shallow → deep)", "category": "category", "method_title": ""},
     )
     fig.for_each_trace(lambda t: t.update(name=CATEGORY_TITLES.get(t.name, t.name)))
     fig.update_layout(height=420, yaxis_tickformat=".0%", legend_title_text="", margin=dict(l=10, r=10, t=40, b=10))
@@ -85,7 +89,9 @@ def examples(sel, shares: pd.DataFrame, method: str, config: analysis.AnalysisCo
         run = sel.store.get_run(run_key)
         cats = analysis.categorize_labels(analysis.latest_labels(sel.store, run, [method]), config, store=sel.store)
         sub = cats[cats["category"] == category]
-        st.dataframe(sub[["neuron", "label", "match_kind", "terms", "weight"]].head(500), hide_index=True, width="stretch")
+        word = unit_word(run.units).lower()
+        st.dataframe(sub[["neuron", "label", "match_kind", "terms", "weight"]].rename(columns={"neuron": word}).head(500),
+                     hide_index=True, width="stretch")
 
 
 def importance_settings(sel, methods: list[str], layers: list[str]) -> tuple[str, analysis.ImportanceConfig, list[str] | None]:
@@ -120,11 +126,11 @@ def importance_chart(table: pd.DataFrame):
 
 def importance_section(sel, config: analysis.AnalysisConfig, methods: list[str], layers: list[str]) -> None:
     st.subheader("Importance: what ablating each group costs")
-    st.caption("Each group (the neurons of one layer whose label falls in one category) is ablated on its own; "
+    st.caption(f"Each group (the {unit_word(sel.units).lower()}s of one layer whose label falls in one category) is ablated on its own; "
                "the drop in accuracy (when probe labels are class names) or the share of changed top-1 "
                "predictions is compared with an equally large random group of the same layer.")
     method, imp, chosen = importance_settings(sel, methods, layers)
-    key = analysis.importance_key(sel.store, sel.model_spec, sel.probe_set_id, method, config, imp, chosen)
+    key = analysis.importance_key(sel.store, sel.model_spec, sel.probe_set_id, method, config, imp, chosen, units=sel.units)
     table = analysis.load_importance(sel.store, key)
     if table is None:
         start_importance(sel, method, config, imp, chosen)
@@ -136,7 +142,7 @@ def importance_section(sel, config: analysis.AnalysisConfig, methods: list[str],
 def start_importance(sel: context.Selection, method: str, config: analysis.AnalysisConfig, imp: analysis.ImportanceConfig,
                      layers: list[str] | None) -> None:
     """The button that runs the ablations as a background job (they run the model)."""
-    request = AnalyzeRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), method, config, imp, tuple(layers or ()))
+    request = AnalyzeRequest(sel.model_spec, jobs_ui.probe_cli_arg(sel), method, config, imp, tuple(layers or ()), sel.units)
     jobs_ui.job_button(sel.store, "Compute importance", request, key="analysis_importance", done_message="Importance computed.")
 
 
@@ -148,9 +154,12 @@ def body() -> None:
     if not sel.probe_set_id or not sel.model_spec:
         st.info("No runs yet: extract some layers on the Workspace page first.")
         return
+    if sel.units != NEURONS:
+        st.caption(f"Showing the {units.unit_heading(sel)}: the layers where this dictionary has runs. "
+                   "Pick 'neurons' under Units for the layers' neurons.")
     config = settings()
     try:
-        shares = analysis.category_shares(sel.store, sel.model_spec, sel.probe_set_id, config)
+        shares = analysis.category_shares(sel.store, sel.model_spec, sel.probe_set_id, config, units=sel.units)
     except analysis.AnalysisError as exc:
         st.info(str(exc))
         return
@@ -159,7 +168,7 @@ def body() -> None:
     shown = c1.multiselect("Methods", methods, default=methods[:1], format_func=data.method_title, key="analysis_methods")
     side = c2.toggle("Side by side", value=True, key="analysis_side")
     if shown:
-        st.plotly_chart(shares_chart(shares, shown, side), width="stretch")
+        st.plotly_chart(shares_chart(shares, shown, side, f"{unit_word(sel.units).lower()}s"), width="stretch")
         examples(sel, shares, shown[0], config)
     else:
         st.caption("Pick at least one method.")

@@ -1,5 +1,7 @@
 """Audit: search every layer of the model for neurons whose labels mention a concept
-(by words and by meaning), see their top images, open them, save and export the audit."""
+(by words and by meaning), see their top images, open them, save and export the audit.
+Labels of an SAE's latents (or directions) are searched too, each hit naming its units
+("features.18 · SAE latents 3f2a1b2c · latent 12"); 'Units searched' narrows the search."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import time
 import streamlit as st
 
 from neuroviz import audit, images
+from neuroviz.units import NEURONS, short_units
 from ui import context, data, guard, shell
+from ui import units as unit_titles
 
 PER_PAGE = 20
 THUMBS = 6
@@ -33,18 +37,30 @@ def search_form(sel) -> audit.AuditOptions | None:
             all_ranks = o2.checkbox("Also search runner-up labels", key="audit_all_ranks")
             max_results = o3.number_input("Most results", 10, 2000, 200, 10, key="audit_max")
             methods = o3.multiselect("Methods (none = all)", _methods(sel), key="audit_methods")
+            kinds = _unit_kinds(sel)
+            units = o1.multiselect("Units searched (none = all)", kinds, key="audit_units",
+                                   format_func=lambda u: "neurons" if u == NEURONS else f"{unit_titles.title(sel, u)} "
+                                                                                        f"({short_units(u)})",
+                                   help="The layers' neurons, and the latents of each SAE trained on them.") \
+                if len(kinds) > 1 else []
         submitted = st.form_submit_button("Search", type="primary", icon=":material/search:")
     if not submitted:
         return None
     st.session_state["audit_query_text"] = query
     return audit.AuditOptions(match_text=mode != "meaning", match_meaning=mode != "text", substring=substring,
                               min_similarity=float(min_sim), all_ranks=all_ranks, max_results=int(max_results),
-                              methods=methods or None)
+                              methods=methods or None, units=units or None)
 
 
 def _methods(sel: context.Selection) -> list[str]:
     runs = sel.catalog.runs_for(sel.model_spec, sel.probe_set_id)
     return sorted({m for r in runs for m in sel.catalog.methods_by_run.get(r.run_key, [])})
+
+
+def _unit_kinds(sel: context.Selection) -> list[str]:
+    """'neurons' and every dictionary with a run of this model over this probe set."""
+    runs = sel.catalog.runs_for(sel.model_spec, sel.probe_set_id)
+    return [NEURONS, *dict.fromkeys(r.units for r in runs if r.units != NEURONS)]
 
 
 def run_search(sel, options: audit.AuditOptions) -> None:
@@ -67,11 +83,11 @@ def draw_hit(sel, result: audit.Audit, hit: audit.AuditHit, index: int) -> None:
         left, right = st.columns([2, 5])
         with left:
             st.markdown(f"**{hit.label}**")
-            st.caption(f"{hit.layer} · neuron {hit.neuron} · {data.method_title(hit.method)}"
+            st.caption(f"{hit.place} · {hit.unit_word} {hit.neuron} · {data.method_title(hit.method)}"
                        + (f" · rank {hit.rank + 1}" if hit.rank else ""))
             st.caption(f"match {hit.match_score:.2f} ({hit.match_kind}) for '{hit.matched_term}'")
-            params = {"model": result.model_spec, "probe": result.probe_set_id, "layer": hit.layer, "neuron": str(hit.neuron)}
-            st.page_link("views/neuron.py", label="Open neuron", icon=":material/open_in_new:", query_params=params)
+            params = audit.page_params(hit, result.model_spec, result.probe_set_id)
+            st.page_link("views/neuron.py", label=f"Open {hit.unit_word}", icon=":material/open_in_new:", query_params=params)
         with right:
             pics = thumbnails(sel.store, hit)
             if pics:
@@ -84,7 +100,9 @@ def draw_results(sel, result: audit.Audit) -> None:
     options = result.options
     how = " and ".join(k for k, on in (("words", options.match_text), ("meaning", options.match_meaning)) if on)
     n = len(result.hits)
-    st.subheader(f"{n} neuron{'s match' if n != 1 else ' matches'} '{result.query}'")
+    words = sorted({h.unit_word for h in result.hits}) or ["neuron"]
+    noun = words[0] if len(words) == 1 else "unit"
+    st.subheader(f"{n} {noun}{'s match' if n != 1 else ' matches'} '{result.query}'")
     st.caption(f"searched {result.n_labels_searched} labels by {how} in {len(result.layers_searched)} layers "
                f"({', '.join(result.layers_searched)})" + (f" · text encoder {result.text_backend_id}" if result.text_backend_id else ""))
     if not result.hits:
@@ -92,10 +110,10 @@ def draw_results(sel, result: audit.Audit) -> None:
         st.info(f"No label matches. Try {hint}, other words, or runner-up labels (Options).")
         return
     actions(sel, result)
-    by_layer = {}
+    by_place: dict[str, int] = {}
     for hit in result.hits:
-        by_layer[hit.layer] = by_layer.get(hit.layer, 0) + 1
-    st.caption("per layer: " + ", ".join(f"{layer} {n}" for layer, n in by_layer.items()))
+        by_place[hit.place] = by_place.get(hit.place, 0) + 1
+    st.caption("per layer: " + ", ".join(f"{place} {n}" for place, n in by_place.items()))
     n_pages = max(1, -(-len(result.hits) // PER_PAGE))
     page = min(int(st.session_state.get("audit_page", 1)), n_pages)
     if n_pages > 1:
@@ -116,8 +134,10 @@ def actions(sel, result: audit.Audit) -> None:
                        icon=":material/download:", key="audit_csv")
     c3.download_button("JSON", audit.audit_to_json(result), file_name=f"{result.id}.json", mime="application/json",
                        icon=":material/download:", key="audit_json")
-    if c4.button("Ablate these neurons", icon=":material/edit:", key="audit_to_edit",
-                 help="Open the Editing page with these neurons selected."):
+    if c4.button(f"Ablate these {audit.units_noun(sel.units)}", icon=":material/edit:",
+                 key="audit_to_edit",
+                 help="Open the Editing page with the hits of the units picked in the sidebar selected "
+                      "(the neurons, or one SAE's latents)."):
         audit.save_audit(sel.store, result)
         st.session_state["editing_audit_id"] = result.id
         st.session_state["editing_source"] = "audit"

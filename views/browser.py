@@ -63,7 +63,7 @@ def draw_card(sel: context.Selection, neuron: int, tops: dict, agreement: bool |
         st.page_link("views/neuron.py", label=f"**{units.unit_heading(sel, neuron)}**", icon=":material/open_in_new:",
                      query_params=sel.query_params(neuron), help="Open this neuron")
         cards.show_image(mosaic, width="stretch")
-        lines = [cards.label_line_html(m, tops.get(m)) for m in sel.methods]
+        lines = [units.dead_html()] if neuron in units.dead(sel) else [cards.label_line_html(m, tops.get(m)) for m in sel.methods]
         if hits:
             lines.append(match_html(hits))
         if agreement is True:
@@ -129,7 +129,8 @@ def body() -> None:
     shown = neurons[(page - 1) * PER_PAGE: page * PER_PAGE]
     pictures = {"geometry": cards.run_geometry(sel.store, run), "top": data.top_k(sel.store, run.run_key),
                 "files": data.run_files(sel.store, run.run_key)}
-    mosaics = cards.mosaics_for(sel.store, run, shown, **pictures)
+    rest = neurons[page * PER_PAGE:] + neurons[:(page - 1) * PER_PAGE]
+    mosaics = cards.mosaics_for(sel.store, run, shown, ahead=rest, **pictures)
     for start in range(0, len(shown), COLUMNS):
         cols = st.columns(COLUMNS)
         for col, neuron in zip(cols, shown[start:start + COLUMNS]):
@@ -137,7 +138,7 @@ def body() -> None:
                 draw_card(sel, neuron, found.tops.get(neuron, {}), found.agreement.get(neuron), mosaics.get(neuron),
                           found.matches.get(neuron))
     # the rest of the layer's pictures, in this order, while the user looks at this page
-    cards.prerender_mosaics(sel.store, run, neurons[page * PER_PAGE:] + neurons[:(page - 1) * PER_PAGE], **pictures)
+    cards.prerender_mosaics(sel.store, run, rest, **pictures)
 
 
 shell.owner_page()

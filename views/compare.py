@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neuroviz import browse
+from neuroviz import browse, neuron_activations
 from ui import cards, context, data, guard, shell
 
 MODES = {"neurons": "Two neurons", "methods": "Two methods"}
@@ -103,24 +102,33 @@ def _two_neurons(sel: context.Selection) -> None:
         _neuron_panel(sel, run, neuron, col)
     (run_a, n_a), (run_b, n_b) = picks
     if run_a.n_images == run_b.n_images and run_a.n_images > 2:
-        a = cards.activation_column(sel.store, run_a.run_key, n_a)
-        b = cards.activation_column(sel.store, run_b.run_key, n_b)
-        if a.std() > 0 and b.std() > 0:
-            r = float(np.corrcoef(a, b)[0, 1])
-            top_a = set(np.argsort(a)[-run_a.k:])
-            top_b = set(np.argsort(b)[-run_b.k:])
-            st.metric("Correlation of activations over the probe set", f"{r:.3f}",
+        pair, fig = _pair(str(sel.store.root), run_a.run_key, n_a, run_b.run_key, n_b)
+        if pair.correlation is not None:
+            st.metric("Correlation of activations over the probe set", f"{pair.correlation:.3f}",
                       help="Pearson r over every probe image; 1 = the two neurons respond alike.")
-            st.caption(f"{len(top_a & top_b)} images are in both top-{min(run_a.k, run_b.k)} lists.")
-            _scatter(a, b, f"{run_a.layer} #{n_a}", f"{run_b.layer} #{n_b}")
+            st.caption(f"{pair.shared_top} images are in both top-{min(run_a.k, run_b.k)} lists."
+                       + (f" The plot shows {len(pair.points):,} of the {run_a.n_images:,} images: a random sample and "
+                          "both top lists." if len(pair.points) < run_a.n_images else ""))
+            st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
 
 
-def _scatter(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _pair(root: str, run_a: str, n_a: int, run_b: str, n_b: int):
+    """The two neurons' correlation, shared top images and scatter plot, once per pair (a run's
+    arrays never change under its key)."""
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Scattergl(x=a, y=b, mode="markers", marker=dict(size=5, opacity=0.6, color="#6366f1")))
-    fig.update_layout(height=320, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=name_a, yaxis_title=name_b)
-    st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
+    store = data.get_store(root)
+    a, b = cards.activation_column(store, run_a, n_a), cards.activation_column(store, run_b, n_b)
+    info_a, info_b = store.get_run(run_a), store.get_run(run_b)
+    k = min(info_a.k, info_b.k) if info_a and info_b else 0
+    pair = neuron_activations.compare(a, b, data.top_k(store, run_a).image_idx[n_a][:k],
+                                      data.top_k(store, run_b).image_idx[n_b][:k])
+    fig = go.Figure(go.Scattergl(x=a[pair.points], y=b[pair.points], mode="markers",
+                                 marker=dict(size=5, opacity=0.6, color="#6366f1")))
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=f"{info_a.layer if info_a else ''} #{n_a}",
+                      yaxis_title=f"{info_b.layer if info_b else ''} #{n_b}")
+    return pair, fig
 
 
 def _two_methods(sel: context.Selection) -> None:
@@ -195,7 +203,7 @@ def _two_methods(sel: context.Selection) -> None:
     cards.inject_css()
     pictures = {"geometry": cards.run_geometry(sel.store, sel.run), "top": data.top_k(sel.store, sel.run.run_key),
                 "files": data.run_files(sel.store, sel.run.run_key)}
-    mosaics = cards.mosaics_for(sel.store, sel.run, shown, **pictures)  # in threads: a cold page decodes on every core
+    mosaics = cards.mosaics_for(sel.store, sel.run, shown, ahead=order[page * PER_PAGE:], **pictures)
     for start in range(0, len(shown), 4):
         cols = st.columns(4)
         for col, n in zip(cols, shown[start:start + 4]):

@@ -4,6 +4,10 @@ predictions before and after, and keep the edit under a name (the weights are ne
 The prediction passes run as a background job (`python -m neuroviz edit ...`), which stores
 each comparison in the cache with the edit it measured; the page draws the stored comparison
 of the current settings, opens on the latest one after a reload, and offers it as CSV/JSON.
+
+With an SAE's latents (or directions) picked under Units, the same controls ablate latents:
+the job subtracts each latent's decoded contribution at its layer (``edit --units``), cached
+by provenance like a neuron edit, with the same before/after results, controls and downloads.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import time
 
 import streamlit as st
 
-from neuroviz import audit, editing, images
+from neuroviz import audit, catalog, editing, images
 from neuroviz.requests import EditRequest
-from ui import cards, context, guard, jobs_ui, shell
+from neuroviz.units import NEURONS, unit_word, units_match
+from ui import cards, context, guard, jobs_ui, shell, units
 
 SOURCES = {"earlier": "An earlier result", "audit": "Neurons of a saved audit", "list": "A list of neurons",
            "saved": "A saved edit"}
@@ -31,7 +36,9 @@ def choose_neurons(sel: context.Selection) -> tuple[dict[str, list[int]], dict |
     earlier = editing.recent_evaluations(sel.store, sel.model_spec)
     if "editing_source_radio" not in st.session_state:  # a fresh visit or a reload: the latest result again
         st.session_state["editing_source_radio"] = "earlier" if earlier else "list"
-    source = st.radio("Neurons", list(SOURCES), format_func=SOURCES.get, horizontal=True, key="editing_source_radio")
+    word = unit_word(sel.units).lower()
+    source = st.radio(f"{word.capitalize()}s", list(SOURCES), horizontal=True, key="editing_source_radio",
+                      format_func=lambda s: SOURCES[s].replace("Neurons", f"{word.capitalize()}s").replace("neurons", f"{word}s"))
     if source == "earlier":
         return earlier_result(earlier)
     if source == "audit":
@@ -52,14 +59,19 @@ def choose_neurons(sel: context.Selection) -> tuple[dict[str, list[int]], dict |
             floor = st.slider("Keep hits with match score at least", float(scores[0]), float(scores[-1]), float(scores[0]),
                               key=f"editing_floor_{chosen}")
         kept = [h for h in result.hits if h.match_score >= floor]
+        other = [h for h in kept if not units_match(h.units, sel.units)]
+        kept = [h for h in kept if h not in other]
+        if other:
+            st.caption(f"{len(other)} hit{'s' if len(other) != 1 else ''} of other units left out: this edit ablates "
+                       f"{units.unit_heading(sel)} (pick others under Units).")
         neurons: dict[str, list[int]] = {}
         for h in kept:
             neurons.setdefault(h.layer, [])
             if h.neuron not in neurons[h.layer]:
                 neurons[h.layer].append(h.neuron)
         n_neurons = sum(len(v) for v in neurons.values())
-        with st.expander(f"{n_neurons} neuron{'s' if n_neurons != 1 else ''} from {len(kept)} hit{'s' if len(kept) != 1 else ''}"):
-            st.dataframe([{"layer": h.layer, "neuron": h.neuron, "method": h.method, "label": h.label,
+        with st.expander(f"{n_neurons} {word}{'s' if n_neurons != 1 else ''} from {len(kept)} hit{'s' if len(kept) != 1 else ''}"):
+            st.dataframe([{"layer": h.place, word: h.neuron, "method": h.method, "label": h.label,
                            "match": round(h.match_score, 3)} for h in kept], hide_index=True)
         return neurons, {"audit": chosen, "query": result.query}, None
     if source == "list":
@@ -72,7 +84,7 @@ def choose_neurons(sel: context.Selection) -> tuple[dict[str, list[int]], dict |
         return {}, None, None
     by_name = {e.name: e for e in edits}
     name = st.selectbox("Edit", list(by_name), key="editing_saved_choice",
-                        format_func=lambda n: f"{n} · {by_name[n].mode} · {by_name[n].n_neurons} neurons")
+                        format_func=lambda n: f"{n} · {by_name[n].mode} · {by_name[n].n_neurons} {by_name[n].unit_word}s")
     edit = by_name[name]
     return edit.neurons, edit.source, edit
 
@@ -87,7 +99,7 @@ def earlier_result(earlier: list[editing.StoredEvaluation]) -> tuple[dict[str, l
     def name(key: str) -> str:
         e = by_key[key]
         images = f"{e.max_images} images" if e.max_images else "all images"
-        return (f"{e.edit.name} · {e.edit.mode} · {e.edit.n_neurons} neuron{'s' if e.edit.n_neurons != 1 else ''} · "
+        return (f"{e.edit.name} · {e.edit.mode} · {e.edit.n_neurons} {e.edit.unit_word}{'s' if e.edit.n_neurons != 1 else ''} · "
                 f"{images} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}")
 
     key = st.selectbox("Result", list(by_key), format_func=name, key="editing_earlier_choice")
@@ -117,7 +129,10 @@ def edit_settings(sel: context.Selection, neurons, source, saved: editing.Edit |
         return None
     if saved is not None and mode == saved.mode and name == saved.name:
         return saved
-    return editing.make_edit(name, sel.model_spec, neurons, mode, sel.store, sel.probe_set_id, source=source)
+    kind = saved.units if saved is not None else sel.units
+    if kind != NEURONS and kind == sel.units and set(neurons) != {sel.layer}:
+        raise editing.EditError(f"These are {units.unit_heading(sel)} of layer {sel.layer}; write {sel.layer}:N,N.")
+    return editing.make_edit(name, sel.model_spec, neurons, mode, sel.store, sel.probe_set_id, source=source, units=kind)
 
 
 def evaluation(sel: context.Selection, edit: editing.Edit) -> None:
@@ -128,14 +143,15 @@ def evaluation(sel: context.Selection, edit: editing.Edit) -> None:
     weights = sel.run.weights_id
     comparison = editing.stored_comparison(sel.store, edit, weights, sel.probe_set_id, max_images)
     controls: list[editing.Comparison] | None = []
-    if n_controls:
-        sizes = {r.layer: r.n_neurons for r in sel.catalog.runs_for(sel.model_spec)}
+    if n_controls:  # the layers' sizes in the edit's units (an SAE's run counts latents)
+        sizes = {r.layer: r.n_neurons for r in catalog.newest_per_layer(sel.catalog.runs_for(sel.model_spec), edit.units).values()}
         controls = editing.stored_controls(sel.store, edit, weights, sel.probe_set_id, max_images, n_controls, sizes) \
             if all(layer in sizes for layer in edit.neurons) else None
     if comparison is not None and controls is not None:
         draw_comparison(sel, edit, comparison, controls, max_images)
         return
-    request = EditRequest.of(sel.model_spec, sel.probe_set_id, edit.name, edit.neurons, edit.mode, max_images, n_controls)
+    request = EditRequest.of(sel.model_spec, sel.probe_set_id, edit.name, edit.neurons, edit.mode, max_images, n_controls,
+                             edit.units)
     key = f"editing_{editing.evaluation_key(edit, weights, sel.probe_set_id, max_images)}_{n_controls}"
     jobs_ui.job_button(sel.store, "Evaluate before / after", request, key=key,
                        done_message="Evaluated; the comparison is shown above.")
@@ -160,7 +176,10 @@ def _pct(value: float | None) -> str:
 
 def draw_comparison(sel: context.Selection, edit: editing.Edit, cmp: editing.Comparison, controls=(),
                     max_images: int | None = None) -> None:
-    st.subheader(f"Effect of '{edit.name}' ({edit.n_neurons} neuron{'s' if edit.n_neurons != 1 else ''}, {edit.mode})")
+    st.subheader(f"Effect of '{edit.name}' ({edit.n_neurons} {edit.unit_word}{'s' if edit.n_neurons != 1 else ''}, {edit.mode})")
+    if edit.units != NEURONS:
+        st.caption(f"Ablated {edit.unit_word}s of {units.title(sel, edit.units)}: their decoded contribution is "
+                   "subtracted at the layer (mean: their code set to its probe-set mean); the rest of the layer is unchanged.")
     c1, c2, c3, c4 = st.columns(4)
     if cmp.accuracy_before is not None:
         c1.metric("Accuracy", _pct(cmp.accuracy_after), delta=f"{100 * (cmp.accuracy_after - cmp.accuracy_before):+.1f} pts",
@@ -174,7 +193,7 @@ def draw_comparison(sel: context.Selection, edit: editing.Edit, cmp: editing.Com
     st.caption(f"{cmp.n_images} images · accuracy counted on {cmp.n_labelled} images with a class-name label")
     downloads(sel, edit, cmp, controls or (), max_images)
     if controls:
-        st.markdown(f"**Against chance**: {len(controls)} random groups with as many neurons per layer")
+        st.markdown(f"**Against chance**: {len(controls)} random groups with as many {edit.unit_word}s per layer")
         st.dataframe(editing.control_table(cmp, controls), hide_index=True, width="stretch",
                      column_config={"share of random groups with less effect": st.column_config.NumberColumn(format="percent")})
     with st.expander("Per class", expanded=False):
@@ -206,7 +225,7 @@ def saved_edits(sel: context.Selection) -> None:
             st.caption("None yet.")
         for e in edits:
             c1, c2 = st.columns([5, 1])
-            layers = ", ".join(f"{layer}: {len(ns)}" for layer, ns in e.neurons.items())
+            layers = ", ".join(f"{audit.units_place(layer, e.units)}: {len(ns)}" for layer, ns in e.neurons.items())
             c1.markdown(f"**{e.name}** · {e.mode} · {layers} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}")
             if c2.button("Delete", key=f"editing_del_{e.name}", icon=":material/delete:"):
                 editing.delete_edit(sel.store, e.name)
@@ -218,6 +237,9 @@ def body() -> None:
     sel = context.selection_from_state()
     st.caption("Switch neurons off and see which predictions change, as MILAN did by removing the neurons "
                "whose descriptions mention text. Edits are forward hooks: the weights never change.")
+    if sel.units != NEURONS:
+        st.caption(f"Units: {units.unit_heading(sel)}. Ablating a latent subtracts its decoded contribution at "
+                   f"{sel.layer}; pick 'neurons' under Units to ablate neurons.")
     if sel.run is None:
         st.info("No runs yet: extract some layers on the Workspace page first.")
         return

@@ -11,15 +11,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neuroviz import images
+from neuroviz import images, neuron_activations
 from neuroviz.methods import list_methods
 from neuroviz.methods.base import HeatmapOverlay, Overlay
 from neuroviz.requests import LabelRequest
 from ui import cards, context, data, guard, jobs_ui, shell, trust_view, units
 
 NO_OVERLAY = "none"
-QUANTILE_EDGES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
-SAMPLES_PER_BIN = 6
 THUMB = images.GRID_SIZE
 
 
@@ -51,6 +49,9 @@ def _labels(sel: context.Selection, neuron: int) -> None:
     labels = data.run_labels(sel.store, sel.run.run_key)
     mine = labels[labels["neuron"] == neuron] if not labels.empty else labels
     st.subheader("Labels")
+    if neuron in units.dead(sel):
+        st.info(f"{units.unit_heading(sel, neuron)} is {units.DEAD_CAPTION}: it has no label.")
+        return
     if not sel.available_methods:
         st.info("No method has labelled this layer yet: start one on the Workspace page.")
         return
@@ -94,6 +95,22 @@ def _answer_extra(sel: context.Selection, method: str | None, neuron: int) -> di
     return data.label_extra(mine.iloc[0]) if not mine.empty else {}
 
 
+def _overlay_extra(sel: context.Selection, overlay: Overlay, method: str | None, neuron: int) -> dict:
+    """What an overlay's settings read: the details of its method's answer for this neuron, and
+    the level of the neuron's map cells over the whole probe set at the overlay's quantile
+    (from the run's sketch: runs stored without one have none, the overlay then estimates it)."""
+    extra = _answer_extra(sel, method, neuron)
+    level = _map_level(str(sel.store.root), sel.run.run_key, neuron, overlay.map_quantile) if overlay.map_quantile else None
+    return extra if level is None else {**extra, "map_level": level}
+
+
+@st.cache_resource(show_spinner=False, max_entries=256)
+def _map_level(root: str, run_key: str, neuron: int, quantile: float) -> float | None:
+    """The neuron's level of its map cells over the probe set, from the run's sketch (None for
+    runs stored without one); once per neuron: a run's files never change under its key."""
+    return data.get_store(root).mask_level(run_key, neuron, quantile)
+
+
 def _top_images(sel: context.Selection, neuron: int) -> None:
     run = sel.run
     st.subheader("Top images")
@@ -112,80 +129,103 @@ def _top_images(sel: context.Selection, neuron: int) -> None:
         overlay = None
     if overlay is not None and not cards.geometry_known(sel.store, run):
         st.caption(cards.UNKNOWN_GEOMETRY_NOTE)
-    settings = overlay.settings(maps, run, _answer_extra(sel, method, neuron)) if overlay is not None else {}
-    paths, captions = [], []
+    settings = overlay.settings(maps, run, _overlay_extra(sel, overlay, method, neuron)) if overlay is not None else {}
+    builders: list = []
+    captions = []
     for row in rows:
         captions.append(f"#{row['rank'] + 1} · {row['activation']:.3g}" + (f" · {Path(row['label']).name}" if row["label"] else ""))
         src, i = row["path"], row["rank"]
         if src is None:
-            paths.append(None)
+            builders.append(lambda: None)
         elif overlay is None or i >= len(maps):
-            paths.append(images.thumbnail(sel.store.root, src, THUMB, geometry))
+            builders.append(lambda src=src: images.thumbnail(sel.store.root, src, THUMB, geometry))
         else:
             amap = np.asarray(maps[i], dtype=np.float32)
             key = {"run": run.run_key, "neuron": neuron, "rank": i, **settings}
-            paths.append(images.annotated_view(sel.store.root, src, THUMB, geometry, overlay.key, key,
-                                               lambda view, a=amap: overlay.draw(view, a, settings)))
-    cards.image_grid(paths, captions, cols=8)
+            builders.append(lambda src=src, key=key, a=amap: images.annotated_view(
+                sel.store.root, src, THUMB, geometry, overlay.key, key, lambda view: overlay.draw(view, a, settings)))
+    cards.image_grid(cards.in_threads(builders), captions, cols=8)
     if overlay is not None and overlay.caption(settings):
         st.caption(overlay.caption(settings))
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
-def _histogram_figure(root: str, run_key: str, k: int, neuron: int):
-    """The neuron's activation histogram with quantile lines and the top-k band.
+def _activations(root: str, run_key: str, neuron: int) -> neuron_activations.Distribution:
+    """The neuron's quantiles and sample images, once per neuron (a run's arrays never change
+    under its key): the page reruns on every click, the column is read and partitioned once."""
+    return neuron_activations.distribution(cards.activation_column(data.get_store(root), run_key, neuron), seed=neuron)
 
-    Built once per neuron (a run's arrays never change under its key): Plotly's validation
-    of a figure costs more than the rest of the page.
+
+def activations(sel: context.Selection, neuron: int) -> neuron_activations.Distribution:
+    """The selected layer's neuron's distribution summary (cached per neuron)."""
+    return _activations(str(sel.store.root), sel.run.run_key, neuron)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _histogram_figure(root: str, run_key: str, k: int, neuron: int, top_cut: float | None):
+    """The neuron's activation histogram with quantile lines and the top-k band (from
+    ``top_cut``, the k-th best activation in the run's top-k table).
+
+    Built once per neuron (a run's arrays never change under its key). The lines and the band
+    are given as layout shapes in one go: Plotly's ``add_vline``/``add_vrect`` take 30-50 ms
+    each, more than the rest of the page.
     """
     import plotly.graph_objects as go
 
     store = data.get_store(root)
     counts, edges = store.histogram(run_key, neuron)
-    acts = cards.activation_column(store, run_key, neuron)
+    summary = _activations(root, run_key, neuron)
     centres = (edges[:-1] + edges[1:]) / 2
-    fig = go.Figure(go.Bar(x=centres, y=counts, width=np.diff(edges), marker_color="#6366f1", name="images"))
-    qs = np.quantile(acts, QUANTILE_EDGES[1:-1]) if len(acts) else []
-    for q, value in zip(QUANTILE_EDGES[1:-1], qs):
-        fig.add_vline(x=float(value), line_dash="dot", line_color="#9ca3af", annotation_text=f"q{int(q * 100)}",
-                      annotation_position="top")
-    top_cut = np.sort(acts)[-min(k, len(acts))] if len(acts) else 0
-    fig.add_vrect(x0=float(top_cut), x1=float(edges[-1]), fillcolor="#f59e0b", opacity=0.15, line_width=0,
-                  annotation_text=f"top {k}", annotation_position="top left")
-    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="activation", yaxis_title="images",
-                      yaxis_type="log" if counts.max() > 50 * max(1, np.median(counts[counts > 0])) else "linear",
-                      showlegend=False, bargap=0.02)
-    return fig
+    shapes: list[dict] = []
+    notes: list[dict] = []
+    for q in neuron_activations.QUANTILE_EDGES[1:-1]:
+        if q in summary.quantiles:
+            x = summary.quantiles[q]
+            shapes.append(dict(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1, line=dict(dash="dot", color="#9ca3af")))
+            notes.append(dict(x=x, y=1, xref="x", yref="paper", text=f"q{int(q * 100)}", showarrow=False, yanchor="bottom"))
+    if top_cut is not None:
+        shapes.append(dict(type="rect", xref="x", yref="paper", x0=top_cut, x1=float(edges[-1]), y0=0, y1=1,
+                           fillcolor="#f59e0b", opacity=0.15, line_width=0, layer="below"))
+        notes.append(dict(x=top_cut, y=1, xref="x", yref="paper", text=f"top {k}", showarrow=False, xanchor="left", yanchor="top"))
+    log_scale = counts.max() > 50 * max(1, np.median(counts[counts > 0])) if counts.any() else False
+    return go.Figure(go.Bar(x=centres, y=counts, width=np.diff(edges), marker_color="#6366f1", name="images"),
+                     layout=dict(height=260, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="activation", yaxis_title="images",
+                                 yaxis_type="log" if log_scale else "linear", showlegend=False, bargap=0.02,
+                                 shapes=shapes, annotations=notes))
+
+
+def _top_cut(sel: context.Selection, neuron: int) -> float | None:
+    """The lowest activation in the neuron's stored top-k list (where the top-k band starts)."""
+    top = data.top_k(sel.store, sel.run.run_key)
+    if not 0 <= neuron < len(top.activation) or not top.activation.shape[1]:
+        return None
+    return float(top.activation[neuron][min(sel.run.k, top.activation.shape[1]) - 1])
 
 
 def _distribution(sel: context.Selection, neuron: int) -> None:
     run = sel.run
     st.subheader("Activation distribution")
-    acts = cards.activation_column(sel.store, run.run_key, neuron)
-    fig = _histogram_figure(str(sel.store.root), run.run_key, run.k, neuron)
+    fig = _histogram_figure(str(sel.store.root), run.run_key, run.k, neuron, _top_cut(sel, neuron))
     st.plotly_chart(fig, width="stretch", config={"displayModeBar": False}, key=f"hist_{run.run_key}_{neuron}")
 
+    summary = activations(sel, neuron)
     files = data.run_files(sel.store, run.run_key)
+    shown = summary.lowest + tuple(i for b in summary.bins for i in b.samples)
+    rows = dict(zip(shown, files.rows(shown)))  # one read of just these rows
     geometry = cards.run_geometry(sel.store, run)
-    order = np.argsort(acts, kind="stable")
-    n = len(order)
     st.markdown("**Samples across the distribution** (random images from each quantile bin, lowest first)")
-    rng = np.random.default_rng(neuron)
-    for lo, hi in zip(QUANTILE_EDGES[:-1], QUANTILE_EDGES[1:]):
-        members = order[int(lo * n): max(int(lo * n) + 1, int(hi * n))]
-        if len(members) == 0:
-            continue
-        pick = np.sort(rng.choice(members, size=min(SAMPLES_PER_BIN, len(members)), replace=False))
-        pick = sorted(pick, key=lambda i: acts[i])
-        paths = [files.paths[int(i)] for i in pick]
+    mosaics = cards.in_threads([lambda b=b: images.mosaic(sel.store.root, [rows[i].path for i in b.samples], tile=96,
+                                                          cols=neuron_activations.SAMPLES_PER_BIN, geometry=geometry,
+                                                          content_ids=[rows[i].image_id for i in b.samples])
+                                for b in summary.bins])
+    for b, mosaic in zip(summary.bins, mosaics):
         c1, c2 = st.columns([1, 5], vertical_alignment="center")
-        c1.caption(f"q{int(lo * 100)}–q{int(hi * 100)}\n\n{acts[pick[0]]:.3g} … {acts[pick[-1]]:.3g}")
-        cards.show_image(images.mosaic(sel.store.root, paths, tile=96, cols=SAMPLES_PER_BIN, geometry=geometry,
-                                       content_ids=[files.image_ids[int(i)] for i in pick]), c2)
+        c1.caption(f"q{int(b.low * 100)}–q{int(b.high * 100)}\n\n{b.values[0]:.3g} … {b.values[-1]:.3g}")
+        cards.show_image(mosaic, c2)
     st.markdown("**Lowest activations** (contrast: what this neuron does *not* respond to)")
-    low = [int(i) for i in order[: min(8, n)]]
-    cards.image_grid(cards.thumb_paths(sel.store, run, low, THUMB, geometry),
-                     [f"{acts[i]:.3g}" + (f" · {Path(files.labels[i]).name}" if files.labels[i] else "") for i in low], cols=8)
+    cards.image_grid(cards.thumb_paths(sel.store, run, list(summary.lowest), THUMB, geometry),
+                     [f"{v:.3g}" + (f" · {Path(rows[i].label).name}" if rows[i].label else "")
+                      for i, v in zip(summary.lowest, summary.lowest_values)], cols=8)
 
 
 def _on_demand(sel: context.Selection, neuron: int) -> None:
@@ -217,8 +257,7 @@ def neuron_export(sel: context.Selection, neuron: int) -> tuple[dict, pd.DataFra
                    "backend": str(r["backend"] or "")} for _, r in mine.sort_values(["method", "rank"]).iterrows()]
     top = [{"rank": r["rank"], "activation": r["activation"], "image_id": r["image_id"], "path": r["path"],
             "probe_label": r["label"]} for r in data.top_rows(sel.store, run.run_key, neuron)]
-    acts = cards.activation_column(sel.store, run.run_key, neuron)
-    quantiles = {f"q{int(q * 100)}": float(v) for q, v in zip(QUANTILE_EDGES, np.quantile(acts, QUANTILE_EDGES))} if len(acts) else {}
+    quantiles = {f"q{int(q * 100)}": v for q, v in activations(sel, neuron).quantiles.items()}
     record = {"model": sel.model_spec, "probe_set": sel.probe_spec, "probe_set_id": run.probe_set_id, "layer": run.layer,
               "run_key": run.run_key, "neuron": neuron, "n_images": run.n_images, "labels": label_rows,
               "top_images": top, "activation_quantiles": quantiles}

@@ -59,7 +59,7 @@ def _layer_chart(results: studies.StudyResults):
         return None
     fig = go.Figure()
     for method in results.study.methods:
-        fig.add_bar(name=option_title(method), x=[f"{l.layer} (n={l.n_votes})" for l in results.by_layer],
+        fig.add_bar(name=option_title(method), x=[f"{l.place} (n={l.n_votes})" for l in results.by_layer],
                     y=[next(s.win_rate for s in l.scores if s.method == method) for l in results.by_layer])
     fig.update_layout(barmode="group", title="Win rate per layer", height=320, margin=dict(l=10, r=10, t=40, b=10),
                       yaxis_tickformat=".0%")
@@ -158,7 +158,7 @@ def body() -> None:
             if fig is not None:
                 st.plotly_chart(fig, width="stretch", config={"displayModeBar": False})
             for layer in results.by_layer:
-                with st.expander(f"{layer.model_spec} · {layer.layer} · {layer.n_votes} votes"):
+                with st.expander(f"{layer.model_spec} · {layer.place} · {layer.n_votes} votes"):
                     st.dataframe(_score_table(layer.scores), hide_index=True, width="stretch",
                                  column_config={"win rate": st.column_config.NumberColumn(format="percent")})
     _humans_vs_metrics(sel, study_id)

@@ -1,4 +1,8 @@
-"""Study setup: create blind rating studies and hand out rater links."""
+"""Study setup: create blind rating studies and hand out rater links.
+
+The study's items are units of the kind picked under Units in the sidebar: the layers'
+neurons, or an SAE's latents (their labels and top images). Raters never learn which: an
+item carries only its labels and pictures."""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import time
 
 import streamlit as st
 
+from neuroviz import catalog
 from neuroviz import study as studies
-from ui import context, data, guard, shell
+from neuroviz.store import RunInfo
+from neuroviz.units import NEURONS, short_units, unit_word
+from ui import context, data, guard, shell, units
 from ui.study_forms import full_link, parse_gold_lines, parse_neuron_list
 
 SELECTIONS = {"random": "Random neurons per layer", "list": "A list of neurons"}
@@ -91,12 +98,22 @@ def _personal_link(store, s: studies.Study) -> None:
             st.caption(f"Rater {rater.rater_id} ({rater.name}). Copy it now: it is not shown again.")
 
 
+def study_runs(sel: context.Selection) -> dict[str, RunInfo]:
+    """One run per layer of the picked units: the layers' neuron runs, or a dictionary's unit runs."""
+    if sel.units == NEURONS:
+        return {r.layer: r for r in sel.runs}
+    return catalog.newest_per_layer(sel.catalog.runs_for(sel.model_spec, sel.probe_set_id), sel.units)
+
+
 def _create(sel: context.Selection) -> None:
     st.subheader("New study")
-    runs = {r.layer: r for r in sel.runs}
+    runs = study_runs(sel)
     if not runs:
         guard.empty_cache_notice()
         return
+    word = unit_word(sel.units).lower()
+    if sel.units != NEURONS:
+        st.caption(f"Items are {units.unit_heading(sel)}. Raters see only labels and pictures, never the unit kind.")
     layers = st.multiselect("Layers", list(runs), default=[sel.layer] if sel.layer in runs else list(runs)[:1], key="study_layers")
     run_keys = tuple(runs[l].run_key for l in layers)
     counts, defaults, auto_gold = _choices(str(sel.store.root), data.db_version(sel.store), run_keys)
@@ -106,17 +123,19 @@ def _create(sel: context.Selection) -> None:
         return
     # default: the methods that labelled the most neurons together (see studies.default_methods)
     methods = st.multiselect("Methods to compare", list(counts), default=defaults, key=f"study_methods_{'_'.join(run_keys)}",
-                             format_func=lambda m: f"{data.method_title(m)} ({counts[m]} neurons labelled)")
-    how = st.radio("Neurons", list(SELECTIONS), format_func=SELECTIONS.get, horizontal=True, key="study_how")
+                             format_func=lambda m: f"{data.method_title(m)} ({counts[m]} {word}s labelled)")
+    how = st.radio(f"{word.capitalize()}s", list(SELECTIONS), horizontal=True, key="study_how",
+                   format_func=lambda h: SELECTIONS[h].replace("neurons", f"{word}s"))
     with st.form("new_study"):
-        name = st.text_input("Study name (only you see it)", value=f"{sel.model_spec.split(':')[-1]} {', '.join(layers)}")
+        kind = "" if sel.units == NEURONS else f" {short_units(sel.units)}"
+        name = st.text_input("Study name (only you see it)", value=f"{sel.model_spec.split(':')[-1]} {', '.join(layers)}{kind}")
         title = st.text_input("Title raters see", value=studies.DEFAULT_PUBLIC_TITLE)
         if how == "random":
-            per_layer = st.number_input("Neurons per layer (random, among those every method labelled)", 1, 1000, 10)
+            per_layer = st.number_input(f"{word.capitalize()}s per layer (random, among those every method labelled)", 1, 1000, 10)
             listed = ""
         else:
             per_layer = 0
-            listed = st.text_area("Neurons", placeholder=f"{layers[0] if layers else 'layer'}:0,3,10-12\n(or just 0,3,5 for the first layer)")
+            listed = st.text_area(f"{word.capitalize()}s", placeholder=f"{layers[0] if layers else 'layer'}:0,3,10-12\n(or just 0,3,5 for the first layer)")
         c1, c2, c3, c4 = st.columns(4)
         raters = c1.number_input("Raters per item", 1, 50, 3)
         gold = c2.number_input("Gold items (automatic)", 0, 50, min(2, auto_gold),
@@ -142,7 +161,7 @@ def _create(sel: context.Selection) -> None:
     else:
         pairs = parse_neuron_list(listed, {l: runs[l] for l in layers}, layers[0] if layers else None)
         if not pairs:
-            st.error("List at least one neuron, e.g. 0,3,5.")
+            st.error(f"List at least one {word}, e.g. 0,3,5.")
             return
         items = [(runs[layer].run_key, n) for layer, n in pairs]
     with st.spinner("Creating the study and preparing the pictures raters will see…"):
@@ -154,7 +173,7 @@ def _create(sel: context.Selection) -> None:
     for note in created.notes:
         st.warning(note)
     if created.skipped:
-        st.warning(f"{len(created.skipped)} neurons were left out because a method had not labelled them: "
+        st.warning(f"{len(created.skipped)} {word}s were left out because a method had not labelled them: "
                    + ", ".join(f"{s.neuron} (no {', '.join(data.method_title(m) for m in s.missing_methods)})"
                                for s in created.skipped[:10]))
 

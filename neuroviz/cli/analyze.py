@@ -1,5 +1,6 @@
 """``python -m neuroviz analyze MODEL``: the share of label categories per layer (MILAN's analysis),
-optionally with each category group's importance by ablation."""
+optionally with each category group's importance by ablation; ``--units sae:<key>`` analyses an
+SAE's latents (or user directions) instead of the layer's neurons."""
 
 from __future__ import annotations
 
@@ -28,13 +29,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     store, model, probe_set = open_model_and_probe_set(args)
     config = analysis_config(args)
     order = [name for name, _ in model.module.named_modules()]
-    shares = category_shares(store, model.spec, probe_set.id, config, layer_order=order, methods=comma_list(args.methods))
+    shares = category_shares(store, model.spec, probe_set.id, config, layer_order=order, methods=comma_list(args.methods),
+                             units=args.units)
     table = shares.pivot_table(index=["method", "layer_index", "layer"], columns="category", values="share").reset_index()
     result = {"shares": shares.to_dict("records")}
     importance = None
     if args.importance:
         importance = group_importance(model, store, probe_set, args.importance, config, importance_config(args),
-                                      layers=comma_list(args.layers), progress=progress_for(args, "ablating", "img"))
+                                      layers=comma_list(args.layers), progress=progress_for(args, "ablating", "img"),
+                                      units=args.units)
         result["importance"] = importance.to_dict("records")
     if args.json:
         print(json.dumps(result, default=str, indent=2))
@@ -53,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--probe", default="demo", help="'demo', an image folder, an image list or a probe-set id")
     p.add_argument("--image-size", type=positive_int)
     p.add_argument("--methods", help="comma-separated method names (default: all)")
+    p.add_argument("--units", help="analyse a dictionary's units instead of the neurons, e.g. sae:<key> "
+                                   "(python -m neuroviz units list)")
     p.add_argument("--counting", choices=COUNTING_MODES, default="head")
     p.add_argument("--unlabelled", choices=["exclude", "uninterpretable"], default="exclude",
                    help="neurons a method did not label: left out (default) or counted as uninterpretable")

@@ -1,11 +1,12 @@
-"""``python -m neuroviz audit MODEL QUERY``: search every layer's labels for a concept (text and meaning)."""
+"""``python -m neuroviz audit MODEL QUERY``: search every layer's labels for a concept (text and meaning);
+labels of an SAE's latents are listed as such ("features.18 · SAE latents 3f2a1b2c  latent 12")."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..audit import AuditOptions
-from ._common import CommandLineError, open_model_and_probe_set, output_dir, output_folder, positive_int, store_from, unit_float
+from ._common import CommandLineError, comma_list, open_model_and_probe_set, output_dir, output_folder, positive_int, store_from, unit_float
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -20,13 +21,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise CommandLineError("Give a model and a query, e.g. `python -m neuroviz audit offline:mobilenet_v2 face`, or --list.")
     store, model, probe_set = open_model_and_probe_set(args)
     options = AuditOptions(match_text=not args.meaning_only, match_meaning=not args.text_only,
-                           min_similarity=args.min_similarity)
+                           min_similarity=args.min_similarity, units=comma_list(args.units))
     audit = audit_mod.search(store, model.spec, probe_set.id, args.query, options)
     if not audit.hits:
         print(f"no label matches {args.query!r} in {len(audit.layers_searched)} layers ({audit.n_labels_searched} labels); "
               "try --min-similarity lower or other words")
     for h in audit.hits:
-        print(f"{h.match_score:.3f}  {h.match_kind:14s} {h.layer:20s} #{h.neuron:<5d} {h.method:14s} {h.label}")
+        print(f"{h.match_score:.3f}  {h.match_kind:14s} {h.place:20s} {h.unit_word} {h.neuron:<5d} {h.method:14s} {h.label}")
     if args.save:
         print("saved as", audit_mod.save_audit(store, audit))
     if args.export:
@@ -46,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text-only", action="store_true")
     p.add_argument("--meaning-only", action="store_true")
     p.add_argument("--min-similarity", type=unit_float, default=AuditOptions.min_similarity)
+    p.add_argument("--units", help="only these units, comma-separated: neurons, sae:<key>, directions:<key> "
+                                   "(default: the neurons and every SAE's latents, each hit naming which)")
     p.add_argument("--save", action="store_true", help="store the audit in the cache")
     p.add_argument("--export", metavar="FOLDER", type=output_dir, help="write <id>.csv and <id>.json there")
     p.add_argument("--list", action="store_true", help="list saved audits")

@@ -1,4 +1,5 @@
-"""``python -m neuroviz edit MODEL``: ablate neurons and compare the model's predictions before and after."""
+"""``python -m neuroviz edit MODEL``: ablate neurons (or an SAE's latents, ``--units``) and compare the
+model's predictions before and after."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ def cmd_edit(args: argparse.Namespace) -> int:
     """Build (or load) an edit, evaluate it on the probe set, optionally against random groups."""
     from .. import editing
     from ..audit import load_audit
+    from ..units import NEURONS, load_dictionary
 
     store, model, probe_set = open_model_and_probe_set(args)
+    units = load_dictionary(store, args.units).units_id if args.units and args.units != NEURONS else NEURONS
     if args.neurons or args.from_audit:
         if args.neurons:
             neurons = editing.parse_neuron_list(args.neurons)
         else:
-            neurons = load_audit(store, args.from_audit).neurons_by_layer()
+            neurons = load_audit(store, args.from_audit).neurons_by_layer(units)
         edit = editing.make_edit(args.name or "cli-edit", model.spec, neurons, args.mode, store, probe_set.id,
-                                 source={"audit": args.from_audit} if args.from_audit else None)
+                                 source={"audit": args.from_audit} if args.from_audit else None, units=units)
         if args.save:
             editing.save_edit(store, edit)
     elif args.name:
@@ -49,7 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="name of a saved edit to evaluate, or of the new edit to save")
     p.add_argument("--neurons", help="LAYER:N,N,...;LAYER:N (new edit)")
     p.add_argument("--from-audit", help="use the neurons of a saved audit")
-    p.add_argument("--mode", choices=["zero", "mean"], default="zero")
+    p.add_argument("--units", help="ablate units of a dictionary instead of neurons, e.g. sae:<key> "
+                                   "(--neurons then names its layer and units: LAYER:U,U; python -m neuroviz units list)")
+    p.add_argument("--mode", choices=["zero", "mean"], default="zero",
+                   help="zero, or the probe-set mean (for units: their code set to its mean)")
     p.add_argument("--save", action="store_true")
     p.add_argument("--max-images", type=positive_int)
     p.add_argument("--random-groups", type=non_negative_int, default=0, metavar="N",

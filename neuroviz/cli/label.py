@@ -58,7 +58,9 @@ def _label_run(args: argparse.Namespace, store: Store, run: RunInfo, name: str, 
                pool: BackendPool) -> str:
     from ..backends.pool import build_context
     from ..methods import get_method, run_method
+    from ..methods.base import DEAD_CAPTION, dead_units
     from ..progress import TqdmProgress, chain
+    from ..units import unit_word
 
     method = get_method(name)
     bar = TqdmProgress(f"{name} {run.layer}", "step")  # as progress_for, but closable; steps: neurons, images or texts
@@ -71,10 +73,14 @@ def _label_run(args: argparse.Namespace, store: Store, run: RunInfo, name: str, 
     top = top[top["label_key"] == key]
     if neurons is not None:
         top = top[top["neuron"].isin(neurons)]
-    print(f"{run.layer}: {method.title} labelled {len(top)} neurons (label key {key})")
+    word = unit_word(run.units).lower()
+    print(f"{run.layer}: {method.title} labelled {len(top)} {word}s (label key {key})")
+    dead = [n for n in dead_units(store, run) if neurons is None or n in neurons]
+    if dead:
+        print(f"  skipped {len(dead)} {word}{'s' if len(dead) != 1 else ''}: {DEAD_CAPTION}")
     for row in top.head(args.preview).itertuples():
         cal = "" if row.calibrated is None or row.calibrated != row.calibrated else f"  calibrated {row.calibrated:.2f}"
-        print(f"  neuron {row.neuron:5d}  {row.label:30s}  score {row.score:.4g}{cal}")
+        print(f"  {word} {row.neuron:5d}  {row.label:30s}  score {row.score:.4g}{cal}")
     return key
 
 

@@ -26,10 +26,14 @@ def format_label_table(df: pd.DataFrame, all_ranks: bool = False) -> str:
 def cmd_labels(args: argparse.Namespace) -> int:
     """Print the labels of the first --limit neurons (rank 0, or every rank with --all-ranks)."""
     from ..catalog import find_run
+    from ..methods.base import DEAD_CAPTION, dead_units
+    from ..units import unit_word
 
     store = store_from(args)
     run = find_run(store, args.model, args.probe, args.layer, args.pooling, units=args.units)
+    dead = dead_units(store, run)
     df = store.labels(run.run_key, method=args.method)
+    df = df[~df["neuron"].isin(dead)]  # labels made before dead units were skipped describe nothing
     neurons = parse_neurons(args.neurons)
     if neurons is not None:
         df = df[df["neuron"].isin(neurons)]
@@ -40,10 +44,14 @@ def cmd_labels(args: argparse.Namespace) -> int:
     shown = df if args.all_ranks else df[df["rank"] == 0]
     n_neurons = shown["neuron"].nunique()
     shown = shown[shown["neuron"].isin(sorted(shown["neuron"].unique())[: args.limit])]
-    print(f"# {run.model_spec}  {run.layer}  ({run.n_neurons} neurons, run {run.run_key})")
+    word = unit_word(run.units).lower()
+    print(f"# {run.model_spec}  {run.layer}  ({run.n_neurons} {word}s, run {run.run_key})")
     print(format_label_table(shown, all_ranks=True))
+    if dead:
+        print(f"{len(dead)} {word}{'s' if len(dead) != 1 else ''} unlabelled, {DEAD_CAPTION}: "
+              + ", ".join(map(str, dead[:20])) + (" ..." if len(dead) > 20 else ""))
     if n_neurons > args.limit:
-        print(f"... {n_neurons - args.limit} more neurons (use --limit or --neurons)")
+        print(f"... {n_neurons - args.limit} more {word}s (use --limit or --neurons)")
     return 0
 
 

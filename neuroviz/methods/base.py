@@ -6,6 +6,11 @@ live in one dataclass with the paper's defaults. The label key hashes the run, t
 its hyperparameters, the backends' ids and the concept set, so no label is computed twice
 and a changed input never serves a stale label.
 
+Units that are never active on the probe set (every pooled activation exactly 0: an SAE's
+dead latents, a ReLU channel that never fires) are not labelled: any label would describe
+ties among zeros. :func:`dead_units` names them, :func:`run_method` skips them, and pages
+show "dead (never active on this probe set)" in place of a label (:data:`DEAD_CAPTION`).
+
 A method may also say how it looks at a neuron's activation maps (DnD's crops, MILAN's
 exemplar masks): :meth:`DescriptionMethod.overlays` returns :class:`Overlay` objects, and
 the neuron page offers every registered method's overlays, so a new method with an overlay
@@ -78,10 +83,14 @@ class Overlay(ABC):
     ``settings`` turns the neuron's maps (and its label's details from the overlay's method)
     into the few numbers the pictures depend on; they also key the cached pictures, so they
     must be JSON values. ``draw`` paints one image; ``caption`` says what the grid shows.
+    An overlay that needs a quantile of the neuron's map cells over the whole probe set names
+    it in ``map_quantile``; the page then adds ``extra["map_level"]`` from the run's sketch
+    (:meth:`Store.mask_levels`) when the run has one.
     """
 
     key: str = ""  # unique over every method's overlays, e.g. "crops"
     title: str = ""  # the neuron page's name for it, e.g. "DnD crops"
+    map_quantile: float | None = None  # e.g. MILAN's 0.99 mask level
 
     def settings(self, maps: np.ndarray, run: RunInfo, extra: dict) -> dict:
         """Per-neuron parameters from its top-k ``maps`` (k, h, w) and ``extra`` (the details of
@@ -146,6 +155,16 @@ class DescriptionMethod(ABC):
 
 
 METHODS: Registry[DescriptionMethod] = Registry("description method")
+DEAD_CAPTION = "dead (never active on this probe set)"
+
+
+def dead_units(store: Store, run: RunInfo) -> list[int]:
+    """The run's neurons (or units) whose activation is 0 on every probe image (min = max = 0
+    in the run's stats): the dead latents of an SAE. Labelling skips them."""
+    stats = store.neuron_stats(run.run_key)
+    if not len(stats):
+        return []
+    return sorted(int(n) for n in stats.loc[(stats["max"] == 0) & (stats["min"] == 0), "neuron"])
 
 
 def register_method(cls: type[DescriptionMethod]) -> type[DescriptionMethod]:
@@ -166,6 +185,7 @@ def list_methods() -> list[DescriptionMethod]:
 
 def run_method(name: str, ctx: MethodContext, config=None, neurons: Sequence[int] | None = None) -> str:
     """Label ``neurons`` (default: all) with a method, computing only what is not cached.
+    Dead units (:func:`dead_units`) are skipped: they get no label.
 
     Returns the label key; read the labels with ``ctx.store.labels(run_key, method=name)``.
     """
@@ -176,7 +196,7 @@ def run_method(name: str, ctx: MethodContext, config=None, neurons: Sequence[int
     for n in wanted:
         if not 0 <= n < ctx.run.n_neurons:
             raise MethodError(f"Neuron {n} does not exist: layer {ctx.run.layer} has neurons 0..{ctx.run.n_neurons - 1}.")
-    have = set(ctx.store.labelled_neurons(key))
+    have = set(ctx.store.labelled_neurons(key)) | set(dead_units(ctx.store, ctx.run))
     todo = [n for n in wanted if n not in have]
     if todo:
         rows = method.describe(ctx, config, todo)

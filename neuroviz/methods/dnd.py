@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from ..column_scan import scan_columns, take_rows
 from ..crops import Box, ProbeViews, draw_boxes, otsu_crops
 from ..progress import chain
 from ..store import LabelRow
@@ -157,12 +158,12 @@ class CandidateScore:
     score: float  # concept_rank * similarity
 
 
-def score_candidates(candidates: Sequence[str], retrieved: Sequence[Sequence[int]], activations: np.ndarray,
+def score_candidates(candidates: Sequence[str], retrieved: Sequence[Sequence[int]], activations: np.ndarray | Mapping[int, float],
                      similarity_of, beta: int = 5, top_k: int = 10) -> list[CandidateScore]:
     """Rank candidates as DnD does (see the module docstring); best first.
 
     ``retrieved[c]`` are probe-image indices for candidate c, ``activations`` the neuron's
-    activation per probe image, ``similarity_of(image_idx_list) -> float`` the mean multimodal
+    activation per probe image (at least for the retrieved ones), ``similarity_of(image_idx_list) -> float`` the mean multimodal
     similarity between the neuron's real top images and those images.
     """
     pooled = sorted({int(i) for imgs in retrieved for i in imgs}, key=lambda i: (-float(activations[i]), i))
@@ -178,6 +179,34 @@ def score_candidates(candidates: Sequence[str], retrieved: Sequence[Sequence[int
         out.append(CandidateScore(concept, [int(i) for i in retrieved[c]], ranks[c], act_scores[c], concept_rank[c],
                                   sim, concept_rank[c] * sim))
     return sorted(out, key=lambda s: (-s.score, candidates.index(s.concept)))
+
+
+def best_concepts(candidates: Sequence[str], candidate_emb: np.ndarray, probe_emb: np.ndarray, acts: np.ndarray, neuron: int,
+                  real_emb: np.ndarray, exclude: Sequence[int], config: DnDConfig) -> list[CandidateScore]:
+    """Step 3 for one neuron: retrieve each candidate's probe images and score the candidates.
+
+    ``probe_emb`` (images x D) and ``acts`` (images x neurons) may be memory-mapped files of any
+    size: the retrieval is a top-k scan over row blocks of image-text similarities
+    (:func:`column_scan.scan_columns`, ties to the lower image as in a stable sort), and only the
+    retrieved images' activations and embeddings are read.
+    """
+    n_images = probe_emb.shape[0]
+    excluded = np.asarray(sorted({int(i) for i in exclude}) if len(exclude) < n_images else [], dtype=np.int64)
+
+    def similarities(start: int, stop: int, block: np.ndarray) -> np.ndarray:
+        sims = block @ candidate_emb.T
+        sims[excluded[(excluded >= start) & (excluded < stop)] - start] = -np.inf
+        return sims
+
+    scan = scan_columns(probe_emb, min(config.n_concept_images, n_images), transform=similarities, width=len(candidates))
+    retrieved = [[int(i) for i, v in zip(idx, vals) if np.isfinite(v)] for idx, vals in zip(scan.indices, scan.values)]
+    pooled = sorted({i for imgs in retrieved for i in imgs})
+    activation = dict(zip(pooled, take_rows(acts, pooled)[:, neuron].tolist())) if pooled else {}
+
+    def similarity_of(idx: list[int]) -> float:
+        return float((real_emb @ take_rows(probe_emb, idx).T).mean())
+
+    return score_candidates(candidates, retrieved, activation, similarity_of, config.beta, config.top_k_images)
 
 
 # -- the method --------------------------------------------------------------------------------
@@ -284,8 +313,7 @@ class DescribeAndDissect(DescriptionMethod):
         views = TopImageViews.for_run(ctx, config.view_size)
         from ..embeddings import image_embeddings
 
-        probe_emb = np.asarray(image_embeddings(ctx.multimodal, store, run.probe_set_id, progress=ctx.progress),
-                               dtype=np.float32)
+        probe_emb = image_embeddings(ctx.multimodal, store, run.probe_set_id, progress=ctx.progress)  # memory-mapped
         acts = store.activations(run.run_key)
         backends = ctx.backend_ids(self.needs)
         rows: list[LabelRow] = []
@@ -304,21 +332,10 @@ class DescribeAndDissect(DescriptionMethod):
             captions, simplified, candidates = self._candidates(ctx, transcript, exemplars, real_emb, neuron, config,
                                                                 step if i else _first_neuron(step))
             step(per_neuron - 1, "best concept")
-            cand_emb = np.asarray(ctx.multimodal.encode_texts(candidates), dtype=np.float32)
-            sims = cand_emb @ probe_emb.T
-            if config.exclude_top_images:
-                own = [t["image_idx"] for t in store.top_images(run.run_key, neuron, k=config.n_top_images)]
-                if len(own) < sims.shape[1]:
-                    sims[:, own] = -np.inf
-            n_take = min(config.n_concept_images, sims.shape[1])
-            retrieved = [list(np.argsort(-s, kind="stable")[:n_take]) for s in sims]
-            retrieved = [[i for i in imgs if np.isfinite(s[i])] for imgs, s in zip(retrieved, sims)]
-
-            def similarity_of(idx: list[int], real_emb=real_emb) -> float:
-                return float((real_emb @ probe_emb[idx].T).mean())
-
-            scored = score_candidates(candidates, retrieved, np.asarray(acts[:, neuron]), similarity_of,
-                                      config.beta, config.top_k_images)
+            own = [t["image_idx"] for t in store.top_images(run.run_key, neuron, k=config.n_top_images)] \
+                if config.exclude_top_images else []
+            scored = best_concepts(candidates, np.asarray(ctx.multimodal.encode_texts(candidates), dtype=np.float32),
+                                   probe_emb, acts, neuron, real_emb, own, config)
             shared = {
                 "captions": captions, "simplified_captions": simplified, "candidates": candidates,
                 "top_images": [{"image_idx": e.image_idx, "box": list(e.box.as_tuple()) if e.box else None,

@@ -46,12 +46,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..column_scan import take_rows
 from ..crops import ProbeViews, exemplar_mask, mask_overlay, masked_region
 from ..progress import Progress, chain
 from ..store import LabelRow, RunInfo, Store
 from .base import DescriptionMethod, MethodContext, MethodError, Overlay, register_method
 
 NEURONS_PER_BATCH = 8
+MASK_LEVEL_SKETCH = "sketch"  # a label's mask_level_source when its level came from the run's sketch
 MASK_LEVEL_APPROXIMATE = "top-k estimate (approximate: the run was stored without a map sketch)"  # exemplar images of this many neurons are encoded in one backend call
 
 
@@ -115,19 +117,30 @@ class ExemplarMaskOverlay(Overlay):
 
     key = "masks"
     title = "MILAN masks"
+    map_quantile = MilanConfig.mask_quantile
 
     def settings(self, maps: np.ndarray, run: RunInfo, extra: dict) -> dict:
-        threshold = extra.get("mask_threshold")  # the level the label used (from the run's sketch)
-        if threshold is None:
-            threshold = spatial_quantile_threshold(maps, run.n_images, MilanConfig.mask_quantile)
-        return {"threshold": float(threshold)}
+        """The level the label used, else the run's sketch (``map_level``), else the top-k
+        estimate. A level not from a sketch (labels made before sketches say no source) is
+        marked approximate."""
+        if extra.get("mask_threshold") is not None:
+            threshold, approximate = extra["mask_threshold"], extra.get("mask_level_source") != MASK_LEVEL_SKETCH
+        elif extra.get("map_level") is not None:
+            threshold, approximate = extra["map_level"], False
+        else:
+            threshold, approximate = spatial_quantile_threshold(maps, run.n_images, MilanConfig.mask_quantile), True
+        return {"threshold": float(threshold), **({"approximate": True} if approximate else {})}
 
     def draw(self, view: Image.Image, activation_map: np.ndarray, settings: dict) -> Image.Image:
         return mask_overlay(view, exemplar_mask(activation_map, settings["threshold"], view.size))
 
     def caption(self, settings: dict) -> str:
         top = 100 * (1 - MilanConfig.mask_quantile)
-        return f"MILAN exemplar masks: the map above {settings['threshold']:.3g} (the neuron's top {top:g}% of map values)."
+        text = f"MILAN exemplar masks: the map above {settings['threshold']:.3g} (the neuron's top {top:g}% of map values"
+        if settings.get("approximate"):
+            return text + ", approximate: estimated from the top images' maps, as this run was stored without a sketch of " \
+                          "every map cell; extract the layer again for the exact level)."
+        return text + ")."
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -247,12 +260,12 @@ class MilanPMI(DescriptionMethod):
         store, run = ctx.store, ctx.run
         neurons = [int(n) for n in neurons]
         progress = chain(ctx.progress)  # a no-op when the context has no progress callback
-        paths = [p["path"] for p in store.probe_images(run.probe_set_id)]
         view_cache: list[ProbeViews] = []
 
         def views(image_idx: int):
-            # The probed model (for its crop geometry) is loaded only when pixels are needed.
+            # The probed model (for its crop geometry) and the probe paths are loaded only when pixels are needed.
             if not view_cache:
+                paths = list(store.probe_files(run.probe_set_id).paths)
                 view_cache.append(ProbeViews(paths, ctx.probed_model().preprocessing, config.view_size))
             return view_cache[0](image_idx)
 
@@ -263,7 +276,7 @@ class MilanPMI(DescriptionMethod):
         # Unmasked exemplars (fc layers, or exemplar_region="full") are whole probe images, whose
         # embeddings are cached for the probe set: no image needs encoding for them.
         masked = run.map_shape is not None and config.exemplar_region != "full"
-        whole_emb = None if masked else np.asarray(image_embeddings(ctx.multimodal, store, run.probe_set_id), dtype=np.float32)
+        whole_emb = None if masked else image_embeddings(ctx.multimodal, store, run.probe_set_id)  # memory-mapped: rows read as needed
         levels = store.mask_levels(run.run_key, config.mask_quantile) if masked else None
         total_steps = len(neurons) + 2
         progress(0, total_steps, f"exemplars of the first {min(len(neurons), NEURONS_PER_BATCH)} neurons")
@@ -291,7 +304,7 @@ class MilanPMI(DescriptionMethod):
             else:
                 assert whole_emb is not None, "unmasked exemplars use the cached whole-image embeddings"
                 whole_idx = [int(t["image_idx"]) for _, picked, _ in chosen for t in picked]
-                emb = whole_emb[whole_idx]
+                emb = take_rows(whole_emb, whole_idx)
                 owners_arr = np.array([n for n, picked, _ in chosen for _ in picked])
                 regions = [views(i) for i in whole_idx] if config.caption_candidates and not _reuses_embeddings(ctx) else []
             captions = [caption_phrase(c) for c in captions_of(ctx, regions, emb)] if config.caption_candidates else [""] * len(emb)
@@ -318,7 +331,7 @@ class MilanPMI(DescriptionMethod):
         loglik = conditional_log_likelihood(store, ctx.language_model, all_candidates, config.prior_context, ctx.progress)
         prior = dict(zip(all_candidates, description_prior(loglik, all_candidates, config.prior_normalisation)))
 
-        level_source = None if not masked else "sketch" if levels is not None else MASK_LEVEL_APPROXIMATE
+        level_source = None if not masked else MASK_LEVEL_SKETCH if levels is not None else MASK_LEVEL_APPROXIMATE
         out: list[LabelRow] = []
         for g in gathered:
             source: dict[str, str] = {}

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import NeurovizError
+from ..methods.base import dead_units
 from ..store import RunInfo, Store
 from . import pictures, storage
 
@@ -198,15 +199,18 @@ def choose_items(store: Store, run_keys: Sequence[str], methods: Sequence[str], 
     """Random neurons per run (layer) that every chosen method labelled, labels captured.
 
     Sampling is seeded per run, so adding a layer does not change the others' picks. A run
-    with fewer eligible neurons contributes all of them.
+    with fewer eligible neurons contributes all of them. A run may be a unit run (an SAE's
+    latents): items are then latents, and its dead latents are never drawn (labels stored
+    before they were skipped describe nothing).
     """
     if not methods:
         raise StudyError("Choose at least two methods to compare.")
     items: list[StudyItem] = []
     for run_key in run_keys:
-        _require_run(store, run_key)
+        run = _require_run(store, run_key)
         captured = _captured_labels(store, run_key, methods)
-        eligible = sorted(n for n, by_method in captured.items() if all(m in by_method for m in methods))
+        dead = set(dead_units(store, run))
+        eligible = sorted(n for n, by_method in captured.items() if all(m in by_method for m in methods) and n not in dead)
         picked = sorted(seeded_rng(seed, run_key).sample(eligible, min(per_layer, len(eligible))))
         items.extend(StudyItem(run_key, n, {m: captured[n][m][0] for m in methods}) for n in picked)
     return items

@@ -17,7 +17,7 @@ _SCORE_COLUMNS = ("scope", "run_key", "method", "votes", "wins", "win_rate", "wi
 def _score_rows(results: StudyResults) -> list[dict]:
     rows = []
     scopes = [("all", "", results.scores),
-              *[(f"{layer.model_spec} {layer.layer}", layer.run_key, layer.scores) for layer in results.by_layer]]
+              *[(f"{layer.model_spec} {layer.place}", layer.run_key, layer.scores) for layer in results.by_layer]]
     for scope, run_key, scores in scopes:
         for s in scores:
             rows.append({"scope": scope, "run_key": run_key, "method": s.method, "votes": s.votes, "wins": round(s.wins, 4),

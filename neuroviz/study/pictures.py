@@ -74,7 +74,9 @@ def distinct_top_images(store: Store, run: RunInfo, neuron: int, n: int,
     seen_ids: set[str] = set()
     seen_paths: set[str] = set()
     prints: list[np.ndarray] = []
-    for row in store.top_images(run.run_key, neuron, k=run.k):
+    top = store.top_images(run.run_key, neuron, k=run.k)
+    probe.rows([int(r["image_idx"]) for r in top if 0 <= int(r["image_idx"]) < len(probe)])  # one read; then kept
+    for row in top:
         idx = int(row["image_idx"])
         if not 0 <= idx < len(probe.paths):
             continue

@@ -13,7 +13,9 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from ..audit import units_place
 from ..store import Store
+from ..units import NEURONS
 from . import storage
 from .design import SPECIAL_CHOICES, Study, StudyError, require_study
 from .statistics import fleiss_kappa, mean_interval, wilson_interval
@@ -75,6 +77,12 @@ class LayerScores:
     layer: str
     n_votes: int
     scores: tuple[MethodScore, ...]
+    units: str = NEURONS  # the run's units: an SAE's latents are scored apart from the layer's neurons
+
+    @property
+    def place(self) -> str:
+        """The layer, or the layer and its units ("features.18 · SAE latents 3f2a1b2c"), for the owner."""
+        return units_place(self.layer, self.units)
 
 
 @dataclass(frozen=True)
@@ -219,8 +227,9 @@ def study_results(store: Store, study_id: str, exclude_failed_gold: bool = True,
     for vote in counted:
         by_run[snap.items[vote.item_id].run_key].append(vote)
     layer_info = {it.run_key: (it.model_spec, it.layer) for it in snap.items.values()}
-    by_layer = tuple(LayerScores(run_key, *layer_info[run_key], len(votes), _scores(snap, votes, confidence))
-                     for run_key, votes in sorted(by_run.items(), key=lambda kv: layer_info[kv[0]]))
+    units = {key: run.units if (run := store.get_run(key)) is not None else NEURONS for key in by_run}
+    by_layer = tuple(LayerScores(run_key, *layer_info[run_key], len(votes), _scores(snap, votes, confidence), units[run_key])
+                     for run_key, votes in sorted(by_run.items(), key=lambda kv: (*layer_info[kv[0]], units[kv[0]])))
     return StudyResults(snap.study, _scores(snap, counted, confidence), by_layer,
                         None if math.isnan(kappa) else kappa, len(multi), len(counted), len(per_item), tuple(raters),
                         exclude_failed_gold, min_gold_accuracy)

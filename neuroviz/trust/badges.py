@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..store import Store
-from .scoring import LabelSet, ScoringImages, embed_texts, label_texts, predicted_activations
+from .scoring import LabelSet, ScoringImages, embed_texts, label_texts
 
 BADGES = "trust_badges"  # records namespace: run key -> {"units": {...}, "about": {...}}
 DEFAULT_ALPHA = 0.05
@@ -68,9 +68,13 @@ def unit_badges(store: Store | None, images: ScoringImages, multimodal, method_s
     concept_texts = label_texts(method_sets)
     text_emb = embed_texts(store, multimodal, concept_texts)
     row_of = {t: i for i, t in enumerate(concept_texts)}
-    pred = _standardise(predicted_activations(multimodal, images.image_emb, text_emb, row_of, texts))
-    acts = _standardise(np.asarray(images.acts[:, units], dtype=np.float32))
-    r_all = acts.T @ pred  # (units, distinct label texts): r of every layer label on every unit
+    r_all = np.empty((len(units), len(texts)))  # r of every layer label on every unit
+    # a block of units and one of labels at a time, each read and standardised (a copy): 4 float32 matrices
+    step = images.columns_per_block(16)
+    for u in range(0, len(units), step):
+        acts = _standardise(images.unit_columns(units[u:u + step]))
+        for t in range(0, len(texts), step):
+            r_all[u:u + step, t:t + step] = acts.T @ _standardise(images.predictions(multimodal, text_emb, row_of, texts[t:t + step]))
     column = {t: j for j, t in enumerate(texts)}
     counts = np.zeros(len(texts))
     own = np.zeros((len(units), len(texts)))

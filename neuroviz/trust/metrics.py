@@ -45,6 +45,7 @@ METRIC_TITLES = {"simulation_r": "simulation r", "auprc": "AUPRC", "f1": "F1", "
 DEFAULT_TOP_FRACTION = 0.05  # binarise at each unit's top 5 % of images
 DEFAULT_BOOTSTRAP = 200
 AUPRC_RESAMPLED_COLUMNS = 32  # see score_columns
+AUPRC_RESAMPLE_CHUNK = 16  # resamples whose weighted cumulative sums are held at once
 
 
 def pearson_columns(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -106,12 +107,14 @@ def _weighted_auprc(w: np.ndarray, order: np.ndarray, y: np.ndarray) -> np.ndarr
         pos = np.flatnonzero(y[ranked, j])
         if not len(pos):
             continue
-        ws = w[:, ranked]  # (resamples, images), contiguous
-        seen = np.cumsum(ws, axis=1)[:, pos]  # weighted images up to each positive
-        hits = ws[:, pos]
-        found = np.cumsum(hits, axis=1)  # weighted positives up to each positive
-        total = hits.sum(axis=1)
-        out[:, j] = np.where(total > 0, (hits * found / np.maximum(seen, 1e-12)).sum(axis=1) / np.maximum(total, 1e-12), 0.0)
+        for r in range(0, len(w), AUPRC_RESAMPLE_CHUNK):  # a few resamples at a time: (resamples x images) copies stay small
+            ws = w[r:r + AUPRC_RESAMPLE_CHUNK, ranked]  # (resamples, images), contiguous
+            seen = np.cumsum(ws, axis=1)[:, pos]  # weighted images up to each positive
+            hits = ws[:, pos]
+            found = np.cumsum(hits, axis=1)  # weighted positives up to each positive
+            total = hits.sum(axis=1)
+            out[r:r + AUPRC_RESAMPLE_CHUNK, j] = np.where(
+                total > 0, (hits * found / np.maximum(seen, 1e-12)).sum(axis=1) / np.maximum(total, 1e-12), 0.0)
     return out
 
 
@@ -231,6 +234,13 @@ def score_columns(acts: np.ndarray, predicted: np.ndarray, presence: np.ndarray 
     return score_prepared(a, p, w, seed, metrics, max_auprc_resampled, per_unit)
 
 
+def auprc_resampled_columns(n_cols: int, seed: int = 0, max_columns: int | None = AUPRC_RESAMPLED_COLUMNS) -> np.ndarray:
+    """The columns whose AUPRC gets resamples: every one, or a seeded sample of ``max_columns`` on wider layers."""
+    if max_columns is None or n_cols <= max_columns:
+        return np.arange(n_cols)
+    return np.sort(np.random.default_rng(seed).choice(n_cols, max_columns, replace=False))
+
+
 def score_prepared(a: Prepared, p: Prepared, w: np.ndarray, seed: int = 0, metrics: tuple[str, ...] = METRICS,
                    max_auprc_resampled: int | None = AUPRC_RESAMPLED_COLUMNS, per_unit: bool = True) -> MetricScores:
     """:func:`score_columns` on prepared sides, with bootstrap weights ``w`` (resamples x images; none: no intervals)."""
@@ -271,9 +281,7 @@ def score_prepared(a: Prepared, p: Prepared, w: np.ndarray, seed: int = 0, metri
     if "auprc" in metrics:
         order = a.order if a.order is not None else np.argsort(-a.z, axis=0)
         values["auprc"] = _auprc(order, y)
-        cols = every
-        if max_auprc_resampled is not None and n_cols > max_auprc_resampled:
-            cols = np.sort(np.random.default_rng(seed).choice(n_cols, max_auprc_resampled, replace=False))
+        cols = auprc_resampled_columns(n_cols, seed, max_auprc_resampled)
         resamples["auprc"], resampled["auprc"] = _weighted_auprc(w, order[:, cols], y[:, cols]), cols
     keep = [m for m in metrics if m in values]
     return MetricScores({m: values[m] for m in keep}, {m: resamples[m] for m in keep}, {m: resampled[m] for m in keep},

@@ -17,11 +17,12 @@ run and the split, and so do the keys of the labels made from it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .. import column_scan
 from ..errors import NeurovizError
 from ..provenance import provenance_key
 from ..store import RunInfo, Store
@@ -72,23 +73,24 @@ def parent_of(store: Store, run: RunInfo) -> tuple[RunInfo, HeldOutSplit] | None
 def fit_run(store: Store, run: RunInfo, split: HeldOutSplit) -> RunInfo:
     """The run restricted to the fit part of its probe set (made once, from the cached arrays)."""
     from ..datasets import ProbeImage, ProbeSet
+    from ..sketches import NeuronStats
 
     key = fit_run_key(run, split)
     existing = store.get_run(key)
     if existing is not None:
         return existing
-    images = store.probe_images(run.probe_set_id)
-    score = split.score_mask([im["image_id"] for im in images])
+    files = store.probe_files(run.probe_set_id)
+    score = split.score_mask(list(files.image_ids))
     fit_rows = np.flatnonzero(~score)
     if len(fit_rows) < 2 * MIN_FIT_K or score.sum() < 3:
-        raise SplitError(f"The probe set has {len(images)} images: too few to split into a fit and a score part.")
+        raise SplitError(f"The probe set has {len(files)} images: too few to split into a fit and a score part.")
     top = store.top_k(run.run_key)
     in_fit = ~score[top.image_idx]  # (neurons, k)
     k_fit = int(in_fit.sum(axis=1).min())
     if k_fit < MIN_FIT_K:
         raise SplitError(f"Some neuron has only {k_fit} of its top {run.k} images in the fit part; "
                          f"extract with a larger k (e.g. --k {2 * run.k}) to hold out images.")
-    new_index = np.full(len(images), -1, dtype=np.int64)
+    new_index = np.full(len(files), -1, dtype=np.int64)
     new_index[fit_rows] = np.arange(len(fit_rows))
     ranks = np.argsort(~in_fit, axis=1, kind="stable")[:, :k_fit]  # the first k_fit fit images, in rank order
     top_idx = new_index[np.take_along_axis(top.image_idx, ranks, axis=1)]
@@ -100,13 +102,22 @@ def fit_run(store: Store, run: RunInfo, split: HeldOutSplit) -> RunInfo:
         maps = np.stack([np.asarray(all_maps[n][ranks[n]]) for n in range(run.n_neurons)])
     parent_name = next((p["name"] for p in store.probe_sets() if p["probe_set_id"] == run.probe_set_id), run.probe_set_id[:8])
     probe = ProbeSet(f"{parent_name} (fit part, seed {split.seed})", f"split:{run.probe_set_id}:{split.seed}:{split.score_fraction}",
-                     [ProbeImage(images[i]["image_id"], images[i]["path"], images[i]["label"] or "") for i in fit_rows])
+                     [ProbeImage(files.image_ids[i], files.paths[i], files.labels[i]) for i in fit_rows])
     store.register_probe_set(probe)
-    acts = np.asarray(store.activations(run.run_key), dtype=np.float32)[fit_rows]
     info = RunInfo(key, run.model_spec, run.weights_id, run.layer, run.pooling, probe.id, run.preprocess_id, k_fit,
                    run.code_version, len(fit_rows), run.n_neurons, run.map_shape, run.layer_kind)
     store.put_record(FIT_RUNS, key, {"parent": run.run_key, "split": asdict(split)})
-    store.finish_run(info, acts, top_val, top_idx, [im.image_id for im in probe.images], maps)
+    parent_acts = store.activations(run.run_key)
+    rows_per_block = max(1, column_scan.ROW_BLOCK_BYTES // (4 * max(1, run.n_neurons)))
+
+    def fit_blocks() -> Iterator[np.ndarray]:  # the fit rows of the parent's activations, a row block at a time
+        for start in range(0, len(fit_rows), rows_per_block):
+            yield column_scan.take_rows(parent_acts, fit_rows[start:start + rows_per_block])
+
+    stats = NeuronStats(run.n_neurons, spatial=False)
+    for block in fit_blocks():
+        stats.update(block)
+    store.write_run(info, fit_blocks, top_val, top_idx, [im.image_id for im in probe.images], maps, stats)
     return store.get_run(key) or info
 
 

@@ -53,3 +53,32 @@ def test_a_latent_opens_from_its_url_and_the_picker_switches_units(server, page,
     page.get_by_role("link", name=re.compile(r"Neuron 0$")).first.wait_for()
     page.wait_for_function("() => !location.search.includes('units=')")
     assert_no_exception(page)
+
+
+def test_the_editing_page_ablates_a_latent_as_a_job(server, page, e2e_workspace, latents, screenshots):
+    """With latents picked, the Editing page's list names latents, and its job (`edit --units`)
+    removes latent 0's decoded contribution and shows the before/after comparison."""
+    from tests.e2e.test_editing_e2e import _wait_for_metric
+
+    model, probe = e2e_workspace["model_spec"], e2e_workspace["probe"]
+    page.goto(f"{server}/editing?model={model}&probe={probe}&layer=layer2&units={latents}")
+    wait_ready(page)
+    if page.get_by_label("Owner password").count():
+        log_in(page)
+    page.get_by_text("A list of latents", exact=True).click()
+    wait_ready(page)
+    area = page.get_by_label("LAYER:N,N,... (one layer per line or separated by ';')")
+    area.fill("layer2:0,1")
+    area.press("Control+Enter")
+    wait_ready(page)
+    images = page.get_by_role("spinbutton", name="Images (0 = all)")
+    images.fill("8")
+    images.press("Enter")
+    wait_ready(page)
+    page.get_by_text("--units sae:").first.wait_for(timeout=30_000)  # the job's command names the dictionary
+    page.get_by_role("button", name="Evaluate before / after").click()
+    _wait_for_metric(page, "Same top-1 as before", timeout=240)
+    wait_ready(page)
+    assert_no_exception(page)
+    assert "(2 latents, zero)" in page.inner_text('[data-testid="stMain"]')
+    page.screenshot(path=str(screenshots / "52_latent_editing.png"), full_page=True)
