@@ -10,9 +10,10 @@ extracts the shards it is given, so the cache must be storage that every node se
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -115,8 +116,11 @@ def _import_path() -> str:
     return os.pathsep.join(dict.fromkeys(parts))
 
 
-def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequence[Shard], n_images: int, done_images: int,
-                progress: Progress | None, address: str | None) -> None:
+@contextlib.contextmanager
+def ray_connection(address: str | None) -> Iterator[Any]:
+    """The ``ray`` module connected to ``address`` ("auto", "HOST:PORT", or None for a new local
+    cluster, shut down after the block); a connection made before is used as it is."""
+    check_engine("ray")
     import ray
 
     started_here = False
@@ -134,41 +138,72 @@ def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequenc
             raise EngineError(f"Cannot reach a Ray cluster at '{address or 'a new local one'}': {exc}") from None
         started_here = True
     try:
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        slots = gpus if gpus else max(1, int(resources.get("CPU", 1)))
-        actors = max(1, min(len(shards), slots))
-        ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
-        results = ds.map_batches(_ShardActor, fn_constructor_kwargs={"model_factory": model_factory, "job": job},
-                                 batch_size=1, concurrency=actors, num_gpus=1 if gpus else 0, num_cpus=1)
-        rows: queue.Queue = queue.Queue()
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
 
-        def drain() -> None:  # Ray hands back a row per finished shard; the driver polls the files in between
-            try:
-                for row in results.iter_rows():
-                    rows.put(row)
-                rows.put(None)
-            except BaseException as exc:  # raised again in the driver's thread
-                rows.put(exc)
 
-        threading.Thread(target=drain, name="ray-shards", daemon=True).start()
-        finished = 0
+def actor_slots(ray: Any, tasks: int) -> tuple[int, int]:
+    """(actors, GPUs per actor): one actor per GPU when the cluster has them, else one per CPU; no
+    more actors than ``tasks``."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    slots = gpus if gpus else max(1, int(resources.get("CPU", 1)))
+    return max(1, min(tasks, slots)), 1 if gpus else 0
+
+
+def rows_as_they_come(results: Any, poll_s: float = PROGRESS_POLL_S) -> Iterator[dict | None]:
+    """The rows of a Ray dataset as its actors finish them, and None after every ``poll_s`` without
+    one (the driver reports progress in between). Closing the iterator stops the reading."""
+    rows: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def drain() -> None:
+        try:
+            for row in results.iter_rows():
+                rows.put(row)
+                if stop.is_set():
+                    break  # leaving Ray's iterator ends the dataset's execution
+            rows.put(_END)
+        except BaseException as exc:  # raised again in the driver's thread
+            rows.put(exc)
+
+    threading.Thread(target=drain, name="ray-rows", daemon=True).start()
+    try:
         while True:
             try:
-                row = rows.get(timeout=PROGRESS_POLL_S)
+                row = rows.get(timeout=poll_s)
             except queue.Empty:
+                yield None
+                continue
+            if row is _END:
+                return
+            if isinstance(row, BaseException):
+                raise row
+            yield row
+    finally:
+        stop.set()
+
+
+_END = object()
+
+
+def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequence[Shard], n_images: int, done_images: int,
+                progress: Progress | None, address: str | None) -> None:
+    with ray_connection(address) as ray:
+        actors, gpus = actor_slots(ray, len(shards))
+        ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
+        results = ds.map_batches(_ShardActor, fn_constructor_kwargs={"model_factory": model_factory, "job": job},
+                                 batch_size=1, concurrency=actors, num_gpus=gpus, num_cpus=1)
+        finished = 0
+        for row in rows_as_they_come(results):  # a row per finished shard; the driver polls the files in between
+            if row is None:
                 if progress:
                     progress(done_images + images_written(job, shards), n_images,
                              f"{finished}/{len(shards)} shards done on Ray ({actors} actors)")
                 continue
-            if row is None:
-                break
-            if isinstance(row, BaseException):
-                raise row
             finished += 1
             if progress:
                 progress(done_images + images_written(job, shards), n_images, f"shard {int(row['index']) + 1}/{shards[0].count} done "
                                                                      f"({finished}/{len(shards)} on Ray, {actors} actors)")
-    finally:
-        if started_here:
-            ray.shutdown()
