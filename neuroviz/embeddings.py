@@ -168,11 +168,14 @@ def _on_ray(backend_factory: Callable[[], MultimodalBackend], probe_source: Path
         results = ds.map_batches(_EmbeddingActor, batch_size=1, concurrency=actors, num_gpus=gpus, num_cpus=1,
                                  fn_constructor_kwargs={"backend_factory": backend_factory, "probe_source": probe_source,
                                                         "n_images": n_images, "batch_size": batch_size})
-        for row in engines.rows_as_they_come(results):
-            if row is not None:
+        # Read in this thread (no poller as for extraction's shards: a chunk is short), so that stopping
+        # early closes Ray's iterator, and with it the dataset's execution, before the cluster shuts down.
+        rows = iter(results.iter_rows())
+        with contextlib.closing(rows):
+            for row in rows:
                 chunk = to_embed[int(row["chunk"])]
-                encoded(len(chunk))
                 yield chunk, np.asarray(row["embeddings"], dtype=np.float32)
+                encoded(len(chunk))  # once the caller has saved it
 
 
 class _EmbeddingActor:

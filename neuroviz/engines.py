@@ -153,42 +153,6 @@ def actor_slots(ray: Any, tasks: int) -> tuple[int, int]:
     return max(1, min(tasks, slots)), 1 if gpus else 0
 
 
-def rows_as_they_come(results: Any, poll_s: float = PROGRESS_POLL_S) -> Iterator[dict | None]:
-    """The rows of a Ray dataset as its actors finish them, and None after every ``poll_s`` without
-    one (the driver reports progress in between). Closing the iterator stops the reading."""
-    rows: queue.Queue = queue.Queue()
-    stop = threading.Event()
-
-    def drain() -> None:
-        try:
-            for row in results.iter_rows():
-                rows.put(row)
-                if stop.is_set():
-                    break  # leaving Ray's iterator ends the dataset's execution
-            rows.put(_END)
-        except BaseException as exc:  # raised again in the driver's thread
-            rows.put(exc)
-
-    threading.Thread(target=drain, name="ray-rows", daemon=True).start()
-    try:
-        while True:
-            try:
-                row = rows.get(timeout=poll_s)
-            except queue.Empty:
-                yield None
-                continue
-            if row is _END:
-                return
-            if isinstance(row, BaseException):
-                raise row
-            yield row
-    finally:
-        stop.set()
-
-
-_END = object()
-
-
 def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequence[Shard], n_images: int, done_images: int,
                 progress: Progress | None, address: str | None) -> None:
     with ray_connection(address) as ray:
@@ -196,13 +160,30 @@ def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequenc
         ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
         results = ds.map_batches(_ShardActor, fn_constructor_kwargs={"model_factory": model_factory, "job": job},
                                  batch_size=1, concurrency=actors, num_gpus=gpus, num_cpus=1)
+        rows: queue.Queue = queue.Queue()
+
+        def drain() -> None:  # Ray hands back a row per finished shard; the driver polls the files in between
+            try:
+                for row in results.iter_rows():
+                    rows.put(row)
+                rows.put(None)
+            except BaseException as exc:  # raised again in the driver's thread
+                rows.put(exc)
+
+        threading.Thread(target=drain, name="ray-shards", daemon=True).start()
         finished = 0
-        for row in rows_as_they_come(results):  # a row per finished shard; the driver polls the files in between
-            if row is None:
+        while True:
+            try:
+                row = rows.get(timeout=PROGRESS_POLL_S)
+            except queue.Empty:
                 if progress:
                     progress(done_images + images_written(job, shards), n_images,
                              f"{finished}/{len(shards)} shards done on Ray ({actors} actors)")
                 continue
+            if row is None:
+                break
+            if isinstance(row, BaseException):
+                raise row
             finished += 1
             if progress:
                 progress(done_images + images_written(job, shards), n_images, f"shard {int(row['index']) + 1}/{shards[0].count} done "
