@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -139,7 +139,7 @@ def _encode(backend: MultimodalBackend, images: Sequence, batch_size: int, encod
 
 
 def _in_process(backend: MultimodalBackend, files: ProbeFiles, to_embed: Sequence[list[int]], batch_size: int,
-                encoded: Callable[[int], None]) -> Iterator[tuple[list[int], np.ndarray]]:
+                encoded: Callable[[int], None]) -> Generator[tuple[list[int], np.ndarray], None, None]:
     """(chunk, embeddings) for each chunk, embedded here; decoding the next chunk's images overlaps
     with encoding this one (PNG decoding is not free)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -154,7 +154,7 @@ def _in_process(backend: MultimodalBackend, files: ProbeFiles, to_embed: Sequenc
 
 def _on_ray(backend_factory: Callable[[], MultimodalBackend], probe_source: Path, n_images: int,
             to_embed: Sequence[list[int]], batch_size: int, address: str | None,
-            encoded: Callable[[int], None]) -> Iterator[tuple[list[int], np.ndarray]]:
+            encoded: Callable[[int], None]) -> Generator[tuple[list[int], np.ndarray], None, None]:
     """(chunk, embeddings) for each chunk as a Ray actor returns it (in any order): Ray Data
     ``map_batches`` over the chunks with an actor pool, one backend per actor."""
     from . import engines
