@@ -70,7 +70,8 @@ def image_embeddings(
     ``engine`` embeds the chunks in this process ("inprocess") or on the actors of a Ray cluster
     ("ray", at ``address`` as for extraction): each actor builds the backend once from
     ``backend_spec`` (its registry name, e.g. "conse:mobilenet_v2"; default ``backend.id``) and
-    loads its chunks' images itself, so the probe images must be on storage every node sees.
+    loads its chunks' images itself, so the probe images must be on storage every node sees (one
+    actor per CPU: backends built from a name run on the CPU).
     This process still writes every chunk, as it arrives, to the shared cache and the matrix.
     """
     key = image_embeddings_key(backend, probe_set_id)
@@ -162,7 +163,8 @@ def _on_ray(backend_factory: Callable[[], MultimodalBackend], probe_source: Path
     if not to_embed:
         return
     with engines.ray_connection(address) as ray:
-        actors, gpus = engines.actor_slots(ray, len(to_embed))
+        # CPU actors: a backend built from its registry name runs on the CPU (create_multimodal takes no device)
+        actors, gpus = engines.actor_slots(ray, len(to_embed), use_gpus=False)
         ds = ray.data.from_items([{"chunk": c, "rows": chunk} for c, chunk in enumerate(to_embed)],
                                  override_num_blocks=len(to_embed))
         results = ds.map_batches(_EmbeddingActor, batch_size=1, concurrency=actors, num_gpus=gpus, num_cpus=1,

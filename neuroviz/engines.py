@@ -144,11 +144,11 @@ def ray_connection(address: str | None) -> Iterator[Any]:
             ray.shutdown()
 
 
-def actor_slots(ray: Any, tasks: int) -> tuple[int, int]:
-    """(actors, GPUs per actor): one actor per GPU when the cluster has them, else one per CPU; no
-    more actors than ``tasks``."""
+def actor_slots(ray: Any, tasks: int, use_gpus: bool = True) -> tuple[int, int]:
+    """(actors, GPUs per actor): one actor per GPU when the cluster has them (and ``use_gpus``),
+    else one per CPU; no more actors than ``tasks``."""
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
+    gpus = int(resources.get("GPU", 0)) if use_gpus else 0
     slots = gpus if gpus else max(1, int(resources.get("CPU", 1)))
     return max(1, min(tasks, slots)), 1 if gpus else 0
 
