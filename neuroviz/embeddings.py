@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .backends.base import MultimodalBackend
+from .backends.base import BackendUnavailable, MultimodalBackend
 from .concepts import ConceptSet
 from .datasets import load_rgb
 from .errors import NeurovizError
@@ -110,7 +110,13 @@ def image_embeddings(
                 progress(done, total, message)
 
         if engine == "ray":
-            factory = functools.partial(_backend_from_spec, backend_spec or backend.id, backend.id)
+            spec = backend_spec or backend.id
+            factory = functools.partial(_backend_from_spec, spec, backend.id)
+            try:
+                factory()  # a name that builds no backend, or another one, fails here in one line, not in every actor
+            except BackendUnavailable as exc:
+                raise EmbeddingError(f"Ray actors build the backend from its registry name, and '{spec}' builds none "
+                                     f"({exc}). Give the name it was created from (backend_spec, e.g. 'conse').") from None
             source = _on_ray(factory, store.probe_set_dir(probe_set_id) / "images.parquet", total, to_embed, batch_size,
                              address, encoded)
         else:
@@ -204,8 +210,8 @@ def _backend_from_spec(spec: str, backend_id: str) -> MultimodalBackend:
 
     backend = create_multimodal(spec)
     if backend.id != backend_id:
-        raise EmbeddingError(f"The backend '{spec}' is '{backend.id}' on a Ray worker, not '{backend_id}': "
-                             "give the registry name it was created from (backend_spec).")
+        raise EmbeddingError(f"The registry name '{spec}' builds the backend '{backend.id}', not '{backend_id}': "
+                             "give the name it was created from (backend_spec).")
     return backend
 
 

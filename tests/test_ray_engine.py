@@ -157,3 +157,16 @@ def test_interrupted_ray_image_embeddings_resume_without_embedding_again(tiny_wo
     rows = store.probe_files(ps.id).rows(range(len(ps)))
     expected = CountingPixelBackend(str(tmp_path / "direct.txt")).encode_images([datasets.load_rgb(r.path) for r in rows])
     np.testing.assert_allclose(emb, expected, atol=1e-6)
+
+
+def test_ray_image_embeddings_refuse_a_name_that_builds_another_backend(tiny_workspace, tmp_path):
+    from neuroviz import embeddings
+    from neuroviz.backends.multimodal import create_multimodal
+
+    store, ps = private_store(tiny_workspace, tmp_path), tiny_workspace["probe_set"]
+    backend = create_multimodal("conse:mobilenet_v2")
+    with pytest.raises(embeddings.EmbeddingError, match="builds the backend 'conse:efficientnet_lite0"):
+        embeddings.image_embeddings(backend, store, ps.id, engine="ray", backend_spec="conse")
+    with pytest.raises(embeddings.EmbeddingError, match="builds none"):  # its id is no registry name
+        embeddings.image_embeddings(backend, store, ps.id, engine="ray")
+    assert not ray.is_initialized()  # refused before any cluster starts
