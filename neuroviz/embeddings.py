@@ -9,24 +9,31 @@ read, memory-mapped: at paper scale (1.28M images x 512 floats is 2.6 GB) caller
 rows they use. Change the backend, a single image or a single concept and the key changes,
 so a stale embedding is never served. Long image runs save each chunk as a part as they go,
 so an interrupted run resumes where it stopped, and write the workspace matrix chunk by chunk.
+The chunks are embedded in this process or, like extraction's shards (neuroviz/engines.py), by
+the actors of a Ray cluster, each building the backend once from its registry name; the calling
+process writes every chunk either way, so both engines leave the same files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
-from .backends.base import MultimodalBackend
+from .backends.base import BackendUnavailable, MultimodalBackend
 from .concepts import ConceptSet
 from .datasets import load_rgb
+from .errors import NeurovizError
 from .files import atomic_open, atomic_save_npy
 from .progress import Progress
 from .provenance import provenance_key
-from .store import Store
+from .store import ProbeFiles, Store
 
 EMBEDDINGS_CODE_VERSION = "1"
 IMAGE_CHUNK = 256  # images per resumable chunk
@@ -48,6 +55,9 @@ def image_embeddings(
     probe_set_id: str,
     progress: Progress | None = None,
     batch_size: int = 32,
+    engine: str = "inprocess",
+    address: str | None = None,
+    backend_spec: str | None = None,
 ) -> np.ndarray:
     """(n_images, D) L2-normalised embeddings in the probe set's idx order (rows of activations),
     memory-mapped from the workspace's ``arrays/image_emb/`` (read rows with column_scan.take_rows).
@@ -56,6 +66,13 @@ def image_embeddings(
     time, then the others are embedded ``IMAGE_CHUNK`` at a time (and added to the shared cache
     chunk by chunk, so an interrupted run resumes); each block is written straight to its rows,
     so no step holds the whole matrix, whatever the size of the probe set.
+
+    ``engine`` embeds the chunks in this process ("inprocess") or on the actors of a Ray cluster
+    ("ray", at ``address`` as for extraction): each actor builds the backend once from
+    ``backend_spec`` (its registry name, e.g. "conse:mobilenet_v2"; default ``backend.id``) and
+    loads its chunks' images itself, so the probe images must be on storage every node sees (one
+    actor per CPU: backends built from a name run on the CPU).
+    This process still writes every chunk, as it arrives, to the shared cache and the matrix.
     """
     key = image_embeddings_key(backend, probe_set_id)
     cached = store.load_array("image_emb", key, mmap=True)
@@ -63,16 +80,19 @@ def image_embeddings(
         if progress:
             progress(len(cached), len(cached), "image embeddings (cached)")
         return cached
-    rows = sorted(store.probe_images(probe_set_id), key=lambda r: r["idx"])
-    if not rows:
-        raise ValueError(
+    from . import engines  # here, not at the top: engines imports the extraction code (torch)
+
+    engines.check_engine(engine)
+    files = store.probe_files(probe_set_id)
+    if not len(files):
+        raise EmbeddingError(
             f"Probe set '{probe_set_id}' is not in this store. Open it first (e.g. run an extraction on it, "
-            "or `python -m neuroviz extract ...`), then compute its embeddings."
+            "or `python -m neuroviz embed --probe FOLDER ...`), then compute its embeddings."
         )
-    ids = [r["image_id"] for r in rows]
+    ids = list(files.image_ids)
     backend_key = image_backend_key(backend)
     total = len(ids)
-    with atomic_open(store.array_path("image_emb", key), "wb") as fh, ThreadPoolExecutor(max_workers=1) as pool:
+    with atomic_open(store.array_path("image_emb", key), "wb") as fh:
         out = _RowWriter(fh, total)
         for positions, emb in store.shared.image_embedding_blocks(backend_key, ids):
             out.write(positions, emb)
@@ -81,26 +101,118 @@ def image_embeddings(
             progress(done, total, "image embeddings (cached)")
         chunks = [range(start, min(total, start + IMAGE_CHUNK)) for start in range(0, total, IMAGE_CHUNK)]
         to_embed = [todo for chunk in chunks if (todo := [i for i in chunk if not out.written[i]])]
-        # Decoding the next chunk's images overlaps with encoding this one (PNG decoding is not free).
-        pending = pool.submit(_load_all, [rows[i]["path"] for i in to_embed[0]]) if to_embed else None
-        for c, chunk in enumerate(to_embed):
-            assert pending is not None
-            images = pending.result()
-            if c + 1 < len(to_embed):
-                pending = pool.submit(_load_all, [rows[i]["path"] for i in to_embed[c + 1]])
-            parts = []
-            for b in range(0, len(images), batch_size):
-                parts.append(backend.encode_images(images[b : b + batch_size], batch_size=batch_size))
-                done += len(parts[-1])
-                if progress:
-                    progress(done, total, f"image embeddings ({backend.id})")
-            emb = np.concatenate(parts).astype(np.float32)
-            store.shared.add_image_embeddings(backend_key, [ids[i] for i in chunk], emb)  # survives an interruption
-            out.write(np.asarray(chunk, dtype=np.int64), emb)
+        message = f"image embeddings ({backend.id})"
+
+        def encoded(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total, message)
+
+        if engine == "ray":
+            spec = backend_spec or backend.id
+            factory = functools.partial(_backend_from_spec, spec, backend.id)
+            try:
+                factory()  # a name that builds no backend, or another one, fails here in one line, not in every actor
+            except BackendUnavailable as exc:
+                raise EmbeddingError(f"Ray actors build the backend from its registry name, and '{spec}' builds none "
+                                     f"({exc}). Give the name it was created from (backend_spec, e.g. 'conse').") from None
+            source = _on_ray(factory, store.probe_set_dir(probe_set_id) / "images.parquet", total, to_embed, batch_size,
+                             address, encoded)
+        else:
+            source = _in_process(backend, files, to_embed, batch_size, encoded)
+        with contextlib.closing(source):
+            for chunk, emb in source:
+                store.shared.add_image_embeddings(backend_key, [ids[i] for i in chunk], emb)  # survives an interruption
+                out.write(np.asarray(chunk, dtype=np.int64), emb)
         out.finish()
     matrix = store.load_array("image_emb", key, mmap=True)
     assert matrix is not None, "the workspace array was just written"
     return matrix
+
+
+class EmbeddingError(NeurovizError, ValueError):
+    """Embeddings that cannot be computed as asked (an unknown probe set, a backend a worker builds differently)."""
+
+
+def _encode(backend: MultimodalBackend, images: Sequence, batch_size: int, encoded: Callable[[int], None] | None = None) -> np.ndarray:
+    """One chunk's images, ``batch_size`` at a time, as float32 rows."""
+    parts = []
+    for b in range(0, len(images), batch_size):
+        parts.append(backend.encode_images(images[b : b + batch_size], batch_size=batch_size))
+        if encoded:
+            encoded(len(parts[-1]))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _in_process(backend: MultimodalBackend, files: ProbeFiles, to_embed: Sequence[list[int]], batch_size: int,
+                encoded: Callable[[int], None]) -> Generator[tuple[list[int], np.ndarray], None, None]:
+    """(chunk, embeddings) for each chunk, embedded here; decoding the next chunk's images overlaps
+    with encoding this one (PNG decoding is not free)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_rows, files, to_embed[0]) if to_embed else None
+        for c, chunk in enumerate(to_embed):
+            assert pending is not None
+            images = pending.result()
+            if c + 1 < len(to_embed):
+                pending = pool.submit(_load_rows, files, to_embed[c + 1])
+            yield chunk, _encode(backend, images, batch_size, encoded)
+
+
+def _on_ray(backend_factory: Callable[[], MultimodalBackend], probe_source: Path, n_images: int,
+            to_embed: Sequence[list[int]], batch_size: int, address: str | None,
+            encoded: Callable[[int], None]) -> Generator[tuple[list[int], np.ndarray], None, None]:
+    """(chunk, embeddings) for each chunk as a Ray actor returns it (in any order): Ray Data
+    ``map_batches`` over the chunks with an actor pool, one backend per actor."""
+    from . import engines
+
+    if not to_embed:
+        return
+    with engines.ray_connection(address) as ray:
+        # CPU actors: a backend built from its registry name runs on the CPU (create_multimodal takes no device)
+        actors, gpus = engines.actor_slots(ray, len(to_embed), use_gpus=False)
+        ds = ray.data.from_items([{"chunk": c, "rows": chunk} for c, chunk in enumerate(to_embed)],
+                                 override_num_blocks=len(to_embed))
+        results = ds.map_batches(_EmbeddingActor, batch_size=1, concurrency=actors, num_gpus=gpus, num_cpus=1,
+                                 fn_constructor_kwargs={"backend_factory": backend_factory, "probe_source": probe_source,
+                                                        "n_images": n_images, "batch_size": batch_size})
+        # Read in this thread (no poller as for extraction's shards: a chunk is short), so that stopping
+        # early closes Ray's iterator, and with it the dataset's execution, before the cluster shuts down.
+        rows = iter(results.iter_rows())
+        with contextlib.closing(rows):
+            for row in rows:
+                chunk = to_embed[int(row["chunk"])]
+                yield chunk, np.asarray(row["embeddings"], dtype=np.float32)
+                encoded(len(chunk))  # once the caller has saved it
+
+
+class _EmbeddingActor:
+    """A Ray Data actor: one backend, any number of chunks (one per call), whose images it reads
+    from the probe set's own Parquet file."""
+
+    def __init__(self, backend_factory: Callable[[], MultimodalBackend], probe_source: Path, n_images: int,
+                 batch_size: int):
+        import torch
+
+        torch.set_num_threads(1)  # one CPU per actor (num_cpus=1): more threads fight the other actors for it
+        self.backend, self.batch_size = backend_factory(), batch_size
+        self.files = ProbeFiles(probe_source, n_images)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        (chunk,), (rows,) = batch["chunk"], batch["rows"]  # batch_size=1: one chunk per call
+        emb = _encode(self.backend, _load_rows(self.files, [int(i) for i in rows]), self.batch_size)
+        return {"chunk": np.asarray([chunk], dtype=np.int64), "embeddings": emb[None]}
+
+
+def _backend_from_spec(spec: str, backend_id: str) -> MultimodalBackend:
+    """The backend again, in a Ray actor, from its registry name: the same backend or an error."""
+    from .backends.multimodal import create_multimodal
+
+    backend = create_multimodal(spec)
+    if backend.id != backend_id:
+        raise EmbeddingError(f"The registry name '{spec}' builds the backend '{backend.id}', not '{backend_id}': "
+                             "give the name it was created from (backend_spec).")
+    return backend
 
 
 class _RowWriter:
@@ -136,8 +248,8 @@ class _RowWriter:
         self.fh.write(self.header)
 
 
-def _load_all(paths: Sequence[str]):
-    return [load_rgb(p) for p in paths]
+def _load_rows(files: ProbeFiles, rows: Sequence[int]) -> list:
+    return [load_rgb(row.path) for row in files.rows(rows)]
 
 
 def _texts_of(texts_or_concept_set: Sequence[str] | ConceptSet) -> list[str]:

@@ -10,9 +10,10 @@ extracts the shards it is given, so the cache must be storage that every node se
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -115,8 +116,11 @@ def _import_path() -> str:
     return os.pathsep.join(dict.fromkeys(parts))
 
 
-def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequence[Shard], n_images: int, done_images: int,
-                progress: Progress | None, address: str | None) -> None:
+@contextlib.contextmanager
+def ray_connection(address: str | None) -> Iterator[Any]:
+    """The ``ray`` module connected to ``address`` ("auto", "HOST:PORT", or None for a new local
+    cluster, shut down after the block); a connection made before is used as it is."""
+    check_engine("ray")
     import ray
 
     started_here = False
@@ -134,13 +138,28 @@ def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequenc
             raise EngineError(f"Cannot reach a Ray cluster at '{address or 'a new local one'}': {exc}") from None
         started_here = True
     try:
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        slots = gpus if gpus else max(1, int(resources.get("CPU", 1)))
-        actors = max(1, min(len(shards), slots))
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def actor_slots(ray: Any, tasks: int, use_gpus: bool = True) -> tuple[int, int]:
+    """(actors, GPUs per actor): one actor per GPU when the cluster has them (and ``use_gpus``),
+    else one per CPU; no more actors than ``tasks``."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0)) if use_gpus else 0
+    slots = gpus if gpus else max(1, int(resources.get("CPU", 1)))
+    return max(1, min(tasks, slots)), 1 if gpus else 0
+
+
+def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequence[Shard], n_images: int, done_images: int,
+                progress: Progress | None, address: str | None) -> None:
+    with ray_connection(address) as ray:
+        actors, gpus = actor_slots(ray, len(shards))
         ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
         results = ds.map_batches(_ShardActor, fn_constructor_kwargs={"model_factory": model_factory, "job": job},
-                                 batch_size=1, concurrency=actors, num_gpus=1 if gpus else 0, num_cpus=1)
+                                 batch_size=1, concurrency=actors, num_gpus=gpus, num_cpus=1)
         rows: queue.Queue = queue.Queue()
 
         def drain() -> None:  # Ray hands back a row per finished shard; the driver polls the files in between
@@ -169,6 +188,3 @@ def _run_on_ray(model_factory: Callable[[], Any], job: ShardJob, shards: Sequenc
             if progress:
                 progress(done_images + images_written(job, shards), n_images, f"shard {int(row['index']) + 1}/{shards[0].count} done "
                                                                      f"({finished}/{len(shards)} on Ray, {actors} actors)")
-    finally:
-        if started_here:
-            ray.shutdown()

@@ -30,7 +30,7 @@ ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errn
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE
 
 # In the order --help lists them; module names are the commands with '_' for '-' ('import_': a keyword).
-COMMANDS = ("models", "layers", "demo_set", "extract", "cache", "jobs", "demo", "label", "labels", "export", "import_",
+COMMANDS = ("models", "layers", "demo_set", "extract", "embed", "cache", "jobs", "demo", "label", "labels", "export", "import_",
             "evaluate", "synthesize", "analyze", "audit", "edit", "study", "sae", "units")
 
 
