@@ -39,7 +39,7 @@ from .methods.base import dead_units
 from .progress import Progress
 from .provenance import provenance_key
 from .store import Store
-from .units import NEURONS, short_units, units_match
+from .units import NEURONS, short_units, units_match, units_place
 
 AUDIT_NAMESPACE = "audit"
 
@@ -138,23 +138,6 @@ class Audit:
             if hit.neuron not in out[hit.layer]:
                 out[hit.layer].append(hit.neuron)
         return {k: sorted(v) for k, v in out.items()}
-
-
-UNIT_PLURALS = {"sae": "SAE latents", "directions": "directions"}
-
-
-def units_noun(units: str) -> str:
-    """A run's units as a plural noun: "neurons", "SAE latents 3f2a1b2c" (the dictionary's short id, as in URLs)."""
-    if units == NEURONS or ":" not in units:
-        return NEURONS
-    kind, _ = units.split(":", 1)
-    return f"{UNIT_PLURALS.get(kind, kind)} {short_units(units).split(':', 1)[1]}"
-
-
-def units_place(layer: str, units: str) -> str:
-    """A layer's name, followed by its units when they are not its neurons: "layer4",
-    "features.18 · SAE latents 3f2a1b2c"."""
-    return layer if units_noun(units) == NEURONS else f"{layer} · {units_noun(units)}"
 
 
 def query_terms(query: str) -> list[str]:

@@ -151,6 +151,24 @@ def unit_word(units: str) -> str:
     return {"sae": "Latent", "directions": "Direction"}.get(units.split(":", 1)[0], "Neuron")
 
 
+UNIT_PLURALS = {"sae": "SAE latents", "directions": "directions"}
+
+
+def units_noun(units: str) -> str:
+    """A run's units as a plural noun: "neurons", "SAE latents 3f2a1b2c" (the dictionary's short id, as in URLs)."""
+    if units == NEURONS or ":" not in units:
+        return NEURONS
+    kind, _ = units.split(":", 1)
+    return f"{UNIT_PLURALS.get(kind, kind)} {short_units(units).split(':', 1)[1]}"
+
+
+def units_place(layer: str, units: str) -> str:
+    """A layer's name, followed by its units when they are not its neurons: "layer4",
+    "features.18 · SAE latents 3f2a1b2c"."""
+    noun = units_noun(units)
+    return layer if noun == NEURONS else f"{layer} · {noun}"
+
+
 def per_position(out: torch.Tensor, layout: LayerLayout) -> tuple[torch.Tensor, Any]:
     """A batch-first layer output as (positions, channels) rows, and how to fold rows back."""
     if layout.kind == "conv":

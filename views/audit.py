@@ -10,7 +10,7 @@ import time
 import streamlit as st
 
 from neuroviz import audit, images
-from neuroviz.units import NEURONS, short_units
+from neuroviz.units import NEURONS, short_units, units_noun
 from ui import context, data, guard, shell
 from ui import units as unit_titles
 
@@ -134,7 +134,7 @@ def actions(sel, result: audit.Audit) -> None:
                        icon=":material/download:", key="audit_csv")
     c3.download_button("JSON", audit.audit_to_json(result), file_name=f"{result.id}.json", mime="application/json",
                        icon=":material/download:", key="audit_json")
-    if c4.button(f"Ablate these {audit.units_noun(sel.units)}", icon=":material/edit:",
+    if c4.button(f"Ablate these {units_noun(sel.units)}", icon=":material/edit:",
                  key="audit_to_edit",
                  help="Open the Editing page with the hits of the units picked in the sidebar selected "
                       "(the neurons, or one SAE's latents)."):

@@ -18,7 +18,7 @@ import streamlit as st
 
 from neuroviz import audit, catalog, editing, images
 from neuroviz.requests import EditRequest
-from neuroviz.units import NEURONS, unit_word, units_match
+from neuroviz.units import NEURONS, unit_word, units_match, units_place
 from ui import cards, context, guard, jobs_ui, shell, units
 
 SOURCES = {"earlier": "An earlier result", "audit": "Neurons of a saved audit", "list": "A list of neurons",
@@ -225,7 +225,7 @@ def saved_edits(sel: context.Selection) -> None:
             st.caption("None yet.")
         for e in edits:
             c1, c2 = st.columns([5, 1])
-            layers = ", ".join(f"{audit.units_place(layer, e.units)}: {len(ns)}" for layer, ns in e.neurons.items())
+            layers = ", ".join(f"{units_place(layer, e.units)}: {len(ns)}" for layer, ns in e.neurons.items())
             c1.markdown(f"**{e.name}** · {e.mode} · {layers} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}")
             if c2.button("Delete", key=f"editing_del_{e.name}", icon=":material/delete:"):
                 editing.delete_edit(sel.store, e.name)

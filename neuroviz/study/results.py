@@ -13,9 +13,8 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from ..audit import units_place
 from ..store import Store
-from ..units import NEURONS
+from ..units import NEURONS, units_place
 from . import storage
 from .design import SPECIAL_CHOICES, Study, StudyError, require_study
 from .statistics import fleiss_kappa, mean_interval, wilson_interval
