@@ -472,3 +472,28 @@ def test_a_file_system_refusal_anywhere_is_one_line_but_other_os_errors_stay_bug
     monkeypatch.setattr(cache, "cmd_cache", bug)
     assert main(["--cache", str(tmp_path), "cache"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_embed_says_which_files_of_its_probe_folder_it_skipped(tmp_path, monkeypatch, capsys):
+    """`embed` on a folder with a corrupt file embeds the rest and names what it left out, as `extract` does."""
+    from types import SimpleNamespace
+
+    from neuroviz import embeddings
+    from neuroviz.backends import multimodal
+
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    for i in range(2):
+        _png(folder / f"ok{i}.png", i)
+    (folder / "broken.png").write_text("not an image")
+    monkeypatch.setattr(multimodal, "create_multimodal", lambda spec: SimpleNamespace(id="stub"))
+    seen = {}
+
+    def fake_embeddings(backend, store, probe_set_id, **kwargs):
+        seen["images"] = len(store.probe_files(probe_set_id).image_ids)
+        return np.zeros((seen["images"], 4), np.float32)
+
+    monkeypatch.setattr(embeddings, "image_embeddings", fake_embeddings)
+    assert main(["--cache", str(tmp_path / "cache"), "embed", "--probe", str(folder), "--backend", "stub"]) == 0
+    assert seen["images"] == 2
+    assert "skipped 1 files: 1 not an image" in capsys.readouterr().err

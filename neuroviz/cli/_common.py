@@ -79,6 +79,12 @@ def store_from(args: argparse.Namespace) -> Store:
     return Store(Path(args.cache) if getattr(args, "cache", None) else DEFAULT_CACHE)
 
 
+def report_skipped(probe_set: ProbeSet) -> None:
+    """Say on stderr which files of a scanned probe folder were left out, and why (corrupt, not an image ...)."""
+    if probe_set.skipped:
+        print(f"skipped {probe_set.n_skipped} files: {probe_set.skipped_summary()}", file=sys.stderr)
+
+
 def progress_for(args: argparse.Namespace, desc: str, unit: str = "img") -> Progress:
     """A tqdm bar, plus the job record when running as a background job."""
     return chain(TqdmProgress(desc, unit), getattr(args, "_job_reporter", None))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import positive_int, progress_for, store_from
+from ._common import positive_int, progress_for, report_skipped, store_from
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -21,7 +21,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     backend = create_multimodal(args.backend)  # an unknown name fails here, with suggestions
     stored = any(p["probe_set_id"] == args.probe for p in store.probe_sets())
     if not stored and (args.probe == "demo" or Path(args.probe).expanduser().exists()):
-        probe_set_id = probe_set_for(store, args.probe).id  # scanned and registered
+        probe_set = probe_set_for(store, args.probe)  # scanned and registered
+        report_skipped(probe_set)
+        probe_set_id = probe_set.id
     else:
         probe_set_id = resolve_probe_set_id(store, args.probe)  # a stored set: its rows are read as the chunks need them
     emb = embeddings.image_embeddings(backend, store, probe_set_id, progress=progress_for(args, "embedding"),

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ._common import comma_list, non_negative_int, positive_int, progress_for, store_from
+from ._common import comma_list, non_negative_int, positive_int, progress_for, report_skipped, store_from
 
 # hooks.POOLINGS and "default" (the layer's own); written out because hooks imports torch, which --help must not.
 POOLING_CHOICES = ["default", "mean", "max", "cls", "tokens_mean"]
@@ -23,8 +22,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     for name in layers:
         model.layer(name)  # unknown names fail here, with suggestions, before any work
     probe_set = datasets.open_probe_set(args.probe, store.root, progress=TqdmProgress("checking images", "file"))
-    if probe_set.skipped:
-        print(f"skipped {probe_set.n_skipped} files: {probe_set.skipped_summary()}", file=sys.stderr)
+    report_skipped(probe_set)
     runs = extract.extract(model, probe_set, layers, store, pooling=args.pooling, k=args.k, batch_size=args.batch_size,
                            chunk_size=args.chunk_size, progress=progress_for(args, "extracting"), num_workers=args.workers,
                            engine=args.engine, shard_size=args.shard_size, address=args.address)
